@@ -1,0 +1,351 @@
+"""The run configuration: one typed schema, YAML files, dotted command-line overrides.
+
+Every entry point (`salnet.train`, `salnet.config`, `launch/submit.py`, ...) parses its arguments
+with `add_config_arguments` + `config_from_args`, so they all accept the same
+
+    --config configs/X.yaml  key.sub=value  key.list=[1,2]  key.flag=true
+
+Precedence: schema defaults < YAML file < overrides, applied left to right.
+
+Validation is pydantic's (extra keys forbidden, types checked and coerced); this module only
+turns pydantic's errors into one message that names the key, where it came from (file or
+command line) and what would be valid, with a "did you mean" for typos.
+
+This module deliberately imports neither torch nor anything heavy: a typo must fail in well
+under a second, before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says what and where."""
+
+
+class Section(BaseModel):
+    # extra="forbid": an unknown key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The schema. One class per section; each later stage reads only its own section.
+# --------------------------------------------------------------------------------------------
+
+
+class AugmentConfig(Section):
+    scale: tuple[float, float] = Field((0.75, 1.0), description="random scale-crop area range (fraction of the image)")
+    hflip: bool = Field(True, description="random horizontal flip (image and mask together)")
+    rotate_deg: float = Field(10.0, ge=0, description="max absolute random rotation in degrees (0 disables)")
+    color_jitter: float = Field(0.2, ge=0, description="brightness/contrast/saturation jitter strength, image only (0 disables)")
+
+
+class DataConfig(Section):
+    train: list[str] = Field(["shards/demo-train"], description="train shard directories or URLs (local, pipe:, http(s)://, s3://)")
+    train_weights: Optional[list[float]] = Field(None, description="mixing weights for several train sets (default: by sample count)")
+    val: list[str] = Field(["shards/demo-val"], description="validation shard directories or URLs")
+    size: int = Field(352, gt=0, description="training input size in pixels (square)")
+    multiscale: list[int] = Field([], description="if set, each batch picks its size from this list (F3Net-style)")
+    eval_size: int = Field(352, gt=0, description="validation input size in pixels; metrics are computed at the mask's original size")
+    batch_size: int = Field(32, gt=0, description="micro-batch per rank")
+    eval_batch_size: int = Field(32, gt=0, description="validation batch per rank")
+    workers: Optional[int] = Field(None, ge=0, description="loader worker processes per rank (default: from the CPUs available per rank)")
+    prefetch: int = Field(2, gt=0, description="batches prefetched per worker")
+    persistent_workers: bool = Field(True, description="keep loader workers alive across epochs")
+    on_error: Literal["error", "skip"] = Field("error", description="a corrupt sample stops the run (error) or is counted and skipped (skip)")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="joint image/mask augmentation")
+
+
+class BackboneConfig(Section):
+    name: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d"] = Field(
+        "resnet50", description="torchvision backbone")
+    weights: str = Field("none", description="'imagenet' (torchvision weights, cached in TORCH_HOME), 'none', or a path to a torchvision state dict")
+    frozen_bn: bool = Field(False, description="freeze the backbone's BatchNorm statistics and affine parameters")
+
+
+class ModelConfig(Section):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="feature extractor C2..C5")
+    ppm_bins: list[int] = Field([1, 2, 3, 6], description="pyramid pooling output sizes on C5")
+    ppm_width: int = Field(256, gt=0, description="PPM output channels (the top of the FPN)")
+    fpn_width: int = Field(256, gt=0, description="common channel width of the FPN levels")
+    fuse: Literal["concat", "sum"] = Field("concat", description="how P2..P5 are fused into the final logit")
+    norm: Literal["batch", "group"] = Field("batch", description="norm layer of the decoder (and backbone if group)")
+    gn_groups: int = Field(32, gt=0, description="groups for GroupNorm")
+
+
+class LossConfig(Section):
+    kind: Literal["bce_iou", "structure", "dice"] = Field("bce_iou", description="pixel loss on every output")
+    side_weights: list[float] = Field([0.5, 0.25, 0.125, 0.0625], description="deep-supervision weights of the side outputs P2..P5 (fused output has 1.0)")
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "sgd"] = Field("adamw", description="optimizer (sgd uses Nesterov momentum)")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate of the decoder")
+    backbone_lr_mult: float = Field(0.1, ge=0, description="backbone lr = lr x this (0.1 is the SOD convention)")
+    weight_decay: float = Field(1e-4, ge=0, description="weight decay (never on norm and bias parameters)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum / AdamW beta1")
+    beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2")
+    schedule: Literal["cosine", "poly", "constant"] = Field("cosine", description="decay after warm-up, stepped per optimizer step")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of the peak")
+    poly_power: float = Field(0.9, gt=0, description="exponent of the poly schedule")
+    grad_clip: Optional[float] = Field(None, gt=0, description="clip the global grad norm (unscaled) to this; null disables")
+
+
+class TrainConfig(Section):
+    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="distributed strategy")
+    steps: Optional[int] = Field(None, gt=0, description="total optimizer steps (exclusive with epochs)")
+    epochs: Optional[int] = Field(None, gt=0, description="total epochs (exclusive with steps)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    amp: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="precision: fp32, bf16 autocast, or fp16 autocast with a gradient scaler")
+    channels_last: bool = Field(True, description="NHWC memory format for the model and inputs")
+    compile: bool = Field(False, description="torch.compile the model")
+    sync_bn: bool = Field(False, description="convert BatchNorm to SyncBatchNorm under DDP")
+    bucket_mb: int = Field(25, gt=0, description="DDP gradient bucket size in MiB")
+    static_graph: bool = Field(False, description="DDP static_graph optimisation")
+    seed: int = Field(0, description="global seed; each rank derives its own")
+    timeout_s: int = Field(1800, gt=0, description="collective timeout in seconds (a dead rank fails the job after this)")
+    max_bad_steps: int = Field(5, gt=0, description="consecutive non-finite steps before training stops")
+    resume: str = Field("auto", description="'auto' (newest complete checkpoint of the run), 'none', or a checkpoint path")
+
+
+class EvalConfig(Section):
+    every: int = Field(500, gt=0, description="validate every N optimizer steps (and at the end)")
+    best_metric: Literal["maxF", "meanF", "adpF", "maxE", "meanE", "adpE", "S", "wF", "MAE"] = Field(
+        "maxF", description="metric that decides best.pt (MAE: lower is better; others: higher)")
+    metrics: list[Literal["F", "E", "S", "wF", "MAE"]] = Field(["F", "E", "S", "MAE"], description="metric families computed during validation (wF is slow: CPU distance transform)")
+
+
+class LogConfig(Section):
+    every: int = Field(20, gt=0, description="console/metrics.jsonl line every N optimizer steps")
+    wandb: bool = Field(False, description="log to Weights & Biases (rank 0)")
+    project: str = Field("salnet", description="W&B project")
+    entity: Optional[str] = Field(None, description="W&B entity (team or user)")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(500, gt=0, description="save the full training state every N optimizer steps (and at the end)")
+    keep: int = Field(3, gt=0, description="newest K complete checkpoints kept")
+
+
+class Config(Section):
+    name: str = Field("run", description="run name; outputs go to <out_dir>/<name>/")
+    out_dir: str = Field("runs", description="parent directory of run directories")
+    data: DataConfig = Field(default_factory=DataConfig, description="datasets and loader")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="network")
+    loss: LossConfig = Field(default_factory=LossConfig, description="loss")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizer and schedule")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="training loop and strategy")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="validation")
+    log: LogConfig = Field(default_factory=LogConfig, description="logging")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpointing")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> validated Config, with errors that point at the source.
+# --------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' not found" + (" (it is a directory)" if p.is_dir() else ""))
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (data:, model:, ...), got {type(data).__name__}")
+    return data
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' must look like key.sub=value (e.g. optim.lr=3e-4)")
+    try:
+        # YAML gives typed values: 3, 3e-4 (as text; pydantic parses it), true, [1, 2], null.
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the text and let the schema judge it
+    return key.split("."), value
+
+
+def _set_dotted(tree: dict, path: list[str], value: Any, text: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{text}': '{'.'.join(path[: i + 1])}' is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _section_at(loc: tuple) -> Optional[type[BaseModel]]:
+    """The schema class that owns the key at `loc` (a pydantic error location), if any."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _type_name(ann: Any) -> str:
+    origin = typing.get_origin(ann)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_name(a) for a in typing.get_args(ann))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(ann))
+        return f"{origin.__name__}[{args}]"
+    if ann is type(None):
+        return "null"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _format_error(err: dict, source_of) -> str:
+    loc = tuple(p for p in err["loc"])
+    key = ".".join(str(p) for p in loc)
+    source = source_of(loc)
+    section = _section_at(loc)
+    if err["type"] == "extra_forbidden" and section is not None:
+        valid = list(section.model_fields)
+        prefix = ".".join(str(p) for p in loc[:-1])
+        full = [f"{prefix}.{v}" if prefix else v for v in valid]
+        close = difflib.get_close_matches(key, full, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown key '{key}' ({source}){hint} Valid keys{' in ' + repr(prefix) if prefix else ''}: {', '.join(valid)}"
+    expected = ""
+    if section is not None and isinstance(loc[-1], str) and loc[-1] in section.model_fields:
+        expected = f"; expected {_type_name(section.model_fields[loc[-1]].annotation)}"
+    return f"key '{key}' ({source}) has invalid value {err.get('input')!r}: {err['msg']}{expected}"
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults < YAML file at `path` < `overrides` ("a.b=value"). Raises ConfigError."""
+    overrides = list(overrides or [])
+    tree = _read_yaml(path) if path else {}
+    from_cli: dict[tuple, str] = {}
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _set_dotted(tree, keys, value, text)
+        from_cli[tuple(keys)] = text
+
+    def source_of(loc: tuple) -> str:
+        # The longest override that is a prefix of the failing key is where it came from.
+        for n in range(len(loc), 0, -1):
+            if tuple(loc[:n]) in from_cli:
+                return f"from the command line: '{from_cli[tuple(loc[:n])]}'"
+        return f"from {path}" if path else "from defaults"
+
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        lines = [_format_error(err, source_of) for err in e.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: Config, path: os.PathLike | str) -> Path:
+    """Write the resolved config atomically (temp file + rename): a reader never sees half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(to_yaml(cfg))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The command line shared by every entry point.
+# --------------------------------------------------------------------------------------------
+
+
+def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, description) for every leaf key of the schema."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_keys(ann, key + "."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((key, _type_name(ann), yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...").strip(), field.description or ""))
+    return rows
+
+
+def keys_help() -> str:
+    rows = describe_keys()
+    width = max(len(k) for k, *_ in rows)
+    lines = ["configuration keys (override any of them as key=value):"]
+    for key, type_name, default, desc in rows:
+        lines.append(f"  {key:<{width}}  {desc}")
+        lines.append(f"  {'':<{width}}    [{type_name}; default: {default}]")
+    return "\n".join(lines)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", metavar="FILE", help="YAML config (see configs/); keys not set keep their defaults")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="dotted overrides applied after the file, e.g. optim.lr=3e-4 train.amp=bf16 model.ppm_bins=[1,2,3,6]")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ((parser.epilog + "\n\n") if parser.epilog else "") + keys_help()
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def parse_config(argv: Optional[list[str]] = None, prog: Optional[str] = None, description: str = "") -> Config:
+    """Parse the shared command line; on a config error print it and exit with status 2."""
+    parser = add_config_arguments(argparse.ArgumentParser(prog=prog, description=description))
+    args = parser.parse_args(argv)
+    try:
+        return config_from_args(args)
+    except ConfigError as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    cfg = parse_config(argv, prog="python -m salnet.config",
+                       description="Print the resolved configuration (defaults < --config file < overrides) as YAML.")
+    sys.stdout.write(to_yaml(cfg))
+
+
+if __name__ == "__main__":
+    main()
