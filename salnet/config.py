@@ -52,9 +52,9 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    train: list[str] = Field(["shards/demo-train"], description="train shard directories or URLs (local, pipe:, http(s)://, s3://)")
+    train: list[str] = Field(["shards/demo/train"], description="train shard directories or URLs (local, pipe:, http(s)://, s3://)")
     train_weights: Optional[list[float]] = Field(None, description="mixing weights for several train sets (default: by sample count)")
-    val: list[str] = Field(["shards/demo-val"], description="validation shard directories or URLs")
+    val: list[str] = Field(["shards/demo/val"], description="validation shard directories or URLs")
     size: int = Field(352, gt=0, description="training input size in pixels (square)")
     multiscale: list[int] = Field([], description="if set, each batch picks its size from this list (F3Net-style)")
     eval_size: int = Field(352, gt=0, description="validation input size in pixels; metrics are computed at the mask's original size")
