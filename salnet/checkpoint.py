@@ -1,0 +1,150 @@
+"""Save and resume: the run directory's checkpoint scheme, RNG capture, best.pt.
+
+    runs/NAME/
+      config.yaml               the resolved config
+      metrics.jsonl             every logged value
+      checkpoints/
+        step-00000400/          a complete checkpoint (the strategy's files)
+        .step-00000500.tmp/     a save in progress: never picked for resume
+      best.pt                   fp32 weights + config + metrics of the best validation
+
+Atomicity: every rank writes into the hidden temporary directory, all ranks meet at a barrier,
+then rank 0 fsyncs and renames it into place (a directory rename is atomic), and only then
+deletes checkpoints beyond the newest K. A crash at any point leaves the previous complete
+checkpoint as the newest `step-*` directory. Everything is loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from salnet import __version__, dist
+
+_COMPLETE = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _COMPLETE.match(p.name))
+
+
+def resume_path(run_dir: Path, resume: str) -> Optional[Path]:
+    """What `train.resume` points at: 'auto' -> newest complete checkpoint (or None), 'none' -> None."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir() or not _COMPLETE.match(path.name):
+        raise FileNotFoundError(
+            f"train.resume={resume!r} is not a complete checkpoint directory (expected .../checkpoints/step-NNNNNNNN); "
+            f"valid values: 'auto', 'none' or such a path")
+    return path
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, step: int, strategy, client_state: dict, keep: int) -> Path:
+    """All ranks call this; returns the complete checkpoint directory."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    strategy.save(tmp, client_state)
+    dist.barrier()  # every rank has finished writing
+    if dist.is_main():
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_best(run_dir: Path, weights: dict, config: dict, metrics: dict, step: int) -> Path:
+    """best.pt: float32 weights of the plain network, in one format whatever the strategy."""
+    path = Path(run_dir) / "best.pt"
+    atomic_torch_save({"model": weights, "config": config, "metrics": metrics, "step": step,
+                       "salnet_version": __version__}, path)
+    return path
+
+
+def load_best(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------
+# RNG: every rank's generators, so a resumed run draws exactly what the uninterrupted one would.
+# --------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        # numpy's state holds an ndarray, which weights_only loading refuses: store it as a tensor.
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))

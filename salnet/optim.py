@@ -1,0 +1,66 @@
+"""Set the optimizer: parameter groups, AdamW / SGD-Nesterov, warm-up + decay schedule.
+
+Both strategies (DDP and DeepSpeed) build their optimizer and schedule from here, so the two
+train with the same groups and the same learning rate at every step.
+
+Parameter groups: {backbone, decoder} x {decay, no_decay}. The backbone's lr is scaled by
+`optim.backbone_lr_mult` (0.1 is the SOD convention for a pretrained backbone); norm weights and
+biases (every parameter with fewer than two dimensions) get no weight decay, as in most modern
+recipes, because decaying them only fights the normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from salnet.config import OptimConfig
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    backbone = getattr(model, "backbone", None)
+    backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    groups: dict[tuple[str, str], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue  # frozen BN and the like
+        part = "backbone" if id(p) in backbone_ids else "decoder"
+        decay = "no_decay" if p.ndim < 2 else "decay"
+        group = groups.setdefault((part, decay), {
+            "name": f"{part}/{decay}",
+            "params": [],
+            "lr": cfg.lr * (cfg.backbone_lr_mult if part == "backbone" else 1.0),
+            "weight_decay": cfg.weight_decay if decay == "decay" else 0.0,
+        })
+        group["params"].append(p)
+    # A fixed order (not dict insertion order of whatever came first) keeps optimizer state
+    # indices identical across strategies and runs.
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of each group's peak lr for optimizer step `step` (0-based)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps  # linear ramp, never exactly 0
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    if cfg.schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:  # poly
+        shape = (1.0 - progress) ** cfg.poly_power
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per optimizer step (skipped steps included, so lr follows the step count)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
