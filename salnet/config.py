@@ -45,48 +45,85 @@ class Section(BaseModel):
 
 
 class AugmentConfig(Section):
-    scale: tuple[float, float] = Field((0.75, 1.0), description="random scale-crop area range (fraction of the image)")
+    scale: tuple[float, float] = Field((0.75, 1.0), description="random scale-crop area range (fraction of the image, 0 < min <= max <= 1); "
+                                                                "the crop is then resized to the training size")
     hflip: bool = Field(True, description="random horizontal flip (image and mask together)")
-    rotate_deg: float = Field(10.0, ge=0, description="max absolute random rotation in degrees (0 disables)")
-    color_jitter: float = Field(0.2, ge=0, description="brightness/contrast/saturation jitter strength, image only (0 disables)")
+    rotate_deg: float = Field(10.0, ge=0, le=180, description="max absolute random rotation in degrees, image and mask together (0 disables)")
+    color_jitter: float = Field(0.2, ge=0, le=1, description="brightness/contrast/saturation jitter strength, image only (0 disables)")
+
+    def model_post_init(self, context) -> None:
+        # A method, not a pydantic validator decorator: pydantic reports its ValueError as a config error all the same.
+        low, high = self.scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"data.augment.scale must satisfy 0 < min <= max <= 1, got {list(self.scale)}")
 
 
 class DataConfig(Section):
-    train: list[str] = Field(["shards/demo/train"], description="train shard directories or URLs (local, pipe:, http(s)://, s3://)")
-    train_weights: Optional[list[float]] = Field(None, description="mixing weights for several train sets (default: by sample count)")
-    val: list[str] = Field(["shards/demo/val"], description="validation shard directories or URLs")
+    train: list[str] = Field(["shards/demo/train"], min_length=1,
+                             description="train shard directories or URLs (local dir, http(s)://HOST/DIR, s3://BUCKET/DIR, or pipe:CMD with {} "
+                                         "where the file name goes); each must hold manifest.json")
+    train_weights: Optional[list[typing.Annotated[float, Field(gt=0)]]] = Field(
+        None, description="mixing weights, one per train set: set i draws round(N * w_i / sum(w)) samples per epoch, N = all train "
+                          "samples (repeating or subsampling the set); default: every sample once")
+    val: list[str] = Field(["shards/demo/val"], description="validation shard directories or URLs (same forms as data.train)")
     size: int = Field(352, gt=0, description="training input size in pixels (square)")
-    multiscale: list[int] = Field([], description="if set, each batch picks its size from this list (F3Net-style)")
+    multiscale: list[typing.Annotated[int, Field(gt=0)]] = Field(
+        [], description="if set, each batch picks its size from this list (F3Net-style; the same size on every rank at a step) instead of data.size")
     eval_size: int = Field(352, gt=0, description="validation input size in pixels; metrics are computed at the mask's original size")
     batch_size: int = Field(32, gt=0, description="micro-batch per rank")
     eval_batch_size: int = Field(32, gt=0, description="validation batch per rank")
-    workers: Optional[int] = Field(None, ge=0, description="loader worker processes per rank (default: from the CPUs available per rank)")
+    workers: Optional[int] = Field(None, ge=0, description="loader worker processes per rank; part of the data order, so set it for runs that must "
+                                                          "replay on other machines (default: CPUs per rank - 1, at most 8; 0 reads in the training process)")
     prefetch: int = Field(2, gt=0, description="batches prefetched per worker")
     persistent_workers: bool = Field(True, description="keep loader workers alive across epochs")
-    on_error: Literal["error", "skip"] = Field("error", description="a corrupt sample stops the run (error) or is counted and skipped (skip)")
+    shuffle_buffer: int = Field(1000, ge=1, description="samples each reader holds (as raw bytes) to shuffle the order within its shards (1: tar order)")
+    on_error: Literal["error", "skip"] = Field("error", description="a corrupt sample (bad image bytes, missing mask) stops the run naming shard and key "
+                                                                    "(error), or is logged, counted and replaced by another sample of its batch (skip)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="joint image/mask augmentation")
+
+    def model_post_init(self, context) -> None:
+        if self.train_weights is not None and len(self.train_weights) != len(self.train):
+            raise ValueError(f"data.train_weights has {len(self.train_weights)} weights but data.train lists {len(self.train)} sets")
 
 
 class BackboneConfig(Section):
     name: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d"] = Field(
-        "resnet50", description="torchvision backbone")
-    weights: str = Field("none", description="'imagenet' (torchvision weights, cached in TORCH_HOME), 'none', or a path to a torchvision state dict")
-    frozen_bn: bool = Field(False, description="freeze the backbone's BatchNorm statistics and affine parameters")
+        "resnet50", description="torchvision backbone (torchvision's own code and weight format)")
+    weights: str = Field("none", description="'imagenet' (torchvision's IMAGENET1K_V1 file, cached in TORCH_HOME), another torchvision weights name of "
+                                             "this backbone (e.g. IMAGENET1K_V2), 'none' (random init), or a path to a torchvision-format state dict")
+    frozen_bn: bool = Field(False, description="replace the backbone's BatchNorm by FrozenBatchNorm2d: statistics and affine parameters stay as loaded")
 
 
 class ModelConfig(Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="feature extractor C2..C5")
-    ppm_bins: list[int] = Field([1, 2, 3, 6], description="pyramid pooling output sizes on C5")
+    ppm_bins: list[int] = Field([1, 2, 3, 6], min_length=1, description="pyramid pooling output sizes on C5 (each >= 1)")
+    ppm_branch_width: Optional[int] = Field(None, gt=0, description="channels of each PPM pooling branch (default: C5 channels // 4, as in PSPNet)")
     ppm_width: int = Field(256, gt=0, description="PPM output channels (the top of the FPN)")
-    fpn_width: int = Field(256, gt=0, description="common channel width of the FPN levels")
-    fuse: Literal["concat", "sum"] = Field("concat", description="how P2..P5 are fused into the final logit")
-    norm: Literal["batch", "group"] = Field("batch", description="norm layer of the decoder (and backbone if group)")
-    gn_groups: int = Field(32, gt=0, description="groups for GroupNorm")
+    fpn_width: int = Field(256, gt=0, description="common channel width of the FPN levels and the fusion head")
+    fuse: Literal["concat", "sum"] = Field("concat", description="how P2..P5 (resized to P2) are fused before a 1x1 conv-norm-ReLU and the 1x1 logit conv")
+    norm: Literal["batch", "group"] = Field("batch", description="norm layer of the decoder, and of the backbone unless backbone.frozen_bn "
+                                                                 "(group with pretrained weights needs backbone.frozen_bn=true)")
+    gn_groups: int = Field(32, gt=0, description="groups for GroupNorm (must divide every normalised channel count)")
+
+    def model_post_init(self, context) -> None:
+        # Checks that need no architecture facts live here, so they fail before torch is imported;
+        # salnet.model checks the GroupNorm channel counts, which depend on the backbone.
+        if any(b < 1 for b in self.ppm_bins):
+            raise ValueError(f"model.ppm_bins must all be >= 1 (output sizes of the pooling), got {self.ppm_bins}")
+        if self.norm == "group" and not self.backbone.frozen_bn and self.backbone.weights != "none":
+            raise ValueError(f"model.norm=group puts GroupNorm into the backbone, which cannot take the BatchNorm statistics of "
+                             f"model.backbone.weights={self.backbone.weights!r}; set model.backbone.frozen_bn=true (frozen pretrained "
+                             f"BatchNorm, GroupNorm decoder: the usual small-batch recipe) or model.backbone.weights=none")
 
 
 class LossConfig(Section):
-    kind: Literal["bce_iou", "structure", "dice"] = Field("bce_iou", description="pixel loss on every output")
-    side_weights: list[float] = Field([0.5, 0.25, 0.125, 0.0625], description="deep-supervision weights of the side outputs P2..P5 (fused output has 1.0)")
+    kind: Literal["bce_iou", "structure", "dice"] = Field("bce_iou", description="pixel loss on every output: BCE + soft IoU, F3Net's boundary-weighted structure loss, or BCE + Dice")
+    side_weights: list[float] = Field([0.5, 0.25, 0.125, 0.0625], min_length=4, max_length=4,
+                                      description="deep-supervision weights (each >= 0) of the side outputs P2..P5 (fused output has 1.0)")
+
+    def model_post_init(self, context) -> None:
+        if any(w < 0 for w in self.side_weights):
+            raise ValueError(f"loss.side_weights must all be >= 0, got {self.side_weights}")
 
 
 class OptimConfig(Section):

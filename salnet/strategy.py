@@ -89,6 +89,9 @@ class DDPStrategy(Strategy):
         self.cfg = cfg
         device = dist.device()
         train = cfg.train
+        if train.sync_bn and device.type != "cuda":
+            raise ValueError("train.sync_bn=true needs CUDA: torch's SyncBatchNorm is GPU-only; "
+                             "on CPU use train.sync_bn=false, or model.norm=group for small per-rank batches")
         if train.sync_bn and dist.world_size() > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(device, memory_format=torch.channels_last if train.channels_last else torch.preserve_format)

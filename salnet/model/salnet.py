@@ -1,0 +1,81 @@
+"""SalNet: ResNet C2..C5 -> PPM on C5 -> FPN top-down -> fused saliency logit (+ side logits).
+
+Training mode returns [fused, side_P2, side_P3, side_P4, side_P5] for deep supervision; eval mode
+returns only the fused logit. Every logit map is [B, 1, H, W] at the input's size (any size: no
+level assumes a multiple of 32).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from salnet.config import ConfigError, ModelConfig
+from salnet.model.backbone import NORM_CHANNEL_QUANTUM, build_backbone, stage_channels
+from salnet.model.fpn import FeaturePyramid
+from salnet.model.head import FusionHead
+from salnet.model.ppm import PyramidPooling
+
+
+class SalNet(nn.Module):
+    """The saliency network. `backbone` maps an image to {'c2', 'c3', 'c4', 'c5'} (see build_backbone)."""
+
+    def __init__(self, backbone: nn.Module, ppm: PyramidPooling, fpn: FeaturePyramid, head: FusionHead):
+        super().__init__()
+        self.backbone = backbone  # its own attribute so the trainer can give it a smaller learning rate
+        self.ppm = ppm
+        self.fpn = fpn
+        self.head = head
+        self.side_logits = nn.ModuleList(nn.Conv2d(fpn.width, 1, kernel_size=1) for _ in range(len(fpn.laterals) + 1))
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
+        size = x.shape[-2:]
+        c = self.backbone(x)
+        pyramid = self.fpn([c["c2"], c["c3"], c["c4"]], self.ppm(c["c5"]))
+        fused = F.interpolate(self.head(pyramid), size=size, mode="bilinear", align_corners=False)
+        if not self.training:
+            return fused
+        sides = [F.interpolate(side(p), size=size, mode="bilinear", align_corners=False) for side, p in zip(self.side_logits, pyramid)]
+        return [fused, *sides]
+
+
+def norm_layer(kind: str, groups: int) -> Callable[[int], nn.Module]:
+    """channels -> norm module, for model.norm 'batch' or 'group' (torchvision's norm_layer convention)."""
+    return nn.BatchNorm2d if kind == "batch" else functools.partial(nn.GroupNorm, groups)
+
+
+def _check_group_norm(cfg: ModelConfig, branch_width: int) -> None:
+    """GroupNorm needs gn_groups to divide every normalised channel count; checked before any weights are read."""
+    if cfg.norm != "group":
+        return
+    normalised = {"model.ppm_branch_width": branch_width, "model.ppm_width": cfg.ppm_width, "model.fpn_width": cfg.fpn_width}
+    if not cfg.backbone.frozen_bn:
+        normalised[f"{cfg.backbone.name}'s channels (multiples of {NORM_CHANNEL_QUANTUM})"] = NORM_CHANNEL_QUANTUM
+    wrong = {key: c for key, c in normalised.items() if c % cfg.gn_groups}
+    if wrong:
+        raise ConfigError(f"model.gn_groups={cfg.gn_groups} must divide the channels of every GroupNorm layer; it does not divide "
+                          + ", ".join(f"{key}={c}" for key, c in wrong.items()))
+
+
+def build_model(cfg: ModelConfig) -> SalNet:
+    """The network described by `cfg`, with backbone weights loaded per cfg.backbone.weights.
+
+    For DDP with model.norm=batch, torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) converts
+    every trainable BatchNorm (frozen ones stay frozen).
+    """
+    channels = stage_channels(cfg.backbone.name)
+    branch = cfg.ppm_branch_width or channels[3] // 4
+    _check_group_norm(cfg, branch)
+
+    decoder_norm = norm_layer(cfg.norm, cfg.gn_groups)
+    backbone_norm = FrozenBatchNorm2d if cfg.backbone.frozen_bn else decoder_norm
+    backbone = build_backbone(cfg.backbone.name, cfg.backbone.weights, backbone_norm)
+    ppm = PyramidPooling(channels[3], cfg.ppm_width, cfg.ppm_bins, branch, decoder_norm)
+    fpn = FeaturePyramid(channels[:3], cfg.ppm_width, cfg.fpn_width, decoder_norm)
+    head = FusionHead(cfg.fpn_width, levels=len(channels), fuse=cfg.fuse, norm_layer=decoder_norm)
+    return SalNet(backbone, ppm, fpn, head)
