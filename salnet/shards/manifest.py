@@ -1,0 +1,119 @@
+"""manifest.json: what a shard directory holds, and the proof that it is complete.
+
+The manifest is written last, through a temporary name and a rename, so a directory with a valid
+manifest.json is a finished dataset and one without it is not (an interrupted or failed pack).
+Every reader goes through `load_manifest`, which refuses the latter with a message that says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FORMAT = "salnet-shards"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+# key -> type of every top-level field a reader may rely on.
+REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": str, "version": int, "name": str, "layout": str, "command": str, "salnet_version": str,
+    "shards": list, "total_samples": int, "total_bytes": int, "stats": dict, "skipped": list,
+}
+SHARD_FIELDS: dict[str, type] = {"file": str, "samples": int, "bytes": int, "sha256": str}
+
+
+class ShardsError(ValueError):
+    """A problem with a dataset, its files or the options; the message names what and how to fix it."""
+
+
+class ManifestError(ShardsError):
+    """The directory is not a complete, readable salnet shard set; the message says why."""
+
+
+def load_manifest(shard_dir: os.PathLike | str) -> dict[str, Any]:
+    """Read and check `shard_dir/manifest.json`; every shard it lists must exist with its size.
+
+    Hashes are not checked here (that reads every byte: `python -m salnet.shards verify`).
+    """
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    for shard in manifest["shards"]:
+        file = shard_dir / shard["file"]
+        if not file.is_file():
+            raise ManifestError(f"'{shard_dir / MANIFEST_NAME}' lists shard '{shard['file']}', which is missing from '{shard_dir}'")
+        if file.stat().st_size != shard["bytes"]:
+            raise ManifestError(f"shard '{file}' has {file.stat().st_size} bytes, the manifest says {shard['bytes']} "
+                                "(truncated or replaced; run `python -m salnet.shards verify`)")
+    return manifest
+
+
+def read_manifest(shard_dir: Path) -> dict[str, Any]:
+    """The manifest, structurally checked; the shard files themselves are not looked at."""
+    path = shard_dir / MANIFEST_NAME
+    if not shard_dir.is_dir():
+        raise ManifestError(f"shard directory '{shard_dir}' does not exist (make one with `python -m salnet.shards pack` or `synth`)")
+    if not path.is_file():
+        raise ManifestError(f"'{shard_dir}' is not a complete shard directory: it has no {MANIFEST_NAME} "
+                            "(a pack writes it last, so the pack there failed, was interrupted, or never ran; "
+                            "re-run `python -m salnet.shards pack ... --overwrite`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"'{path}' is not valid JSON ({e})") from None
+    check_manifest(manifest, path)
+    return manifest
+
+
+def check_manifest(manifest: Any, where: os.PathLike | str) -> None:
+    """Structure and consistency only: fields, types, shard file names and the totals."""
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"'{where}' must hold a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT:
+        raise ManifestError(f"'{where}' is not a salnet shard manifest: \"format\" is {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("version") != VERSION:
+        raise ManifestError(f"'{where}' has manifest version {manifest.get('version')!r}; this salnet reads version {VERSION}")
+    _check_fields(manifest, REQUIRED_FIELDS, f"'{where}'")
+    for i, shard in enumerate(manifest["shards"]):
+        _check_fields(shard, SHARD_FIELDS, f"'{where}' shards[{i}]")
+        if Path(shard["file"]).name != shard["file"] or not shard["file"].endswith(".tar"):
+            raise ManifestError(f"'{where}' shards[{i}].file must be a plain .tar file name in the directory, got {shard['file']!r}")
+    samples = sum(s["samples"] for s in manifest["shards"])
+    if samples != manifest["total_samples"]:
+        raise ManifestError(f"'{where}': total_samples is {manifest['total_samples']} but the shards hold {samples}")
+
+
+def _check_fields(obj: Any, fields: dict, where: str) -> None:
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{where} must be a JSON object, got {type(obj).__name__}")
+    for key, kind in fields.items():
+        if key not in obj:
+            raise ManifestError(f"{where} lacks the field \"{key}\"")
+        # bool is an int in Python; a count of true is still a broken manifest.
+        if not isinstance(obj[key], kind) or isinstance(obj[key], bool):
+            raise ManifestError(f"{where}: \"{key}\" must be {getattr(kind, '__name__', kind)}, got {obj[key]!r}")
+
+
+def write_manifest(shard_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Atomically write the manifest: temporary file, fsync, rename, fsync the directory."""
+    check_manifest(manifest, shard_dir / MANIFEST_NAME)
+    path = shard_dir / MANIFEST_NAME
+    tmp = shard_dir / (MANIFEST_NAME + ".partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(shard_dir)
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames in `path` durable (a crash after this cannot undo them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

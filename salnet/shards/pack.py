@@ -1,0 +1,126 @@
+"""Pack a dataset folder (or list) into shards: find pairs, prepare them on worker processes, write.
+
+Workers read, check and encode samples (the only expensive part: decoding for validation); the
+main process only appends their bytes to the tar in a fixed order, so the output does not depend
+on the number of workers. A bad file stops the pack with its path and reason (the partial shards
+are removed), or with --skip-bad / --skip-unpaired it is skipped, counted on the console and
+listed with its reason in the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from salnet.shards.images import BadFileError, prepare_image, prepare_mask
+from salnet.shards.layouts import Pair, find_pairs
+from salnet.shards.manifest import ShardsError
+from salnet.shards.parallel import ordered_map
+from salnet.shards.writer import EncodedSample, Sample, ShardWriter, prepare_out_dir
+
+DEFAULT_SHARD_SAMPLES = 1000
+DEFAULT_SHARD_BYTES = 512 * 2**20
+LIST_LIMIT = 20  # how many problem files a message names before "... and N more"
+
+
+@dataclass
+class Bad:
+    """A pair that cannot be packed (returned by workers, not raised, so the main process decides)."""
+
+    path: str
+    reason: str
+
+
+def pack(src: os.PathLike | str, out: os.PathLike | str, *, layout: str = "auto", images: Optional[str] = None,
+         masks: Optional[str] = None, name: Optional[str] = None, shard_samples: Optional[int] = DEFAULT_SHARD_SAMPLES,
+         shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES, shuffle_seed: Optional[int] = 0, max_side: Optional[int] = None,
+         workers: int = 1, skip_bad: bool = False, skip_unpaired: bool = False, overwrite: bool = False,
+         command: Optional[str] = None, log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
+    """Pack SRC into OUT; return the manifest. Raises ShardsError naming the problem on bad input."""
+    src, out = Path(src), Path(out)
+    name = name if name is not None else out.resolve().name
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ShardsError(f"dataset name {name!r} may hold only letters, digits, '-' and '_' (it starts every shard file name); "
+                          "pass --name")
+    for flag, value in (("--shard-samples", shard_samples), ("--shard-bytes", shard_bytes), ("--max-side", max_side), ("--workers", workers)):
+        if value is not None and value < 1:
+            raise ShardsError(f"{flag} must be at least 1, got {value}")
+
+    found = find_pairs(src, layout, images, masks)
+    log(f"pack: layout '{found.layout}' ({found.description}): {len(found.pairs)} pairs")
+    if found.ignored:
+        log(f"pack: ignored {len(found.ignored)} files that are not images: {_names(found.ignored)}")
+    if found.unpaired and not skip_unpaired:
+        count = len(found.unpaired)
+        raise ShardsError(f"cannot pair {count} file{'s' if count > 1 else ''} in '{src}':\n"
+                          + _problems(found.unpaired)
+                          + "\nfix the folders, or pass --skip-unpaired to skip them (they are listed in the manifest)")
+    skipped = list(found.unpaired)
+
+    prepare_out_dir(out, overwrite)
+    pairs = list(found.pairs)  # sorted by key: the order does not depend on the file system
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(pairs)
+
+    started = time.perf_counter()
+    prepare = partial(prepare_pair, dataset=name, max_side=max_side)
+    with ShardWriter(out, name, shard_samples, shard_bytes) as writer:
+        for result in ordered_map(prepare, pairs, workers, desc=f"pack {name}"):
+            if isinstance(result, Bad):
+                if not skip_bad:
+                    raise ShardsError(f"bad input in '{src}': {result.path}: {result.reason}\n"
+                                      "pass --skip-bad to skip such files (they are listed in the manifest)")
+                skipped.append({"path": result.path, "reason": result.reason})
+                continue
+            writer.add(result)
+        manifest = writer.finish(
+            layout=found.layout, command=command or f"salnet.shards.pack.pack({str(src)!r}, {str(out)!r})", skipped=skipped,
+            source={"path": str(src), "found": found.description},
+            options={"shard_samples": shard_samples, "shard_bytes": shard_bytes, "shuffle_seed": shuffle_seed,
+                     "max_side": max_side, "skip_bad": skip_bad, "skip_unpaired": skip_unpaired})
+    seconds = time.perf_counter() - started
+    log(f"pack: wrote {manifest['total_samples']} samples in {len(manifest['shards'])} shards "
+        f"({manifest['total_bytes'] / 2**20:.1f} MiB) to {out} in {seconds:.1f} s "
+        f"({manifest['total_samples'] / max(seconds, 1e-9):.0f} samples/s)")
+    if skipped:
+        log(f"pack: skipped {len(skipped)} files (listed with reasons under \"skipped\" in {out / 'manifest.json'}):\n" + _problems(skipped))
+    return manifest
+
+
+def prepare_pair(pair: Pair, dataset: str, max_side: Optional[int]) -> Union[EncodedSample, Bad]:
+    """Read, check and encode one pair (runs on a worker process)."""
+    try:
+        image = prepare_image(_read(pair.image, pair.image_source), pair.image_source, max_side)
+        mask = prepare_mask(_read(pair.mask, pair.mask_source), pair.mask_source, image.orig_size, image.stored_size, pair.image_source)
+    except BadFileError as e:
+        return Bad(e.path, e.reason)
+    meta = {"key": pair.key, "dataset": dataset, "source": pair.image_source, "mask_source": pair.mask_source,
+            "orig_size": list(image.orig_size), "stored_size": list(image.stored_size)}
+    return Sample(key=pair.key, image_ext=image.ext, image=image.data, mask=mask.data, meta=meta,
+                  foreground=mask.foreground, soft_mask=mask.soft, conversions=image.conversions).encoded()
+
+
+def _read(path: str, shown_as: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise BadFileError(shown_as, f"cannot read the file: {e.strerror or e}") from None
+
+
+def _problems(entries: list[dict[str, str]]) -> str:
+    lines = [f"  {e['path']}: {e['reason']}" for e in entries[:LIST_LIMIT]]
+    if len(entries) > LIST_LIMIT:
+        lines.append(f"  ... and {len(entries) - LIST_LIMIT} more ({len(entries)} in all)")
+    return "\n".join(lines)
+
+
+def _names(paths: list[str], limit: int = 5) -> str:
+    return ", ".join(paths[:limit]) + (f" ... ({len(paths)} in all)" if len(paths) > limit else "")

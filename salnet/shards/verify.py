@@ -1,0 +1,172 @@
+"""`verify`: prove a shard directory is what its manifest says, down to every decoded sample.
+
+Each shard (on worker processes) is re-hashed against the manifest, read as a tar, split into
+samples, and every sample is checked: exactly an image (.jpg or .png), a .mask.png and a .json;
+the image decodes to 8-bit RGB, the mask to 8-bit gray of the same size; the json names the
+key and the stored size. Then the counts and the uniqueness of keys across shards. Every problem
+is reported with its shard and sample; nothing stops at the first one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from salnet.shards.manifest import MANIFEST_NAME, read_manifest
+from salnet.shards.parallel import ordered_map
+
+IMAGE_EXTS = ("jpg", "png")
+HASH_CHUNK = 1 << 20
+
+
+@dataclass
+class ShardReport:
+    file: str
+    samples: int = 0
+    keys: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    shard_dir: Path
+    shards: int
+    samples: int
+    problems: list[str]
+    notes: list[str]  # not errors: e.g. stray files next to the shards
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(shard_dir: Path, workers: int = 1) -> Report:
+    """Check every shard and sample of `shard_dir`; raises ManifestError only if the manifest is unusable."""
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    check = partial(verify_shard, shard_dir)
+    reports = list(ordered_map(check, manifest["shards"], workers, desc="verify", unit="shard"))
+    problems = [p for r in reports for p in r.problems]
+    counts = Counter(key for r in reports for key in r.keys)
+    duplicates = sorted(key for key, n in counts.items() if n > 1)
+    if duplicates:
+        problems.append(f"{len(duplicates)} keys occur more than once across shards: {', '.join(duplicates[:20])}")
+    samples = sum(r.samples for r in reports)
+    if samples != manifest["total_samples"]:
+        problems.append(f"the shards hold {samples} samples, the manifest's total_samples is {manifest['total_samples']}")
+    listed = {s["file"] for s in manifest["shards"]} | {MANIFEST_NAME}
+    stray = sorted(p.name for p in shard_dir.iterdir() if p.name not in listed)
+    notes = [f"files not in the manifest (ignored by readers): {', '.join(stray)}"] if stray else []
+    return Report(shard_dir, len(reports), samples, problems, notes)
+
+
+def verify_shard(shard_dir: Path, shard: dict[str, Any]) -> ShardReport:
+    report = ShardReport(shard["file"])
+    path = shard_dir / shard["file"]
+    if not path.is_file():
+        report.problems.append(f"{shard['file']}: missing")
+        return report
+    size, digest = _size_and_sha256(path)
+    if size != shard["bytes"]:
+        report.problems.append(f"{shard['file']}: {size} bytes, the manifest says {shard['bytes']}")
+    if digest != shard["sha256"]:
+        report.problems.append(f"{shard['file']}: sha256 differs from the manifest (the file changed after packing)")
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for key, members in _samples(tar, report):
+                report.samples += 1
+                report.keys.append(key)
+                report.problems.extend(f"{shard['file']}: sample '{key}': {p}" for p in check_sample(key, members))
+            end = tar.offset
+        # tarfile stops quietly at a corrupt header; only zero blocks may follow the last member.
+        if _nonzero_after(path, end):
+            report.problems.append(f"{shard['file']}: tar structure broken at byte {end} of {size} (corrupt header?); "
+                                   "nothing after it could be read")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        report.problems.append(f"{shard['file']}: unreadable as tar after {report.samples} samples: {e}")
+    if report.samples != shard["samples"]:
+        report.problems.append(f"{shard['file']}: holds {report.samples} samples, the manifest says {shard['samples']}")
+    return report
+
+
+def _size_and_sha256(path: Path) -> tuple[int, str]:
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
+
+
+def _nonzero_after(path: Path, offset: int) -> bool:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(HASH_CHUNK):
+            if chunk.count(0) != len(chunk):
+                return True
+    return False
+
+
+def _samples(tar: tarfile.TarFile, report: ShardReport):
+    """Yield (key, {extension: bytes}) for each run of consecutive members sharing a key."""
+    key, members = None, {}
+    for info in tar:
+        name = info.name
+        if not info.isfile() or "/" in name or "." not in name:
+            report.problems.append(f"{report.file}: unexpected member '{name}' (want KEY.ext files at the top level)")
+            continue
+        member_key, ext = name.split(".", 1)
+        if member_key != key:
+            if key is not None:
+                yield key, members
+            key, members = member_key, {}
+        if ext in members:
+            report.problems.append(f"{report.file}: sample '{key}' has '{ext}' twice")
+        members[ext] = tar.extractfile(info).read()
+    if key is not None:
+        yield key, members
+
+
+def check_sample(key: str, members: dict[str, bytes]) -> list[str]:
+    problems = []
+    images = [ext for ext in IMAGE_EXTS if ext in members]
+    expected = {"mask.png", "json", *images[:1]}
+    if len(images) != 1 or set(members) != expected:
+        problems.append(f"has members {sorted(members)}; a sample needs an image ({' or '.join(IMAGE_EXTS)}), 'mask.png' and 'json'")
+    image = _decoded(members, images[0], "RGB", problems) if len(images) == 1 else None
+    mask = _decoded(members, "mask.png", "L", problems)
+    if image is not None and mask is not None and image.size != mask.size:
+        problems.append(f"mask is {mask.size[0]}x{mask.size[1]} (WxH) but the image is {image.size[0]}x{image.size[1]}")
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return problems + [f"json does not parse: {e}"]
+        if not isinstance(meta, dict) or meta.get("key") != key:
+            problems.append(f"json 'key' is {meta.get('key') if isinstance(meta, dict) else meta!r}, not '{key}'")
+        elif image is not None and meta.get("stored_size") != [image.size[1], image.size[0]]:
+            problems.append(f"json stored_size {meta.get('stored_size')} differs from the image's [H, W] {[image.size[1], image.size[0]]}")
+    return problems
+
+
+def _decoded(members: dict[str, bytes], ext: str, mode: str, problems: list[str]):
+    if ext not in members:
+        return None
+    try:
+        im = Image.open(io.BytesIO(members[ext]))
+        im.load()
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the finding we report
+        problems.append(f"{ext} does not decode: {e}")
+        return None
+    if im.mode != mode:
+        problems.append(f"{ext} has mode {im.mode}, expected {mode}")
+    return im
