@@ -21,13 +21,14 @@ import argparse
 import difflib
 import os
 import sys
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from salnet.fsio import atomic_write
 
 
 class ConfigError(ValueError):
@@ -52,7 +53,7 @@ class AugmentConfig(Section):
     color_jitter: float = Field(0.2, ge=0, le=1, description="brightness/contrast/saturation jitter strength, image only (0 disables)")
 
     def model_post_init(self, context) -> None:
-        # A method, not a pydantic validator decorator: pydantic reports its ValueError as a config error all the same.
+        # See DataConfig.model_post_init.
         low, high = self.scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"data.augment.scale must satisfy 0 < min <= max <= 1, got {list(self.scale)}")
@@ -62,12 +63,12 @@ class DataConfig(Section):
     train: list[str] = Field(["shards/demo/train"], min_length=1,
                              description="train shard directories or URLs (local dir, http(s)://HOST/DIR, s3://BUCKET/DIR, or pipe:CMD with {} "
                                          "where the file name goes); each must hold manifest.json")
-    train_weights: Optional[list[typing.Annotated[float, Field(gt=0)]]] = Field(
+    train_weights: Optional[list[float]] = Field(
         None, description="mixing weights, one per train set: set i draws round(N * w_i / sum(w)) samples per epoch, N = all train "
                           "samples (repeating or subsampling the set); default: every sample once")
     val: list[str] = Field(["shards/demo/val"], description="validation shard directories or URLs (same forms as data.train)")
     size: int = Field(352, gt=0, description="training input size in pixels (square)")
-    multiscale: list[typing.Annotated[int, Field(gt=0)]] = Field(
+    multiscale: list[int] = Field(
         [], description="if set, each batch picks its size from this list (F3Net-style; the same size on every rank at a step) instead of data.size")
     eval_size: int = Field(352, gt=0, description="validation input size in pixels; metrics are computed at the mask's original size")
     batch_size: int = Field(32, gt=0, description="micro-batch per rank")
@@ -82,8 +83,13 @@ class DataConfig(Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="joint image/mask augmentation")
 
     def model_post_init(self, context) -> None:
+        # A method, not a pydantic validator decorator: pydantic reports its ValueError as a config error all the same.
         if self.train_weights is not None and len(self.train_weights) != len(self.train):
             raise ValueError(f"data.train_weights has {len(self.train_weights)} weights but data.train lists {len(self.train)} sets")
+        if self.train_weights is not None and min(self.train_weights) <= 0:
+            raise ValueError(f"data.train_weights must all be > 0, got {self.train_weights}")
+        if self.multiscale and min(self.multiscale) <= 0:
+            raise ValueError(f"data.multiscale sizes must all be > 0, got {self.multiscale}")
 
 
 class BackboneConfig(Section):
@@ -314,15 +320,9 @@ def to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: os.PathLike | str) -> Path:
     """Write the resolved config atomically (temp file + rename): a reader never sees half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(path) as f:
         f.write(to_yaml(cfg))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,282 @@
+"""TrainStream and ValStream: the plan (plan.py) read (reader.py), decoded and augmented
+(transforms.py) by DataLoader workers, as uint8 batches.
+
+Each DataLoader worker is one of the plan's readers. A DataLoader collects batches from its
+workers in turn, starting with worker 0, so batch j of an epoch comes from worker j % workers;
+after a resume at batch k the workers take the readers' roles rotated by k, and the batches still
+arrive in the order of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from salnet.config import DataConfig
+from salnet.data.plan import Piece, TrainPlan, split_blocks, val_batch_count, val_batches
+from salnet.data.reader import RawSample, in_order, read_positions
+from salnet.data.sources import DataError, Shard, open_shard_set
+from salnet.data.transforms import SampleError, TrainAugment, decode_sample, resize_for_eval
+
+log = logging.getLogger("salnet.data")
+
+
+def default_workers() -> int:
+    """CPUs per rank minus one for the training process itself, at most 8.
+
+    torchrun's ranks share the node's CPU set (LOCAL_WORLD_SIZE of them); under srun each task
+    usually has its own CPU set already.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_rank - 1))
+
+
+def _worker_slot() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _loader(dataset: IterableDataset, workers: int, cfg: DataConfig) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=cfg.prefetch if workers else None,
+                      persistent_workers=cfg.persistent_workers and workers > 0)
+
+
+def _decode_all(raws: Sequence[RawSample], on_error: str) -> tuple[list, list[str]]:
+    """[(key, image, mask) or None for a corrupt sample], and what was skipped and why."""
+    decoded, skipped = [], []
+    for raw in raws:
+        try:
+            decoded.append((raw.key, *decode_sample(raw)))
+        except SampleError as e:
+            if on_error == "error":
+                raise DataError(f"{e} (data.on_error=error; data.on_error=skip logs and skips corrupt samples)") from None
+            decoded.append(None)
+            skipped.append(str(e))
+    return decoded, skipped
+
+
+class _SkipReport:
+    """Logs each skipped sample as its batch arrives, and the count when the pass is over."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+        self.earlier = 0  # skipped before a resume, in the same epoch
+
+    def reset(self, earlier: int = 0) -> None:
+        self.messages, self.earlier = [], earlier
+
+    def add(self, messages: list[str]) -> None:
+        for message in messages:
+            log.warning("data: skipped a corrupt sample (data.on_error=skip): %s", message)
+        self.messages += messages
+
+    @property
+    def count(self) -> int:
+        return self.earlier + len(self.messages)
+
+    def report(self, what: str) -> None:
+        if self.count:
+            log.warning("data: %s: %d corrupt sample(s) skipped (data.on_error=skip)", what, self.count)
+
+
+# --------------------------------------------------------------------------------------------
+# Train
+# --------------------------------------------------------------------------------------------
+
+
+class _TrainBatches(IterableDataset):
+    """One epoch of one rank, split among the DataLoader's workers; `control` = [epoch, first batch]."""
+
+    def __init__(self, plan: TrainPlan, shards: list[Shard], cfg: DataConfig, rank: int, control: torch.Tensor):
+        self.plan, self.shards, self.cfg, self.rank, self.control = plan, shards, cfg, rank, control
+        self.augment = TrainAugment(cfg.augment)
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, first = (int(v) for v in self.control.tolist())  # shared memory: set by the main process per epoch
+        slot, slots = _worker_slot()
+        yield from self.reader_batches(epoch, reader=(slot + first) % slots, rank_batches_done=first)
+
+    def reader_batches(self, epoch: int, reader: int, rank_batches_done: int) -> Iterator[dict]:
+        plan, size = self.plan, self.plan.batch_size
+        todo = plan.reader(epoch, self.rank, reader)
+        done = plan.consumed_by(reader, rank_batches_done)
+        order = todo.order[done * size:]
+        samples = in_order(order, read_positions(self.shards, todo.pieces, sorted(order)))
+        for batch in todo.batches[done:]:
+            yield self.make_batch(epoch, batch, [next(samples) for _ in range(size)])
+
+    def make_batch(self, epoch: int, batch: int, raws: list[RawSample]) -> dict:
+        decoded, skipped = _decode_all(raws, self.cfg.on_error)
+        good = [d for d in decoded if d is not None]
+        if not good:
+            raise DataError(f"rank {self.rank}, epoch {epoch}, batch {batch}: all {len(raws)} samples are corrupt "
+                            f"(data.on_error=skip needs at least one good sample per batch): {'; '.join(skipped)}")
+        # A skipped sample's slot goes to a good sample of the same batch (augmented afresh): the batch
+        # keeps its size and every rank its step count.
+        filled = [d if d is not None else good[i % len(good)] for i, d in enumerate(decoded)]
+        size = self.plan.image_size(epoch, batch, self.cfg.multiscale) if self.cfg.multiscale else self.cfg.size
+        # Seeded per batch, so a resumed run augments exactly as the uninterrupted one; fork_rng keeps
+        # the training process's own RNG untouched when there are no worker processes.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.plan.augment_seed(epoch, self.rank, batch))
+            pairs = [self.augment(image, mask, size) for _, image, mask in filled]
+        return {"image": torch.stack([p[0] for p in pairs]), "mask": torch.stack([p[1] for p in pairs]),
+                "key": [d[0] for d in filled], "skipped": skipped}
+
+
+class TrainStream:
+    """This rank's training batches, epoch by epoch, with exact mid-epoch resume.
+
+    `epoch_batches(epoch)` yields exactly `steps_per_epoch` batches (fewer only when resuming
+    inside that epoch): {"image": uint8 [B, 3, S, S], "mask": uint8 [B, 1, S, S], "key": [B keys]}.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        sets = [open_shard_set(location) for location in cfg.train]
+        self.cfg, self.rank = cfg, rank
+        self.workers = default_workers() if cfg.workers is None else cfg.workers
+        self.plan = TrainPlan([[shard.samples for shard in s.shards] for s in sets], cfg.train_weights,
+                              batch_size=cfg.batch_size, world_size=world_size, readers=max(1, self.workers),
+                              seed=seed, shuffle_buffer=cfg.shuffle_buffer)
+        if self.plan.steps_per_epoch == 0:
+            raise DataError(f"{self.plan.epoch_samples} train samples per epoch ({', '.join(cfg.train)}) make less than one "
+                            f"batch of data.batch_size={cfg.batch_size} on each of {world_size} ranks")
+        layout = json.dumps([[s.name, [shard.samples for shard in s.shards]] for s in sets] + [self.plan.quotas])
+        self._identity = {"seed": seed, "world_size": world_size, "workers": self.workers, "batch_size": cfg.batch_size,
+                          "shuffle_buffer": cfg.shuffle_buffer, "data": hashlib.sha1(layout.encode()).hexdigest()[:16]}
+        self._control = torch.zeros(2, dtype=torch.int64).share_memory_()
+        shards = [shard for s in sets for shard in s.shards]
+        self._loader = _loader(_TrainBatches(self.plan, shards, cfg, rank, self._control), self.workers, cfg)
+        self._epoch, self._done = 0, 0
+        self._resume: Optional[tuple[int, int, int]] = None  # (epoch, batches done, skipped so far)
+        self.skips = _SkipReport()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    @property
+    def skipped(self) -> list[str]:
+        """Why each sample skipped so far in the current epoch (this session) was skipped."""
+        return self.skips.messages
+
+    def epoch_batches(self, epoch: int) -> Iterator[dict]:
+        first, earlier_skips = self._resume_point(epoch)
+        self._epoch, self._done = epoch, first
+        self.skips.reset(earlier_skips)
+        if first >= self.steps_per_epoch:
+            return
+        self._control[0], self._control[1] = epoch, first
+        for batch in self._loader:
+            self.skips.add(batch.pop("skipped"))
+            self._done += 1  # counted before the yield: a state_dict() taken after this batch includes it
+            yield batch
+        self.skips.report(f"rank {self.rank}, epoch {epoch}")
+
+    def _resume_point(self, epoch: int) -> tuple[int, int]:
+        resume, self._resume = self._resume, None
+        if resume is not None and resume[0] == epoch:
+            return resume[1], resume[2]
+        if resume is not None and resume[0] > epoch:
+            self._resume = resume  # not there yet: keep it for its epoch
+        return 0, 0
+
+    def state_dict(self) -> dict:
+        """What this rank has consumed (epoch, batches in it) and the identity of the plan it followed."""
+        return {"epoch": self._epoch, "batches": self._done, "skipped": self.skips.count, **self._identity}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next `epoch_batches(state["epoch"])` continues after the consumed batches.
+
+        If the plan changed (world size, workers, seed, batch size, shuffle buffer or the data),
+        the consumed batches cannot be mapped onto the new plan: the rest of that epoch is skipped
+        and the data order restarts at the start of the next one.
+        """
+        epoch, done = int(state["epoch"]), int(state["batches"])
+        changed = {key: (state.get(key), now) for key, now in self._identity.items() if state.get(key) != now}
+        if changed:
+            what = ", ".join(f"{key} {then!r} -> {now!r}" for key, (then, now) in changed.items())
+            log.warning("data: the data plan changed since the checkpoint (%s): rank %d skips the rest of epoch %d "
+                        "and restarts the data order at the start of epoch %d", what, self.rank, epoch, epoch + 1)
+            done = self.steps_per_epoch
+        self._resume = (epoch, done, int(state.get("skipped", 0)))
+
+
+# --------------------------------------------------------------------------------------------
+# Val
+# --------------------------------------------------------------------------------------------
+
+
+class _ValBatches(IterableDataset):
+    """This rank's val batches; worker w makes the w-th contiguous block of them."""
+
+    def __init__(self, shards: list[Shard], pieces: list[Piece], blocks: list[list], cfg: DataConfig):
+        self.shards, self.pieces, self.blocks, self.cfg = shards, pieces, blocks, cfg
+
+    def __iter__(self) -> Iterator[dict]:
+        batches = self.blocks[_worker_slot()[0]]
+        real = [b for b in batches if b is not None]  # contiguous positions: read them in one pass
+        samples = (s for _, s in read_positions(self.shards, self.pieces, range(real[0][0], real[-1][1]))) if real else iter(())
+        for batch in batches:
+            yield self.pad_batch([]) if batch is None else self.make_batch([next(samples) for _ in range(batch[1] - batch[0])])
+
+    def make_batch(self, raws: list[RawSample]) -> dict:
+        decoded, skipped = _decode_all(raws, self.cfg.on_error)
+        good = [d for d in decoded if d is not None]
+        if not good:
+            return self.pad_batch(skipped)  # still one forward pass, as the batch count promised
+        return {"image": torch.stack([resize_for_eval(image, self.cfg.eval_size) for _, image, _ in good]),
+                "masks": [mask[0] for _, _, mask in good], "key": [key for key, _, _ in good], "pad": False, "skipped": skipped}
+
+    def pad_batch(self, skipped: list[str]) -> dict:
+        size = self.cfg.eval_size
+        return {"image": torch.zeros(1, 3, size, size, dtype=torch.uint8), "masks": [], "key": [], "pad": True, "skipped": skipped}
+
+
+class ValStream:
+    """This rank's share of the val sets; every val sample exactly once across ranks.
+
+    Iterating yields {"image": uint8 [B, 3, S, S] (S = data.eval_size), "masks": [uint8 [H, W] as
+    stored], "key": [B keys], "pad": False}. With `pad_to_equal` every rank gets the same number of
+    batches: the extra ones are {"image": zeros [1, 3, S, S], "masks": [], "key": [], "pad": True},
+    forward passes that score nothing (for strategies whose collectives need them, e.g. ZeRO-3).
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, pad_to_equal: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        shards = [shard for location in cfg.val for shard in open_shard_set(location).shards]
+        pieces = [Piece(i, 0, shard.samples) for i, shard in enumerate(shards)]
+        total = sum(shard.samples for shard in shards)
+        pad_to = val_batch_count(total, world_size, cfg.eval_batch_size) if pad_to_equal else None
+        batches = val_batches(total, world_size, rank, cfg.eval_batch_size, pad_to)
+        self.num_batches = len(batches)
+        self.samples = sum(b[1] - b[0] for b in batches if b is not None)
+        workers = min(default_workers() if cfg.workers is None else cfg.workers, len(batches))
+        self._loader = _loader(_ValBatches(shards, pieces, split_blocks(batches, max(1, workers)), cfg), workers, cfg)
+        self.skips = _SkipReport()
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.skips.messages
+
+    def __iter__(self) -> Iterator[dict]:
+        self.skips.reset()
+        for batch in self._loader:
+            self.skips.add(batch.pop("skipped"))
+            yield batch
+        self.skips.report(f"rank {self.rank}, validation")
