@@ -20,7 +20,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from salnet import __version__, dist
+from salnet.fsio import atomic_write, fsync_dir
 
 _COMPLETE = re.compile(r"^step-(\d{8})$")
 
@@ -64,15 +64,7 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path)
 
 
 def save_checkpoint(run_dir: Path, step: int, strategy, client_state: dict, keep: int) -> Path:
@@ -91,33 +83,19 @@ def save_checkpoint(run_dir: Path, step: int, strategy, client_state: dict, keep
         if final.exists():  # the same step saved again (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def save_best(run_dir: Path, weights: dict, config: dict, metrics: dict, step: int) -> Path:
     """best.pt: float32 weights of the plain network, in one format whatever the strategy."""
     path = Path(run_dir) / "best.pt"
-    atomic_torch_save({"model": weights, "config": config, "metrics": metrics, "step": step,
-                       "salnet_version": __version__}, path)
+    with atomic_write(path, "wb") as f:
+        torch.save({"model": weights, "config": config, "metrics": metrics, "step": step,
+                    "salnet_version": __version__}, f)
     return path
 
 

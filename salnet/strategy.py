@@ -43,7 +43,8 @@ class Strategy:
     needs_equal_forward_passes = False
 
     model: nn.Module          # what the trainer calls for forward (possibly wrapped/compiled)
-    module: nn.Module         # the plain network underneath (for best.pt and evaluation)
+    module: nn.Module         # the plain network underneath
+    eval_model: nn.Module     # what validation calls: no gradient sync, no buffer broadcast
 
     def forward_backward(self, image: torch.Tensor, target: torch.Tensor, loss_fn: Callable, sync: bool):
         raise NotImplementedError
@@ -106,6 +107,9 @@ class DDPStrategy(Strategy):
                 bucket_cap_mb=train.bucket_mb, static_graph=train.static_graph)
         self._ddp = model if isinstance(model, DistributedDataParallel) else None
         self.model = torch.compile(model) if train.compile else model
+        # Validation bypasses the DDP wrapper: its forward would broadcast BatchNorm buffers, a
+        # collective that ranks holding different numbers of val batches cannot match.
+        self.eval_model = self.module
         self.amp_dtype = AMP_DTYPES.get(train.amp)
         # A gradient scaler only for fp16: bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(device.type, enabled=train.amp == "fp16")

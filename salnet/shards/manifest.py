@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from salnet.fsio import fsync_dir  # noqa: F401  (re-exported for the shard writer)
+
 FORMAT = "salnet-shards"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -99,6 +101,8 @@ def write_manifest(shard_dir: Path, manifest: dict[str, Any]) -> Path:
     """Atomically write the manifest: temporary file, fsync, rename, fsync the directory."""
     check_manifest(manifest, shard_dir / MANIFEST_NAME)
     path = shard_dir / MANIFEST_NAME
+    # A fixed temporary name (not a random one) so that `pack --overwrite` recognises the debris of
+    # a killed pack as its own.
     tmp = shard_dir / (MANIFEST_NAME + ".partial")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, ensure_ascii=False)
@@ -108,12 +112,3 @@ def write_manifest(shard_dir: Path, manifest: dict[str, Any]) -> Path:
     os.replace(tmp, path)
     fsync_dir(shard_dir)
     return path
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames in `path` durable (a crash after this cannot undo them)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,0 +1,40 @@
+"""Atomic file writes: what a reader finds under a final name is always complete.
+
+A write goes to a temporary file in the same directory, is flushed and fsynced, renamed over the
+final name (atomic on POSIX), and the directory is fsynced so the rename itself survives a crash.
+Pure Python on purpose: `salnet.config` uses it and must not import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+
+def fsync_dir(path: os.PathLike | str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: os.PathLike | str, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+    """`with atomic_write(p) as f: f.write(...)`; on an error the final name is left untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

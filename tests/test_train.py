@@ -1,0 +1,146 @@
+"""The main job end to end: real processes, real shards, real gloo groups (CPU, resnet18, 64 px)."""
+
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from salnet.checkpoint import complete_checkpoints, load_best
+from salnet.config import load_config
+from salnet.data import ValStream
+from salnet.model import build_model
+from salnet.shards.synth import synthesize
+from salnet.validate import predict_at_mask_size
+from conftest import run_py, torchrun
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    train, val = synthesize(root / "demo", train=64, val=20, size=64, seed=3)
+    return {"train": train, "val": val, "root": root}
+
+
+def tiny_config(tmp_path, shards, **sections):
+    cfg = {
+        "name": "tiny", "out_dir": str(tmp_path / "runs"),
+        "data": {"train": [str(shards["train"])], "val": [str(shards["val"])], "size": 64, "eval_size": 64,
+                 "batch_size": 8, "eval_batch_size": 8, "workers": 0},
+        "model": {"backbone": {"name": "resnet18"}, "ppm_width": 32, "fpn_width": 32},
+        "optim": {"lr": 1e-3, "backbone_lr_mult": 1.0, "warmup_steps": 2},
+        "train": {"steps": 6}, "eval": {"every": 3}, "checkpoint": {"every": 3, "keep": 5}, "log": {"every": 2},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values) if isinstance(values, dict) else cfg.__setitem__(section, values)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, tmp_path / "runs" / cfg["name"]
+
+
+def records(run_dir, kind):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["kind"] == kind]
+
+
+def test_one_process_trains_validates_and_keeps_best(tmp_path, shards):
+    path, run_dir = tiny_config(tmp_path, shards, log={"every": 2, "wandb": True})
+    secret = "0123456789abcdef-not-a-real-wandb-key"
+    proc = run_py(["-m", "salnet.train", "--config", path], timeout=300,
+                  env={"WANDB_MODE": "offline", "WANDB_API_KEY": secret, "WANDB_SILENT": "true"})
+    out = proc.stdout
+    assert secret not in out + proc.stderr
+    assert "global batch 8 = 1 ranks x 8 micro-batch x 1 accumulation" in out
+    # W&B (real wandb, offline): one run, whose id the checkpoint keeps for a requeued job.
+    wandb_id = torch.load(run_dir / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)["client"]["train"]["wandb_id"]
+    assert [p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")] == [wandb_id]
+    assert load_config(str(run_dir / "config.yaml")) == load_config(str(path))
+    vals = records(run_dir, "val")
+    assert [v["step"] for v in vals] == [3, 6] and all(v["images"] == 20 for v in vals)
+    assert [r["step"] for r in records(run_dir, "train")] == [2, 4, 6]
+    best = load_best(run_dir / "best.pt")
+    best_val = max(vals, key=lambda v: v["maxF"])
+    assert best["step"] == best_val["step"] and best["metrics"]["maxF"] == best_val["maxF"]
+    assert all(v.dtype == torch.float32 for v in best["model"].values() if v.is_floating_point())
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-00000003", "step-00000006"]
+
+    # The logged metrics equal PySODMetrics on best.pt's predictions over the same val set.
+    from py_sod_metrics import MAE, Emeasure, Fmeasure, Smeasure
+
+    torch.set_num_threads(1)  # the run used one thread: same kernels, same floats
+    cfg = load_config(str(run_dir / "config.yaml"))
+    model = build_model(cfg.model)
+    model.load_state_dict(best["model"])
+    model.eval().to(memory_format=torch.channels_last)
+    from salnet.data import to_model_input
+
+    refs = {"F": Fmeasure(), "E": Emeasure(), "S": Smeasure(), "MAE": MAE()}
+    for batch in ValStream(cfg.data, rank=0, world_size=1):
+        images = to_model_input(batch["image"], torch.device("cpu"), channels_last=True)
+        preds = predict_at_mask_size(model, images, [tuple(m.shape) for m in batch["masks"]])
+        for pred, mask in zip(preds, batch["masks"]):
+            pred_png = (pred.numpy() * 255).astype(np.uint8)  # as a saved 8-bit prediction map
+            for ref in refs.values():
+                ref.step(pred=pred_png, gt=mask.numpy())
+    f, e = refs["F"].get_results(), refs["E"].get_results()
+    expected = {"maxF": f["fm"]["curve"].max(), "meanF": f["fm"]["curve"].mean(), "adpF": f["fm"]["adp"],
+                "maxE": e["em"]["curve"].max(), "meanE": e["em"]["curve"].mean(), "adpE": e["em"]["adp"],
+                "S": refs["S"].get_results()["sm"], "MAE": refs["MAE"].get_results()["mae"]}
+    for name, value in expected.items():
+        assert best["metrics"][name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_ddp_two_ranks_resume_is_bitwise_identical(tmp_path, shards):
+    path, run_dir = tiny_config(tmp_path, shards)
+    out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300).stdout
+    assert "global batch 16 = 2 ranks x 8 micro-batch x 1 accumulation" in out
+    assert out.count("validation @ step") == 2  # rank 0 only
+    assert (run_dir / "best.pt").exists()
+    uninterrupted = torch.load(run_dir / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)
+
+    # Stop after step 3: drop everything the run did after its step-3 checkpoint, then resume.
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000006")
+    out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300).stdout
+    assert "resumed from" in out and "step-00000003 at step 3" in out
+    resumed = torch.load(run_dir / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for a, b in zip(uninterrupted["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert uninterrupted["client"]["train"] == resumed["client"]["train"]
+    # metrics.jsonl reads as one run: the interrupted run's lines after step 3 were replaced.
+    steps = [(r["kind"], r["step"]) for r in records(run_dir, "train") + records(run_dir, "val")]
+    assert len(steps) == len(set(steps)) and ("val", 6) in steps
+
+
+def test_a_rank_that_raises_ends_the_job(tmp_path, shards):
+    # Corrupt the last val sample's image: only the rank that holds it fails, during validation,
+    # while the other rank waits in the metrics all-reduce.
+    val = tmp_path / "val"
+    shutil.copytree(shards["val"], val)
+    tar_path = sorted(val.glob("*.tar"))[-1]
+    with tarfile.open(tar_path) as tar:
+        last_image = [m for m in tar.getmembers() if m.name.endswith((".jpg", ".png")) and ".mask." not in m.name][-1]
+    with open(tar_path, "r+b") as f:
+        f.seek(last_image.offset_data)
+        f.write(b"not an image at all")
+    path, _ = tiny_config(tmp_path, shards, data={"val": [str(val)]}, train={"steps": 3, "timeout_s": 60})
+    proc = torchrun(2, ["-m", "salnet.train", "--config", path], check=False, timeout=170)
+    assert proc.returncode != 0
+    assert "[rank 1]" in proc.stderr and last_image.name.split(".")[0] in proc.stderr
+
+
+def test_short_demo_learns(tmp_path, shards):
+    root = tmp_path / "demo"
+    train, val = synthesize(root, train=256, val=32, size=64, seed=11)
+    path, run_dir = tiny_config(tmp_path, {"train": train, "val": val}, data={"batch_size": 16},
+                                train={"steps": 150}, eval={"every": 30}, checkpoint={"every": 150},
+                                log={"every": 50}, optim={"warmup_steps": 10})
+    run_py(["-m", "salnet.train", "--config", path], timeout=600, env={"OMP_NUM_THREADS": "2"})
+    vals = records(run_dir, "val")
+    first, last = vals[0], vals[-1]
+    assert last["maxF"] > first["maxF"] + 0.2, vals
+    assert last["MAE"] < first["MAE"], vals
