@@ -154,13 +154,25 @@ class TrainConfig(Section):
     amp: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="precision: fp32, bf16 autocast, or fp16 autocast with a gradient scaler")
     channels_last: bool = Field(True, description="NHWC memory format for the model and inputs")
     compile: bool = Field(False, description="torch.compile the model")
-    sync_bn: bool = Field(False, description="convert BatchNorm to SyncBatchNorm under DDP")
+    sync_bn: bool = Field(False, description="convert BatchNorm to SyncBatchNorm (CUDA only; DDP and DeepSpeed)")
     bucket_mb: int = Field(25, gt=0, description="DDP gradient bucket size in MiB")
     static_graph: bool = Field(False, description="DDP static_graph optimisation")
+    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (train.strategy=deepspeed): 1 partitions the optimizer states across ranks, "
+                                                        "2 also the gradients, 3 also the parameters (gathered layer by layer in forward and backward)")
+    offload_optimizer: bool = Field(False, description="DeepSpeed: keep the optimizer states in CPU memory and run the optimizer step there (ZeRO-Offload); "
+                                                       "frees GPU memory at the cost of host transfers and CPU time")
+    offload_params: bool = Field(False, description="DeepSpeed ZeRO-3: keep the parameter partitions in CPU memory between uses (needs train.zero_stage=3)")
     seed: int = Field(0, description="global seed; each rank derives its own")
     timeout_s: int = Field(1800, gt=0, description="collective timeout in seconds (a dead rank fails the job after this)")
     max_bad_steps: int = Field(5, gt=0, description="consecutive non-finite steps before training stops")
-    resume: str = Field("auto", description="'auto' (newest complete checkpoint of the run), 'none', or a checkpoint path")
+    resume: str = Field("auto", description="'auto' (newest complete checkpoint of the run), 'none' (start over: removes the run's checkpoints and best.pt), or a checkpoint path")
+
+    def model_post_init(self, context) -> None:
+        if self.strategy != "deepspeed" and (self.offload_optimizer or self.offload_params):
+            raise ValueError(f"train.offload_optimizer / train.offload_params are DeepSpeed options; they need train.strategy=deepspeed "
+                             f"(got train.strategy={self.strategy!r})")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"train.offload_params=true needs train.zero_stage=3 (only ZeRO-3 partitions the parameters), got train.zero_stage={self.zero_stage}")
 
 
 class EvalConfig(Section):
@@ -193,6 +205,14 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="validation")
     log: LogConfig = Field(default_factory=LogConfig, description="logging")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpointing")
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="extra DeepSpeed config keys (train.strategy=deepspeed), merged into the JSON salnet generates, "
+                                                                          "e.g. deepspeed.zero_optimization.overlap_comm=true; a key salnet derives from its own settings "
+                                                                          "(batch sizes, precision, optimizer, clipping, ZeRO stage, offload) must agree with them")
+
+    def model_post_init(self, context) -> None:
+        if self.deepspeed and self.train.strategy != "deepspeed":
+            raise ValueError(f"the deepspeed: section ({', '.join(self.deepspeed)}) applies only to train.strategy=deepspeed, "
+                             f"got train.strategy={self.train.strategy!r}")
 
     @property
     def run_dir(self) -> Path:
@@ -274,6 +294,8 @@ def _type_name(ann: Any) -> str:
 
 def _format_error(err: dict, source_of) -> str:
     loc = tuple(p for p in err["loc"])
+    if not loc:  # a check across sections (Config.model_post_init): its message names the keys itself
+        return err["msg"].removeprefix("Value error, ")
     key = ".".join(str(p) for p in loc)
     source = source_of(loc)
     section = _section_at(loc)

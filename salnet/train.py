@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from salnet import dist
-from salnet.checkpoint import rng_state, resume_path, save_best, save_checkpoint, set_rng_state
+from salnet.checkpoint import clear_run, rng_state, resume_path, save_best, save_checkpoint, set_rng_state
 from salnet.config import Config, parse_config, save_config, to_yaml
 from salnet.data import TrainStream, ValStream, to_model_input, to_target
 from salnet.loss import build_loss
@@ -132,6 +132,10 @@ def train(cfg: Config) -> dict:
 
     # ---- resume, if there is a checkpoint to resume from ----------------------------------
     state = TrainState()
+    if cfg.train.resume == "none" and dist.is_main():
+        for removed in clear_run(run_dir):
+            print(f"train.resume=none: removed {removed} of an earlier run", flush=True)
+    dist.barrier()
     checkpoint = resume_path(run_dir, cfg.train.resume)
     if checkpoint is not None:
         client = strategy.load(checkpoint)

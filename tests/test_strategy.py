@@ -1,10 +1,9 @@
 import math
-import shutil
 
 import pytest
 import torch
 
-from salnet.checkpoint import complete_checkpoints, resume_path, save_checkpoint
+from salnet.checkpoint import clear_run, complete_checkpoints, resume_path, save_checkpoint
 from salnet.config import load_config
 from salnet.optim import build_optimizer, lr_factor, param_groups
 from salnet.strategy import build_strategy
@@ -103,5 +102,7 @@ def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path):
     assert resume_path(tmp_path, "none") is None
     with pytest.raises(FileNotFoundError, match="train.resume='nope'.*valid values"):
         resume_path(tmp_path, "nope")
-    shutil.rmtree(tmp_path / "checkpoints")
-    assert resume_path(tmp_path, "auto") is None
+    # train.resume=none starts over: the earlier run's checkpoints and best.pt go.
+    (tmp_path / "best.pt").write_bytes(b"old best")
+    assert sorted(p.name for p in clear_run(tmp_path)) == ["best.pt", "checkpoints"]
+    assert resume_path(tmp_path, "auto") is None and not (tmp_path / "best.pt").exists()

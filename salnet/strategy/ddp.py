@@ -1,0 +1,118 @@
+"""DDP (train.strategy=ddp): DistributedDataParallel, or the bare module in a single process.
+
+Non-finite handling: every rank contributes a flag to one all-reduce per optimizer step, so all
+ranks skip together; a NaN on one rank never leaves the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from salnet import dist
+from salnet.config import Config
+from salnet.optim import build_optimizer, build_schedule
+from salnet.strategy.base import AMP_DTYPES, StepResult, Strategy, decoder_lr, fp32_copy, step_schedule, with_sync_bn
+
+
+class DDPStrategy(Strategy):
+    """DistributedDataParallel (or the bare module in a single process)."""
+
+    def __init__(self, cfg: Config, model: nn.Module, total_steps: int):
+        self.cfg = cfg
+        device = dist.device()
+        train = cfg.train
+        model = with_sync_bn(model, cfg)
+        model = model.to(device, memory_format=torch.channels_last if train.channels_last else torch.preserve_format)
+        self.module = model
+        # The optimizer is built on the plain module's parameters before wrapping: DDP and
+        # compile share them, and checkpoints then never depend on wrapper prefixes.
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.schedule = build_schedule(self.optimizer, cfg.optim, total_steps)
+        if dist.world_size() > 1:
+            model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                bucket_cap_mb=train.bucket_mb, static_graph=train.static_graph)
+        self._ddp = model if isinstance(model, DistributedDataParallel) else None
+        self.model = torch.compile(model) if train.compile else model
+        # Validation bypasses the DDP wrapper: its forward would broadcast BatchNorm buffers, a
+        # collective that ranks holding different numbers of val batches cannot match.
+        self.eval_model = self.module
+        self.amp_dtype = AMP_DTYPES.get(train.amp)
+        # A gradient scaler only for fp16: bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=train.amp == "fp16")
+        self.grad_accum = train.grad_accum
+        self._loss_finite = torch.ones((), dtype=torch.bool, device=device)
+
+    def forward_backward(self, image, target, loss_fn, sync: bool):
+        # no_sync on all but the last micro-step: gradients are all-reduced once per optimizer step.
+        no_sync = self._ddp.no_sync() if (self._ddp is not None and not sync) else contextlib.nullcontext()
+        with no_sync:
+            with self.autocast():
+                outputs = self.model(image)
+            total, parts = loss_fn(outputs, target)  # the loss computes in float32 itself
+            self.scaler.scale(total / self.grad_accum).backward()
+        self._loss_finite &= torch.isfinite(total.detach())
+        return total.detach(), parts
+
+    def optimizer_step(self) -> StepResult:
+        self.scaler.unscale_(self.optimizer)  # clip on true gradients, not scaled ones
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip is not None else math.inf)
+        loss_bad = not bool(self._loss_finite)
+        grads_bad = not bool(torch.isfinite(norm))
+        # One collective decides for all ranks: 2 = a non-finite loss somewhere, 1 = non-finite grads.
+        verdict = dist.all_reduce_scalar(2 * loss_bad + grads_bad, "max") if dist.world_size() > 1 else 2 * loss_bad + grads_bad
+        skipped = None
+        if verdict >= 2:
+            skipped = "non-finite loss"
+        elif verdict >= 1 and not self.scaler.is_enabled():
+            skipped = "non-finite gradients"
+        if skipped is None:
+            # Under fp16 an overflow is the scaler's business: it skips the step and lowers the scale.
+            scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if scale_before is not None and self.scaler.get_scale() < scale_before:
+                skipped = "fp16 overflow (scale lowered)"
+        elif self.scaler.is_enabled():
+            self.scaler.update()
+        step_schedule(self.schedule)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._loss_finite.fill_(True)
+        return StepResult(grad_norm=float(norm), skipped=skipped)
+
+    def lr(self) -> float:
+        return decoder_lr(self.optimizer)
+
+    def save(self, directory: Path, client_state: dict) -> None:
+        # DDP keeps identical replicas: rank 0 writes everything.
+        if dist.is_main():
+            torch.save({
+                "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "client": client_state,
+            }, directory / "state.pt")
+
+    def load(self, directory: Path) -> dict:
+        state = torch.load(directory / "state.pt", map_location=dist.device(), weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        return state["client"]
+
+    def fp32_state_dict(self) -> dict:
+        return fp32_copy(self.module.state_dict())
+
+
+def consolidated_weights(directory: Path) -> dict:
+    """The fp32 weights of a DDP checkpoint directory (what `python -m salnet.strategy.convert` reads)."""
+    return fp32_copy(torch.load(directory / "state.pt", map_location="cpu", weights_only=True)["model"])
