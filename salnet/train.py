@@ -226,8 +226,9 @@ def train(cfg: Config) -> dict:
                 log.record("val", state.step, {**scores, "images": metrics.num_images})
                 strategy.model.train()
 
-            # save the full training state
-            if state.step % cfg.checkpoint.every == 0 or state.step == total_steps:
+            # save the full training state, but not in the middle of a streak of skipped steps: the
+            # newest checkpoint stays the last one whose step went through
+            if (state.step % cfg.checkpoint.every == 0 or state.step == total_steps) and state.bad_streak == 0:
                 save(state.step)
             if state.step >= total_steps:
                 break

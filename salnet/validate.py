@@ -7,8 +7,11 @@ mask's original size before scoring, because SOD metrics are defined at GT resol
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from salnet import dist
 from salnet.data import to_model_input
@@ -30,7 +33,10 @@ def validate(model: torch.nn.Module, val_data, metrics: SODMetrics, autocast, ch
     model.eval()
     metrics.reset()
     device = dist.device()
-    for batch in val_data:
+    # A progress bar only where a person watches: rank 0, on a terminal (not in job logs).
+    progress = tqdm(val_data, total=len(val_data), desc="validate", unit="batch", leave=False,
+                    disable=not (dist.is_main() and sys.stderr.isatty()))
+    for batch in progress:
         images = to_model_input(batch["image"], device, channels_last)
         with autocast():
             preds = predict_at_mask_size(model, images, [tuple(m.shape[-2:]) for m in batch["masks"]])

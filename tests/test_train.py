@@ -144,3 +144,20 @@ def test_short_demo_learns(tmp_path, shards):
     first, last = vals[0], vals[-1]
     assert last["maxF"] > first["maxF"] + 0.2, vals
     assert last["MAE"] < first["MAE"], vals
+
+
+def test_diverging_run_stops_after_max_bad_steps_keeping_the_last_good_checkpoint(tmp_path, shards):
+    # lr=1e12: AdamW moves every weight by ~1e12 in one step; from then on the loss is non-finite,
+    # every step is skipped on all ranks together, and the run stops after max_bad_steps of them.
+    path, run_dir = tiny_config(tmp_path, shards, optim={"lr": 1e12, "warmup_steps": 0},
+                                train={"steps": 8, "max_bad_steps": 3}, checkpoint={"every": 1, "keep": 10},
+                                eval={"every": 100})
+    proc = run_py(["-m", "salnet.train", "--config", path], timeout=300, check=False)
+    assert proc.returncode == 1
+    assert "TrainingDiverged: 3 consecutive steps skipped (non-finite loss)" in proc.stderr
+    assert "[rank 0]" in proc.stderr
+    assert proc.stdout.count("skipped (non-finite loss)") == 3
+    newest = complete_checkpoints(run_dir)[-1]
+    stopped_at = int(proc.stderr.split(" at step ")[1].split()[0])
+    # The checkpoints end before the streak: nothing written during the bad steps.
+    assert int(newest.name.split("-")[1]) == stopped_at - 3
