@@ -155,7 +155,8 @@ class TrainConfig(Section):
     channels_last: bool = Field(True, description="NHWC memory format for the model and inputs")
     compile: bool = Field(False, description="torch.compile the model")
     sync_bn: bool = Field(False, description="convert BatchNorm to SyncBatchNorm (CUDA only; DDP and DeepSpeed)")
-    bucket_mb: int = Field(25, gt=0, description="DDP gradient bucket size in MiB")
+    bucket_mb: int = Field(25, gt=0, description="gradient communication bucket in MiB: DDP's bucket_cap_mb; under DeepSpeed, "
+                                                 "ZeRO's reduce and all-gather buckets (as float32 elements)")
     static_graph: bool = Field(False, description="DDP static_graph optimisation")
     zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (train.strategy=deepspeed): 1 partitions the optimizer states across ranks, "
                                                         "2 also the gradients, 3 also the parameters (gathered layer by layer in forward and backward)")
@@ -207,7 +208,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpointing")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="extra DeepSpeed config keys (train.strategy=deepspeed), merged into the JSON salnet generates, "
                                                                           "e.g. deepspeed.zero_optimization.overlap_comm=true; a key salnet derives from its own settings "
-                                                                          "(batch sizes, precision, optimizer, clipping, ZeRO stage, offload) must agree with them")
+                                                                          "(batch sizes, precision, optimizer, clipping, ZeRO stage, offload, bucket sizes) must agree with them")
 
     def model_post_init(self, context) -> None:
         if self.deepspeed and self.train.strategy != "deepspeed":

@@ -216,6 +216,13 @@ def any_rank(flag: bool) -> bool:
     return all_reduce_scalar(1.0 if flag else 0.0, "max") > 0
 
 
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite `tensor` with rank `src`'s, in place, on every rank."""
+    if is_initialized():
+        tdist.broadcast(tensor, src=src)
+    return tensor
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_initialized():
         return obj

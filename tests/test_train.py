@@ -46,6 +46,34 @@ def records(run_dir, kind):
     return [r for r in lines if r["kind"] == kind]
 
 
+def assert_metrics_are_those_of_best_pt(run_dir, best):
+    """The logged metrics equal PySODMetrics on best.pt's predictions over the same val set,
+    computed here in one process (so sharded validation lost or repeated nothing)."""
+    from py_sod_metrics import MAE, Emeasure, Fmeasure, Smeasure
+
+    from salnet.data import to_model_input
+
+    torch.set_num_threads(1)  # the run used one thread per rank: same kernels, same floats
+    cfg = load_config(str(run_dir / "config.yaml"))
+    model = build_model(cfg.model)
+    model.load_state_dict(best["model"])
+    model.eval().to(memory_format=torch.channels_last)
+    refs = {"F": Fmeasure(), "E": Emeasure(), "S": Smeasure(), "MAE": MAE()}
+    for batch in ValStream(cfg.data, rank=0, world_size=1):
+        images = to_model_input(batch["image"], torch.device("cpu"), channels_last=True)
+        preds = predict_at_mask_size(model, images, [tuple(m.shape) for m in batch["masks"]])
+        for pred, mask in zip(preds, batch["masks"]):
+            pred_png = (pred.numpy() * 255).astype(np.uint8)  # as a saved 8-bit prediction map
+            for ref in refs.values():
+                ref.step(pred=pred_png, gt=mask.numpy())
+    f, e = refs["F"].get_results(), refs["E"].get_results()
+    expected = {"maxF": f["fm"]["curve"].max(), "meanF": f["fm"]["curve"].mean(), "adpF": f["fm"]["adp"],
+                "maxE": e["em"]["curve"].max(), "meanE": e["em"]["curve"].mean(), "adpE": e["em"]["adp"],
+                "S": refs["S"].get_results()["sm"], "MAE": refs["MAE"].get_results()["mae"]}
+    for name, value in expected.items():
+        assert best["metrics"][name] == pytest.approx(value, abs=1e-6), name
+
+
 def test_one_process_trains_validates_and_keeps_best(tmp_path, shards):
     path, run_dir = tiny_config(tmp_path, shards, log={"every": 2, "wandb": True})
     secret = "0123456789abcdef-not-a-real-wandb-key"
@@ -67,30 +95,7 @@ def test_one_process_trains_validates_and_keeps_best(tmp_path, shards):
     assert all(v.dtype == torch.float32 for v in best["model"].values() if v.is_floating_point())
     assert [p.name for p in complete_checkpoints(run_dir)] == ["step-00000003", "step-00000006"]
 
-    # The logged metrics equal PySODMetrics on best.pt's predictions over the same val set.
-    from py_sod_metrics import MAE, Emeasure, Fmeasure, Smeasure
-
-    torch.set_num_threads(1)  # the run used one thread: same kernels, same floats
-    cfg = load_config(str(run_dir / "config.yaml"))
-    model = build_model(cfg.model)
-    model.load_state_dict(best["model"])
-    model.eval().to(memory_format=torch.channels_last)
-    from salnet.data import to_model_input
-
-    refs = {"F": Fmeasure(), "E": Emeasure(), "S": Smeasure(), "MAE": MAE()}
-    for batch in ValStream(cfg.data, rank=0, world_size=1):
-        images = to_model_input(batch["image"], torch.device("cpu"), channels_last=True)
-        preds = predict_at_mask_size(model, images, [tuple(m.shape) for m in batch["masks"]])
-        for pred, mask in zip(preds, batch["masks"]):
-            pred_png = (pred.numpy() * 255).astype(np.uint8)  # as a saved 8-bit prediction map
-            for ref in refs.values():
-                ref.step(pred=pred_png, gt=mask.numpy())
-    f, e = refs["F"].get_results(), refs["E"].get_results()
-    expected = {"maxF": f["fm"]["curve"].max(), "meanF": f["fm"]["curve"].mean(), "adpF": f["fm"]["adp"],
-                "maxE": e["em"]["curve"].max(), "meanE": e["em"]["curve"].mean(), "adpE": e["em"]["adp"],
-                "S": refs["S"].get_results()["sm"], "MAE": refs["MAE"].get_results()["mae"]}
-    for name, value in expected.items():
-        assert best["metrics"][name] == pytest.approx(value, abs=1e-6), name
+    assert_metrics_are_those_of_best_pt(run_dir, best)
 
 
 def test_ddp_two_ranks_resume_is_bitwise_identical(tmp_path, shards):
@@ -98,7 +103,9 @@ def test_ddp_two_ranks_resume_is_bitwise_identical(tmp_path, shards):
     out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300).stdout
     assert "global batch 16 = 2 ranks x 8 micro-batch x 1 accumulation" in out
     assert out.count("validation @ step") == 2  # rank 0 only
-    assert (run_dir / "best.pt").exists()
+    # Every rank validated its share with rank 0's BatchNorm statistics: the all-reduced metrics
+    # are exactly those of best.pt evaluated in one process.
+    assert_metrics_are_those_of_best_pt(run_dir, load_best(run_dir / "best.pt"))
     uninterrupted = torch.load(run_dir / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)
 
     # Stop after step 3: drop everything the run did after its step-3 checkpoint, then resume.
@@ -111,6 +118,8 @@ def test_ddp_two_ranks_resume_is_bitwise_identical(tmp_path, shards):
     for a, b in zip(uninterrupted["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert uninterrupted["client"]["train"] == resumed["client"]["train"]
+    for a, b in zip(uninterrupted["client"]["rng"], resumed["client"]["rng"]):  # every rank's RNG streams
+        assert torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"]
     # metrics.jsonl reads as one run: the interrupted run's lines after step 3 were replaced.
     steps = [(r["kind"], r["step"]) for r in records(run_dir, "train") + records(run_dir, "val")]
     assert len(steps) == len(set(steps)) and ("val", 6) in steps

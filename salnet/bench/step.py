@@ -10,6 +10,16 @@ Three measurements, each against a baseline in the same run (medians of repeats)
 3. pipeline: the real loader from synthetic shards feeding `train_step`, giving end-to-end
    images/s, the fraction of time spent waiting for data and, on CUDA, model FLOPs utilisation.
 
+`--strategy deepspeed` measures instead what ZeRO buys: DDP, ZeRO-1, ZeRO-2 and ZeRO-3 on 2 ranks
+x 1 thread (CPU; on CUDA every visible GPU), each in its own torchrun so each has its own
+high-water mark: per-rank images/s and, per rank (the larger of the ranks), memory counted from
+just before the strategy is built: `held_mib`, the tensors held after the timed steps (what stays
+between steps: weights, gradients, optimizer states, communication buffers: what ZeRO partitions),
+and `peak_growth_mib`, the rise of the high-water mark (adds activations, transient copies at
+set-up and, on CPU, what the allocator keeps). Held is counted tensor by tensor on CPU (tensors
+Python can reach: DDP's C++ reducer buckets, one more gradient copy, are not, which favours DDP)
+and by the CUDA allocator on GPUs; the peak is the process's peak RSS on CPU, the allocator's on GPUs.
+
 On a GPU: `python -m salnet.bench step --device cuda` (352 px, bf16, channels_last, resnet50).
 The last line printed is one JSON object with every figure.
 """
@@ -18,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import socket
@@ -26,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -41,7 +53,10 @@ def parse(argv):
     p.add_argument("--batch", type=int, default=None, help="micro-batch (default: 8 on cpu, 32 on cuda)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default: 5 on cpu, 30 on cuda)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one process of the scaling run
+    p.add_argument("--strategy", choices=["ddp", "deepspeed"], default="ddp",
+                   help="ddp: overhead, scaling and pipeline (the default); deepspeed: DDP against ZeRO-1/2/3")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one process of a multi-process run
+    p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # config overrides of a worker
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     args.backbone = args.backbone or ("resnet50" if cuda else "resnet18")
@@ -83,19 +98,12 @@ def timed_steps(step_fn, batches, steps) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def salnet_and_bare_steps(cfg):
-    """Two step functions on identical models: salnet's train_step, and the loop one writes by hand."""
-    from salnet import dist
-    from salnet.data import to_model_input, to_target
+def salnet_step_of(cfg, model):
+    """salnet's train_step on `model` through the configured strategy."""
     from salnet.loss import build_loss
-    from salnet.model import build_model
-    from salnet.optim import build_optimizer
     from salnet.strategy import build_strategy
     from salnet.train import train_step
 
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    bare_model = copy.deepcopy(model).to(dist.device(), memory_format=torch.channels_last)
     loss_fn = build_loss(cfg.loss)
     strategy = build_strategy(cfg, model, total_steps=10**6)
     losses: dict = {}
@@ -103,6 +111,20 @@ def salnet_and_bare_steps(cfg):
     def salnet_step(batch):
         train_step(strategy, loss_fn, [batch], cfg.train.channels_last, losses)
 
+    return salnet_step, strategy, loss_fn
+
+
+def salnet_and_bare_steps(cfg):
+    """Two step functions on identical models: salnet's train_step, and the loop one writes by hand."""
+    from salnet import dist
+    from salnet.data import to_model_input, to_target
+    from salnet.model import build_model
+    from salnet.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    bare_model = copy.deepcopy(model).to(dist.device(), memory_format=torch.channels_last)
+    salnet_step, strategy, loss_fn = salnet_step_of(cfg, model)
     bare_opt = build_optimizer(bare_model, cfg.optim)
     amp = strategy.autocast
 
@@ -131,32 +153,82 @@ def measure_overhead(args) -> dict:
     return {"salnet_img_s": args.batch / s, "bare_img_s": args.batch / b, "overhead": s / b - 1}
 
 
-def scaling_worker(args) -> None:
-    """One rank of the scaling run: per-rank images/s through the real DDP strategy."""
+def tensor_memory_mib() -> float:
+    """Bytes of the tensors this rank holds now: the CUDA allocator's count on GPU; on CPU every
+    tensor storage the process can reach, each once (the resident set would also count what
+    glibc keeps of freed blocks, which says more about the allocator than about the strategy)."""
     from salnet import dist
 
-    with dist.distributed():
-        cfg = bench_config(args)
-        salnet_step, _, _, _ = salnet_and_bare_steps(cfg)
+    if dist.device().type == "cuda":
+        return torch.cuda.memory_allocated(dist.device()) / 2**20
+    storages = {}
+    with warnings.catch_warnings():  # isinstance() on deprecated torch.distributed aliases warns
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and obj.device.type == "cpu"]
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(storages.values()) / 2**20
+
+
+def worker(args) -> None:
+    """One rank of a multi-process run: per-rank images/s and memory through the configured strategy."""
+    from salnet import dist
+    from salnet.model import build_model
+    from salnet.runlog import peak_memory_mib
+
+    with dist.distributed(use_cuda=args.device == "cuda"), tempfile.TemporaryDirectory() as run_dirs:
+        cfg = bench_config(args, [*args.set, f"out_dir={run_dirs}"])  # what a strategy writes (DeepSpeed's JSON) goes there
+        if cfg.train.strategy == "deepspeed":
+            import salnet.strategy.zero  # noqa: F401  (DeepSpeed's own import belongs to the baseline, not to ZeRO)
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        baseline_tensors, baseline_peak = tensor_memory_mib(), peak_memory_mib()
+        salnet_step, _, _ = salnet_step_of(cfg, model)
         batches = fake_batches(args, 4, seed=dist.rank())
         per_step = statistics.median(timed_steps(salnet_step, batches, args.steps) for _ in range(args.repeats))
+        held, peak = tensor_memory_mib() - baseline_tensors, peak_memory_mib() - baseline_peak
+        result = {"world": dist.world_size(), "per_rank_img_s": args.batch / per_step,
+                  "held_mib": dist.all_reduce_scalar(held, "max"), "peak_growth_mib": dist.all_reduce_scalar(peak, "max")}
         if dist.is_main():
-            print(json.dumps({"world": dist.world_size(), "per_rank_img_s": args.batch / per_step}), flush=True)
+            print(json.dumps(result), flush=True)
+
+
+def run_workers(args, world: int, overrides=()) -> dict:
+    """`world` worker processes (torchrun unless 1) with config `overrides`; rank 0's JSON result."""
+    command = ["-m", "salnet.bench", "step", "--worker", "--device", args.device, "--backbone", args.backbone,
+               "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps), "--repeats", str(args.repeats),
+               *(f"--set={o}" for o in overrides)]
+    launcher = [] if world == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                                      "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, *launcher, *command], env=env, text=True, capture_output=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"run with {world} rank(s) and {list(overrides)} failed:\n{out.stderr[-3000:]}")
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
 
 def measure_scaling(args) -> dict:
-    worker = ["-m", "salnet.bench", "step", "--worker", "--backbone", args.backbone, "--size", str(args.size),
-              "--batch", str(args.batch), "--steps", str(args.steps), "--repeats", str(args.repeats)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    results = {}
-    for world in (1, 2):
-        launcher = [] if world == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                                          "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
-        out = subprocess.run([sys.executable, *launcher, *worker], env=env, text=True, capture_output=True, timeout=1800)
-        if out.returncode != 0:
-            raise RuntimeError(f"scaling run with {world} rank(s) failed:\n{out.stderr[-3000:]}")
-        results[world] = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])["per_rank_img_s"]
+    results = {world: run_workers(args, world)["per_rank_img_s"] for world in (1, 2)}
     return {"one_rank_img_s": results[1], "two_ranks_per_rank_img_s": results[2], "per_rank_ratio": results[2] / results[1]}
+
+
+ZERO_RUNS = {"ddp": [], **{f"zero{stage}": ["train.strategy=deepspeed", f"train.zero_stage={stage}"] for stage in (1, 2, 3)}}
+
+
+def measure_zero(args) -> dict:
+    world = 2 if args.device == "cpu" else torch.cuda.device_count()
+    if world < 2:
+        raise SystemExit(f"--strategy deepspeed compares partitioning across ranks: it needs 2 or more GPUs, found {world}")
+    runs = {name: run_workers(args, world, overrides) for name, overrides in ZERO_RUNS.items()}
+    ddp = runs["ddp"]
+    for name, run in runs.items():
+        run["img_s_vs_ddp"] = run["per_rank_img_s"] / ddp["per_rank_img_s"]
+        run["held_vs_ddp"] = run["held_mib"] / ddp["held_mib"]
+        print(f"{name:>5}: {run['per_rank_img_s']:6.2f} img/s per rank ({run['img_s_vs_ddp']:.2f}x DDP); per rank "
+              f"{run['held_mib']:.0f} MiB held between steps ({run['held_vs_ddp']:.2f}x DDP), "
+              f"peak {run['peak_growth_mib']:.0f} MiB", flush=True)
+    return {"world": world, "runs": runs}
 
 
 def free_port() -> int:
@@ -207,14 +279,18 @@ def measure_pipeline(args) -> dict:
 def main(argv):
     args = parse(argv)
     if args.worker:
-        return scaling_worker(args)
+        return worker(args)
     if args.device == "cpu":
         torch.set_num_threads(1)  # one process, one thread: the setting the targets are stated for
     from salnet import dist
 
     dist.init(use_cuda=args.device == "cuda")
     report = {"device": args.device, "backbone": args.backbone, "size": args.size, "batch": args.batch,
-              "steps": args.steps, "repeats": args.repeats}
+              "steps": args.steps, "repeats": args.repeats, "strategy": args.strategy}
+    if args.strategy == "deepspeed":
+        report.update(measure_zero(args))
+        print(json.dumps(report))
+        return
     report.update(measure_overhead(args))
     print(f"overhead: salnet {report['salnet_img_s']:.2f} img/s vs bare {report['bare_img_s']:.2f} img/s "
           f"-> {report['overhead']:+.1%} (target <= +3%)", flush=True)

@@ -44,7 +44,11 @@ def _worker_slot() -> tuple[int, int]:
 
 
 def _loader(dataset: IterableDataset, workers: int, cfg: DataConfig) -> DataLoader:
+    # A generator of its own: otherwise every new iterator draws its base seed from torch's global
+    # RNG, and a resumed run (one iterator fewer) would continue one draw behind. Augmentation is
+    # seeded per batch from the plan, so this seed decides nothing.
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(0),
                       prefetch_factor=cfg.prefetch if workers else None,
                       persistent_workers=cfg.persistent_workers and workers > 0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,10 @@ def decoder_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 def fp32_copy(state: dict) -> dict:
-    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().cpu() for k, v in state.items()}
+    """A float32 CPU snapshot: copied even where .float().cpu() would hand back the live tensor
+    (float32 on CPU), so later steps and forward passes cannot change what was taken."""
+    return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype, memory_format=torch.contiguous_format, copy=True)
+            for k, v in state.items()}
 
 
 def with_sync_bn(model: nn.Module, cfg: Config) -> nn.Module:
@@ -84,9 +88,22 @@ def with_sync_bn(model: nn.Module, cfg: Config) -> nn.Module:
     return model
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Make rank 0's BatchNorm statistics everyone's (each rank's moved with its own batches).
+
+    Called after every optimizer step, so every rank validates, saves and exports the same network.
+    """
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if buffers and dist.world_size() > 1:
+        flat = torch.cat([b.reshape(-1) for b in buffers])  # one collective, not one per buffer
+        dist.broadcast_(flat, src=0)
+        for buffer, synced in zip(buffers, flat.split([b.numel() for b in buffers])):
+            buffer.copy_(synced.view_as(buffer))
+
+
 def step_schedule(schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
     with warnings.catch_warnings():
         # The schedule follows the step count even over a skipped step; torch warns about
         # stepping it without optimizer.step(), which is exactly what is meant here.
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
         schedule.step()

@@ -17,7 +17,10 @@ from torch.nn.parallel import DistributedDataParallel
 from salnet import dist
 from salnet.config import Config
 from salnet.optim import build_optimizer, build_schedule
-from salnet.strategy.base import AMP_DTYPES, StepResult, Strategy, decoder_lr, fp32_copy, step_schedule, with_sync_bn
+from salnet.strategy.base import (AMP_DTYPES, StepResult, Strategy, broadcast_buffers, decoder_lr, fp32_copy, step_schedule,
+                                  with_sync_bn)
+
+STATE_FILE = "state.pt"  # a DDP checkpoint is this one file, written by rank 0
 
 
 class DDPStrategy(Strategy):
@@ -37,11 +40,14 @@ class DDPStrategy(Strategy):
         if dist.world_size() > 1:
             model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
-                bucket_cap_mb=train.bucket_mb, static_graph=train.static_graph)
+                bucket_cap_mb=train.bucket_mb, static_graph=train.static_graph,
+                # BatchNorm buffers are broadcast once per optimizer step (below) instead of before
+                # every forward, so validation (which bypasses the wrapper) sees rank 0's statistics.
+                broadcast_buffers=False)
         self._ddp = model if isinstance(model, DistributedDataParallel) else None
         self.model = torch.compile(model) if train.compile else model
-        # Validation bypasses the DDP wrapper: its forward would broadcast BatchNorm buffers, a
-        # collective that ranks holding different numbers of val batches cannot match.
+        # Validation bypasses the DDP wrapper: it needs no gradient hooks, and ranks holding
+        # different numbers of val batches must never meet in one of the wrapper's collectives.
         self.eval_model = self.module
         self.amp_dtype = AMP_DTYPES.get(train.amp)
         # A gradient scaler only for fp16: bf16 has fp32's range and needs none.
@@ -83,6 +89,7 @@ class DDPStrategy(Strategy):
         elif self.scaler.is_enabled():
             self.scaler.update()
         step_schedule(self.schedule)
+        broadcast_buffers(self.module)
         self.optimizer.zero_grad(set_to_none=True)
         self._loss_finite.fill_(True)
         return StepResult(grad_norm=float(norm), skipped=skipped)
@@ -99,10 +106,10 @@ class DDPStrategy(Strategy):
                 "schedule": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "client": client_state,
-            }, directory / "state.pt")
+            }, directory / STATE_FILE)
 
     def load(self, directory: Path) -> dict:
-        state = torch.load(directory / "state.pt", map_location=dist.device(), weights_only=True)
+        state = torch.load(directory / STATE_FILE, map_location=dist.device(), weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -115,4 +122,4 @@ class DDPStrategy(Strategy):
 
 def consolidated_weights(directory: Path) -> dict:
     """The fp32 weights of a DDP checkpoint directory (what `python -m salnet.strategy.convert` reads)."""
-    return fp32_copy(torch.load(directory / "state.pt", map_location="cpu", weights_only=True)["model"])
+    return fp32_copy(torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)["model"])

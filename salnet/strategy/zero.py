@@ -1,0 +1,197 @@
+"""DeepSpeed ZeRO (train.strategy=deepspeed): stages 1-3, optional CPU offload, CPU (gloo) or CUDA.
+
+How the engine maps onto the Strategy interface:
+- forward_backward: the engine's forward and backward. The accumulation boundary is set from
+  `sync` before each micro-batch, so the engine steps once per optimizer step whatever its own
+  micro-step counter says.
+- optimizer_step: engine.step(). ZeRO skips a step whose gradient norm is not finite; that norm is
+  all-reduced, so every rank skips together. A non-finite loss is made to poison the gradients, so
+  that check sees it even when autograd would not have. salnet's lr schedule (the one DDP uses) is
+  stepped here, skipped steps included. BatchNorm buffers are then broadcast from rank 0, as DDP
+  does before each forward, so every rank validates, saves and exports the same network.
+- save/load: engine.save_checkpoint/load_checkpoint write into and read from the directory
+  salnet.checkpoint hands over (its hidden temporary directory while saving, so an interrupted save
+  is never resumed from), next to salnet_state.pt (schedule, client state, world size). Every file,
+  DeepSpeed's included, is read with weights_only=True (see WeightsOnlyCheckpointEngine).
+- fp32_state_dict: the fp32 master weights gathered from ZeRO's partitions, with the buffers, in
+  module.state_dict() order: exactly the format DDP writes to best.pt.
+
+Memory format: parameters stay in the default layout (DeepSpeed flattens them into contiguous
+partitions, and its initial broadcast refuses channels_last weights); train.channels_last still
+turns the inputs to NHWC, and convolutions follow their input's layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from salnet import dist
+from salnet.config import Config
+from salnet.fsio import atomic_write
+from salnet.optim import build_schedule, param_groups
+from salnet.strategy.base import (AMP_DTYPES, StepResult, Strategy, broadcast_buffers, decoder_lr, fp32_copy, step_schedule,
+                                  with_sync_bn)
+from salnet.strategy.zero_config import deepspeed_config
+
+if not torch.cuda.is_available():
+    # DeepSpeed picks its accelerator once, at import: without CUDA it has to be told to use the CPU.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402  (after DS_ACCELERATOR)
+import deepspeed.ops  # noqa: E402
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: E402
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
+
+# DeepSpeed's CPU communication backend builds a shared-memory all-reduce kernel when it starts (a
+# C++ compiler and about two minutes on two cores); only DeepSpeed's inference path uses it. Marked
+# unavailable, training collectives run on the process group (gloo) as they would anyway.
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+# DeepSpeed 0.19 still calls collectives torch has renamed; the warnings are DeepSpeed's, once per rank.
+warnings.filterwarnings("ignore", message=r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                        category=FutureWarning)
+
+TAG = "deepspeed"                      # DeepSpeed's own files go to <checkpoint>/deepspeed/
+SALNET_STATE = "salnet_state.pt"       # salnet's part of a checkpoint, next to them
+CONFIG_FILE = "deepspeed_config.json"  # the generated DeepSpeed config, in the run directory
+
+# The only non-tensor types DeepSpeed writes into its checkpoint files (ZeRO 1-3, fp32/bf16/fp16;
+# found with torch.serialization.get_unsafe_globals_in_checkpoint): plain data holders.
+CHECKPOINT_CLASSES = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, reading with weights_only=True.
+
+    DeepSpeed's own engine loads with weights_only=False, which would run any code a tampered
+    checkpoint carries; this one unpickles only tensors, containers and CHECKPOINT_CLASSES.
+    """
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(CHECKPOINT_CLASSES):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class DeepSpeedStrategy(Strategy):
+    def __init__(self, cfg: Config, model: nn.Module, total_steps: int):
+        train = cfg.train
+        if train.amp == "fp16" and dist.device().type != "cuda":
+            raise ValueError("train.amp=fp16 with train.strategy=deepspeed needs CUDA: DeepSpeed's CPU accelerator has no fp16; "
+                             "use train.amp=bf16 or train.amp=fp32")
+        if train.compile:
+            raise ValueError("train.compile=true is not supported with train.strategy=deepspeed (ZeRO's parameter hooks "
+                             "and torch.compile are combined by DeepSpeed's own compiler integration, which salnet does "
+                             "not drive); set train.compile=false")
+        self.ds_config = deepspeed_config(cfg, world_size=dist.world_size())
+        if not dist.is_initialized():
+            _one_rank_job_environment()
+        model = with_sync_bn(model, cfg)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim), config=self.ds_config)
+        if type(engine.checkpoint_engine) is TorchCheckpointEngine:  # another engine chosen by pass-through is the user's call
+            # Built like DeepSpeed builds its own, from the engine's parsed config (no public accessor).
+            engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
+        self.engine = engine
+        self.model = engine
+        self.module = engine.module
+        self.eval_model = engine.module  # ZeRO-3's gathering hooks sit on the module itself
+        self.needs_equal_forward_passes = train.zero_stage == 3
+        self.amp_dtype = AMP_DTYPES.get(train.amp)
+        # The schedule wraps the torch optimizer inside ZeRO, whose param groups hold the
+        # partitions DeepSpeed steps: setting their lr is what the step uses.
+        self.schedule = build_schedule(engine.basic_optimizer, cfg.optim, total_steps)
+        self._loss_finite = torch.ones((), dtype=torch.bool, device=dist.device())
+        if dist.is_main():
+            with atomic_write(cfg.run_dir / CONFIG_FILE) as f:
+                json.dump(self.ds_config, f, indent=2)
+
+    def forward_backward(self, image, target, loss_fn, sync: bool):
+        self.engine.set_gradient_accumulation_boundary(sync)
+        outputs = self.engine(image)  # the engine applies torch_autocast (bf16) or casts inputs (fp16) itself
+        total, parts = loss_fn(outputs, target)
+        finite = torch.isfinite(total.detach())
+        self._loss_finite &= finite
+        # x 1 when finite (exact), x NaN otherwise: every gradient turns NaN, so ZeRO's all-reduced
+        # norm check skips the step on all ranks. No host sync: the flag stays on the device.
+        self.engine.backward(total * torch.where(finite, 1.0, torch.nan))
+        return total.detach(), parts
+
+    def optimizer_step(self) -> StepResult:
+        self.engine.step()
+        skipped = None
+        if not self.engine.was_step_applied():  # the same verdict on every rank: the norm was all-reduced
+            if dist.any_rank(not bool(self._loss_finite)):
+                skipped = "non-finite loss"
+            elif self.amp_dtype == torch.float16:
+                skipped = "fp16 overflow (scale lowered)"
+            else:
+                skipped = "non-finite gradients"
+        step_schedule(self.schedule)
+        broadcast_buffers(self.module)
+        self._loss_finite.fill_(True)
+        norm = self.engine.get_global_grad_norm()
+        return StepResult(grad_norm=float(norm) if norm is not None else float("nan"), skipped=skipped)
+
+    def lr(self) -> float:
+        return decoder_lr(self.engine.basic_optimizer)
+
+    def save(self, directory: Path, client_state: dict) -> None:
+        self.engine.save_checkpoint(str(directory), tag=TAG)
+        if dist.is_main():
+            torch.save({"schedule": self.schedule.state_dict(), "world_size": dist.world_size(), "client": client_state},
+                       directory / SALNET_STATE)
+
+    def load(self, directory: Path) -> dict:
+        state = torch.load(directory / SALNET_STATE, map_location="cpu", weights_only=True)
+        if state["world_size"] != dist.world_size():
+            raise ValueError(f"{directory} holds the ZeRO partitions of a {state['world_size']}-rank run; DeepSpeed cannot load them into "
+                             f"{dist.world_size()} rank(s). Resume with {state['world_size']} ranks, or start over with "
+                             f"train.resume=none (python -m salnet.strategy.convert {directory} exports its weights)")
+        # The optimizer's state brings back its param groups, and with them the lr of the next step.
+        loaded, _ = self.engine.load_checkpoint(str(directory), tag=TAG)
+        if loaded is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {directory / TAG}")
+        self.schedule.load_state_dict(state["schedule"])
+        return state["client"]
+
+    def fp32_state_dict(self) -> dict:
+        params = dict(self.module.named_parameters())
+        weights = {}
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
+            master = safe_get_full_fp32_param(params[name]) if name in params else None
+            # Parameters come from ZeRO's fp32 master copy (a collective); buffers are whole on every rank.
+            weights[name] = master if master is not None else tensor
+        return fp32_copy(weights)
+
+
+def consolidated_weights(directory: Path) -> dict:
+    """The fp32 weights of a ZeRO checkpoint directory, merged from every rank's partition.
+
+    DeepSpeed's zero_to_fp32 reads its files with weights_only=False. Before handing them over,
+    every file is scanned (without unpickling) for types outside torch's safe set and
+    CHECKPOINT_CLASSES, so nothing runs that weights_only=True would have refused.
+    """
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in CHECKPOINT_CLASSES}
+    for file in sorted((directory / TAG).glob("*.pt")):
+        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(file)) - allowed
+        if unsafe:
+            raise ValueError(f"{file} contains types a weights-only load refuses ({', '.join(sorted(unsafe))}); not loading it")
+    return fp32_copy(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG))
+
+
+def _one_rank_job_environment() -> None:
+    """DeepSpeed needs a process group even for one process: describe a one-rank torchrun job."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(name, value)
