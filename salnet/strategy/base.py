@@ -93,8 +93,10 @@ def broadcast_buffers(module: nn.Module) -> None:
 
     Called after every optimizer step, so every rank validates, saves and exports the same network.
     """
+    if dist.world_size() == 1:
+        return
     buffers = [b for b in module.buffers() if b.is_floating_point()]
-    if buffers and dist.world_size() > 1:
+    if buffers:
         flat = torch.cat([b.reshape(-1) for b in buffers])  # one collective, not one per buffer
         dist.broadcast_(flat, src=0)
         for buffer, synced in zip(buffers, flat.split([b.numel() for b in buffers])):

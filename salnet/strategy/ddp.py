@@ -43,7 +43,7 @@ class DDPStrategy(Strategy):
                 bucket_cap_mb=train.bucket_mb, static_graph=train.static_graph,
                 # BatchNorm buffers are broadcast once per optimizer step (below) instead of before
                 # every forward, so validation (which bypasses the wrapper) sees rank 0's statistics.
-                broadcast_buffers=False)
+                forward_sync_buffers=False)
         self._ddp = model if isinstance(model, DistributedDataParallel) else None
         self.model = torch.compile(model) if train.compile else model
         # Validation bypasses the DDP wrapper: it needs no gradient hooks, and ranks holding
@@ -69,7 +69,12 @@ class DDPStrategy(Strategy):
     def optimizer_step(self) -> StepResult:
         self.scaler.unscale_(self.optimizer)  # clip on true gradients, not scaled ones
         clip = self.cfg.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip is not None else math.inf)
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        # The norm is always needed (the non-finite check, the logs); clipping only when asked:
+        # clip_grad_norm_ with an infinite limit would still rescale every gradient by 1.0.
+        norm = torch.nn.utils.get_total_norm(grads)
+        if clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), clip, norm)
         loss_bad = not bool(self._loss_finite)
         grads_bad = not bool(torch.isfinite(norm))
         # One collective decides for all ranks: 2 = a non-finite loss somewhere, 1 = non-finite grads.
