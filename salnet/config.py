@@ -21,6 +21,7 @@ import argparse
 import difflib
 import os
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -283,7 +284,7 @@ def _type_name(ann: Any) -> str:
     origin = typing.get_origin(ann)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(ann))
     if origin is not None:
         args = ", ".join(_type_name(a) for a in typing.get_args(ann))

@@ -21,6 +21,7 @@ import functools
 import os
 import random
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -54,6 +55,13 @@ def first_slurm_host(nodelist: str) -> str:
     if ranges is None:
         return prefix
     return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a rendezvous that only this host joins."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def slurm_port(job_id: str) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import resource
 import uuid
-from pathlib import Path
 from typing import Optional
 
 import torch

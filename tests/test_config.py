@@ -1,6 +1,6 @@
 import pytest
 
-from salnet.config import Config, ConfigError, describe_keys, load_config, save_config, to_yaml
+from salnet.config import Config, ConfigError, describe_keys, load_config, save_config
 from conftest import REPO, run_py
 
 

@@ -31,7 +31,6 @@ import copy
 import gc
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -196,11 +195,13 @@ def worker(args) -> None:
 
 def run_workers(args, world: int, overrides=()) -> dict:
     """`world` worker processes (torchrun unless 1) with config `overrides`; rank 0's JSON result."""
+    from salnet import dist
+
     command = ["-m", "salnet.bench", "step", "--worker", "--device", args.device, "--backbone", args.backbone,
                "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps), "--repeats", str(args.repeats),
                *(f"--set={o}" for o in overrides)]
     launcher = [] if world == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                                      "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+                                      "--master_addr=127.0.0.1", f"--master_port={dist.free_port()}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, *launcher, *command], env=env, text=True, capture_output=True, timeout=1800)
     if out.returncode != 0:
@@ -229,12 +230,6 @@ def measure_zero(args) -> dict:
               f"{run['held_mib']:.0f} MiB held between steps ({run['held_vs_ddp']:.2f}x DDP), "
               f"peak {run['peak_growth_mib']:.0f} MiB", flush=True)
     return {"world": world, "runs": runs}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure_pipeline(args) -> dict:

@@ -7,7 +7,6 @@ ranks skip together; a NaN on one rank never leaves the others waiting in a coll
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import torch

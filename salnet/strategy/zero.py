@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -190,8 +189,6 @@ def consolidated_weights(directory: Path) -> dict:
 
 def _one_rank_job_environment() -> None:
     """DeepSpeed needs a process group even for one process: describe a one-rank torchrun job."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(dist.free_port())}.items():
         os.environ.setdefault(name, value)
