@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# Start a real two-node Slurm cluster on this one machine, from Debian's packages (Slurm 22.05):
+# munged, slurmctld, and two slurmd daemons (node1, node2) on 127.0.0.1 with their own ports.
+#
+#   sudo slurm/local/up.sh        # idempotent: starts what is not running, says what it did
+#   sinfo; sbatch ...; squeue; scontrol show job N; scancel N     # any shell, no variables needed
+#   sudo slurm/local/down.sh      # stops only what up.sh started
+#
+# Two partitions: "batch" (default, low priority, PreemptMode=REQUEUE, GraceTime so a preempted job
+# gets its --signal first) and "urgent" (higher PriorityTier: its jobs preempt batch jobs).
+# Credentials expire after 10 s, so a requeued job may start again within seconds.
+# State, logs and the job completion log live in $SALNET_SLURM_STATE (default /var/tmp/salnet-slurm).
+set -euo pipefail
+
+STATE=${SALNET_SLURM_STATE:-/var/tmp/salnet-slurm}
+CONF=/etc/slurm/slurm.conf
+MARK="# written by salnet's slurm/local/up.sh"
+HOSTS_LINE="127.0.0.1 node1 node2  # salnet slurm/local/up.sh"
+CTLD_PORT=${SALNET_SLURMCTLD_PORT:-16817}
+NODE_CPUS=2
+
+say() { echo "up.sh: $*"; }
+die() { echo "up.sh: error: $*" >&2; exit 1; }
+alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }   # a pid file whose process runs
+started() { grep -qx "$1" "$STATE/started" 2>/dev/null || echo "$1" >> "$STATE/started"; }
+
+[[ $(id -u) == 0 ]] || die "run as root (slurmd starts jobs as their users; the daemons run as root here)"
+
+# ---- packages ---------------------------------------------------------------------------------
+missing=()
+for pair in slurmctld:slurmctld slurmd:slurmd sinfo:slurm-client munged:munge; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
+if (( ${#missing[@]} )); then
+    say "installing ${missing[*]} with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+    say "Slurm $(slurmctld -V | awk '{print $2}') and munge are installed"
+fi
+
+mkdir -p "$STATE/ctld" "$STATE/spool" "$STATE/log"
+touch "$STATE/started"
+
+# ---- munge: the authentication daemon -----------------------------------------------------------
+if munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
+    say "munged is running"
+else
+    if [[ ! -s /etc/munge/munge.key ]]; then
+        say "creating /etc/munge/munge.key"
+        mkdir -p /etc/munge
+        dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none
+        chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key
+    fi
+    install -d -o munge -g munge -m 0755 /run/munge
+    install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge
+    runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
+    for _ in $(seq 50); do munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
+    munge -n </dev/null | unmunge >/dev/null || die "munged did not start; see /var/log/munge/munged.log"
+    cp /run/munge/munged.pid "$STATE/munged.pid"
+    started munged
+    say "started munged (pid $(cat "$STATE/munged.pid"))"
+fi
+
+# ---- host names node1, node2 --------------------------------------------------------------------
+if getent hosts node1 >/dev/null && getent hosts node2 >/dev/null; then
+    say "node1 and node2 resolve"
+else
+    echo "$HOSTS_LINE" >> /etc/hosts
+    started hosts
+    say "added '127.0.0.1 node1 node2' to /etc/hosts"
+fi
+
+# ---- slurm.conf ---------------------------------------------------------------------------------
+host=$(hostname -s)
+mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
+node_mem=$(( mem_mb / 2 ))              # the two nodes share this machine's memory
+def_mem=$(( node_mem / NODE_CPUS ))     # a job that asks for no memory gets its CPUs' share
+new_conf=$(cat <<CONF
+$MARK: a two-node test cluster on one machine.
+# Edit up.sh, not this file (up.sh rewrites it and restarts the daemons when it changes).
+ClusterName=salnet-local
+SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# A requeued job waits cred_expire + 1 s before it may start (default 120 s).
+AuthInfo=cred_expire=10
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/spool/%n
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
+SlurmctldLogFile=$STATE/log/slurmctld.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+MpiDefault=none
+LaunchType=launch/slurm
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=$def_mem
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
+# Preemption: a job of a higher-PriorityTier partition requeues jobs of a lower one; with
+# preempt_send_user_signal the preempted job first gets its --signal (USR2), then GraceTime seconds.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SlurmctldParameters=preempt_send_user_signal
+JobRequeue=1
+MinJobAge=60
+KillWait=15
+InactiveLimit=0
+ReturnToService=2
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+# Without slurmdbd, sacct has nothing: every job end (requeues included) is logged here instead.
+JobCompType=jobcomp/filetxt
+JobCompLoc=$STATE/log/jobcomp.log
+MailProg=/bin/true
+NodeName=node[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=[17001-17002] CPUs=$NODE_CPUS RealMemory=$node_mem State=UNKNOWN
+PartitionName=batch Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=30
+PartitionName=urgent Nodes=node[1-2] MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+CONF
+)
+conf_changed=0
+if [[ -e $CONF ]] && ! head -1 "$CONF" | grep -qF "$MARK"; then
+    die "$CONF exists and was not written by up.sh: this machine has its own Slurm configuration; not touching it"
+fi
+if [[ -e $CONF ]] && [[ "$(cat "$CONF")" == "$new_conf" ]]; then
+    say "$CONF is up to date"
+else
+    [[ -e $CONF ]] && conf_changed=1
+    mkdir -p /etc/slurm
+    printf '%s\n' "$new_conf" > "$CONF.tmp" && mv "$CONF.tmp" "$CONF"
+    started conf
+    say "wrote $CONF (2 nodes x $NODE_CPUS CPUs, ${node_mem} MB each; partitions batch (default) and urgent)"
+fi
+
+stop_pidfile() {  # stop the daemon of a pid file (ours) and wait for it to exit
+    local pidfile=$1 pid
+    alive "$pidfile" || return 0
+    pid=$(cat "$pidfile")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+}
+
+if (( conf_changed )); then
+    for d in slurmd-node1 slurmd-node2 slurmctld; do
+        if alive "$STATE/$d.pid"; then say "configuration changed: stopping $d"; stop_pidfile "$STATE/$d.pid"; fi
+    done
+fi
+
+# ---- slurmctld ----------------------------------------------------------------------------------
+if alive "$STATE/slurmctld.pid"; then
+    say "slurmctld is running (pid $(cat "$STATE/slurmctld.pid"))"
+else
+    # -c: start with an empty queue (a test cluster keeps no jobs across restarts)
+    slurmctld -c
+    for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q "UP" && break; sleep 0.2; done
+    scontrol ping | grep -q UP || die "slurmctld did not come up; see $STATE/log/slurmctld.log"
+    started slurmctld
+    say "started slurmctld (pid $(cat "$STATE/slurmctld.pid"), port $CTLD_PORT)"
+fi
+
+# ---- slurmd node1, node2 ------------------------------------------------------------------------
+for node in node1 node2; do
+    if alive "$STATE/slurmd-$node.pid"; then
+        say "slurmd $node is running (pid $(cat "$STATE/slurmd-$node.pid"))"
+    else
+        mkdir -p "$STATE/spool/$node"
+        slurmd -N "$node"
+        for _ in $(seq 50); do alive "$STATE/slurmd-$node.pid" && break; sleep 0.1; done
+        alive "$STATE/slurmd-$node.pid" || die "slurmd $node did not start; see $STATE/log/slurmd-$node.log"
+        started "slurmd-$node"
+        say "started slurmd $node (pid $(cat "$STATE/slurmd-$node.pid"))"
+    fi
+done
+
+# ---- wait until both nodes take jobs ----------------------------------------------------------
+for i in $(seq 60); do
+    states=$(sinfo -h -N -p batch -o '%N %t' | sort -u)
+    if ! grep -qvE ' (idle|mix|alloc)$' <<<"$states"; then break; fi
+    if (( i == 10 )) && grep -qE ' (down|drain|drng)' <<<"$states"; then
+        scontrol update nodename=node[1-2] state=resume 2>/dev/null || true
+    fi
+    sleep 1
+done
+grep -qvE ' (idle|mix|alloc)$' <<<"$states" && die "nodes not ready: $(tr '\n' ' ' <<<"$states"); see $STATE/log/"
+say "ready: $(tr '\n' ' ' <<<"$states")(sinfo, sbatch, squeue, scontrol, scancel work in any shell)"
