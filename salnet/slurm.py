@@ -1,0 +1,138 @@
+"""What a Slurm task runs when the job was submitted with `launch/submit.py` (Submitit).
+
+Submitit pickles a `TrainJob` and every task of the job (one per GPU, started by srun, no torchrun)
+unpickles and calls it. The object holds only argv-like data (the training command line, the
+requeue budget, the W&B run id), so an old pickle never carries stale code, and torch is imported
+only when the training starts.
+
+    TrainJob(["--config", "runs/NAME/slurm/config-....yaml"], max_requeues=10, wandb_id="1a2b3c4d")()
+
+A call:
+1. installs salnet's own stop handlers at once (salnet.preemption.StopRequest), replacing Submitit's
+   USR2 handler, which on rank 0 would requeue the job and exit from inside the handler while the
+   other ranks keep computing; the training loop's own StopRequest takes over any signal seen here;
+2. runs `salnet.train`'s main in this process with the argv, adding `train.resume=auto` on a
+   requeued attempt (SLURM_RESTART_COUNT > 0), whatever the config said, so a requeue never starts
+   the run over;
+3. when the training exits with EXIT_REQUEUE (75: stopped on the warning signal, checkpoint saved),
+   rank 0 requeues the job with `scontrol requeue` (array-aware) while SLURM_RESTART_COUNT is below
+   max_requeues; EXIT_STOPPED (76: SIGTERM) and failures are never requeued.
+The task exits with the training's exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Mapping, Optional, Sequence
+
+from salnet.preemption import EXIT_REQUEUE, EXIT_STOPPED, StopRequest
+
+WANDB_ID_ENV = "SALNET_WANDB_ID"  # the W&B run id the launcher pre-assigned (salnet.runlog reads it)
+
+
+def job_id(environ: Mapping[str, str] = os.environ) -> str:
+    """The id `scontrol requeue` takes: ARRAYJOB_TASK inside an array, else the job id."""
+    if environ.get("SLURM_ARRAY_TASK_ID") and environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    try:
+        return environ["SLURM_JOB_ID"]
+    except KeyError:
+        raise RuntimeError("SLURM_JOB_ID is not set: salnet.slurm.TrainJob runs inside a Slurm job "
+                           "(submit it with launch/submit.py)") from None
+
+
+def restart_count(environ: Mapping[str, str] = os.environ) -> int:
+    """How many times Slurm has requeued this job (0 on the first attempt)."""
+    try:
+        return int(environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
+
+
+def attempt_argv(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The training argv for this attempt: a requeued one always resumes (the last override wins)."""
+    argv = list(argv)
+    if restart_count(environ) > 0:
+        argv.append("train.resume=auto")
+    return argv
+
+
+def exit_status(code: object) -> int:
+    """sys.exit's argument as the process's exit status (None -> 0, a message -> 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    return 1
+
+
+def requeue(jid: str, timeout_s: float = 60) -> tuple[bool, str]:
+    """`scontrol requeue JOB`; (done, what happened). Never a shell: the id is one argv item."""
+    try:
+        proc = subprocess.run(["scontrol", "requeue", jid], capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"`scontrol requeue {jid}` could not run: {e}"
+    if proc.returncode != 0:
+        return False, f"`scontrol requeue {jid}` failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}"
+    return True, f"requeued job {jid}"
+
+
+class TrainJob:
+    """The callable Submitit pickles: argv-like data only (see the module docstring)."""
+
+    def __init__(self, argv: Sequence[str], max_requeues: int, wandb_id: Optional[str] = None):
+        self.argv = [str(a) for a in argv]
+        self.max_requeues = int(max_requeues)
+        self.wandb_id = wandb_id
+
+    def __repr__(self) -> str:
+        return f"TrainJob(argv={self.argv!r}, max_requeues={self.max_requeues}, wandb_id={self.wandb_id!r})"
+
+    def __call__(self) -> int:
+        # First, before anything slow: Submitit's USR2 handler must never run (see the module docstring).
+        # Left installed until the process ends, so a late signal cannot trigger Submitit's requeue either.
+        stop = StopRequest().install()
+        env = os.environ
+        rank = int(env.get("SLURM_PROCID", "0") or 0)
+        restarts = restart_count(env)
+        jid = job_id(env)
+        if self.wandb_id:
+            env.setdefault(WANDB_ID_ENV, self.wandb_id)
+        # One intra-op thread per CPU Slurm gave the task (torch would otherwise use every core of the node).
+        env.setdefault("OMP_NUM_THREADS", env.get("SLURM_CPUS_PER_TASK") or "1")
+        argv = attempt_argv(self.argv, env)
+
+        def say(text: str) -> None:
+            if rank == 0:
+                print(f"salnet.slurm: {text}", flush=True)
+
+        say(f"job {jid}, attempt {restarts + 1} (restarts so far: {restarts}, at most {self.max_requeues}); "
+            f"{env.get('SLURM_NTASKS', '1')} task(s) on {env.get('SLURM_JOB_NODELIST', '?')}")
+        say("python -m salnet.train " + " ".join(argv))
+        if stop.requested:
+            say(f"{stop.describe()} arrived during start-up; the training stops at its first step")
+
+        from salnet import train  # torch is imported here, not when the pickle is loaded
+
+        code = 0
+        try:
+            train.main(argv)
+        except SystemExit as e:
+            code = exit_status(e.code)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if code == EXIT_REQUEUE and rank == 0:
+            if restarts < self.max_requeues:
+                done, what = requeue(jid)
+                say(f"stopped on the warning signal, checkpoint saved; {what} (restart {restarts + 1} of at most {self.max_requeues})"
+                    if done else f"stopped on the warning signal, checkpoint saved, but NOT requeued: {what}")
+            else:
+                say(f"stopped on the warning signal, checkpoint saved; not requeued: {restarts} restart(s) reached "
+                    f"--max-requeues={self.max_requeues} (resubmit with launch/submit.py to continue)")
+        elif code == EXIT_STOPPED:
+            say("stopped on SIGTERM, checkpoint saved; not requeued (scancel or the end of the job)")
+        if code != 0:
+            sys.exit(code)
+        return 0
