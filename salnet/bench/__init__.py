@@ -1,5 +1,15 @@
 """Benchmarks: `python -m salnet.bench NAME [args]`, one module per NAME in this package.
 
 Each benchmark measures salnet against a baseline in the same run and reports ratios (medians of
-repeats), printing one JSON object as its last line. Speed is never asserted in tests.
+repeats, the contenders interleaved), printing one JSON object as its last line; `_harness` is
+what they share (arguments, repeats, medians, ratios, that line). Speed is never asserted in tests.
+
+The boundary: `data` and `step` are user tooling, run to size hardware before a job: the samples/s
+the loader's workers deliver on these CPUs (enough to feed the GPUs? how many workers?), and the
+images/s, data wait, MFU and per-rank memory of a training step, DDP or ZeRO, on this machine.
+Their options and JSON keys are kept stable. `pack` and `metrics` are development tooling: they
+check salnet's own claims (packing runs in parallel and spends its time on validation alone; the
+metrics match PySODMetrics, at what speed), as do the baselines and targets inside `data` and
+`step`, and may change with the code they check. Nothing outside this package imports it, except
+that the metrics tests borrow `metrics.run_reference` as their reference.
 """

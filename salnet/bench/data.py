@@ -19,11 +19,9 @@ on one core. Medians of the repeats; the last line is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -37,29 +35,29 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from salnet.bench._harness import emit, interleaved, machine, medians, parser, ratio
 from salnet.config import DataConfig
 from salnet.data import TrainStream
 from salnet.data.reader import RawSample, read_shard
 from salnet.data.sources import open_shard_set
 from salnet.data.transforms import TrainAugment, decode_sample
+from salnet.shards.format import JPEG_EXT, MASK_EXT, META_EXT
 from salnet.shards.parallel import available_cpus
 from salnet.shards.synth import synthesize
 from salnet.shards.writer import Sample, ShardWriter
 
 TARGETS = {"loader_over_pil": 1.3, "loader_over_decode": 0.7, "resume_skip_s": 1.0}
+THROUGHPUT = ("loader", "pil", "decode")  # contenders measured in samples/s; the others are first-batch seconds
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m salnet.bench data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=512, help="scenes in the throughput set (default 512)")
-    parser.add_argument("--image-size", type=int, default=400, help="side of the stored scenes in pixels (default 400, like DUTS)")
-    parser.add_argument("--size", type=int, default=352, help="training size in pixels (default 352)")
-    parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
-    parser.add_argument("--workers", type=int, default=2, help="loader worker processes for every contender (default 2)")
-    parser.add_argument("--skip", type=int, default=10_000, help="samples consumed before the resume (default 10000)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported (default 3)")
-    args = parser.parse_args(argv)
+    cli = parser("data", __doc__, samples=(512, "scenes in the throughput set"),
+                 workers="loader worker processes for every contender")
+    cli.add_argument("--image-size", type=int, default=400, help="side of the stored scenes in pixels (default 400, like DUTS)")
+    cli.add_argument("--size", type=int, default=352, help="training size in pixels (default 352)")
+    cli.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+    cli.add_argument("--skip", type=int, default=10_000, help="samples consumed before the resume (default 10000)")
+    args = cli.parse_args(argv)
     # One thread, as in a DataLoader worker: the in-process parts (resume skip, profile) would
     # otherwise time torch's intra-op threads fighting over the cores.
     torch.set_num_threads(1)
@@ -75,38 +73,39 @@ def main(argv: list[str]) -> None:
 
         cfg = DataConfig(train=[str(train_dir)], size=args.size, batch_size=args.batch, workers=args.workers)
         stream = TrainStream(cfg, seed=0, rank=0, world_size=1)
-        contenders: dict[str, Callable[[int], Iterator]] = {
-            "loader": stream.epoch_batches,
-            "pil": _epochs(DataLoader(_LoosePIL(loose, cfg), batch_size=args.batch, shuffle=True, drop_last=True,
-                                      num_workers=args.workers, persistent_workers=True)),
-            "decode": _epochs(DataLoader(_DecodeOnly(raws), batch_size=args.batch, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, persistent_workers=True)),
-        }
-        rates: dict[str, list[float]] = {name: [] for name in contenders}
+        pil = DataLoader(_LoosePIL(loose, cfg), batch_size=args.batch, shuffle=True, drop_last=True,
+                         num_workers=args.workers, persistent_workers=True)
+        decode = DataLoader(_DecodeOnly(raws), batch_size=args.batch, shuffle=True, drop_last=True,
+                            num_workers=args.workers, persistent_workers=True)
         skip_cfg = DataConfig(train=[str(skip_dir)], size=args.size, batch_size=args.batch, workers=0)
         consumed_batches = math.ceil(args.skip / args.batch)
-        first_batch: dict[str, list[float]] = {"fresh": [], "resumed": []}
+
+        def describe(latest: dict[str, float]) -> str:
+            return (", ".join(f"{name} {latest[name]:.0f} samples/s" for name in THROUGHPUT)
+                    + f", first batch fresh {latest['fresh']:.2f} s, resumed {latest['resumed']:.2f} s")
+
         _first_batch_s(skip_cfg, None)  # warm-up: the first batch of a process also pays one-time kernel set-up
-        for repeat in range(args.repeats):
-            for name, epoch_batches in contenders.items():
-                rates[name].append(_steady_rate(epoch_batches(repeat), args.batch))
-            first_batch["fresh"].append(_first_batch_s(skip_cfg, None))
-            first_batch["resumed"].append(_first_batch_s(skip_cfg, consumed_batches))
-            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.0f} samples/s" for k, v in rates.items())
-                  + ", first batch " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in first_batch.items()), file=sys.stderr)
+        runs = interleaved(args.repeats, {
+            "loader": lambda repeat: _steady_rate(stream.epoch_batches(repeat), args.batch),
+            "pil": lambda _: _steady_rate(iter(pil), args.batch),
+            "decode": lambda _: _steady_rate(iter(decode), args.batch),
+            "fresh": lambda _: _first_batch_s(skip_cfg, None),
+            "resumed": lambda _: _first_batch_s(skip_cfg, consumed_batches),
+        }, describe)
         profile = _profile_one_sample(raws[0], cfg)
 
-    rate = {name: statistics.median(values) for name, values in rates.items()}
-    skip_s = statistics.median(first_batch["resumed"]) - statistics.median(first_batch["fresh"])
+    median = medians(runs)
+    rate = {name: median[name] for name in THROUGHPUT}
+    skip_s = median["resumed"] - median["fresh"]
     result = {
         "benchmark": "data", "samples": args.samples, "image_size": args.image_size, "size": args.size, "batch": args.batch,
-        "workers": args.workers, "repeats": args.repeats, "cpus": available_cpus(), "loadavg_1m": round(os.getloadavg()[0], 2),
+        "workers": args.workers, "repeats": args.repeats, **machine(),
         "loader_samples_per_s": round(rate["loader"], 1), "pil_map_style_samples_per_s": round(rate["pil"], 1),
         "decode_limit_samples_per_s": round(rate["decode"], 1),
-        "loader_over_pil": round(rate["loader"] / rate["pil"], 3), "loader_over_decode": round(rate["loader"] / rate["decode"], 3),
+        "loader_over_pil": ratio(rate["loader"], rate["pil"]), "loader_over_decode": ratio(rate["loader"], rate["decode"]),
         "resume_skip_samples": consumed_batches * args.batch, "resume_skip_s": round(skip_s, 3),
-        "first_batch_fresh_s": round(statistics.median(first_batch["fresh"]), 3),
-        "first_batch_resumed_s": round(statistics.median(first_batch["resumed"]), 3),
+        "first_batch_fresh_s": round(median["fresh"], 3),
+        "first_batch_resumed_s": round(median["resumed"], 3),
         "one_core_ms_per_sample": profile, "targets": TARGETS,
         "meets_targets": {"loader_over_pil": rate["loader"] / rate["pil"] >= TARGETS["loader_over_pil"],
                           "loader_over_decode": rate["loader"] / rate["decode"] >= TARGETS["loader_over_decode"],
@@ -117,7 +116,7 @@ def main(argv: list[str]) -> None:
           f"loader/decode {result['loader_over_decode']:.2f}x (target {TARGETS['loader_over_decode']}x); skipping "
           f"{result['resume_skip_samples']} samples on resume costs {skip_s:.2f} s (target < {TARGETS['resume_skip_s']} s)")
     print(f"one core, ms per sample: {profile}")
-    print(json.dumps(result))
+    emit(result)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +125,7 @@ def main(argv: list[str]) -> None:
 
 
 def _mean_kib(raws: list[RawSample]) -> float:
-    return statistics.fmean(len(r.members["jpg"]) for r in raws) / 1024
+    return statistics.fmean(len(r.members[JPEG_EXT]) for r in raws) / 1024
 
 
 def _write_loose(out: Path, raws: list[RawSample]) -> list[tuple[Path, Path]]:
@@ -134,8 +133,8 @@ def _write_loose(out: Path, raws: list[RawSample]) -> list[tuple[Path, Path]]:
     pairs = []
     for raw in raws:
         image, mask = out / f"{raw.key}.jpg", out / f"{raw.key}.png"
-        image.write_bytes(raw.members["jpg"])
-        mask.write_bytes(raw.members["mask.png"])
+        image.write_bytes(raw.members[JPEG_EXT])
+        mask.write_bytes(raw.members[MASK_EXT])
         pairs.append((image, mask))
     return pairs
 
@@ -146,8 +145,8 @@ def _write_repeated(out: Path, raws: list[RawSample], samples: int) -> Path:
     with ShardWriter(out, "repeated", shard_samples=256, shard_bytes=None) as writer:
         for index in range(samples):
             raw = raws[index % len(raws)]
-            meta = {**json.loads(raw.members["json"]), "key": f"r{index:07d}"}
-            writer.add(Sample(key=f"r{index:07d}", image_ext="jpg", image=raw.members["jpg"], mask=raw.members["mask.png"],
+            meta = {**json.loads(raw.members[META_EXT]), "key": f"r{index:07d}"}
+            writer.add(Sample(key=f"r{index:07d}", image_ext=JPEG_EXT, image=raw.members[JPEG_EXT], mask=raw.members[MASK_EXT],
                               meta=meta, foreground=0.0, soft_mask=False))
         writer.finish(layout="bench", command="python -m salnet.bench data", skipped=[])
     return out
@@ -186,10 +185,6 @@ class _DecodeOnly(Dataset):
         return decode_sample(self.raws[index])
 
 
-def _epochs(loader: DataLoader) -> Callable[[int], Iterator]:
-    return lambda epoch: iter(loader)
-
-
 def _steady_rate(batches: Iterator, batch_size: int) -> float:
     next(batches)  # the clock starts at the first batch: worker start-up and warm-up are not measured
     started, count = time.perf_counter(), 0
@@ -211,7 +206,7 @@ def _profile_one_sample(raw: RawSample, cfg: DataConfig) -> dict[str, float]:
     """Per-sample cost of each stage on one core (min of repeats: the least disturbed measurement)."""
     image, mask = decode_sample(raw)
     stages = {"decode_torchvision": lambda: decode_sample(raw),
-              "decode_pil": lambda: [Image.open(io.BytesIO(raw.members[k])).load() for k in ("jpg", "mask.png")]}
+              "decode_pil": lambda: [Image.open(io.BytesIO(raw.members[ext])).load() for ext in (JPEG_EXT, MASK_EXT)]}
     sample = (tv_tensors.Image(image), tv_tensors.Mask(mask))
     for step in TrainAugment(cfg.augment).pipeline(cfg.size).transforms:
         name = type(step).__name__ + (f"({step.dtype[tv_tensors.Image]})".replace("torch.", "") if isinstance(step, v2.ToDtype) else "")

@@ -10,30 +10,27 @@ difference between the two sides' values is reported with the speeds. Last line:
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
 import warnings
+from functools import partial
 
 import numpy as np
 import torch
 
+from salnet.bench._harness import emit, interleaved, medians, parser, timed
 from salnet.metrics import SODMetrics
 
 WORKLOADS = {"F+E+S+MAE": ("F", "E", "S", "MAE"), "wF": ("wF",)}
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m salnet.bench metrics", description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--height", type=int, default=300)
-    parser.add_argument("--width", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=16, help="images per SODMetrics.update call")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu", help="where salnet runs (the reference always runs on the CPU)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    cli = parser("metrics", __doc__.splitlines()[0])
+    cli.add_argument("--images", type=int, default=200)
+    cli.add_argument("--height", type=int, default=300)
+    cli.add_argument("--width", type=int, default=400)
+    cli.add_argument("--batch", type=int, default=16, help="images per SODMetrics.update call")
+    cli.add_argument("--device", default="cpu", help="where salnet runs (the reference always runs on the CPU)")
+    cli.add_argument("--seed", type=int, default=0)
+    args = cli.parse_args(argv)
     torch.set_num_threads(1)
     device = torch.device(args.device)
 
@@ -48,15 +45,18 @@ def main(argv: list[str]) -> None:
     print(f"{args.images} pairs of {args.height}x{args.width}, salnet on {device} in batches of {args.batch}, "
           f"{torch.get_num_threads()} thread(s), median of {args.repeats}")
     for name, families in WORKLOADS.items():
-        (ours, our_s), (theirs, their_s) = _interleaved_medians(
-            args.repeats, lambda: run_salnet(families, preds_dev, gts_dev, args.batch, device),
-            lambda: run_reference(families, preds_u8, gts_u8))
+        sides = {"salnet": partial(run_salnet, families, preds_dev, gts_dev, args.batch, device),
+                 "reference": partial(run_reference, families, preds_u8, gts_u8)}
+        runs = interleaved(args.repeats, {side: lambda _, run=run: timed(run) for side, run in sides.items()})  # (values, seconds)
+        (ours, _), (theirs, _) = runs["salnet"][-1], runs["reference"][-1]
+        seconds = medians({side: [s for _, s in results] for side, results in runs.items()})
+        our_s, their_s = seconds["salnet"], seconds["reference"]
         row = {"salnet_images_per_s": args.images / our_s, "pysodmetrics_images_per_s": args.images / their_s,
                "speedup": their_s / our_s, "max_abs_diff": max(abs(ours[k] - theirs[k]) for k in theirs)}
         report[name] = row
         print(f"{name:10s} salnet {row['salnet_images_per_s']:8.1f} img/s   PySODMetrics "
               f"{row['pysodmetrics_images_per_s']:7.1f} img/s   x{row['speedup']:.1f}   max |diff| {row['max_abs_diff']:.2e}")
-    print(json.dumps(report))
+    emit(report)
 
 
 def random_pairs(count: int, height: int, width: int, seed: int):
@@ -108,14 +108,3 @@ def reference_values(results: dict) -> dict:
             out[family] = float(results[family][key])
     return out
 
-
-def _interleaved_medians(repeats: int, *runs):
-    """(last result, median seconds) per run; the runs alternate so that both see the same load."""
-    seconds: list[list[float]] = [[] for _ in runs]
-    results: list = [None] * len(runs)
-    for _ in range(repeats):
-        for i, run in enumerate(runs):
-            start = time.perf_counter()
-            results[i] = run()
-            seconds[i].append(time.perf_counter() - start)
-    return [(result, statistics.median(s)) for result, s in zip(results, seconds)]

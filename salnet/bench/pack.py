@@ -16,13 +16,9 @@ depends on the neighbours: `pack_over_decode_if_cores_free` is workers x decode 
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
-import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from salnet.bench._harness import emit, interleaved, machine, medians, parser, ratio
 from salnet.shards.pack import pack
 from salnet.shards.parallel import available_cpus, ordered_map
 from salnet.shards.synth import render_scene
@@ -43,16 +40,12 @@ NOISE_SIGMA = 6
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m salnet.bench pack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=2000, help="image/mask pairs (default 2000)")
-    parser.add_argument("--size", type=int, default=350, help="image side in pixels (default 350)")
-    parser.add_argument("--workers", type=int, default=2, help="pack worker processes (default 2)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported (default 3)")
-    args = parser.parse_args(argv)
+    cli = parser("pack", __doc__, samples=(2000, "image/mask pairs"), workers="pack worker processes")
+    cli.add_argument("--size", type=int, default=350, help="image side in pixels (default 350)")
+    args = cli.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="salnet-bench-pack-") as tmp:
-        src = Path(tmp) / "src"
+        src, out = Path(tmp) / "src", Path(tmp) / "out"
         started = time.perf_counter()
         _write_loose_files(src, args.samples, args.size, workers=available_cpus())
         images = sorted((src / "images").iterdir())
@@ -62,45 +55,41 @@ def main(argv: list[str]) -> None:
             if path.is_file():
                 path.read_bytes()
 
-        wall: dict[str, list[float]] = {"pack": [], "tar": [], "decode": []}
-        cpu: dict[str, list[float]] = {"pack": [], "tar": [], "decode": []}
-        for repeat in range(args.repeats):
-            out = Path(tmp) / f"out{repeat}"
-            contenders = {
-                "pack": partial(pack, src, out / "shards", workers=args.workers, log=lambda _: None),
-                "tar": partial(subprocess.run, ["tar", "cf", str(out / "plain.tar"), "-C", str(src), "."], check=True),
-                "decode": partial(_decode_all, images),
-            }
-            for name, run in contenders.items():
-                seconds, cpu_seconds = _timed(run)
-                wall[name].append(seconds)
-                cpu[name].append(cpu_seconds)
-            shutil.rmtree(out)
-            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in wall.items()), file=sys.stderr)
+        def run_pack(_: int) -> tuple[float, float]:
+            shutil.rmtree(out, ignore_errors=True)  # the previous repeat's output, removed before the clock starts
+            return _timed(partial(pack, src, out / "shards", workers=args.workers, log=lambda _: None))
 
-    rate = {name: args.samples / statistics.median(values) for name, values in wall.items()}
-    cpu_ms = {name: 1000 * statistics.median(values) / args.samples for name, values in cpu.items()}
+        runs = interleaved(args.repeats, {
+            "pack": run_pack,
+            "tar": lambda _: _timed(partial(subprocess.run, ["tar", "cf", str(out / "plain.tar"), "-C", str(src), "."], check=True)),
+            "decode": lambda _: _timed(partial(_decode_all, images)),
+        }, describe=lambda latest: ", ".join(f"{name} {wall:.2f} s" for name, (wall, _) in latest.items()))
+
+    wall = medians({name: [w for w, _ in values] for name, values in runs.items()})
+    cpu = medians({name: [c for _, c in values] for name, values in runs.items()})
+    rate = {name: args.samples / seconds for name, seconds in wall.items()}
+    cpu_ms = {name: 1000 * seconds / args.samples for name, seconds in cpu.items()}
     result = {
         "benchmark": "pack", "samples": args.samples, "size": args.size, "jpeg_quality": JPEG_QUALITY,
-        "workers": args.workers, "repeats": args.repeats, "cpus": available_cpus(), "loadavg_1m": round(os.getloadavg()[0], 2),
+        "workers": args.workers, "repeats": args.repeats, **machine(),
         "pack_samples_per_s": round(rate["pack"], 1), "tar_samples_per_s": round(rate["tar"], 1),
         "pil_decode_samples_per_s": round(rate["decode"], 1),
-        "pack_over_decode": round(rate["pack"] / rate["decode"], 3), "pack_over_tar": round(rate["pack"] / rate["tar"], 3),
+        "pack_over_decode": ratio(rate["pack"], rate["decode"]), "pack_over_tar": ratio(rate["pack"], rate["tar"]),
         "target_pack_over_decode": TARGET_PACK_OVER_DECODE,
         "meets_target": rate["pack"] / rate["decode"] >= TARGET_PACK_OVER_DECODE,
         # CPU time (all processes) per sample, and how many cores pack actually got: on a shared
         # machine the wall-clock ratio says as much about the neighbours as about pack.
         "pack_cpu_ms_per_sample": round(cpu_ms["pack"], 3), "decode_cpu_ms_per_sample": round(cpu_ms["decode"], 3),
-        "pack_cores_used": round(statistics.median(cpu["pack"]) / statistics.median(wall["pack"]), 2),
+        "pack_cores_used": round(cpu["pack"] / wall["pack"], 2),
         # The wall-clock ratio pack would reach with one free core per worker.
-        "pack_over_decode_if_cores_free": round(args.workers * cpu_ms["decode"] / cpu_ms["pack"], 3),
+        "pack_over_decode_if_cores_free": ratio(args.workers * cpu_ms["decode"], cpu_ms["pack"]),
     }
     print(f"pack {rate['pack']:.0f} samples/s ({args.workers} workers, {result['pack_cores_used']} cores used), "
           f"tar cf {rate['tar']:.0f} samples/s, PIL decode {rate['decode']:.0f} samples/s (1 process); "
           f"pack/decode {result['pack_over_decode']:.2f}x (target {TARGET_PACK_OVER_DECODE}x; "
           f"{result['pack_over_decode_if_cores_free']:.2f}x with {args.workers} free cores, from CPU time: "
           f"pack {cpu_ms['pack']:.2f} ms/sample, decode {cpu_ms['decode']:.2f} ms/sample), pack/tar {result['pack_over_tar']:.2f}x")
-    print(json.dumps(result))
+    emit(result)
 
 
 def _cpu_seconds() -> float:

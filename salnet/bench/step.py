@@ -40,18 +40,19 @@ import warnings
 
 import torch
 
+from salnet.bench._harness import emit, interleaved, medians, parser
+
 # Dense bf16 peak of the GPUs we report MFU against (vendor datasheets, no sparsity).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m salnet.bench step", description=__doc__.split("\n\n")[0])
+    p = parser("step", __doc__.split("\n\n")[0], repeats=5)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--backbone", default=None, help="default: resnet18 on cpu, resnet50 on cuda")
     p.add_argument("--size", type=int, default=None, help="input px (default: 96 on cpu, 352 on cuda)")
     p.add_argument("--batch", type=int, default=None, help="micro-batch (default: 8 on cpu, 32 on cuda)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default: 5 on cpu, 30 on cuda)")
-    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--strategy", choices=["ddp", "deepspeed"], default="ddp",
                    help="ddp: overhead, scaling and pipeline (the default); deepspeed: DDP against ZeRO-1/2/3")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one process of a multi-process run
@@ -144,11 +145,9 @@ def measure_overhead(args) -> dict:
     cfg = bench_config(args)
     salnet_step, bare_step, _, _ = salnet_and_bare_steps(cfg)
     batches = fake_batches(args, 4)
-    salnet_s, bare_s = [], []
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-        salnet_s.append(timed_steps(salnet_step, batches, args.steps))
-        bare_s.append(timed_steps(bare_step, batches, args.steps))
-    s, b = statistics.median(salnet_s), statistics.median(bare_s)
+    seconds = medians(interleaved(args.repeats, {"salnet": lambda _: timed_steps(salnet_step, batches, args.steps),
+                                                 "bare": lambda _: timed_steps(bare_step, batches, args.steps)}))
+    s, b = seconds["salnet"], seconds["bare"]
     return {"salnet_img_s": args.batch / s, "bare_img_s": args.batch / b, "overhead": s / b - 1}
 
 
@@ -190,7 +189,7 @@ def worker(args) -> None:
         result = {"world": dist.world_size(), "per_rank_img_s": args.batch / per_step,
                   "held_mib": dist.all_reduce_scalar(held, "max"), "peak_growth_mib": dist.all_reduce_scalar(peak, "max")}
         if dist.is_main():
-            print(json.dumps(result), flush=True)
+            emit(result)  # the line run_workers reads
 
 
 def run_workers(args, world: int, overrides=()) -> dict:
@@ -237,12 +236,13 @@ def measure_pipeline(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from salnet.data import TrainStream
+    from salnet.shards.parallel import available_cpus
     from salnet.shards.synth import synthesize
     from salnet.train import DataClock
 
     with tempfile.TemporaryDirectory() as tmp:
         n = args.batch * (args.steps + 1) * 2
-        train_dir, val_dir = synthesize(tmp, train=n, val=1, size=args.size, seed=0, workers=os.cpu_count() or 1)
+        train_dir, val_dir = synthesize(tmp, train=n, val=1, size=args.size, seed=0, workers=available_cpus())
         cfg = bench_config(args, [f"data.train=[{train_dir}]", f"data.val=[{val_dir}]"])
         salnet_step, _, strategy, _ = salnet_and_bare_steps(cfg)
         stream = TrainStream(cfg.data, seed=0, rank=0, world_size=1)
@@ -284,7 +284,7 @@ def main(argv):
               "steps": args.steps, "repeats": args.repeats, "strategy": args.strategy}
     if args.strategy == "deepspeed":
         report.update(measure_zero(args))
-        print(json.dumps(report))
+        emit(report)
         return
     report.update(measure_overhead(args))
     print(f"overhead: salnet {report['salnet_img_s']:.2f} img/s vs bare {report['bare_img_s']:.2f} img/s "
@@ -296,7 +296,7 @@ def main(argv):
     report.update(measure_pipeline(args))
     print(f"pipeline: {report['pipeline_img_s']:.2f} img/s, data wait {report['data_wait']:.1%}"
           + (f", MFU {report['mfu']:.1%}" if report.get("mfu") else ""), flush=True)
-    print(json.dumps(report))
+    emit(report)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from webdataset.tariterators import tar_file_iterator
 
 from salnet.data.plan import Piece, piece_starts
 from salnet.data.sources import DataError, Shard, open_shard
+from salnet.shards.format import split_member_name
 
 
 @dataclass
@@ -24,7 +25,7 @@ class RawSample:
     shard: str  # the shard's name, for messages
     index: int  # the sample's number within its shard
     key: str
-    members: dict[str, bytes]  # extension after the key ("jpg", "mask.png", "json") -> bytes
+    members: dict[str, bytes]  # extension after the key (salnet.shards.format: "jpg", "mask.png", ...) -> bytes
 
     def where(self) -> str:
         return f"shard {self.shard}, sample '{self.key}' (#{self.index})"
@@ -37,7 +38,7 @@ class _PastLastWanted(Exception):
 class _MemberSelector:
     """The `select_files` hook: numbers samples as their keys change and passes members of wanted ones.
 
-    Keys have no dots, so a member's key is its name up to the first dot (as webdataset splits it).
+    A member's key is its name up to the first dot, as the shard format (and webdataset) splits it.
     """
 
     def __init__(self, wanted: Sequence[int]):
@@ -45,7 +46,7 @@ class _MemberSelector:
         self.index, self.key = -1, None
 
     def __call__(self, name: str) -> bool:
-        key = name.split(".", 1)[0]
+        key, _ = split_member_name(name)
         if key != self.key:
             self.key, self.index = key, self.index + 1
             while self.next_wanted < len(self.wanted) and self.wanted[self.next_wanted] < self.index:
@@ -69,7 +70,7 @@ def read_shard(shard: Shard, wanted: Sequence[int]) -> Iterator[RawSample]:
     sample, got, hang_up_quietly = None, 0, False
     try:
         for member in tar_file_iterator(stream, handler=_stop_quietly, select_files=selector):
-            key, ext = member["fname"].split(".", 1) if "." in member["fname"] else (member["fname"], "")
+            key, ext = split_member_name(member["fname"])
             if sample is None or sample.index != selector.index:
                 if sample is not None:
                     yield sample

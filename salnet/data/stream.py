@@ -5,6 +5,11 @@ Each DataLoader worker is one of the plan's readers. A DataLoader collects batch
 workers in turn, starting with worker 0, so batch j of an epoch comes from worker j % workers;
 after a resume at batch k the workers take the readers' roles rotated by k, and the batches still
 arrive in the order of the uninterrupted run.
+
+What the streams hand out is typed: `TrainBatch` and `ValBatch`. They are TypedDicts, i.e. plain
+dicts at run time, because the DataLoader's pin_memory (and its conversion of worker output)
+rebuilds dicts and named tuples with every tensor pinned but passes any other object, a dataclass
+for one, through unpinned.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence, TypedDict
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -23,8 +28,37 @@ from salnet.data.plan import Piece, TrainPlan, split_blocks, val_batch_count, va
 from salnet.data.reader import RawSample, in_order, read_positions
 from salnet.data.sources import DataError, Shard, open_shard_set
 from salnet.data.transforms import SampleError, TrainAugment, decode_sample, resize_for_eval
+from salnet.shards.parallel import available_cpus
 
 log = logging.getLogger("salnet.data")
+
+
+class TrainBatch(TypedDict):
+    """One training batch, as `TrainStream.epoch_batches` yields it."""
+
+    image: torch.Tensor  # uint8 [B, 3, S, S], S = data.size or this batch's data.multiscale size
+    mask: torch.Tensor  # uint8 [B, 1, S, S], 0..255 (soft values kept)
+    key: list[str]  # the B samples' keys
+
+
+class ValBatch(TypedDict):
+    """One validation batch, as iterating a `ValStream` yields it."""
+
+    image: torch.Tensor  # uint8 [B, 3, S, S], S = data.eval_size; zeros [1, 3, S, S] when `pad`
+    masks: list[torch.Tensor]  # uint8 [H, W] each, at the size stored (sizes differ, hence a list); [] when `pad`
+    key: list[str]  # the B samples' keys; [] when `pad`
+    pad: bool  # a padding batch: a forward pass that scores nothing (ValStream's pad_to_equal)
+
+
+class _FromWorker(NamedTuple):
+    """What a worker hands over: the batch, and why each corrupt sample skipped on the way was skipped.
+
+    The stream logs and counts `skipped` and yields only `batch`, so the batch holds exactly its
+    TypedDict's keys. A named tuple, not a dataclass: pin_memory pins inside named tuples.
+    """
+
+    batch: TrainBatch | ValBatch
+    skipped: list[str]
 
 
 def default_workers() -> int:
@@ -33,8 +67,7 @@ def default_workers() -> int:
     torchrun's ranks share the node's CPU set (LOCAL_WORLD_SIZE of them); under srun each task
     usually has its own CPU set already.
     """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    per_rank = available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(8, per_rank - 1))
 
 
@@ -103,12 +136,12 @@ class _TrainBatches(IterableDataset):
         self.plan, self.shards, self.cfg, self.rank, self.control = plan, shards, cfg, rank, control
         self.augment = TrainAugment(cfg.augment)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[_FromWorker]:
         epoch, first = (int(v) for v in self.control.tolist())  # shared memory: set by the main process per epoch
         slot, slots = _worker_slot()
         yield from self.reader_batches(epoch, reader=(slot + first) % slots, rank_batches_done=first)
 
-    def reader_batches(self, epoch: int, reader: int, rank_batches_done: int) -> Iterator[dict]:
+    def reader_batches(self, epoch: int, reader: int, rank_batches_done: int) -> Iterator[_FromWorker]:
         plan, size = self.plan, self.plan.batch_size
         todo = plan.reader(epoch, self.rank, reader)
         done = plan.consumed_by(reader, rank_batches_done)
@@ -117,7 +150,7 @@ class _TrainBatches(IterableDataset):
         for batch in todo.batches[done:]:
             yield self.make_batch(epoch, batch, [next(samples) for _ in range(size)])
 
-    def make_batch(self, epoch: int, batch: int, raws: list[RawSample]) -> dict:
+    def make_batch(self, epoch: int, batch: int, raws: list[RawSample]) -> _FromWorker:
         decoded, skipped = _decode_all(raws, self.cfg.on_error)
         good = [d for d in decoded if d is not None]
         if not good:
@@ -132,14 +165,14 @@ class _TrainBatches(IterableDataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.plan.augment_seed(epoch, self.rank, batch))
             pairs = [self.augment(image, mask, size) for _, image, mask in filled]
-        return {"image": torch.stack([p[0] for p in pairs]), "mask": torch.stack([p[1] for p in pairs]),
-                "key": [d[0] for d in filled], "skipped": skipped}
+        return _FromWorker(TrainBatch(image=torch.stack([p[0] for p in pairs]), mask=torch.stack([p[1] for p in pairs]),
+                                      key=[d[0] for d in filled]), skipped)
 
 
 class TrainStream:
     """This rank's training batches, epoch by epoch, with exact mid-epoch resume.
 
-    `epoch_batches(epoch)` yields exactly `steps_per_epoch` batches (fewer only when resuming
+    `epoch_batches(epoch)` yields exactly `steps_per_epoch` TrainBatches (fewer only when resuming
     inside that epoch): {"image": uint8 [B, 3, S, S], "mask": uint8 [B, 1, S, S], "key": [B keys]}.
     """
 
@@ -174,15 +207,15 @@ class TrainStream:
         """Why each sample skipped so far in the current epoch (this session) was skipped."""
         return self.skips.messages
 
-    def epoch_batches(self, epoch: int) -> Iterator[dict]:
+    def epoch_batches(self, epoch: int) -> Iterator[TrainBatch]:
         first, earlier_skips = self._resume_point(epoch)
         self._epoch, self._done = epoch, first
         self.skips.reset(earlier_skips)
         if first >= self.steps_per_epoch:
             return
         self._control[0], self._control[1] = epoch, first
-        for batch in self._loader:
-            self.skips.add(batch.pop("skipped"))
+        for batch, skipped in self._loader:
+            self.skips.add(skipped)
             self._done += 1  # counted before the yield: a state_dict() taken after this batch includes it
             yield batch
         self.skips.report(f"rank {self.rank}, epoch {epoch}")
@@ -227,33 +260,34 @@ class _ValBatches(IterableDataset):
     def __init__(self, shards: list[Shard], pieces: list[Piece], blocks: list[list], cfg: DataConfig):
         self.shards, self.pieces, self.blocks, self.cfg = shards, pieces, blocks, cfg
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[_FromWorker]:
         batches = self.blocks[_worker_slot()[0]]
         real = [b for b in batches if b is not None]  # contiguous positions: read them in one pass
         samples = (s for _, s in read_positions(self.shards, self.pieces, range(real[0][0], real[-1][1]))) if real else iter(())
         for batch in batches:
             yield self.pad_batch([]) if batch is None else self.make_batch([next(samples) for _ in range(batch[1] - batch[0])])
 
-    def make_batch(self, raws: list[RawSample]) -> dict:
+    def make_batch(self, raws: list[RawSample]) -> _FromWorker:
         decoded, skipped = _decode_all(raws, self.cfg.on_error)
         good = [d for d in decoded if d is not None]
         if not good:
             return self.pad_batch(skipped)  # still one forward pass, as the batch count promised
-        return {"image": torch.stack([resize_for_eval(image, self.cfg.eval_size) for _, image, _ in good]),
-                "masks": [mask[0] for _, _, mask in good], "key": [key for key, _, _ in good], "pad": False, "skipped": skipped}
+        return _FromWorker(ValBatch(image=torch.stack([resize_for_eval(image, self.cfg.eval_size) for _, image, _ in good]),
+                                    masks=[mask[0] for _, _, mask in good], key=[key for key, _, _ in good], pad=False), skipped)
 
-    def pad_batch(self, skipped: list[str]) -> dict:
+    def pad_batch(self, skipped: list[str]) -> _FromWorker:
         size = self.cfg.eval_size
-        return {"image": torch.zeros(1, 3, size, size, dtype=torch.uint8), "masks": [], "key": [], "pad": True, "skipped": skipped}
+        return _FromWorker(ValBatch(image=torch.zeros(1, 3, size, size, dtype=torch.uint8), masks=[], key=[], pad=True), skipped)
 
 
 class ValStream:
     """This rank's share of the val sets; every val sample exactly once across ranks.
 
-    Iterating yields {"image": uint8 [B, 3, S, S] (S = data.eval_size), "masks": [uint8 [H, W] as
-    stored], "key": [B keys], "pad": False}. With `pad_to_equal` every rank gets the same number of
-    batches: the extra ones are {"image": zeros [1, 3, S, S], "masks": [], "key": [], "pad": True},
-    forward passes that score nothing (for strategies whose collectives need them, e.g. ZeRO-3).
+    Iterating yields ValBatches: {"image": uint8 [B, 3, S, S] (S = data.eval_size), "masks": [uint8
+    [H, W] as stored], "key": [B keys], "pad": False}. With `pad_to_equal` every rank gets the same
+    number of batches: the extra ones are {"image": zeros [1, 3, S, S], "masks": [], "key": [],
+    "pad": True}, forward passes that score nothing (for strategies whose collectives need them,
+    e.g. ZeRO-3).
     """
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, pad_to_equal: bool = False):
@@ -278,9 +312,9 @@ class ValStream:
     def skipped(self) -> list[str]:
         return self.skips.messages
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[ValBatch]:
         self.skips.reset()
-        for batch in self._loader:
-            self.skips.add(batch.pop("skipped"))
+        for batch, skipped in self._loader:
+            self.skips.add(skipped)
             yield batch
         self.skips.report(f"rank {self.rank}, validation")

@@ -15,11 +15,11 @@ from torchvision.transforms import v2
 
 from salnet.config import AugmentConfig
 from salnet.data.reader import RawSample
+from salnet.shards.format import IMAGE_EXTS, MASK_EXT, READABLE_IMAGE_EXTS, member_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_DECODERS = {"jpg": decode_jpeg, "jpeg": decode_jpeg, "png": decode_png}
-MASK_MEMBER = "mask.png"
+_DECODERS = {"jpeg": decode_jpeg, "png": decode_png}  # by codec (format.READABLE_IMAGE_EXTS)
 
 
 class SampleError(ValueError):
@@ -28,13 +28,14 @@ class SampleError(ValueError):
 
 def decode_sample(raw: RawSample) -> tuple[torch.Tensor, torch.Tensor]:
     """(image uint8 [3, H, W], mask uint8 [1, H, W]) of a raw sample, or SampleError naming shard and key."""
-    image_ext = next((ext for ext in IMAGE_DECODERS if ext in raw.members), None)
+    image_ext = next((ext for ext in READABLE_IMAGE_EXTS if ext in raw.members), None)
     if image_ext is None:
-        raise SampleError(f"{raw.where()}: no image member (KEY.jpg or KEY.png); members: {sorted(raw.members)}")
-    if MASK_MEMBER not in raw.members:
-        raise SampleError(f"{raw.where()}: no mask member (KEY.{MASK_MEMBER}); members: {sorted(raw.members)}")
-    image = _decode(raw, image_ext, IMAGE_DECODERS[image_ext], ImageReadMode.RGB)
-    mask = _decode(raw, MASK_MEMBER, decode_png, ImageReadMode.GRAY)
+        wanted = " or ".join(member_name("KEY", ext) for ext in IMAGE_EXTS)
+        raise SampleError(f"{raw.where()}: no image member ({wanted}); members: {sorted(raw.members)}")
+    if MASK_EXT not in raw.members:
+        raise SampleError(f"{raw.where()}: no mask member ({member_name('KEY', MASK_EXT)}); members: {sorted(raw.members)}")
+    image = _decode(raw, image_ext, _DECODERS[READABLE_IMAGE_EXTS[image_ext]], ImageReadMode.RGB)
+    mask = _decode(raw, MASK_EXT, decode_png, ImageReadMode.GRAY)
     if image.shape[-2:] != mask.shape[-2:]:
         raise SampleError(f"{raw.where()}: image is {tuple(image.shape[-2:])} (HxW) but its mask is {tuple(mask.shape[-2:])}")
     return image, mask
@@ -46,7 +47,7 @@ def _decode(raw: RawSample, ext: str, decoder, mode: ImageReadMode) -> torch.Ten
         # bytearray: torch.frombuffer needs a writable buffer (a bytes object would warn).
         return decoder(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
     except (RuntimeError, ValueError) as e:
-        raise SampleError(f"{raw.where()}: member KEY.{ext} ({len(data)} bytes) does not decode: {e}") from None
+        raise SampleError(f"{raw.where()}: member {member_name('KEY', ext)} ({len(data)} bytes) does not decode: {e}") from None
 
 
 class TrainAugment:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from salnet.shards.format import JPEG_EXT, PNG_EXT
 from salnet.shards.jpeg import JpegStructureError, check_jpeg
 from salnet.shards.manifest import ShardsError
 
@@ -55,7 +56,7 @@ class BadFileError(ShardsError):
 
 @dataclass
 class PreparedImage:
-    ext: str  # "jpg" or "png"
+    ext: str  # format.JPEG_EXT or format.PNG_EXT
     data: bytes
     orig_size: tuple[int, int]  # (H, W), upright
     stored_size: tuple[int, int]  # (H, W) after --max-side
@@ -78,9 +79,10 @@ def prepare_image(data: bytes, path: str, max_side: int | None) -> PreparedImage
     downscale = max_side is not None and max(width, height) > max_side
     depth = _png_header(data)
     keep = (im.format == "JPEG" and im.mode == "RGB") or (im.format == "PNG" and depth == (8, PNG_RGB))
+    ext = JPEG_EXT if im.format == "JPEG" else PNG_EXT  # kept or re-encoded, a JPEG stays a JPEG; all else is PNG
     if keep and not rotated and not downscale:
         _check_decodes(im, data, path)
-        return PreparedImage("jpg" if im.format == "JPEG" else "png", data, orig_size, orig_size, ())
+        return PreparedImage(ext, data, orig_size, orig_size, ())
 
     conversions = []
     if rotated:
@@ -104,7 +106,7 @@ def prepare_image(data: bytes, path: str, max_side: int | None) -> PreparedImage
         rgb.save(out, "JPEG", **REENCODE_JPEG)
     else:
         rgb.save(out, "PNG")
-    return PreparedImage("jpg" if im.format == "JPEG" else "png", out.getvalue(), orig_size, rgb.size[::-1], tuple(conversions))
+    return PreparedImage(ext, out.getvalue(), orig_size, rgb.size[::-1], tuple(conversions))
 
 
 def prepare_mask(data: bytes, path: str, orig_size: tuple[int, int], stored_size: tuple[int, int], image_path: str) -> PreparedMask:

@@ -10,8 +10,8 @@ Pairing is by file stem; extensions are matched case-insensitively. A stem share
 
 Keys are the stem when it is made of letters, digits, '-' and '_' only; any other stem (dots,
 spaces, ...) is rewritten with '_' and suffixed with a hash of the original stem, so that no two
-stems can end with the same key. webdataset splits a member name at its first dot, so a key must
-have none.
+stems can end with the same key. A member name splits at its first dot (as webdataset splits it;
+salnet.shards.format), so a key must have none.
 """
 
 from __future__ import annotations

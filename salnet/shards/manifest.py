@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from salnet.fsio import fsync_dir  # noqa: F401  (re-exported for the shard writer)
+from salnet.fsio import fsync_dir
 
 FORMAT = "salnet-shards"
 VERSION = 1

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+from salnet.shards.format import sample_meta
 from salnet.shards.images import BadFileError, prepare_image, prepare_mask
 from salnet.shards.layouts import Pair, find_pairs
 from salnet.shards.manifest import ShardsError
@@ -101,8 +102,8 @@ def prepare_pair(pair: Pair, dataset: str, max_side: Optional[int]) -> Union[Enc
         mask = prepare_mask(_read(pair.mask, pair.mask_source), pair.mask_source, image.orig_size, image.stored_size, pair.image_source)
     except BadFileError as e:
         return Bad(e.path, e.reason)
-    meta = {"key": pair.key, "dataset": dataset, "source": pair.image_source, "mask_source": pair.mask_source,
-            "orig_size": list(image.orig_size), "stored_size": list(image.stored_size)}
+    meta = sample_meta(key=pair.key, dataset=dataset, source=pair.image_source, mask_source=pair.mask_source,
+                       orig_size=image.orig_size, stored_size=image.stored_size)
     return Sample(key=pair.key, image_ext=image.ext, image=image.data, mask=mask.data, meta=meta,
                   foreground=mask.foreground, soft_mask=mask.soft, conversions=image.conversions).encoded()
 

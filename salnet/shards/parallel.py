@@ -1,4 +1,4 @@
-"""Ordered parallel map with a progress bar, shared by pack, synth and verify.
+"""Ordered parallel map with a progress bar, shared by pack, synth and verify; and the CPU count.
 
 Results come back in input order whatever the number of workers, which is what makes a pack
 byte-identical between `--workers 1` and `--workers 8`.
@@ -18,7 +18,11 @@ R = TypeVar("R")
 
 
 def available_cpus() -> int:
-    """CPUs this process may run on (the affinity mask, not the machine's count)."""
+    """CPUs this process may run on (the affinity mask, not the machine's count).
+
+    The one CPU count in salnet: the shards commands' default --workers, the loader's default
+    workers (salnet.data.default_workers) and the benchmarks all use it; this module imports no torch.
+    """
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 

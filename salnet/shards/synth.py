@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
+from salnet.shards.format import JPEG_EXT, sample_meta
 from salnet.shards.manifest import ShardsError
 from salnet.shards.parallel import ordered_map
 from salnet.shards.writer import EncodedSample, Sample, ShardWriter, prepare_out_dir
@@ -71,9 +72,9 @@ def _scene_sample(index: int, size: int, seed: int, split: str) -> EncodedSample
     Image.fromarray(mask).save(mask_png, "PNG")
     key = f"{split}_{index:06d}"
     source = f"synth:seed={seed}:{split}:{index}"
-    meta = {"key": key, "dataset": f"synth-{split}", "source": source, "mask_source": source,
-            "orig_size": [size, size], "stored_size": [size, size]}
-    return Sample(key=key, image_ext="jpg", image=image.getvalue(), mask=mask_png.getvalue(), meta=meta,
+    meta = sample_meta(key=key, dataset=f"synth-{split}", source=source, mask_source=source,
+                       orig_size=(size, size), stored_size=(size, size))
+    return Sample(key=key, image_ext=JPEG_EXT, image=image.getvalue(), mask=mask_png.getvalue(), meta=meta,
                   foreground=float((mask >= 128).mean()), soft_mask=False).encoded()
 
 

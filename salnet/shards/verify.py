@@ -1,10 +1,11 @@
 """`verify`: prove a shard directory is what its manifest says, down to every decoded sample.
 
 Each shard (on worker processes) is re-hashed against the manifest, read as a tar, split into
-samples, and every sample is checked: exactly an image (.jpg or .png), a .mask.png and a .json;
-the image decodes to 8-bit RGB, the mask to 8-bit gray of the same size; the json names the
-key and the stored size. Then the counts and the uniqueness of keys across shards. Every problem
-is reported with its shard and sample; nothing stops at the first one.
+samples, and every sample is checked against the sample format (salnet.shards.format): exactly
+an image (.jpg or .png), a .mask.png and a .json; the image decodes to 8-bit RGB, the mask to
+8-bit gray of the same size; the json names the key and the stored size. Then the counts and
+the uniqueness of keys across shards. Every problem is reported with its shard and sample;
+nothing stops at the first one.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from typing import Any
 
 from PIL import Image
 
+from salnet.shards.format import IMAGE_EXTS, MASK_EXT, META_EXT, split_member_name
 from salnet.shards.manifest import MANIFEST_NAME, read_manifest
 from salnet.shards.parallel import ordered_map
 
-IMAGE_EXTS = ("jpg", "png")
 HASH_CHUNK = 1 << 20
 
 
@@ -124,7 +125,7 @@ def _samples(tar: tarfile.TarFile, report: ShardReport):
         if not info.isfile() or "/" in name or "." not in name:
             report.problems.append(f"{report.file}: unexpected member '{name}' (want KEY.ext files at the top level)")
             continue
-        member_key, ext = name.split(".", 1)
+        member_key, ext = split_member_name(name)
         if member_key != key:
             if key is not None:
                 yield key, members
@@ -139,22 +140,23 @@ def _samples(tar: tarfile.TarFile, report: ShardReport):
 def check_sample(key: str, members: dict[str, bytes]) -> list[str]:
     problems = []
     images = [ext for ext in IMAGE_EXTS if ext in members]
-    expected = {"mask.png", "json", *images[:1]}
+    expected = {MASK_EXT, META_EXT, *images[:1]}
     if len(images) != 1 or set(members) != expected:
-        problems.append(f"has members {sorted(members)}; a sample needs an image ({' or '.join(IMAGE_EXTS)}), 'mask.png' and 'json'")
+        problems.append(f"has members {sorted(members)}; a sample needs an image ({' or '.join(IMAGE_EXTS)}), "
+                        f"'{MASK_EXT}' and '{META_EXT}'")
     image = _decoded(members, images[0], "RGB", problems) if len(images) == 1 else None
-    mask = _decoded(members, "mask.png", "L", problems)
+    mask = _decoded(members, MASK_EXT, "L", problems)
     if image is not None and mask is not None and image.size != mask.size:
         problems.append(f"mask is {mask.size[0]}x{mask.size[1]} (WxH) but the image is {image.size[0]}x{image.size[1]}")
-    if "json" in members:
+    if META_EXT in members:
         try:
-            meta = json.loads(members["json"])
+            meta = json.loads(members[META_EXT])
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return problems + [f"json does not parse: {e}"]
+            return problems + [f"{META_EXT} does not parse: {e}"]
         if not isinstance(meta, dict) or meta.get("key") != key:
-            problems.append(f"json 'key' is {meta.get('key') if isinstance(meta, dict) else meta!r}, not '{key}'")
+            problems.append(f"{META_EXT} 'key' is {meta.get('key') if isinstance(meta, dict) else meta!r}, not '{key}'")
         elif image is not None and meta.get("stored_size") != [image.size[1], image.size[0]]:
-            problems.append(f"json stored_size {meta.get('stored_size')} differs from the image's [H, W] {[image.size[1], image.size[0]]}")
+            problems.append(f"{META_EXT} stored_size {meta.get('stored_size')} differs from the image's [H, W] {[image.size[1], image.size[0]]}")
     return problems
 
 

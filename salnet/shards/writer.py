@@ -23,7 +23,9 @@ from typing import Any, Optional
 import PIL
 
 import salnet
-from salnet.shards.manifest import FORMAT, MANIFEST_NAME, VERSION, ShardsError, fsync_dir, write_manifest
+from salnet.fsio import fsync_dir
+from salnet.shards.format import MASK_EXT, META_EXT, member_name
+from salnet.shards.manifest import FORMAT, MANIFEST_NAME, VERSION, ShardsError, write_manifest
 
 PARTIAL_SUFFIX = ".partial"
 TAR_FORMAT = tarfile.PAX_FORMAT
@@ -34,17 +36,18 @@ class Sample:
     """One sample, encoded and ready to write; the numbers feed the manifest's statistics."""
 
     key: str
-    image_ext: str  # "jpg" or "png": what the image bytes are
+    image_ext: str  # one of format.IMAGE_EXTS: what the image bytes are
     image: bytes
     mask: bytes  # 8-bit grayscale PNG
-    meta: dict[str, Any]  # becomes KEY.json; holds orig_size and stored_size as [H, W]
+    meta: dict[str, Any]  # becomes KEY.json (format.sample_meta); holds orig_size and stored_size as [H, W]
     foreground: float  # fraction of mask pixels >= 128
     soft_mask: bool  # the mask has values other than 0 and 255
     conversions: tuple[str, ...] = ()  # why the image was re-encoded; empty when the source bytes were kept
 
     def members(self) -> list[tuple[str, bytes]]:
         meta = json.dumps(self.meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
-        return [(f"{self.key}.{self.image_ext}", self.image), (f"{self.key}.mask.png", self.mask), (f"{self.key}.json", meta)]
+        return [(member_name(self.key, self.image_ext), self.image), (member_name(self.key, MASK_EXT), self.mask),
+                (member_name(self.key, META_EXT), meta)]
 
     def encoded(self) -> "EncodedSample":
         """The members as they appear in the archive (header(s), data, padding to 512 bytes), with
