@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +31,22 @@ from salnet import __version__, dist
 from salnet.fsio import atomic_write, fsync_dir
 
 _COMPLETE = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class ClientState:
+    """salnet's part of a checkpoint, saved beside the strategy's model and optimizer state."""
+
+    train: dict         # the training loop's TrainState, as a dict
+    world_size: int     # the loader positions and RNG streams below are per rank of this many
+    loader: list[dict]  # every rank's TrainStream.state_dict()
+    rng: list[dict]     # every rank's rng_state()
+
+    @classmethod
+    def gather(cls, train: dict, loader: dict) -> "ClientState":
+        """All ranks call this: the loop state, and this rank's loader position and RNG from each rank."""
+        return cls(train=train, world_size=dist.world_size(), loader=dist.all_gather_object(loader),
+                   rng=dist.all_gather_object(rng_state()))
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -79,7 +96,7 @@ def _fsync_tree(path: Path) -> None:
     fsync_dir(path)
 
 
-def save_checkpoint(run_dir: Path, step: int, strategy, client_state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, strategy, client: ClientState, keep: int) -> Path:
     """All ranks call this; returns the complete checkpoint directory."""
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:08d}"
@@ -88,7 +105,7 @@ def save_checkpoint(run_dir: Path, step: int, strategy, client_state: dict, keep
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save
         tmp.mkdir(parents=True)
     dist.barrier()
-    strategy.save(tmp, client_state)
+    strategy.save(tmp, asdict(client))
     dist.barrier()  # every rank has finished writing
     if dist.is_main():
         _fsync_tree(tmp)
@@ -109,6 +126,11 @@ def save_best(run_dir: Path, weights: dict, config: dict, metrics: dict, step: i
         torch.save({"model": weights, "config": config, "metrics": metrics, "step": step,
                     "salnet_version": __version__}, f)
     return path
+
+
+def load_checkpoint(directory: Path, strategy) -> ClientState:
+    """Restore `strategy` from a checkpoint directory; returns salnet's part of it."""
+    return ClientState(**strategy.load(directory))
 
 
 def load_best(path: Path) -> dict:

@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from salnet.fsio import atomic_write
+from salnet.metrics.names import FAMILIES, METRICS, metric_names
 
 
 class ConfigError(ValueError):
@@ -179,9 +180,16 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     every: int = Field(500, gt=0, description="validate every N optimizer steps (and at the end)")
-    best_metric: Literal["maxF", "meanF", "adpF", "maxE", "meanE", "adpE", "S", "wF", "MAE"] = Field(
-        "maxF", description="metric that decides best.pt (MAE: lower is better; others: higher)")
-    metrics: list[Literal["F", "E", "S", "wF", "MAE"]] = Field(["F", "E", "S", "MAE"], description="metric families computed during validation (wF is slow: CPU distance transform)")
+    best_metric: Literal[METRICS] = Field("maxF", description="metric that decides best.pt (MAE: lower is better; others: higher)")
+    metrics: list[Literal[FAMILIES]] = Field(["F", "E", "S", "MAE"], min_length=1,
+                                             description="metric families computed during validation (wF is slow: CPU distance transform)")
+
+    def model_post_init(self, context) -> None:
+        # Checked here, not at the first validation hundreds of steps into the run.
+        computed = metric_names(self.metrics)
+        if self.best_metric not in computed:
+            raise ValueError(f"eval.best_metric={self.best_metric!r} is not computed by eval.metrics={self.metrics} "
+                             f"(they compute {', '.join(computed)}); add its family to eval.metrics or pick one of those")
 
 
 class LogConfig(Section):
@@ -189,6 +197,8 @@ class LogConfig(Section):
     wandb: bool = Field(False, description="log to Weights & Biases (rank 0)")
     project: str = Field("salnet", description="W&B project")
     entity: Optional[str] = Field(None, description="W&B entity (team or user)")
+    wandb_id: Optional[str] = Field(None, description="W&B run id to create or continue (default: a new one, kept in the checkpoints; "
+                                                      "a launcher presets it so every attempt of a job logs to one run)")
 
 
 class CheckpointConfig(Section):
@@ -219,6 +229,10 @@ class Config(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+    def global_batch(self, world_size: int) -> int:
+        """Images per optimizer step over all ranks: ranks x micro-batch x accumulation."""
+        return world_size * self.data.batch_size * self.train.grad_accum
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,6 +314,9 @@ def _format_error(err: dict, source_of) -> str:
         return err["msg"].removeprefix("Value error, ")
     key = ".".join(str(p) for p in loc)
     source = source_of(loc)
+    if err["type"] == "value_error" and isinstance(err.get("input"), dict):
+        # A check across the keys of one section (its model_post_init): the message names them.
+        return f"{err['msg'].removeprefix('Value error, ')} ({source})"
     section = _section_at(loc)
     if err["type"] == "extra_forbidden" and section is not None:
         valid = list(section.model_fields)
@@ -329,6 +346,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         for n in range(len(loc), 0, -1):
             if tuple(loc[:n]) in from_cli:
                 return f"from the command line: '{from_cli[tuple(loc[:n])]}'"
+        # A section-wide check: the overrides inside that section are what the user just changed.
+        inside = [text for keys, text in from_cli.items() if keys[: len(loc)] == tuple(loc)]
+        if inside:
+            return "with " + ", ".join(f"'{text}'" for text in inside) + " from the command line"
         return f"from {path}" if path else "from defaults"
 
     try:

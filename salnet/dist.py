@@ -103,17 +103,12 @@ def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
 # Process group life cycle
 # --------------------------------------------------------------------------------------------
 
-_ENV = DistEnv()
 _DEVICE = torch.device("cpu")
 
 
 def device() -> torch.device:
     """This rank's device: cuda:<local_rank> when CUDA is present, else cpu."""
     return _DEVICE
-
-
-def env() -> DistEnv:
-    return _ENV
 
 
 def is_initialized() -> bool:
@@ -138,7 +133,7 @@ def backend() -> Optional[str]:
 
 def init(timeout_s: float = 1800, use_cuda: Optional[bool] = None) -> DistEnv:
     """Join the job's process group (if there is more than one process) and pick the device."""
-    global _ENV, _DEVICE
+    global _DEVICE
     found = detect_env()
     use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
     if use_cuda:
@@ -146,7 +141,6 @@ def init(timeout_s: float = 1800, use_cuda: Optional[bool] = None) -> DistEnv:
         _DEVICE = torch.device("cuda", found.local_rank)
     else:
         _DEVICE = torch.device("cpu")
-    _ENV = found
     if found.world_size > 1 and not is_initialized():
         # Export the torchrun convention so that env:// (and DeepSpeed) read the same values.
         os.environ.update(RANK=str(found.rank), LOCAL_RANK=str(found.local_rank), WORLD_SIZE=str(found.world_size),
@@ -214,9 +208,14 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def all_reduce_values(values: list[float], op: str = "sum") -> list[float]:
+    """All-reduce a few host numbers in one collective (float64)."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device())
+    return all_reduce_(t, op).tolist()
+
+
 def all_reduce_scalar(value: float, op: str = "sum") -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
-    return float(all_reduce_(t, op).item())
+    return all_reduce_values([value], op)[0]
 
 
 def any_rank(flag: bool) -> bool:
@@ -229,14 +228,6 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_initialized():
         tdist.broadcast(tensor, src=src)
     return tensor
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not is_initialized():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=src, device=_collective_device())
-    return box[0]
 
 
 def all_gather_object(obj: Any) -> list:

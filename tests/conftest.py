@@ -1,20 +1,15 @@
 """Shared test helpers: run salnet entry points in real subprocesses (torchrun, srun-like env)."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from salnet.dist import free_port  # noqa: F401  (the tests' rendezvous ports)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_py(args, env=None, timeout=120, cwd=REPO, check=True):

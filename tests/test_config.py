@@ -117,3 +117,12 @@ def test_cli_typo_fails_with_status_2_before_importing_torch():
              "try:\n    c.load_config(None, ['optim.lrr=1'])\nexcept c.ConfigError:\n    pass\n"
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'deepspeed')))")
     assert run_py(["-c", probe]).stdout.strip() == "[]"
+
+
+def test_a_best_metric_that_validation_will_not_compute_fails_when_the_config_loads():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["eval.metrics=[F, MAE]", "eval.best_metric=S"])
+    msg = str(e.value)
+    assert "eval.best_metric='S' is not computed by eval.metrics=['F', 'MAE']" in msg
+    assert "maxF, meanF, adpF, MAE" in msg and "'eval.best_metric=S' from the command line" in msg
+    assert load_config(None, ["eval.metrics=[S]", "eval.best_metric=S"]).eval.best_metric == "S"

@@ -12,6 +12,7 @@ from salnet.data import ValStream
 from salnet.metrics import SODMetrics
 from salnet.model import build_model
 from salnet.shards.synth import synthesize
+from salnet.strategy.base import predict_logits
 from salnet.strategy.zero_config import deepspeed_config
 from salnet.validate import validate
 from conftest import REPO, run_py, torchrun
@@ -58,8 +59,8 @@ def single_process_scores(run_dir, best: dict, amp_dtype=None) -> dict:
     """best.pt evaluated by one process, without DeepSpeed, over the whole val set."""
     cfg = load_config(str(run_dir / "config.yaml"))
     model = plain_model(best).to(memory_format=torch.channels_last)
-    autocast = lambda: torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)  # noqa: E731
-    return validate(model, ValStream(cfg.data, rank=0, world_size=1), SODMetrics(cfg.eval.metrics), autocast, channels_last=True)
+    return validate(lambda images: predict_logits(model, images, amp_dtype, channels_last=True),
+                    ValStream(cfg.data, rank=0, world_size=1), SODMetrics(cfg.eval.metrics))
 
 
 def assert_best_is_what_validation_saw(run_dir, amp_dtype=None):

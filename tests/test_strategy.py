@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from salnet.checkpoint import clear_run, complete_checkpoints, resume_path, save_checkpoint
+from salnet.checkpoint import ClientState, clear_run, complete_checkpoints, load_checkpoint, resume_path, save_checkpoint
 from salnet.config import load_config
 from salnet.optim import build_optimizer, lr_factor, param_groups
-from salnet.strategy import build_strategy
+from salnet.strategy import SkipReason, build_strategy
 from conftest import REPO, run_py, torchrun
 from strategy_probe import TinyNet, bce
 
@@ -77,27 +77,31 @@ def test_nonfinite_loss_is_skipped_and_weights_untouched():
     x, y = torch.randn(2, 3, 8, 8), torch.ones(2, 1, 8, 8)
     nan_loss = lambda out, tgt: (out.float().mean() * math.nan, {})
     strategy.forward_backward(x, y, nan_loss, sync=True)
-    assert strategy.optimizer_step().skipped == "non-finite loss"
+    assert strategy.optimizer_step().skipped is SkipReason.NON_FINITE_LOSS
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     strategy.forward_backward(x, y, bce, sync=True)
     assert strategy.optimizer_step().skipped is None
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def client(step):
+    return ClientState(train={"step": step}, world_size=1, loader=[{"batches": step}], rng=[{}])
+
+
 def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path):
     cfg = load_config(None, ["train.channels_last=false"])
     strategy = build_strategy(cfg, TinyNet(), total_steps=10)
     for step in (2, 4, 6):
-        save_checkpoint(tmp_path, step, strategy, {"step": step}, keep=2)
+        save_checkpoint(tmp_path, step, strategy, client(step), keep=2)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000004", "step-00000006"]
     # An interrupted save leaves only a hidden temporary directory: never picked for resume.
     debris = tmp_path / "checkpoints" / ".step-00000008.tmp"
     debris.mkdir()
     (debris / "state.pt").write_bytes(b"half a checkpoint")
     assert resume_path(tmp_path, "auto").name == "step-00000006"
-    assert strategy.load(resume_path(tmp_path, "auto")) == {"step": 6}
+    assert load_checkpoint(resume_path(tmp_path, "auto"), strategy) == client(6)
     # ... and the next save of that step cleans the debris up.
-    save_checkpoint(tmp_path, 8, strategy, {"step": 8}, keep=2)
+    save_checkpoint(tmp_path, 8, strategy, client(8), keep=2)
     assert not debris.exists() and resume_path(tmp_path, "auto").name == "step-00000008"
     assert resume_path(tmp_path, "none") is None
     with pytest.raises(FileNotFoundError, match="train.resume='nope'.*valid values"):

@@ -14,7 +14,7 @@ from salnet.config import load_config
 from salnet.data import ValStream
 from salnet.model import build_model
 from salnet.shards.synth import synthesize
-from salnet.validate import predict_at_mask_size
+from salnet.validate import probabilities_at
 from conftest import run_py, torchrun
 
 
@@ -61,7 +61,8 @@ def assert_metrics_are_those_of_best_pt(run_dir, best):
     refs = {"F": Fmeasure(), "E": Emeasure(), "S": Smeasure(), "MAE": MAE()}
     for batch in ValStream(cfg.data, rank=0, world_size=1):
         images = to_model_input(batch["image"], torch.device("cpu"), channels_last=True)
-        preds = predict_at_mask_size(model, images, [tuple(m.shape) for m in batch["masks"]])
+        with torch.no_grad():
+            preds = probabilities_at(model(images), [tuple(m.shape) for m in batch["masks"]])
         for pred, mask in zip(preds, batch["masks"]):
             pred_png = (pred.numpy() * 255).astype(np.uint8)  # as a saved 8-bit prediction map
             for ref in refs.values():

@@ -49,22 +49,19 @@ def run_case(cfg, steps: int, out: Path) -> None:
     losses = []
     for _ in range(steps):
         micro_batches = [uint8_batch(gen, cfg.data.batch_size, cfg.data.size) for _ in range(cfg.train.grad_accum)]
-        window: dict = {}
-        result = train_step(strategy, loss_fn, micro_batches, cfg.train.channels_last, window)
+        result, step_losses = train_step(strategy, loss_fn, micro_batches, cfg.train.channels_last, stop=0)
         assert result.skipped is None, result
-        losses.append(dist.all_reduce_scalar(float(window["loss"]), "avg"))
+        losses.append(dist.all_reduce_scalar(float(step_losses["loss"]), "avg"))
     weights = strategy.fp32_state_dict()
-    images = to_model_input(uint8_batch(torch.Generator().manual_seed(7), 2, cfg.data.size)["image"], dist.device(), cfg.train.channels_last)
-    strategy.eval_model.eval()
-    with torch.no_grad(), strategy.autocast():
-        predictions = strategy.eval_model(images).float().cpu()
-    strategy.model.train()
-    record = {"losses": losses, "images": images.cpu(), "predictions": predictions}
+    images = uint8_batch(torch.Generator().manual_seed(7), 2, cfg.data.size)["image"]
+    predictions = strategy.predict(images).cpu()
+    strategy.train()
+    record = {"losses": losses, "images": to_model_input(images, dist.device(), cfg.train.channels_last).cpu(), "predictions": predictions}
     if cfg.train.strategy == "deepspeed":
-        result = train_step(strategy, infinite_on_rank_1(loss_fn), [uint8_batch(gen, cfg.data.batch_size, cfg.data.size)], cfg.train.channels_last, {})
+        result, _ = train_step(strategy, infinite_on_rank_1(loss_fn), [uint8_batch(gen, cfg.data.batch_size, cfg.data.size)], cfg.train.channels_last, stop=0)
         after = strategy.fp32_state_dict()
         # Parameters only: the forward pass itself moved BatchNorm's running statistics, as under DDP.
-        record["bad_step"] = {"skipped": dist.all_gather_object(result.skipped),
+        record["bad_step"] = {"skipped": dist.all_gather_object(str(result.skipped)),
                               "parameters_unchanged": all(torch.equal(weights[k], after[k]) for k, _ in strategy.module.named_parameters())}
     if dist.is_main():
         save_best(out, weights, cfg.model_dump(mode="json"), {}, steps)

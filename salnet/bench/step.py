@@ -106,10 +106,9 @@ def salnet_step_of(cfg, model):
 
     loss_fn = build_loss(cfg.loss)
     strategy = build_strategy(cfg, model, total_steps=10**6)
-    losses: dict = {}
 
     def salnet_step(batch):
-        train_step(strategy, loss_fn, [batch], cfg.train.channels_last, losses)
+        train_step(strategy, loss_fn, [batch], cfg.train.channels_last, stop=0)
 
     return salnet_step, strategy, loss_fn
 
@@ -238,7 +237,7 @@ def measure_pipeline(args) -> dict:
     from salnet.data import TrainStream
     from salnet.shards.parallel import available_cpus
     from salnet.shards.synth import synthesize
-    from salnet.train import DataClock
+    from salnet.runlog import DataClock
 
     with tempfile.TemporaryDirectory() as tmp:
         n = args.batch * (args.steps + 1) * 2

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from salnet.config import DataConfig
+from salnet.preemption import ignore_stop_signals
 from salnet.data.plan import Piece, TrainPlan, split_blocks, val_batch_count, val_batches
 from salnet.data.reader import RawSample, in_order, read_positions
 from salnet.data.sources import DataError, Shard, open_shard_set
@@ -80,8 +81,10 @@ def _loader(dataset: IterableDataset, workers: int, cfg: DataConfig) -> DataLoad
     # A generator of its own: otherwise every new iterator draws its base seed from torch's global
     # RNG, and a resumed run (one iterator fewer) would continue one draw behind. Augmentation is
     # seeded per batch from the plan, so this seed decides nothing.
+    # Workers ignore the stop signals Slurm sends to every process of a job: the training process
+    # decides when to stop (salnet.preemption), and its workers go when it does.
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(0),
+                      generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals,
                       prefetch_factor=cfg.prefetch if workers else None,
                       persistent_workers=cfg.persistent_workers and workers > 0)
 

@@ -45,6 +45,16 @@ Every reported value is a mean over images of per-image values, so the state is 
 sharding the images over ranks gives the single-process result up to float64 summation order.
 """
 
-from salnet.metrics.accumulator import FAMILIES, SODMetrics
+from salnet.metrics.names import FAMILIES, LOWER_IS_BETTER, METRICS, is_better, metric_names
 
-__all__ = ["FAMILIES", "SODMetrics"]
+__all__ = ["FAMILIES", "LOWER_IS_BETTER", "METRICS", "SODMetrics", "is_better", "metric_names"]
+
+
+def __getattr__(name: str):
+    # SODMetrics imports torch; the names above must not (salnet.config reads them before any
+    # heavy import), so the accumulator loads on first use of SODMetrics.
+    if name == "SODMetrics":
+        from salnet.metrics.accumulator import SODMetrics
+
+        return SODMetrics
+    raise AttributeError(f"module 'salnet.metrics' has no attribute {name!r}")

@@ -10,9 +10,11 @@ from salnet import dist
 from salnet.metrics.histogram import LEVELS, combine, count_pixels
 from salnet.metrics.inputs import Batch, Images, batches
 from salnet.metrics.measures import curves_and_adaptive, mae, s_measure
+from salnet.metrics.names import FAMILIES, FAMILY_METRICS
 from salnet.metrics.weighted_f import weighted_f_measure
 
-# Per family: the per-image quantities summed over images, and their lengths.
+# Per family: the per-image quantities summed over images, and their lengths (names.py lists
+# what compute() reports from them).
 FIELDS = {
     "F": (("precision", LEVELS), ("recall", LEVELS), ("F", LEVELS), ("adpF", 1)),
     "E": (("E", LEVELS), ("adpE", 1)),
@@ -20,7 +22,7 @@ FIELDS = {
     "wF": (("wF", 1),),
     "MAE": (("MAE", 1),),
 }
-FAMILIES = tuple(FIELDS)
+assert tuple(FIELDS) == FAMILIES
 
 
 class SODMetrics:
@@ -84,14 +86,13 @@ class SODMetrics:
         """Means over images: maxF, meanF, adpF (F); maxE, meanE, adpE (E); S; wF; MAE."""
         means = self._means()
         out = {}
-        for curve in ("F", "E"):
-            if curve in self.metrics:
-                out[f"max{curve}"] = means[curve].max().item()
-                out[f"mean{curve}"] = means[curve].mean().item()
-                out[f"adp{curve}"] = means[f"adp{curve}"].item()
-        for scalar in ("S", "wF", "MAE"):
-            if scalar in self.metrics:
-                out[scalar] = means[scalar].item()
+        for family in self.metrics:
+            for name in FAMILY_METRICS[family]:
+                if name.startswith(("max", "mean")):  # the best and the mean point of a curve
+                    curve = means[name.removeprefix("max").removeprefix("mean")]
+                    out[name] = (curve.max() if name.startswith("max") else curve.mean()).item()
+                else:
+                    out[name] = means[name].item()
         return out
 
     def curves(self) -> dict[str, list]:

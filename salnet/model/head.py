@@ -1,4 +1,4 @@
-"""Saliency heads: the fused logit from all pyramid levels, and one side logit per level."""
+"""The fusion head: one logit map from all pyramid levels (the per-level side logits of deep supervision are 1x1 convs in salnet.py)."""
 
 from __future__ import annotations
 

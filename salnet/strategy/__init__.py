@@ -15,9 +15,9 @@ and saving/loading that state. The trainer talks to it through `Strategy` only.
 from torch import nn
 
 from salnet.config import Config
-from salnet.strategy.base import StepResult, Strategy
+from salnet.strategy.base import SkipReason, StepResult, Strategy
 
-__all__ = ["StepResult", "Strategy", "build_strategy"]
+__all__ = ["SkipReason", "StepResult", "Strategy", "build_strategy"]
 
 
 def build_strategy(cfg: Config, model: nn.Module, total_steps: int) -> Strategy:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import re
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -13,54 +15,115 @@ from torch import nn
 
 from salnet import dist
 from salnet.config import Config
+from salnet.data import to_model_input
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class SkipReason(enum.Enum):
+    """Why an optimizer step was not applied (the same verdict on every rank)."""
+
+    NON_FINITE_LOSS = "non-finite loss"
+    NON_FINITE_GRADIENTS = "non-finite gradients"
+    FP16_OVERFLOW = "fp16 overflow (scale lowered)"  # the gradient scaler's routine, not a sign of divergence
+
+    @property
+    def diverging(self) -> bool:
+        """Counts towards train.max_bad_steps."""
+        return self is not SkipReason.FP16_OVERFLOW
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
 class StepResult:
     grad_norm: float
-    skipped: Optional[str] = None  # why the optimizer step was skipped, None if it was taken
+    skipped: Optional[SkipReason] = None  # why the optimizer step was skipped, None if it was taken
+    stop: int = 0  # the largest stop code any rank asked for (0: none): every rank gets the same answer
 
 
-class Strategy:
-    """Interface the trainer uses; see DDPStrategy for the reference implementation."""
+class Strategy(ABC):
+    """What the trainer, validation and checkpoints use; DDPStrategy is the reference implementation.
+
+    Implementations set `module` (the plain network underneath any wrapper: what checkpoints and
+    best.pt hold), `amp_dtype`, and implement the abstract methods.
+    """
 
     # ZeRO-3 gathers parameters collectively inside forward: every rank must run the same
     # number of forward passes, so validation adds flagged padding batches.
     needs_equal_forward_passes = False
 
-    model: nn.Module          # what the trainer calls for forward (possibly wrapped/compiled)
-    module: nn.Module         # the plain network underneath
-    eval_model: nn.Module     # what validation calls: no gradient sync, no buffer broadcast
+    module: nn.Module
     amp_dtype: Optional[torch.dtype] = None  # autocast dtype of train.amp; None for fp32
 
-    def forward_backward(self, image: torch.Tensor, target: torch.Tensor, loss_fn: Callable, sync: bool):
-        raise NotImplementedError
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
 
-    def optimizer_step(self) -> StepResult:
-        raise NotImplementedError
+    @abstractmethod
+    def train(self) -> None:
+        """Put the network, and any wrapper around it, in training mode (before stepping again)."""
 
+    @abstractmethod
+    def forward_backward(self, image: torch.Tensor, target: torch.Tensor, loss_fn: Callable,
+                         sync: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of one micro-batch; `sync` on the last one of an optimizer step."""
+
+    @abstractmethod
+    def optimizer_step(self, stop: int = 0) -> StepResult:
+        """Apply the accumulated gradients (or skip on every rank together), step the schedule.
+
+        `stop`: this rank's stop code (a preemption signal's exit code; 0: none). The result's
+        `stop` is the largest over all ranks, agreed in a collective the step does anyway where
+        the strategy has one.
+        """
+
+    @abstractmethod
     def lr(self) -> float:
-        raise NotImplementedError
+        """The decoder's current learning rate (what logs show)."""
 
     def autocast(self):
-        return torch.autocast(dist.device().type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+        return autocast(self.amp_dtype)
 
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Fused float32 logits [B, 1, H, W] for a uint8 batch [B, 3, H, W], in eval mode.
+
+        Runs the plain module, never a wrapper: no gradient hooks, and ranks holding different
+        numbers of val batches never meet in one of DDP's collectives. Call `train()` afterwards.
+        """
+        return predict_logits(self.module, images, self.amp_dtype, self.cfg.train.channels_last)
+
+    @abstractmethod
     def save(self, directory: Path, client_state: dict) -> None:
         """Write the full training state (all ranks call this) into `directory`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load(self, directory: Path) -> dict:
         """Restore the training state from `directory`; returns the client state saved with it."""
-        raise NotImplementedError
 
+    @abstractmethod
     def fp32_state_dict(self) -> dict:
         """Consolidated float32 weights of the plain network (same format for every strategy).
 
         All ranks call this: under ZeRO the weights are gathered from every rank's partition.
         """
-        raise NotImplementedError
+
+
+def autocast(amp_dtype: Optional[torch.dtype], device: Optional[torch.device] = None):
+    """Autocast to `amp_dtype` on this rank's device (None: a disabled context, fp32)."""
+    return torch.autocast((device or dist.device()).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+@torch.no_grad()
+def predict_logits(module: nn.Module, images: torch.Tensor, amp_dtype: Optional[torch.dtype] = None,
+                   channels_last: bool = True, device: Optional[torch.device] = None) -> torch.Tensor:
+    """A network's fused float32 logits for a uint8 batch: eval mode, normalised input, autocast.
+
+    What validation runs, for a strategy's module or any plain SalNet (evaluation, tests)."""
+    device = device or dist.device()
+    module.eval()
+    with autocast(amp_dtype, device):
+        return module(to_model_input(images, device, channels_last)).float()
 
 
 def decoder_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -1,7 +1,8 @@
 """DDP (train.strategy=ddp): DistributedDataParallel, or the bare module in a single process.
 
 Non-finite handling: every rank contributes a flag to one all-reduce per optimizer step, so all
-ranks skip together; a NaN on one rank never leaves the others waiting in a collective.
+ranks skip together; a NaN on one rank never leaves the others waiting in a collective. The same
+all-reduce carries each rank's stop request (a preemption signal), so agreeing on it is free.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 from salnet import dist
 from salnet.config import Config
 from salnet.optim import build_optimizer, build_schedule
-from salnet.strategy.base import (AMP_DTYPES, StepResult, Strategy, broadcast_buffers, decoder_lr, fp32_copy, step_schedule,
-                                  with_sync_bn)
+from salnet.strategy.base import (AMP_DTYPES, SkipReason, StepResult, Strategy, broadcast_buffers, decoder_lr, fp32_copy,
+                                  step_schedule, with_sync_bn)
 
 STATE_FILE = "state.pt"  # a DDP checkpoint is this one file, written by rank 0
 
@@ -26,7 +27,7 @@ class DDPStrategy(Strategy):
     """DistributedDataParallel (or the bare module in a single process)."""
 
     def __init__(self, cfg: Config, model: nn.Module, total_steps: int):
-        self.cfg = cfg
+        super().__init__(cfg)
         device = dist.device()
         train = cfg.train
         model = with_sync_bn(model, cfg)
@@ -44,28 +45,28 @@ class DDPStrategy(Strategy):
                 # every forward, so validation (which bypasses the wrapper) sees rank 0's statistics.
                 forward_sync_buffers=False)
         self._ddp = model if isinstance(model, DistributedDataParallel) else None
-        self.model = torch.compile(model) if train.compile else model
-        # Validation bypasses the DDP wrapper: it needs no gradient hooks, and ranks holding
-        # different numbers of val batches must never meet in one of the wrapper's collectives.
-        self.eval_model = self.module
+        self._train_model = torch.compile(model) if train.compile else model
         self.amp_dtype = AMP_DTYPES.get(train.amp)
         # A gradient scaler only for fp16: bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(device.type, enabled=train.amp == "fp16")
         self.grad_accum = train.grad_accum
         self._loss_finite = torch.ones((), dtype=torch.bool, device=device)
 
+    def train(self) -> None:
+        self._train_model.train()
+
     def forward_backward(self, image, target, loss_fn, sync: bool):
         # no_sync on all but the last micro-step: gradients are all-reduced once per optimizer step.
         no_sync = self._ddp.no_sync() if (self._ddp is not None and not sync) else contextlib.nullcontext()
         with no_sync:
             with self.autocast():
-                outputs = self.model(image)
+                outputs = self._train_model(image)
             total, parts = loss_fn(outputs, target)  # the loss computes in float32 itself
             self.scaler.scale(total / self.grad_accum).backward()
         self._loss_finite &= torch.isfinite(total.detach())
         return total.detach(), parts
 
-    def optimizer_step(self) -> StepResult:
+    def optimizer_step(self, stop: int = 0) -> StepResult:
         self.scaler.unscale_(self.optimizer)  # clip on true gradients, not scaled ones
         clip = self.cfg.optim.grad_clip
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
@@ -74,29 +75,29 @@ class DDPStrategy(Strategy):
         norm = torch.nn.utils.get_total_norm(grads)
         if clip is not None:
             torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), clip, norm)
-        loss_bad = not bool(self._loss_finite)
-        grads_bad = not bool(torch.isfinite(norm))
-        # One collective decides for all ranks: 2 = a non-finite loss somewhere, 1 = non-finite grads.
-        verdict = dist.all_reduce_scalar(2 * loss_bad + grads_bad, "max") if dist.world_size() > 1 else 2 * loss_bad + grads_bad
+        # One collective decides for all ranks: [2 = a non-finite loss somewhere, 1 = non-finite
+        # gradients; the largest stop code].
+        bad, stop_anywhere = dist.all_reduce_values(
+            [2 * (not bool(self._loss_finite)) + (not bool(torch.isfinite(norm))), stop], "max")
         skipped = None
-        if verdict >= 2:
-            skipped = "non-finite loss"
-        elif verdict >= 1 and not self.scaler.is_enabled():
-            skipped = "non-finite gradients"
+        if bad >= 2:
+            skipped = SkipReason.NON_FINITE_LOSS
+        elif bad >= 1 and not self.scaler.is_enabled():
+            skipped = SkipReason.NON_FINITE_GRADIENTS
         if skipped is None:
             # Under fp16 an overflow is the scaler's business: it skips the step and lowers the scale.
             scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if scale_before is not None and self.scaler.get_scale() < scale_before:
-                skipped = "fp16 overflow (scale lowered)"
+                skipped = SkipReason.FP16_OVERFLOW
         elif self.scaler.is_enabled():
             self.scaler.update()
         step_schedule(self.schedule)
         broadcast_buffers(self.module)
         self.optimizer.zero_grad(set_to_none=True)
         self._loss_finite.fill_(True)
-        return StepResult(grad_norm=float(norm), skipped=skipped)
+        return StepResult(grad_norm=float(norm), skipped=skipped, stop=int(stop_anywhere))
 
     def lr(self) -> float:
         return decoder_lr(self.optimizer)

@@ -7,8 +7,10 @@ How the engine maps onto the Strategy interface:
 - optimizer_step: engine.step(). ZeRO skips a step whose gradient norm is not finite; that norm is
   all-reduced, so every rank skips together. A non-finite loss is made to poison the gradients, so
   that check sees it even when autograd would not have. salnet's lr schedule (the one DDP uses) is
-  stepped here, skipped steps included. BatchNorm buffers are then broadcast from rank 0, as DDP
-  does before each forward, so every rank validates, saves and exports the same network.
+  stepped here, skipped steps included. BatchNorm buffers are then broadcast from rank 0, as under
+  DDP (after every optimizer step), so every rank validates, saves and exports the same network.
+  The stop request (a preemption signal) is agreed in one extra small all-reduce: the engine's
+  own collectives cannot carry it.
 - save/load: engine.save_checkpoint/load_checkpoint write into and read from the directory
   salnet.checkpoint hands over (its hidden temporary directory while saving, so an interrupted save
   is never resumed from), next to salnet_state.pt (schedule, client state, world size). Every file,
@@ -35,8 +37,8 @@ from salnet import dist
 from salnet.config import Config
 from salnet.fsio import atomic_write
 from salnet.optim import build_schedule, param_groups
-from salnet.strategy.base import (AMP_DTYPES, StepResult, Strategy, broadcast_buffers, decoder_lr, fp32_copy, step_schedule,
-                                  with_sync_bn)
+from salnet.strategy.base import (AMP_DTYPES, SkipReason, StepResult, Strategy, broadcast_buffers, decoder_lr, fp32_copy,
+                                  step_schedule, with_sync_bn)
 from salnet.strategy.zero_config import deepspeed_config
 
 if not torch.cuda.is_available():
@@ -83,6 +85,7 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
 
 class DeepSpeedStrategy(Strategy):
     def __init__(self, cfg: Config, model: nn.Module, total_steps: int):
+        super().__init__(cfg)
         train = cfg.train
         if train.amp == "fp16" and dist.device().type != "cuda":
             raise ValueError("train.amp=fp16 with train.strategy=deepspeed needs CUDA: DeepSpeed's CPU accelerator has no fp16; "
@@ -100,9 +103,7 @@ class DeepSpeedStrategy(Strategy):
             # Built like DeepSpeed builds its own, from the engine's parsed config (no public accessor).
             engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
         self.engine = engine
-        self.model = engine
-        self.module = engine.module
-        self.eval_model = engine.module  # ZeRO-3's gathering hooks sit on the module itself
+        self.module = engine.module  # ZeRO-3's gathering hooks sit on the module itself: predict() works on it
         self.needs_equal_forward_passes = train.zero_stage == 3
         self.amp_dtype = AMP_DTYPES.get(train.amp)
         # The schedule wraps the torch optimizer inside ZeRO, whose param groups hold the
@@ -112,6 +113,9 @@ class DeepSpeedStrategy(Strategy):
         if dist.is_main():
             with atomic_write(cfg.run_dir / CONFIG_FILE) as f:
                 json.dump(self.ds_config, f, indent=2)
+
+    def train(self) -> None:
+        self.engine.train()
 
     def forward_backward(self, image, target, loss_fn, sync: bool):
         self.engine.set_gradient_accumulation_boundary(sync)
@@ -124,21 +128,21 @@ class DeepSpeedStrategy(Strategy):
         self.engine.backward(total * torch.where(finite, 1.0, torch.nan))
         return total.detach(), parts
 
-    def optimizer_step(self) -> StepResult:
+    def optimizer_step(self, stop: int = 0) -> StepResult:
         self.engine.step()
         skipped = None
         if not self.engine.was_step_applied():  # the same verdict on every rank: the norm was all-reduced
             if dist.any_rank(not bool(self._loss_finite)):
-                skipped = "non-finite loss"
+                skipped = SkipReason.NON_FINITE_LOSS
             elif self.amp_dtype == torch.float16:
-                skipped = "fp16 overflow (scale lowered)"
+                skipped = SkipReason.FP16_OVERFLOW
             else:
-                skipped = "non-finite gradients"
+                skipped = SkipReason.NON_FINITE_GRADIENTS
         step_schedule(self.schedule)
         broadcast_buffers(self.module)
         self._loss_finite.fill_(True)
         norm = self.engine.get_global_grad_norm()
-        return StepResult(grad_norm=float(norm) if norm is not None else float("nan"), skipped=skipped)
+        return StepResult(grad_norm=float(norm) if norm is not None else float("nan"), skipped=skipped, stop=int(dist.all_reduce_scalar(stop, "max")))
 
     def lr(self) -> float:
         return decoder_lr(self.engine.basic_optimizer)

@@ -46,7 +46,7 @@ def derived_keys(cfg: Config, world_size: int) -> list[tuple[str, Any, str]]:
     keys = [
         ("train_micro_batch_size_per_gpu", data.batch_size, f"data.batch_size={data.batch_size}"),
         ("gradient_accumulation_steps", train.grad_accum, f"train.grad_accum={train.grad_accum}"),
-        ("train_batch_size", world_size * data.batch_size * train.grad_accum,
+        ("train_batch_size", cfg.global_batch(world_size),
          f"{world_size} ranks x data.batch_size={data.batch_size} x train.grad_accum={train.grad_accum}"),
         ("gradient_clipping", optim.grad_clip or 0.0, f"optim.grad_clip={optim.grad_clip}"),
         ("zero_optimization.stage", train.zero_stage, f"train.zero_stage={train.zero_stage}"),

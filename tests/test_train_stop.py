@@ -1,0 +1,143 @@
+"""Stop signals in the training loop (the part shared by torchrun, srun and Submitit): every rank
+stops at the same step, saves there, exits with the code that says what happened, and a resumed run
+ends exactly where an uninterrupted one does. The Slurm end of it is in test_slurm.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from salnet.checkpoint import complete_checkpoints
+from salnet.preemption import EXIT_REQUEUE
+from salnet.shards.synth import synthesize
+from conftest import REPO, free_port, torchrun
+from test_train import records, tiny_config
+
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    train, val = synthesize(root / "demo", train=64, val=16, size=64, seed=5)
+    return {"train": train, "val": val}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shards):
+    """The final checkpoint of a run nobody stopped."""
+    path, run_dir = run_config(tmp_path_factory.mktemp("uninterrupted"), shards)
+    torchrun(2, ["-m", "salnet.train", "--config", path], timeout=400)
+    return torch.load(run_dir / "checkpoints" / f"step-{STEPS:08d}" / "state.pt", weights_only=True)
+
+
+def run_config(tmp_path, shards):
+    return tiny_config(tmp_path, shards, train={"steps": STEPS}, eval={"every": 8}, checkpoint={"every": STEPS, "keep": 5},
+                       log={"every": 1})
+
+
+def popen(args, env=None):
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, *map(str, args)], env=full_env, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_step(run_dir, step, procs, timeout=300):
+    """Block until metrics.jsonl has logged `step` (the run is well inside its loop)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(json.loads(line).get("step", 0) >= step for line in path.read_text().splitlines() if line.endswith("}")):
+            return
+        for p in procs:
+            if p.poll() is not None:
+                pytest.fail(f"process exited early ({p.returncode}):\n{p.stdout.read()}\n{p.stderr.read()}")
+        time.sleep(0.05)
+    pytest.fail(f"step {step} not logged within {timeout} s")
+
+
+def children(pid):
+    """Process ids whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+def assert_resumed_run_equals(run_dir, uninterrupted):
+    final = torch.load(run_dir / "checkpoints" / f"step-{STEPS:08d}" / "state.pt", weights_only=True)
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(value, final["model"][key]), key
+    for a, b in zip(uninterrupted["optimizer"]["state"].values(), final["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert uninterrupted["client"]["train"] == final["client"]["train"]
+    # metrics.jsonl reads as one run: every step once.
+    steps = [r["step"] for r in records(run_dir, "train")]
+    assert steps == list(range(1, STEPS + 1))
+
+
+def test_a_warning_signal_to_one_rank_stops_every_rank_at_one_step_and_resume_is_exact(tmp_path, shards, uninterrupted):
+    path, run_dir = run_config(tmp_path, shards)
+    port = free_port()
+    ranks = [popen(["-m", "salnet.train", "--config", path],
+                   env={"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in range(2)]
+    wait_for_step(run_dir, 3, ranks)
+    ranks[1].send_signal(signal.SIGUSR2)  # rank 1 only: rank 0 learns of it in the step's all-reduce
+    outs = [p.communicate(timeout=120) for p in ranks]
+    assert [p.returncode for p in ranks] == [EXIT_REQUEUE, EXIT_REQUEUE], outs
+    stopped = [line for line in outs[0][0].splitlines() if line.startswith("stopped at step")]
+    assert len(stopped) == 1 and "a signal to another rank" in stopped[0], outs[0][0]
+    step = int(stopped[0].split()[3])
+    assert 3 <= step < STEPS
+    # one checkpoint, at the agreed step, written by both ranks together
+    assert [p.name for p in complete_checkpoints(run_dir)] == [f"step-{step:08d}"]
+    assert torch.load(complete_checkpoints(run_dir)[0] / "state.pt", weights_only=True)["client"]["train"]["step"] == step
+
+    out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=400).stdout
+    assert f"step-{step:08d} at step {step}" in out
+    assert_resumed_run_equals(run_dir, uninterrupted)
+
+
+def test_sigterm_to_torchrun_saves_and_does_not_ask_for_a_requeue(tmp_path, shards):
+    path, run_dir = run_config(tmp_path, shards)
+    agent = popen(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                   f"--master_port={free_port()}", "-m", "salnet.train", "--config", path])
+    wait_for_step(run_dir, 2, [agent])
+    agent.send_signal(signal.SIGTERM)  # torchrun's agent passes SIGTERM on to its workers
+    out, err = agent.communicate(timeout=120)
+    assert agent.returncode != 0
+    assert "stopped at step" in out and "SIGTERM" in out, out + err
+    step = int(out.split("stopped at step ")[1].split()[0])
+    assert [p.name for p in complete_checkpoints(run_dir)] == [f"step-{step:08d}"]
+    # (torchrun's agent reports only its own SignalException, not the ranks' exit code 76: that
+    # mapping is tested in test_preemption.py)
+
+
+def test_torchrun_max_restarts_resumes_from_the_newest_checkpoint(tmp_path, shards, uninterrupted):
+    path, run_dir = run_config(tmp_path, shards)
+    config = json.loads(json.dumps(__import__("yaml").safe_load(path.read_text())))
+    config["checkpoint"]["every"] = 4
+    path.write_text(__import__("yaml").safe_dump(config))
+    # The c10d rendezvous (torchrun's choice for elastic jobs): every restart rendezvouses afresh.
+    agent = popen(["-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1", "--rdzv-backend=c10d",
+                   f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "salnet.train", "--config", path])
+    wait_for_step(run_dir, 5, [agent])  # past the step-4 checkpoint
+    workers = children(agent.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)  # a crash, not a stop: the agent restarts both ranks
+    out, err = agent.communicate(timeout=400)
+    assert agent.returncode == 0, out + err
+    assert "resumed from" in out
+    assert_resumed_run_equals(run_dir, uninterrupted)
