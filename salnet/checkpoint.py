@@ -20,7 +20,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -41,12 +41,13 @@ class ClientState:
     world_size: int     # the loader positions and RNG streams below are per rank of this many
     loader: list[dict]  # every rank's TrainStream.state_dict()
     rng: list[dict]     # every rank's rng_state()
+    inputs: list[dict] = field(default_factory=list)  # every rank's TrainInput.state_dict() (device-side draws)
 
     @classmethod
-    def gather(cls, train: dict, loader: dict) -> "ClientState":
-        """All ranks call this: the loop state, and this rank's loader position and RNG from each rank."""
+    def gather(cls, train: dict, loader: dict, inputs: dict) -> "ClientState":
+        """All ranks call this: the loop state, and from each rank its loader position, input stage and RNG."""
         return cls(train=train, world_size=dist.world_size(), loader=dist.all_gather_object(loader),
-                   rng=dist.all_gather_object(rng_state()))
+                   rng=dist.all_gather_object(rng_state()), inputs=dist.all_gather_object(inputs))
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

@@ -23,7 +23,7 @@ from salnet import dist
 from salnet.checkpoint import (ClientState, clear_run, load_checkpoint, resume_path, save_best, save_checkpoint,
                                set_rng_state)
 from salnet.config import Config, parse_config, save_config, to_yaml
-from salnet.data import TrainBatch, TrainStream, ValStream, to_model_input, to_target
+from salnet.data import TrainBatch, TrainInput, TrainStream, ValStream
 from salnet.loss import build_loss
 from salnet.metrics import SODMetrics, is_better
 from salnet.model import build_model
@@ -76,15 +76,13 @@ def step_batches(train_data: TrainStream, state: TrainState, total_steps: int, g
         state.epoch += 1  # the epoch's batches ran out before the step budget
 
 
-def train_step(strategy: Strategy, loss_fn, micro_batches: list[TrainBatch], channels_last: bool,
+def train_step(strategy: Strategy, loss_fn, micro_batches: list[TrainBatch], adjust_input: TrainInput,
                stop: int) -> tuple[StepResult, dict[str, torch.Tensor]]:
     """One optimizer step over `micro_batches`: the result, and each loss component's mean (on the device)."""
-    device = dist.device()
     losses: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         # adjust input: to the device, float, normalised, channels_last
-        image = to_model_input(batch["image"], device, channels_last)
-        target = to_target(batch["mask"], device)
+        image, target = adjust_input(batch)
         # forward, loss, backward (gradients are reduced across ranks on the last micro-batch)
         loss, parts = strategy.forward_backward(image, target, loss_fn, sync=i == len(micro_batches) - 1)
         for name, value in {"loss": loss, **parts}.items():  # kept on the device: no sync per micro-step
@@ -107,6 +105,7 @@ class Trainer:
         self.cfg, self.run_dir, self.world = cfg, cfg.run_dir, dist.world_size()
         # ---- prepare data ------------------------------------------------------------------
         self.train_data = TrainStream(cfg.data, seed=cfg.train.seed, rank=dist.rank(), world_size=self.world)
+        self.adjust_input = TrainInput(cfg.data, dist.device(), cfg.train.channels_last)
         self.steps_per_epoch = self.train_data.steps_per_epoch // cfg.train.grad_accum
         if self.steps_per_epoch == 0:
             raise ValueError(f"an epoch has {self.train_data.steps_per_epoch} micro-batches per rank, fewer than "
@@ -140,6 +139,7 @@ class Trainer:
         state.saved_step = state.step
         if client.world_size == self.world:
             self.train_data.load_state_dict(client.loader[dist.rank()])
+            self.adjust_input.load_state_dict(client.inputs[dist.rank()] if client.inputs else {})
             set_rng_state(client.rng[dist.rank()])
         else:
             # Per-rank loader positions and RNG streams do not map onto another world size.
@@ -165,7 +165,7 @@ class Trainer:
     def save(self, state: TrainState) -> None:
         """The full training state at this step: every rank's part, written atomically."""
         train = {k: v for k, v in asdict(state).items() if k != "saved_step"}
-        client = ClientState.gather(train, self.train_data.state_dict())
+        client = ClientState.gather(train, self.train_data.state_dict(), self.adjust_input.state_dict())
         save_checkpoint(self.run_dir, state.step, self.strategy, client, keep=self.cfg.checkpoint.keep)
         state.saved_step = state.step
 
@@ -213,7 +213,7 @@ def train(cfg: Config, stop: Optional[StopRequest] = None) -> dict:
     stopped = 0  # once a rank is signalled: the exit code every rank agreed on
     strategy.train()
     for micro_batches in step_batches(trainer.train_data, state, total, cfg.train.grad_accum, clock):
-        result, losses = train_step(strategy, trainer.loss_fn, micro_batches, cfg.train.channels_last, stop.exit_code())
+        result, losses = train_step(strategy, trainer.loss_fn, micro_batches, trainer.adjust_input, stop.exit_code())
         state.step += 1
         window.add(losses)
         trainer.count_skip(state, result, log)

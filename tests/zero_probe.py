@@ -18,7 +18,7 @@ import torch
 from salnet import dist
 from salnet.checkpoint import save_best
 from salnet.config import load_config
-from salnet.data import to_model_input
+from salnet.data import TrainInput, to_model_input
 from salnet.loss import build_loss
 from salnet.model import build_model
 from salnet.strategy import build_strategy
@@ -49,7 +49,7 @@ def run_case(cfg, steps: int, out: Path) -> None:
     losses = []
     for _ in range(steps):
         micro_batches = [uint8_batch(gen, cfg.data.batch_size, cfg.data.size) for _ in range(cfg.train.grad_accum)]
-        result, step_losses = train_step(strategy, loss_fn, micro_batches, cfg.train.channels_last, stop=0)
+        result, step_losses = train_step(strategy, loss_fn, micro_batches, TrainInput(cfg.data, dist.device(), cfg.train.channels_last), stop=0)
         assert result.skipped is None, result
         losses.append(dist.all_reduce_scalar(float(step_losses["loss"]), "avg"))
     weights = strategy.fp32_state_dict()
@@ -58,7 +58,7 @@ def run_case(cfg, steps: int, out: Path) -> None:
     strategy.train()
     record = {"losses": losses, "images": to_model_input(images, dist.device(), cfg.train.channels_last).cpu(), "predictions": predictions}
     if cfg.train.strategy == "deepspeed":
-        result, _ = train_step(strategy, infinite_on_rank_1(loss_fn), [uint8_batch(gen, cfg.data.batch_size, cfg.data.size)], cfg.train.channels_last, stop=0)
+        result, _ = train_step(strategy, infinite_on_rank_1(loss_fn), [uint8_batch(gen, cfg.data.batch_size, cfg.data.size)], TrainInput(cfg.data, dist.device(), cfg.train.channels_last), stop=0)
         after = strategy.fp32_state_dict()
         # Parameters only: the forward pass itself moved BatchNorm's running statistics, as under DDP.
         record["bad_step"] = {"skipped": dist.all_gather_object(str(result.skipped)),

@@ -100,15 +100,18 @@ def timed_steps(step_fn, batches, steps) -> float:
 
 def salnet_step_of(cfg, model):
     """salnet's train_step on `model` through the configured strategy."""
+    from salnet import dist
+    from salnet.data import TrainInput
     from salnet.loss import build_loss
     from salnet.strategy import build_strategy
     from salnet.train import train_step
 
     loss_fn = build_loss(cfg.loss)
     strategy = build_strategy(cfg, model, total_steps=10**6)
+    adjust_input = TrainInput(cfg.data, dist.device(), cfg.train.channels_last)
 
     def salnet_step(batch):
-        train_step(strategy, loss_fn, [batch], cfg.train.channels_last, stop=0)
+        train_step(strategy, loss_fn, [batch], adjust_input, stop=0)
 
     return salnet_step, strategy, loss_fn
 
