@@ -1,0 +1,76 @@
+"""PR curves and F-measure-vs-threshold curves, one figure per dataset, one line per method.
+
+`curves` is {dataset: {method: SODMetrics.curves()}}: 256 points per curve, point i at threshold
+255 - i. Figures are matplotlib `Figure`s drawn by the Agg canvas (no pyplot, no display, no
+global state), so they can be inspected before they are saved.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+Curves = dict[str, dict[str, dict[str, list]]]
+COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+LINESTYLES = ("-", "--", "-.", ":")
+FORMATS = ("png", "pdf", "svg")
+
+
+def _styles():
+    """Colour first, then line style: eleven methods and more stay distinguishable."""
+    for linestyle, colour in itertools.product(LINESTYLES, COLOURS):
+        yield {"color": colour, "linestyle": linestyle}
+
+
+def _figure() -> tuple[Figure, object]:
+    fig = Figure(figsize=(5, 4.2), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def pr_figure(dataset: str, by_method: dict[str, dict[str, list]]) -> Figure:
+    """Mean precision against mean recall over the 256 thresholds."""
+    fig, ax = _figure()
+    for (method, curve), style in zip(by_method.items(), _styles(), strict=False):
+        ax.plot(curve["recall"], curve["precision"], label=method, linewidth=1.5, **style)
+    ax.set(title=dataset, xlabel="Recall", ylabel="Precision", xlim=(0, 1))
+    ax.set_ylim(top=1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize="small")
+    return fig
+
+
+def fm_figure(dataset: str, by_method: dict[str, dict[str, list]]) -> Figure:
+    """Mean F-measure (beta^2 = 0.3) against the 8-bit binarisation threshold."""
+    fig, ax = _figure()
+    for (method, curve), style in zip(by_method.items(), _styles(), strict=False):
+        ax.plot(curve["threshold"], curve["F"], label=method, linewidth=1.5, **style)
+    ax.set(title=dataset, xlabel="Threshold", ylabel="F-measure", xlim=(0, 255))
+    ax.set_ylim(top=1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower center", fontsize="small")
+    return fig
+
+
+def figures(curves: Curves) -> dict[str, Figure]:
+    """{'pr_DATASET': PR figure, 'fm_DATASET': F-measure figure} for every dataset with F curves."""
+    out = {}
+    for dataset, by_method in curves.items():
+        with_f = {method: curve for method, curve in by_method.items() if "F" in curve}
+        if with_f:
+            out[f"pr_{dataset}"] = pr_figure(dataset, with_f)
+            out[f"fm_{dataset}"] = fm_figure(dataset, with_f)
+    return out
+
+
+def save(curves: Curves, out_dir: Path, fmt: str = "png") -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in figures(curves).items():
+        path = out_dir / f"{name}.{fmt}"
+        fig.savefig(path, format=fmt)
+        paths.append(path)
+    return paths

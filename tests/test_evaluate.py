@@ -1,0 +1,215 @@
+"""salnet.evaluate end to end: folders of maps against PySODMetrics, a checkpoint against validation,
+tables, curves and plots (real files, real gloo ranks, CPU)."""
+
+import csv
+import json
+import math
+import warnings
+
+import cv2
+import numpy as np
+import py_sod_metrics
+import pytest
+import torch
+from evaluation_data import SIZES, ecssd_folder, tiny_checkpoint
+from PIL import Image
+
+from salnet import evaluate
+from salnet.config import DataConfig
+from salnet.data import ValStream
+from salnet.evaluation import plots
+from salnet.evaluation.common import load_checkpoint, make_predict
+from salnet.metrics import SODMetrics
+from salnet.validate import validate
+
+from conftest import run_py, torchrun
+from shards_data import save, scene
+
+METRICS = ["maxF", "meanF", "adpF", "maxE", "meanE", "adpE", "S", "wF", "MAE"]
+
+
+def noisy_map(mask: np.ndarray, seed: int, quality: float) -> np.ndarray:
+    """A plausible saliency map: the mask blurred, mixed with noise; `quality` in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    blurred = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 3)
+    return np.clip(quality * blurred + (1 - quality) * 255 * rng.random(mask.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def maps(tmp_path_factory):
+    """Two datasets (a mask folder, and an ECSSD-layout folder) and three methods' maps of them:
+    'good' PNGs at the masks' size, 'small' PNGs at 32x40 (resized to the masks' by evaluate), 'colour' RGB JPEGs."""
+    root = tmp_path_factory.mktemp("maps")
+    for i, (h, w) in enumerate(SIZES[:6]):
+        save(Image.fromarray(scene(h, w, seed=100 + i)[1]), root / "gt-a" / f"a{i}.png")
+    ecssd_folder(root / "ECSSD", 5, first_seed=200)
+    truths = {"DS-A": root / "gt-a", "ECSSD": root / "ECSSD" / "ground_truth_mask"}
+    for dataset, gt_dir in truths.items():
+        for k, gt_path in enumerate(sorted(gt_dir.iterdir())):
+            mask = np.asarray(Image.open(gt_path))
+            good = noisy_map(mask, seed=k, quality=0.8)
+            save(Image.fromarray(good), root / "good" / dataset / gt_path.name)
+            save(Image.fromarray(noisy_map(mask, seed=k, quality=0.6)).resize((40, 32), Image.Resampling.BILINEAR),
+                 root / "small" / dataset / gt_path.name)
+            colour = np.stack([good, noisy_map(mask, seed=k + 50, quality=0.5), 255 - good], -1)
+            save(Image.fromarray(colour), root / "colour" / dataset / f"{gt_path.stem}.jpg")
+    return root, truths
+
+
+def reference(gt_dir, pred_dir, stems=None):
+    """PySODMetrics 1.6.2 on the pairs read as PySODEvalToolkit reads them (cv2 grayscale, bilinear resize)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f, e, s, wf, mae = (py_sod_metrics.Fmeasure(), py_sod_metrics.Emeasure(), py_sod_metrics.Smeasure(),
+                            py_sod_metrics.WeightedFmeasure(), py_sod_metrics.MAE())
+    preds = {p.stem: p for p in pred_dir.iterdir()}
+    for gt_path in sorted(gt_dir.iterdir()):
+        if stems is not None and gt_path.stem not in stems:
+            continue
+        gt = cv2.imread(str(gt_path), cv2.IMREAD_GRAYSCALE)
+        pred = cv2.imread(str(preds[gt_path.stem]), cv2.IMREAD_GRAYSCALE)
+        if pred.shape != gt.shape:
+            pred = cv2.resize(pred, dsize=gt.shape[::-1], interpolation=cv2.INTER_LINEAR).astype(np.uint8)
+        for metric in (f, e, s, wf, mae):
+            metric.step(pred=pred, gt=gt)
+    fr, er = f.get_results(), e.get_results()
+    values = {"maxF": fr["fm"]["curve"].max(), "meanF": fr["fm"]["curve"].mean(), "adpF": fr["fm"]["adp"],
+              "maxE": er["em"]["curve"].max(), "meanE": er["em"]["curve"].mean(), "adpE": er["em"]["adp"],
+              "S": s.get_results()["sm"], "wF": wf.get_results()["wfm"], "MAE": mae.get_results()["mae"]}
+    return {k: float(v) for k, v in values.items()}, fr["pr"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(maps):
+    """One sharded evaluation of the three methods on the two datasets, with every output."""
+    root, truths = maps
+    out = root / "results"
+    proc = torchrun(2, ["-m", "salnet.evaluate", "--pred", f"good={root / 'good'}", "--pred", str(root / "small"),
+                        "--pred", f"colour={root / 'colour'}", "--gt", f"DS-A={truths['DS-A']}", "--gt", str(root / "ECSSD"),
+                        "--out", out], timeout=240)
+    return out, proc
+
+
+def test_maps_in_folders_score_as_pysodmetrics_for_several_methods_and_datasets(maps, evaluated):
+    root, truths = maps
+    out, proc = evaluated
+    results = json.loads((out / "results.json").read_text())
+    curves = json.loads((out / "curves.json").read_text())
+    assert list(results) == ["DS-A", "ECSSD"]
+    for dataset, gt_dir in truths.items():
+        assert list(results[dataset]) == ["good", "small", "colour"]
+        for method in ("good", "small", "colour"):
+            want, pr = reference(gt_dir, root / method / dataset)
+            got = results[dataset][method]
+            assert got["images"] == len(list(gt_dir.iterdir())) and got["missing"] == got["extra"] == 0
+            for key in METRICS:
+                assert not math.isnan(want[key]), (dataset, method, key)
+                assert got[key] == pytest.approx(want[key], abs=1e-6), (dataset, method, key)
+            curve = curves[dataset][method]
+            assert curve["threshold"] == list(range(255, -1, -1))
+            np.testing.assert_allclose(curve["precision"], pr["p"], atol=1e-6)
+            np.testing.assert_allclose(curve["recall"], pr["r"], atol=1e-6)
+    for dataset in truths:  # the console table: a row per method under each dataset
+        assert dataset in proc.stdout
+        assert all(any(line.startswith(m) for line in proc.stdout.splitlines()) for m in ("good", "small", "colour"))
+
+
+def test_tables_hold_every_result(maps, evaluated):
+    out, _ = evaluated
+    results = json.loads((out / "results.json").read_text())
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["dataset"], r["method"]) for r in rows] == [(d, m) for d, by in results.items() for m in by]
+    for row in rows:
+        assert {k: float(row[k]) for k in METRICS} == {k: results[row["dataset"]][row["method"]][k] for k in METRICS}
+    md, tex = (out / "results.md").read_text(), (out / "results.tex").read_text()
+    best_maxf = max(results["ECSSD"].values(), key=lambda s: s["maxF"])["maxF"]
+    assert f"**{best_maxf:.4f}**" in md and md.count("| good |") == 2
+    assert r"\multicolumn{9}{c}{DS-A}" in tex and r"MAE$\downarrow$" in tex and f"\\textbf{{{best_maxf:.3f}}}" in tex
+    assert tex.count(r"\\") == 2 + 3  # two header rows, three methods
+
+
+def test_plots_are_real_pngs_with_one_line_per_method(evaluated):
+    out, _ = evaluated
+    for dataset in ("DS-A", "ECSSD"):
+        for kind in ("pr", "fm"):
+            with Image.open(out / "plots" / f"{kind}_{dataset}.png") as im:
+                assert im.format == "PNG" and im.size == (750, 630)
+                colours = len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0))
+            assert colours > 50, "an empty plot"
+    curves = json.loads((out / "curves.json").read_text())
+    figures = plots.figures(curves)
+    assert sorted(figures) == ["fm_DS-A", "fm_ECSSD", "pr_DS-A", "pr_ECSSD"]
+    for name, fig in figures.items():
+        (ax,) = fig.axes
+        assert [line.get_label() for line in ax.lines] == ["good", "small", "colour"], name
+        assert len({line.get_color() for line in ax.lines}) == 3
+        dataset = name.split("_", 1)[1]
+        x, y = ax.lines[1].get_data()
+        want = curves[dataset]["small"]
+        assert list(x) == (want["recall"] if name.startswith("pr") else want["threshold"])
+        assert list(y) == (want["precision"] if name.startswith("pr") else want["F"])
+
+
+def test_missing_and_extra_maps_are_listed_or_counted(maps, tmp_path, capsys):
+    root, truths = maps
+    pred = tmp_path / "partial"  # one dataset: the maps directly in the method's folder
+    for path in sorted((root / "good" / "DS-A").iterdir())[1:]:
+        (pred / path.name).parent.mkdir(exist_ok=True)
+        (pred / path.name).write_bytes(path.read_bytes())
+    (pred / "stray.png").write_bytes((root / "good" / "DS-A" / "a0.png").read_bytes())
+    args = ["--pred", f"partial={pred}", "--gt", f"DS-A={truths['DS-A']}", "--metrics", "F", "MAE"]
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err
+    assert "1 ground truths have no prediction" in err and "a0" in err
+    assert "1 predictions" in err and "stray" in err and "--allow-missing" in err
+
+    evaluate.main(args + ["--allow-missing", "--out", str(tmp_path / "out")])
+    got = json.loads((tmp_path / "out" / "results.json").read_text())["DS-A"]["partial"]
+    assert (got["images"], got["missing"], got["extra"]) == (5, 1, 1)
+    want, _ = reference(truths["DS-A"], pred, stems={f"a{i}" for i in range(1, 6)})
+    assert set(got) == {"maxF", "meanF", "adpF", "MAE", "images", "missing", "extra"}
+    for key in ("maxF", "meanF", "adpF", "MAE"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    assert "5 (1 missing, 1 extra)" in capsys.readouterr().out
+
+
+def test_a_checkpoint_on_shards_scores_what_validation_and_its_predicted_maps_score(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "run")
+    ecssd_folder(tmp_path / "ECSSD", 7, first_seed=300)
+    shards = tmp_path / "shards" / "ecssd"
+    run_py(["-m", "salnet.shards", "pack", tmp_path / "ECSSD", shards])
+
+    torchrun(2, ["-m", "salnet.evaluate", "--checkpoint", f"tiny={checkpoint}", "--data", f"ECSSD={shards}", "--batch-size", "1",
+                 "--workers", "0", "--out", tmp_path / "ckpt"], timeout=240)
+    from_checkpoint = json.loads((tmp_path / "ckpt" / "results.json").read_text())["ECSSD"]["tiny"]
+
+    # validate() in this process, one rank, on the same set: what training would have logged
+    torch.set_num_threads(1)  # as the ranks ran (OMP_NUM_THREADS=1): same kernels, same floats
+    ckpt = load_checkpoint(checkpoint)
+    data = DataConfig.model_validate({**ckpt.config["data"], "val": [str(shards)], "eval_batch_size": 1, "workers": 0})
+    metrics = SODMetrics(["F", "E", "S", "wF", "MAE"])
+    validated = validate(make_predict(ckpt.model, "fp32", channels_last=True), ValStream(data, 0, 1), metrics)
+    assert from_checkpoint["images"] == 7
+    for key in METRICS:
+        assert from_checkpoint[key] == pytest.approx(validated[key], abs=1e-9), key
+
+    # the same checkpoint's published maps, scored as folders, give the same numbers
+    run_py(["-m", "salnet.predict", "--checkpoint", checkpoint, f"ECSSD={shards}", "--out", tmp_path / "maps", "--batch-size", "1"])
+    run_py(["-m", "salnet.evaluate", "--pred", f"tiny={tmp_path / 'maps'}", "--gt", f"ECSSD={tmp_path / 'ECSSD'}",
+            "--out", tmp_path / "folders"])
+    from_maps = json.loads((tmp_path / "folders" / "results.json").read_text())["ECSSD"]["tiny"]
+    for key in METRICS:
+        assert from_maps[key] == pytest.approx(from_checkpoint[key], abs=1e-9), key
+
+
+def test_bad_arguments_are_refused_with_the_value_at_fault(maps, tmp_path, capsys):
+    root, truths = maps
+    for args, words in (
+            (["--pred", f"good={root / 'good'}", "--gt", f"NOPE={truths['DS-A']}"], ["has no folder 'NOPE'", "DS-A"]),
+            (["--checkpoint", str(tmp_path / "missing.pt"), "--data", f"X={tmp_path}"], ["missing.pt", "does not exist"])):
+        with pytest.raises(SystemExit) as exit_:
+            evaluate.main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and all(w in err for w in words) and "Traceback" not in err, err
