@@ -1,0 +1,107 @@
+"""Helpers for tests/test_slurm.py: the local two-node cluster (slurm/local/up.sh) and its jobs.
+
+Without slurmdbd there is no sacct: a job is watched with squeue while it is queued or running,
+`scontrol show job` (kept MinJobAge=60 s after the end: Restarts, ExitCode) and the job completion
+log that up.sh configures (one line per end of an attempt: a requeue shows as JobState=PENDING).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STATE = Path(os.environ.get("SALNET_SLURM_STATE", "/var/tmp/salnet-slurm"))
+JOBCOMP = STATE / "log" / "jobcomp.log"
+BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "munged")
+
+
+def missing_binaries() -> list[str]:
+    return [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+
+
+def cluster_ready() -> bool:
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-p", "batch", "-o", "%N %t"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    states = dict(line.split() for line in nodes.stdout.splitlines() if line.strip())
+    return "UP" in ping.stdout and sorted(states) == ["node1", "node2"] and all(
+        s in ("idle", "mix", "alloc") for s in states.values())
+
+
+def up() -> str:
+    proc = subprocess.run([str(REPO / "slurm/local/up.sh")], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"slurm/local/up.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def down() -> str:
+    proc = subprocess.run([str(REPO / "slurm/local/down.sh")], capture_output=True, text=True, timeout=300)
+    return proc.stdout + proc.stderr
+
+
+def squeue_state(job: str) -> str:
+    """'' once the job has left the queue, else PENDING/RUNNING/COMPLETING/..."""
+    proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def squeue_reason(job: str) -> str:
+    proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True, timeout=30)
+    return proc.stdout.strip()
+
+
+def show_job(job: str) -> dict[str, str]:
+    proc = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        return {}
+    return dict(item.split("=", 1) for item in proc.stdout.split() if "=" in item)
+
+
+def jobcomp(job: str) -> list[dict[str, str]]:
+    """The completion log's records of `job`, oldest first (one per attempt that ended)."""
+    if not JOBCOMP.exists():
+        return []
+    out = []
+    for line in JOBCOMP.read_text().splitlines():
+        if line.startswith(f"JobId={job} "):
+            out.append(dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", line)))
+    return out
+
+
+def wait_gone(job: str, timeout: float) -> float:
+    """Wait until the job has left the queue for good; returns the seconds waited."""
+    start = time.monotonic()
+    while squeue_state(job):
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"job {job} still in the queue after {timeout:.0f} s: {squeue_reason(job)}")
+        time.sleep(0.5)
+    # the completion log is written as the job ends; give slurmctld a moment to flush it
+    for _ in range(20):
+        records = jobcomp(job)
+        if records and records[-1]["JobState"] != "PENDING":
+            break
+        time.sleep(0.25)
+    return time.monotonic() - start
+
+
+def wait_state(job: str, states: tuple[str, ...], timeout: float) -> str:
+    start = time.monotonic()
+    while True:
+        state = squeue_state(job)
+        if state in states:
+            return state
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"job {job} did not reach {states} within {timeout:.0f} s (now {state or 'gone'})")
+        time.sleep(0.2)
+
+
+def scancel(*args: str) -> None:
+    subprocess.run(["scancel", *args], check=True, timeout=30)

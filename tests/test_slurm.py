@@ -1,0 +1,451 @@
+"""Slurm end to end on a real two-node cluster on this machine (slurm/local/up.sh; Debian's Slurm 22.05):
+launch/submit.py (Submitit), salnet.slurm, slurm/train.sbatch and the training loop's stop handling.
+
+Every job is 2 nodes x 1 CPU task (gloo), resnet18 at 64 px on 64 synthetic scenes. The cluster is
+brought up once (and stopped at the end if this module started it). The tests that need it skip only
+where Slurm's binaries are not installed, and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import slurm_cluster as sc
+from conftest import REPO
+
+SUBMIT = REPO / "launch" / "submit.py"
+SBATCH = REPO / "slurm" / "train.sbatch"
+MISSING = sc.missing_binaries()
+CPU_JOB = ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10", "--signal-delay", "60"]
+STEPS = 16  # the short run: checkpoints and validation at 8 and 16
+JOB_TIMEOUT = 240
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+_submitted: list[str] = []
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    if MISSING:
+        pytest.skip(f"Slurm is not installed here (missing {', '.join(MISSING)}): .ci/run installs slurmctld, slurmd, "
+                    f"slurm-client and munge with apt-get, or run slurm/local/up.sh as root")
+    started = False
+    if not sc.cluster_ready():
+        print(sc.up())
+        started = True
+    yield
+    left = [j for j in _submitted if sc.squeue_state(j)]
+    if left:
+        subprocess.run(["scancel", *left], timeout=30)
+    if started:
+        print(sc.down())
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A directory with tiny synthetic shards (made by the real CLI); runs go to work/runs."""
+    root = tmp_path_factory.mktemp("slurm")
+    subprocess.run([sys.executable, "-m", "salnet.shards", "synth", str(root / "shards"), "--train", "64", "--val", "16",
+                    "--size", "64"], check=True, capture_output=True, timeout=300, cwd=REPO)
+    return root
+
+
+def write_config(root: Path, name: str, **sections) -> Path:
+    """A tiny run config with paths relative to `root` (the launcher makes them absolute)."""
+    cfg = {
+        "name": name, "out_dir": "runs",
+        "data": {"train": ["shards/train"], "val": ["shards/val"], "size": 64, "eval_size": 64, "batch_size": 4,
+                 "eval_batch_size": 8, "workers": 0},
+        "model": {"backbone": {"name": "resnet18", "weights": "none"}, "ppm_width": 32, "fpn_width": 32},
+        "optim": {"lr": 1e-3, "backbone_lr_mult": 1.0, "warmup_steps": 2},
+        "train": {"steps": STEPS, "timeout_s": 60}, "eval": {"every": 8}, "checkpoint": {"every": 8, "keep": 5},
+        "log": {"every": 1},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def submit(root: Path, config: Path, *args: str, check: bool = True, env: dict | None = None):
+    proc = subprocess.run([sys.executable, str(SUBMIT), *args, "--config", str(config)], cwd=root, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, **ENV, **(env or {})})
+    if not check:
+        return None, proc
+    assert proc.returncode == 0, f"submit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    job = re.search(r"^submitted job (\d+)", proc.stdout, re.M).group(1)
+    _submitted.append(job)
+    return job, proc
+
+
+def logs(run_dir: Path, job: str) -> str:
+    """Every log file of the job (both ranks, stdout and stderr), for failure messages."""
+    parts = []
+    for path in sorted((run_dir / "slurm").glob(f"{job}_*_log.*")) + sorted(run_dir.parent.glob(f"sbatch-{job}.out")):
+        parts.append(f"----- {path.name}\n{path.read_text(errors='replace')[-6000:]}")
+    return "\n".join(parts)
+
+
+def rank0_log(run_dir: Path, job: str) -> str:
+    return (run_dir / "slurm" / f"{job}_0_log.out").read_text(errors="replace")
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line) if r["kind"] == kind]
+
+
+def wait_for_step(run_dir: Path, job: str, step: int, timeout: float = JOB_TIMEOUT) -> int:
+    """Wait until rank 0 has logged a training step >= `step` (log.every=1); returns it."""
+    start = time.monotonic()
+    while True:
+        done = [r["step"] for r in records(run_dir, "train")]
+        if done and max(done) >= step:
+            return max(done)
+        if not sc.squeue_state(job):
+            pytest.fail(f"job {job} ended before step {step}:\n{logs(run_dir, job)}")
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"job {job} did not reach step {step} in {timeout:.0f} s:\n{logs(run_dir, job)}")
+        time.sleep(0.1)
+
+
+def wait_gone(run_dir: Path, job: str, timeout: float = JOB_TIMEOUT) -> float:
+    try:
+        return sc.wait_gone(job, timeout)
+    except TimeoutError as e:
+        subprocess.run(["scancel", job], timeout=30)
+        pytest.fail(f"{e}\n{logs(run_dir, job)}")
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    root = run_dir / "checkpoints"
+    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*")) if root.is_dir() else []
+
+
+def stopped_step(text: str, signal_name: str) -> int:
+    m = re.search(rf"stopped at step (\d+) on {signal_name}", text)
+    assert m, f"no 'stopped at step N on {signal_name}' in the log:\n{text[-4000:]}"
+    return int(m.group(1))
+
+
+def assert_every_step_once(run_dir: Path, steps: int) -> None:
+    train = [r["step"] for r in records(run_dir, "train")]
+    assert train == list(range(1, steps + 1)), train
+
+
+def assert_bitwise_identical(reference: Path, run_dir: Path, steps: int) -> None:
+    """The final checkpoint's tensors and the last validation equal the uninterrupted run's."""
+    import torch
+
+    name = f"step-{steps:08d}"
+    a = torch.load(reference / "checkpoints" / name / "state.pt", weights_only=True, map_location="cpu")
+    b = torch.load(run_dir / "checkpoints" / name / "state.pt", weights_only=True, map_location="cpu")
+    assert a["model"].keys() == b["model"].keys()
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ta = {k: v for k, v in a["client"]["train"].items() if k != "wandb_id"}
+    tb = {k: v for k, v in b["client"]["train"].items() if k != "wandb_id"}
+    assert ta == tb
+    va, vb = records(reference, "val")[-1], records(run_dir, "val")[-1]
+    assert va["step"] == vb["step"] == steps and va == vb
+
+
+# --------------------------------------------------------------------------------------------
+# Submit time: no cluster needed
+# --------------------------------------------------------------------------------------------
+
+
+def test_dry_run_prints_the_script_and_the_resolved_config_and_writes_nothing(work):
+    config = write_config(work, "dry")
+    _, proc = submit(work, config, "--dry-run", "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1",
+                     "--cpus-per-task", "3", "--mem-gb", "1.5", "--time", "1:30:00", "--partition", "batch", "--account", "acct",
+                     "--qos", "normal", "--constraint", "cpu&fast", "--exclude", "node9", "--comment", "a comment",
+                     "--signal-delay", "90", "--max-requeues", "4", "--slurm", "mail-type=END", "--slurm", "exclusive",
+                     "--setup", "module load python/3.11", "optim.lr=2e-3", check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    script = out.split("# ---- sbatch script", 1)[1].split("# ---- resolved config", 1)[0]
+    for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=3", "#SBATCH --mem=1536MB",
+                 "#SBATCH --time=90", "#SBATCH --partition=batch", "#SBATCH --account=acct", "#SBATCH --qos=normal",
+                 "#SBATCH --constraint='cpu&fast'", "#SBATCH --exclude=node9", "#SBATCH --comment='a comment'",
+                 "#SBATCH --signal=USR2@90", "#SBATCH --requeue", "#SBATCH --dependency=singleton", "#SBATCH --open-mode=append",
+                 "#SBATCH --mail-type=END", "#SBATCH --exclusive", f"#SBATCH --output={work}/runs/dry/slurm/%j_0_log.out",
+                 "module load python/3.11"]:
+        assert line in script.splitlines(), f"{line!r} not in\n{script}"
+    assert "B:USR2" not in script and "--wckey" not in script and "gpus" not in script
+    assert re.search(r"#SBATCH --job-name=salnet-dry-[0-9a-f]{6}$", script, re.M)
+    srun = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert len(srun) == 1 and "--cpus-per-task=3" in srun[0] and "-m submitit.core._submit" in srun[0]
+    assert script.index("module load python/3.11") < script.index("srun ")
+    assert "resume:    starts from step 0" in out and "at most 4" in out
+    assert "max_requeues=4" in out
+    # The resolved config: absolute paths, the override applied.
+    resolved = yaml.safe_load(out.split("# ---- resolved config", 1)[1].split("\n", 1)[1])
+    assert resolved["data"]["train"] == [str(work / "shards/train")] and resolved["data"]["val"] == [str(work / "shards/val")]
+    assert resolved["out_dir"] == str(work / "runs") and resolved["optim"]["lr"] == 2e-3
+    assert "data.train[0] " + str(work / "shards/train") + ": 64 samples" in out
+    assert not (work / "runs" / "dry").exists()  # nothing written
+
+
+def test_a_gpu_job_runs_one_task_per_gpu(work):
+    config = write_config(work, "gpu")
+    _, proc = submit(work, config, "--dry-run", "--nodes", "4", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --gpus-per-node=8" in proc.stdout and "#SBATCH --ntasks-per-node=8" in proc.stdout
+    assert "4 node(s) x 8 task(s) = 32 rank(s), 8 GPU(s) per node (nccl)" in proc.stdout
+    _, proc = submit(work, config, "--dry-run", "--gpus-per-node", "4", "--tasks-per-node", "2", check=False)
+    assert proc.returncode == 2 and "one task per GPU" in proc.stderr
+
+
+@pytest.mark.parametrize("case", ["typo", "missing-dir", "no-manifest", "weights", "steps", "owned-flag", "time", "resume"])
+def test_submit_time_errors_name_the_key_or_path(work, tmp_path, case):
+    config = write_config(work, f"bad-{case}")
+    args, env = [], {}
+    if case == "typo":
+        args, expect = ["optim.lrr=3e-4"], ["unknown key 'optim.lrr'", "did you mean 'optim.lr'"]
+    elif case == "missing-dir":
+        args, expect = ["data.val=[nowhere/val]"], ["data.val[0]", str(work / "nowhere/val"), "does not exist"]
+    elif case == "no-manifest":
+        (tmp_path / "half").mkdir()
+        args, expect = [f"data.train=[{tmp_path / 'half'}]"], ["data.train[0]", str(tmp_path / "half"), "manifest.json"]
+    elif case == "weights":
+        env = {"TORCH_HOME": str(tmp_path / "torch")}  # an empty cache
+        args = ["model.backbone.weights=imagenet"]
+        expect = ["model.backbone.weights='imagenet'", str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"), "curl -fL"]
+    elif case == "steps":
+        args, expect = ["train.steps=null"], ["train.steps", "train.epochs"]
+    elif case == "owned-flag":
+        args, expect = ["--slurm", "signal=B:USR1@60"], ["--slurm signal", "--signal-delay"]
+    elif case == "time":
+        args, expect = ["--time", "1:2:3:4"], ["--time '1:2:3:4'"]
+    else:
+        args, expect = ["train.resume=runs/x/checkpoints/step-00000001"], ["train.resume=", str(work / "runs/x/checkpoints/step-00000001")]
+    _, proc = submit(work, config, *args, check=False, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    for text in expect:
+        assert text in proc.stderr, f"{text!r} not in:\n{proc.stderr}"
+    assert not (work / "runs" / f"bad-{case}").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# On the cluster
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, work):
+    """An uninterrupted 2-rank run of the short config, submitted like the user would."""
+    config = write_config(work, "reference")
+    job, proc = submit(work, config, *CPU_JOB)
+    run_dir = work / "runs" / "reference"
+    waited = wait_gone(run_dir, job)
+    return {"job": job, "run_dir": run_dir, "submit": proc.stdout, "seconds": waited}
+
+
+def test_a_submitted_job_trains_validates_and_writes_best(reference):
+    job, run_dir, out = reference["job"], reference["run_dir"], reference["submit"]
+    # What the launcher printed.
+    config_copy = Path(re.search(r"config: +(\S+) \(the job runs this copy\)", out).group(1))
+    assert config_copy.parent == run_dir / "slurm" and config_copy.is_file()
+    assert f"rank-0 log:    {run_dir}/slurm/{job}_0_log.out" in out
+    assert f"squeue -j {job}" in out and f"scancel {job}" in out and "starts from step 0" in out
+    # What the job did: two ranks, the copy of the config, validation, best.pt, exit 0.
+    final = sc.jobcomp(job)
+    assert [r["JobState"] for r in final] == ["COMPLETED"] and final[-1]["ExitCode"] == "0:0", logs(run_dir, job)
+    assert final[-1]["NodeList"] == "node[1-2]"
+    log = rank0_log(run_dir, job)
+    assert f"python -m salnet.train --config {config_copy}" in log
+    assert "salnet: 2 rank(s) on cpu (gloo)" in log and f"done: {STEPS} steps" in log
+    assert (run_dir / "best.pt").is_file() and checkpoint_steps(run_dir) == [8, STEPS]
+    assert [r["step"] for r in records(run_dir, "val")] == [8, STEPS]
+    assert_every_step_once(run_dir, STEPS)
+
+
+def test_usr2_saves_on_both_ranks_requeues_and_resumes_bitwise_identical(reference, work):
+    config = write_config(work, "usr2", log={"every": 1, "wandb": True})
+    job, proc = submit(work, config, *CPU_JOB, "--max-requeues", "2")
+    wandb_id = re.search(r"W&B: +run id ([0-9a-f]+)", proc.stdout).group(1)
+    run_dir = work / "runs" / "usr2"
+    wait_for_step(run_dir, job, 3)
+    sc.scancel("--signal=USR2", job)
+    wait_gone(run_dir, job)
+    everything = logs(run_dir, job)
+    log = rank0_log(run_dir, job)
+    step = stopped_step(log, "SIGUSR2")
+    assert step < STEPS, everything
+    # Both ranks stopped at that step and asked for a requeue; rank 0 requeued the job once.
+    assert re.search(r"task 0: Exited with exit code 75", everything) and re.search(r"task 1: Exited with exit code 75", everything), everything
+    assert f"requeued job {job} (restart 1 of at most 2)" in log
+    assert sc.show_job(job).get("Restarts") == "1"
+    assert [r["JobState"] for r in sc.jobcomp(job)] == ["PENDING", "COMPLETED"], everything
+    # The second attempt resumed from the checkpoint both ranks wrote at that step, and finished.
+    assert "train.resume=auto" in log and f"step-{step:08d} at step {step}" in log
+    assert step in checkpoint_steps(run_dir) and STEPS in checkpoint_steps(run_dir)
+    assert_every_step_once(run_dir, STEPS)
+    assert_bitwise_identical(reference["run_dir"], run_dir, STEPS)
+    # One W&B run (offline): every attempt logged to the id the launcher printed.
+    ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert ids == {wandb_id}, ids
+
+
+def test_sbatch_script_passes_the_usr2_scenario(reference, work):
+    config = write_config(work, "sbatch")
+    out = work / "runs"
+    out.mkdir(exist_ok=True)
+    proc = subprocess.run(["sbatch", "--parsable", "--job-name", "salnet-sbatch", "--nodes", "2", "--gpus-per-node", "0",
+                           "--ntasks-per-node", "1", "--cpus-per-task", "1", "--time", "10", "--output", str(out / "sbatch-%j.out"),
+                           str(SBATCH), "--config", str(config)], cwd=work, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **ENV, "SALNET_PYTHON": sys.executable, "SALNET_MAX_REQUEUES": "2"})
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    _submitted.append(job)
+    run_dir = work / "runs" / "sbatch"
+    wait_for_step(run_dir, job, 3)
+    sc.scancel("--signal=USR2", job)
+    wait_gone(run_dir, job)
+    log = (out / f"sbatch-{job}.out").read_text()
+    step = stopped_step(log, "SIGUSR2")
+    assert "task 0: Exited with exit code 75" in log and "task 1: Exited with exit code 75" in log, log
+    assert f"requeueing job {job} (restart 1 of at most 2)" in log
+    assert [r["JobState"] for r in sc.jobcomp(job)] == ["PENDING", "COMPLETED"], log
+    assert f"step-{step:08d} at step {step}" in log and f"done: {STEPS} steps" in log
+    assert_every_step_once(run_dir, STEPS)
+    assert_bitwise_identical(reference["run_dir"], run_dir, STEPS)
+
+
+def test_plain_scancel_saves_and_is_not_requeued(cluster, work):
+    config = write_config(work, "scancel", train={"steps": 200, "timeout_s": 60}, checkpoint={"every": 100, "keep": 5})
+    job, _ = submit(work, config, *CPU_JOB)
+    run_dir = work / "runs" / "scancel"
+    wait_for_step(run_dir, job, 3)
+    sc.scancel(job)
+    wait_gone(run_dir, job)
+    log = rank0_log(run_dir, job)
+    step = stopped_step(log, "SIGTERM")
+    assert checkpoint_steps(run_dir) == [step], logs(run_dir, job)
+    assert "not requeued" in log and "requeued job" not in log
+    # A requeued job never leaves the queue (it waits there as PENDING): this one has, for good.
+    assert not sc.squeue_state(job)
+    assert [r["JobState"] for r in sc.jobcomp(job)] == ["CANCELLED"] and sc.show_job(job).get("Restarts") == "0"
+
+
+def test_a_crash_on_one_rank_fails_the_job_in_bounded_time_naming_the_rank(cluster, work, tmp_path):
+    # Corrupt the last val image: rank 1 holds it and fails in the first validation, while rank 0
+    # waits in the metrics all-reduce.
+    val = tmp_path / "val"
+    shutil.copytree(work / "shards" / "val", val)
+    tar_path = sorted(val.glob("*.tar"))[-1]
+    with tarfile.open(tar_path) as tar:
+        last_image = [m for m in tar.getmembers() if m.name.endswith((".jpg", ".png")) and ".mask." not in m.name][-1]
+    with open(tar_path, "r+b") as f:
+        f.seek(last_image.offset_data)
+        f.write(b"not an image at all")
+    config = write_config(work, "crash", data={"val": [str(val)]}, train={"steps": 8, "timeout_s": 60}, eval={"every": 2})
+    job, _ = submit(work, config, *CPU_JOB, "--srun-wait", "30")
+    run_dir = work / "runs" / "crash"
+    waited = wait_gone(run_dir, job, timeout=150)
+    assert waited < 120 + 30, f"the job took {waited:.0f} s to fail"
+    err1 = (run_dir / "slurm" / f"{job}_1_log.err").read_text()
+    assert "[rank 1]" in err1 and last_image.name.split(".")[0] in err1, logs(run_dir, job)
+    final = sc.jobcomp(job)
+    assert [r["JobState"] for r in final] == ["FAILED"] and sc.show_job(job).get("Restarts") == "0", logs(run_dir, job)
+    assert final[-1]["ExitCode"] not in ("75:0", "76:0", "0:0")
+
+
+def test_max_requeues_is_honoured_and_a_second_submit_waits_for_the_first(cluster, work):
+    config = write_config(work, "singleton")
+    first, _ = submit(work, config, *CPU_JOB, "--max-requeues", "0")
+    run_dir = work / "runs" / "singleton"
+    second, proc = submit(work, config, *CPU_JOB)
+    assert f"waits for:     job(s) {first} of the same run (--dependency=singleton)" in proc.stdout
+    wait_for_step(run_dir, first, 3)
+    assert sc.squeue_reason(second) == "PENDING Dependency"  # not writing the same run directory
+    sc.scancel("--signal=USR2", first)
+    wait_gone(run_dir, first)
+    log = rank0_log(run_dir, first)
+    step = stopped_step(log, "SIGUSR2")
+    assert "not requeued: 0 restart(s) reached --max-requeues=0" in log, logs(run_dir, first)
+    assert [r["JobState"] for r in sc.jobcomp(first)] == ["FAILED"] and sc.show_job(first).get("Restarts") == "0"
+    # The waiting job starts only now, resumes from the first job's checkpoint and finishes the run.
+    wait_gone(run_dir, second)
+    log2 = rank0_log(run_dir, second)
+    assert f"step-{step:08d} at step {step}" in log2 and f"done: {STEPS} steps" in log2, logs(run_dir, second)
+    assert sc.jobcomp(second)[-1]["StartTime"] >= sc.jobcomp(first)[-1]["EndTime"]
+    assert_every_step_once(run_dir, STEPS)
+
+
+def test_preemption_by_a_higher_priority_partition_saves_requeues_and_finishes(cluster, work):
+    steps = 24
+    config = write_config(work, "preempted", train={"steps": steps, "timeout_s": 60}, eval={"every": 12},
+                          checkpoint={"every": 12, "keep": 5})
+    job, _ = submit(work, config, *CPU_JOB)
+    run_dir = work / "runs" / "preempted"
+    wait_for_step(run_dir, job, 3)
+    # Both nodes, whole: Slurm must preempt the batch job to run it.
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N", "2", "--exclusive", "-o", "/dev/null",
+                             "--wrap", "sleep 2"], capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    _submitted.append(urgent)
+    wait_gone(run_dir, job, timeout=JOB_TIMEOUT)
+    log = rank0_log(run_dir, job)
+    step = stopped_step(log, "SIGUSR2")
+    assert step < steps and f"step-{step:08d} at step {step}" in log, logs(run_dir, job)
+    assert int(sc.show_job(job).get("Restarts", 0)) >= 1
+    states = [r["JobState"] for r in sc.jobcomp(job)]
+    assert states[-1] == "COMPLETED" and "PENDING" in states, states
+    ran = sc.jobcomp(urgent)
+    assert ran and ran[-1]["JobState"] == "COMPLETED"
+    assert ran[-1]["StartTime"] <= sc.jobcomp(job)[-1]["StartTime"]  # it ran while ours waited
+    assert steps in checkpoint_steps(run_dir) and (run_dir / "best.pt").is_file()
+    assert_every_step_once(run_dir, steps)
+
+
+def test_a_real_time_limit_ends_in_a_requeue_and_a_finished_run(cluster, work):
+    # --time 1 with a 30 s warning: Slurm checks limits every 30 s, so the warning reaches every task
+    # within the first 30 s of the attempt, and the run is long enough to still be training then.
+    steps = 80
+    config = write_config(work, "timelimit", train={"steps": steps, "timeout_s": 60}, eval={"every": 40},
+                          checkpoint={"every": 40, "keep": 5})
+    args = list(CPU_JOB)
+    args[args.index("--time") + 1] = "1"
+    args[args.index("--signal-delay") + 1] = "30"
+    job, _ = submit(work, config, *args, "--max-requeues", "3")
+    run_dir = work / "runs" / "timelimit"
+    start = time.monotonic()
+    while sc.show_job(job).get("Restarts") != "1":
+        if not sc.squeue_state(job) or time.monotonic() - start > 150:
+            pytest.fail(f"job {job} was not requeued on its time limit's warning:\n{logs(run_dir, job)}")
+        time.sleep(0.2)
+    first = rank0_log(run_dir, job)
+    step = stopped_step(first, "SIGUSR2")
+    assert step < steps and f"requeued job {job} (restart 1 of at most 3)" in first
+    # The requeued attempt would get the same one-minute limit, and so the same warning within 30 s:
+    # give it the time to finish instead (the first attempt is what this test is about).
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True, timeout=30)
+    wait_gone(run_dir, job)
+    log = rank0_log(run_dir, job)
+    assert f"step-{step:08d} at step {step}" in log and f"done: {steps} steps" in log, logs(run_dir, job)
+    states = [r["JobState"] for r in sc.jobcomp(job)]
+    assert states == ["PENDING", "COMPLETED"], states  # never TIMEOUT: it left before the limit
+    assert steps in checkpoint_steps(run_dir)
+    assert_every_step_once(run_dir, steps)
