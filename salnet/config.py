@@ -24,13 +24,17 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from salnet.fsio import atomic_write
 from salnet.metrics.names import FAMILIES, METRICS, metric_names
+
+
+DEFAULT_VAL_SET = "val"   # the name of data.val when it is a plain list
+MEAN_OVER_SETS = "mean"   # val/<mean>/<metric>: the mean over named sets
 
 
 class ConfigError(ValueError):
@@ -68,7 +72,9 @@ class DataConfig(Section):
     train_weights: Optional[list[float]] = Field(
         None, description="mixing weights, one per train set: set i draws round(N * w_i / sum(w)) samples per epoch, N = all train "
                           "samples (repeating or subsampling the set); default: every sample once")
-    val: list[str] = Field(["shards/demo/val"], description="validation shard directories or URLs (same forms as data.train)")
+    val: Union[list[str], dict[str, list[str]]] = Field(
+        ["shards/demo/val"], description="validation shard directories or URLs (same forms as data.train): a list is one set named "
+                                         "'val'; named sets ({DUTS-TE: [shards/duts-te], ECSSD: [shards/ecssd]}) are scored separately")
     size: int = Field(352, gt=0, description="training input size in pixels (square)")
     multiscale: list[int] = Field(
         [], description="if set, each batch picks its size from this list (F3Net-style; the same size on every rank at a step) instead of data.size")
@@ -92,6 +98,16 @@ class DataConfig(Section):
             raise ValueError(f"data.train_weights must all be > 0, got {self.train_weights}")
         if self.multiscale and min(self.multiscale) <= 0:
             raise ValueError(f"data.multiscale sizes must all be > 0, got {self.multiscale}")
+        for name, sources in self.val_sets.items():
+            if not name or "/" in name or name == MEAN_OVER_SETS:
+                raise ValueError(f"data.val set name {name!r} is not valid: use a non-empty name without '/', other than {MEAN_OVER_SETS!r}")
+            if not sources:
+                raise ValueError(f"data.val set {name!r} lists no shard directories")
+
+    @property
+    def val_sets(self) -> dict[str, list[str]]:
+        """The validation sets by name (a plain list is one set named 'val')."""
+        return dict(self.val) if isinstance(self.val, dict) else {DEFAULT_VAL_SET: list(self.val)}
 
 
 class BackboneConfig(Section):
@@ -180,14 +196,25 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     every: int = Field(500, gt=0, description="validate every N optimizer steps (and at the end)")
-    best_metric: Literal[METRICS] = Field("maxF", description="metric that decides best.pt (MAE: lower is better; others: higher)")
+    best_metric: str = Field("maxF", description="what decides best.pt: METRIC (its mean over the data.val sets) or SET/METRIC (one set's); "
+                                                 "METRIC one of " + ", ".join(METRICS) + " (MAE: lower is better; others: higher)")
     metrics: list[Literal[FAMILIES]] = Field(["F", "E", "S", "MAE"], min_length=1,
                                              description="metric families computed during validation (wF is slow: CPU distance transform)")
 
+    @property
+    def best_set_and_metric(self) -> tuple[Optional[str], str]:
+        """(set name, or None for the mean over sets; metric name) of best_metric."""
+        set_name, _, metric = self.best_metric.rpartition("/")
+        return set_name or None, metric
+
     def model_post_init(self, context) -> None:
         # Checked here, not at the first validation hundreds of steps into the run.
+        _, metric = self.best_set_and_metric
         computed = metric_names(self.metrics)
-        if self.best_metric not in computed:
+        if metric not in METRICS:
+            raise ValueError(f"eval.best_metric={self.best_metric!r}: {metric!r} is not a metric; valid: {', '.join(METRICS)} "
+                             f"(or SET/METRIC for one of the data.val sets)")
+        if metric not in computed:
             raise ValueError(f"eval.best_metric={self.best_metric!r} is not computed by eval.metrics={self.metrics} "
                              f"(they compute {', '.join(computed)}); add its family to eval.metrics or pick one of those")
 
@@ -222,6 +249,10 @@ class Config(Section):
                                                                           "(batch sizes, precision, optimizer, clipping, ZeRO stage, offload, bucket sizes) must agree with them")
 
     def model_post_init(self, context) -> None:
+        best_set, _ = self.eval.best_set_and_metric
+        if best_set is not None and best_set not in self.data.val_sets:
+            raise ValueError(f"eval.best_metric={self.eval.best_metric!r} names the val set {best_set!r}, but data.val has "
+                             f"{', '.join(repr(n) for n in self.data.val_sets)}; use one of those, or METRIC alone for the mean over sets")
         if self.deepspeed and self.train.strategy != "deepspeed":
             raise ValueError(f"the deepspeed: section ({', '.join(self.deepspeed)}) applies only to train.strategy=deepspeed, "
                              f"got train.strategy={self.train.strategy!r}")

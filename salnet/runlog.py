@@ -139,9 +139,17 @@ def format_train_line(step: int, total: int, values: dict) -> str:
             f"mem={values['peak_mem_mib']:.0f}MiB" + (f" skipped={values['skipped_steps']}" if values["skipped_steps"] else ""))
 
 
-def format_metrics_table(step: int, metrics: dict, best: dict) -> str:
-    names = list(metrics)
-    head = " ".join(f"{n:>8}" for n in names)
-    vals = " ".join(f"{metrics[n]:>8.4f}" for n in names)
-    star = f"  best {best['metric']}={best['value']:.4f} @ step {best['step']}"
-    return f"validation @ step {step}\n  {head}\n  {vals}\n{star}"
+def format_metrics_table(step: int, scores: dict[str, float], best: dict) -> str:
+    """One row per val set (and the mean over sets), one column per metric."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in scores.items():
+        set_name, _, metric = key.rpartition("/")
+        if metric != "images":
+            rows.setdefault(set_name, {})[metric] = value
+    names = list(next(iter(rows.values())))
+    width = max(8, *(len(n) for n in rows))
+    lines = [f"validation @ step {step}", f"  {'set':<{width}} " + " ".join(f"{n:>8}" for n in names)]
+    for set_name, values in rows.items():
+        lines.append(f"  {set_name:<{width}} " + " ".join(f"{values[n]:>8.4f}" for n in names))
+    lines.append(f"  best {best['metric']}={best['value']:.4f} @ step {best['step']}")
+    return "\n".join(lines)

@@ -23,14 +23,14 @@ from salnet import dist
 from salnet.checkpoint import (ClientState, clear_run, load_checkpoint, resume_path, save_best, save_checkpoint,
                                set_rng_state)
 from salnet.config import Config, parse_config, save_config, to_yaml
-from salnet.data import TrainBatch, TrainInput, TrainStream, ValStream
+from salnet.data import TrainBatch, TrainInput, TrainStream
 from salnet.loss import build_loss
-from salnet.metrics import SODMetrics, is_better
+from salnet.metrics import is_better
 from salnet.model import build_model
 from salnet.preemption import StopRequest
 from salnet.runlog import DataClock, LogWindow, RunLog, format_metrics_table, format_train_line, setup_logging
 from salnet.strategy import StepResult, Strategy, build_strategy
-from salnet.validate import validate
+from salnet.validate import Validator
 
 
 class TrainingDiverged(RuntimeError):
@@ -118,10 +118,9 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss)
         # ---- set the optimizer and schedule (inside the strategy: DDP or DeepSpeed) ---------
         self.strategy = build_strategy(cfg, model, self.total_steps)
-        # ---- the validator's data and metrics ------------------------------------------------
-        self.val_data = ValStream(cfg.data, rank=dist.rank(), world_size=self.world,
-                                  pad_to_equal=self.strategy.needs_equal_forward_passes)
-        self.metrics = SODMetrics(cfg.eval.metrics, device=dist.device())
+        # ---- the validator: every named val set, scored on every rank ------------------------
+        self.validator = Validator(cfg, rank=dist.rank(), world_size=self.world,
+                                   pad_to_equal=self.strategy.needs_equal_forward_passes)
 
     def start_or_resume(self) -> tuple[TrainState, Optional[Path]]:
         """The loop state: fresh, or restored from a checkpoint with the loader position and RNG streams."""
@@ -151,15 +150,15 @@ class Trainer:
 
     def validate_and_keep_best(self, state: TrainState, log: RunLog) -> None:
         """Validate on every rank; a better value replaces best.pt (before saving, so the checkpoint knows it)."""
-        scores = validate(self.strategy.predict, self.val_data, self.metrics)
-        metric = self.cfg.eval.best_metric
-        if is_better(metric, scores[metric], state.best.get("value")):
-            state.best = {"metric": metric, "value": scores[metric], "step": state.step}
+        scores = self.validator(self.strategy.predict)
+        metric, value = self.cfg.eval.best_metric, self.validator.best_value(scores)
+        if is_better(metric.rpartition("/")[2], value, state.best.get("value")):
+            state.best = {"metric": metric, "value": value, "step": state.step}
             weights = self.strategy.fp32_state_dict()
             if dist.is_main():
                 save_best(self.run_dir, weights, self.cfg.model_dump(mode="json"), scores, state.step)
         log.print(format_metrics_table(state.step, scores, state.best))
-        log.record("val", state.step, {**scores, "images": self.metrics.num_images})
+        log.record("val", state.step, scores)
         self.strategy.train()
 
     def save(self, state: TrainState) -> None:

@@ -1,4 +1,4 @@
-"""Validate: every rank runs its share of the val set, metric sums are all-reduced.
+"""Validate: every rank runs its share of each val set, metric sums are all-reduced per set.
 
 All ranks take part in every collective, so no rank sits in a collective while another is still
 evaluating (the rank-0-only pattern that trips NCCL timeouts). Predictions are upsampled to each
@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from salnet import dist
-from salnet.data import ValBatch
-from salnet.metrics import SODMetrics
+from salnet.config import MEAN_OVER_SETS, Config
+from salnet.data import ValBatch, ValStream
+from salnet.metrics import SODMetrics, metric_names
 
 # uint8 images [B, 3, H, W] -> float32 logits [B, 1, H, W] (Strategy.predict, or a plain model's)
 Predict = Callable[[torch.Tensor], torch.Tensor]
@@ -43,3 +44,35 @@ def validate(predict: Predict, val_data: Iterable[ValBatch], metrics: SODMetrics
         metrics.update(preds, [m.to(device, non_blocking=True) for m in batch["masks"]])
     metrics.all_reduce()
     return metrics.compute()
+
+
+class Validator:
+    """The named val sets of `data.val`, each scored separately on every rank.
+
+    Scores are keyed SET/METRIC (plus SET/images), and mean/METRIC, the mean over sets, when
+    there is more than one set: the keys metrics.jsonl, W&B and best.pt use.
+    """
+
+    def __init__(self, cfg: Config, rank: int, world_size: int, pad_to_equal: bool = False):
+        self.cfg = cfg
+        self.streams = {name: ValStream(cfg.data.model_copy(update={"val": sources}), rank=rank, world_size=world_size,
+                                        pad_to_equal=pad_to_equal)
+                        for name, sources in cfg.data.val_sets.items()}
+        self.metrics = SODMetrics(cfg.eval.metrics, device=dist.device())
+
+    def __call__(self, predict: Predict) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        for name, stream in self.streams.items():
+            scores.update({f"{name}/{metric}": value for metric, value in validate(predict, stream, self.metrics).items()})
+            scores[f"{name}/images"] = self.metrics.num_images
+        if len(self.streams) > 1:
+            for metric in metric_names(self.cfg.eval.metrics):
+                scores[f"{MEAN_OVER_SETS}/{metric}"] = sum(scores[f"{name}/{metric}"] for name in self.streams) / len(self.streams)
+        return scores
+
+    def best_value(self, scores: dict[str, float]) -> float:
+        """The value of eval.best_metric in `scores` (one set's, or the mean over sets)."""
+        best_set, metric = self.cfg.eval.best_set_and_metric
+        if best_set is None:
+            best_set = MEAN_OVER_SETS if len(self.streams) > 1 else next(iter(self.streams))
+        return scores[f"{best_set}/{metric}"]

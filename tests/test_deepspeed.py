@@ -71,7 +71,7 @@ def assert_best_is_what_validation_saw(run_dir, amp_dtype=None):
     assert best["metrics"] == {k: logged[k] for k in best["metrics"]}
     expected = single_process_scores(run_dir, best, amp_dtype)
     for name, value in expected.items():
-        assert best["metrics"][name] == pytest.approx(value, abs=1e-6), name
+        assert best["metrics"][f"val/{name}"] == pytest.approx(value, abs=1e-6), name
     return best
 
 
@@ -120,7 +120,7 @@ def test_zero2_trains_validates_and_resumes_bitwise(tmp_path, shards):
     path, run_dir = tiny_config(tmp_path, shards, train={**ZERO, "zero_stage": 2}, data={"eval_batch_size": 5})
     out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300).stdout
     assert "global batch 16 = 2 ranks x 8 micro-batch x 1 accumulation" in out
-    assert [v["step"] for v in records(run_dir, "val")] == [3, 6] and all(v["images"] == 21 for v in records(run_dir, "val"))
+    assert [v["step"] for v in records(run_dir, "val")] == [3, 6] and all(v["val/images"] == 21 for v in records(run_dir, "val"))
     assert_best_is_what_validation_saw(run_dir)
     cfg = load_config(str(path))
     assert json.loads((run_dir / "deepspeed_config.json").read_text()) == deepspeed_config(cfg, world_size=2)

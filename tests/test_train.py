@@ -15,7 +15,7 @@ from salnet.data import ValStream
 from salnet.model import build_model
 from salnet.shards.synth import synthesize
 from salnet.validate import probabilities_at
-from conftest import run_py, torchrun
+from conftest import REPO, run_py, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def assert_metrics_are_those_of_best_pt(run_dir, best):
                 "maxE": e["em"]["curve"].max(), "meanE": e["em"]["curve"].mean(), "adpE": e["em"]["adp"],
                 "S": refs["S"].get_results()["sm"], "MAE": refs["MAE"].get_results()["mae"]}
     for name, value in expected.items():
-        assert best["metrics"][name] == pytest.approx(value, abs=1e-6), name
+        assert best["metrics"][f"val/{name}"] == pytest.approx(value, abs=1e-6), name
 
 
 def test_one_process_trains_validates_and_keeps_best(tmp_path, shards):
@@ -88,11 +88,11 @@ def test_one_process_trains_validates_and_keeps_best(tmp_path, shards):
     assert [p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")] == [wandb_id]
     assert load_config(str(run_dir / "config.yaml")) == load_config(str(path))
     vals = records(run_dir, "val")
-    assert [v["step"] for v in vals] == [3, 6] and all(v["images"] == 20 for v in vals)
+    assert [v["step"] for v in vals] == [3, 6] and all(v["val/images"] == 20 for v in vals)
     assert [r["step"] for r in records(run_dir, "train")] == [2, 4, 6]
     best = load_best(run_dir / "best.pt")
-    best_val = max(vals, key=lambda v: v["maxF"])
-    assert best["step"] == best_val["step"] and best["metrics"]["maxF"] == best_val["maxF"]
+    best_val = max(vals, key=lambda v: v["val/maxF"])
+    assert best["step"] == best_val["step"] and best["metrics"]["val/maxF"] == best_val["val/maxF"]
     assert all(v.dtype == torch.float32 for v in best["model"].values() if v.is_floating_point())
     assert [p.name for p in complete_checkpoints(run_dir)] == ["step-00000003", "step-00000006"]
 
@@ -152,8 +152,8 @@ def test_short_demo_learns(tmp_path, shards):
     run_py(["-m", "salnet.train", "--config", path], timeout=600, env={"OMP_NUM_THREADS": "2"})
     vals = records(run_dir, "val")
     first, last = vals[0], vals[-1]
-    assert last["maxF"] > first["maxF"] + 0.2, vals
-    assert last["MAE"] < first["MAE"], vals
+    assert last["val/maxF"] > first["val/maxF"] + 0.2, vals
+    assert last["val/MAE"] < first["val/MAE"], vals
 
 
 def test_diverging_run_stops_after_max_bad_steps_keeping_the_last_good_checkpoint(tmp_path, shards):
@@ -171,3 +171,42 @@ def test_diverging_run_stops_after_max_bad_steps_keeping_the_last_good_checkpoin
     stopped_at = int(proc.stderr.split(" at step ")[1].split()[0])
     # The checkpoints end before the streak: nothing written during the bad steps.
     assert int(newest.name.split("-")[1]) == stopped_at - 3
+
+
+def test_named_val_sets_are_scored_separately_each_sample_once_for_1_2_3_ranks(tmp_path, shards):
+    other = synthesize(tmp_path / "other", train=1, val=13, size=48, seed=9)[1]
+    path, _ = tiny_config(tmp_path, shards, data={"val": {"A": [str(shards["val"])], "B": [str(other)]}},
+                          eval={"best_metric": "B/MAE"})
+    probe = REPO / "tests" / "val_sets_probe.py"
+    results = []
+    for ranks in (1, 2, 3):
+        out = tmp_path / f"scores{ranks}.json"
+        if ranks == 1:
+            run_py([probe, path, out], timeout=200)
+        else:
+            torchrun(ranks, [probe, path, out], timeout=300)
+        results.append(json.loads(out.read_text()))
+    for scores in results:
+        assert scores["A/images"] == 20 and scores["B/images"] == 13  # every sample of each set, once
+        assert scores["mean/maxF"] == pytest.approx((scores["A/maxF"] + scores["B/maxF"]) / 2)
+        assert scores["A/MAE"] != scores["B/MAE"]
+    for scores in results[1:]:  # sharding over ranks changes nothing
+        for key, value in results[0].items():
+            assert scores[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_training_with_named_val_sets_keeps_the_best_of_the_named_metric(tmp_path, shards):
+    other = synthesize(tmp_path / "other", train=1, val=8, size=48, seed=9)[1]
+    path, run_dir = tiny_config(tmp_path, shards, data={"val": {"A": [str(shards["val"])], "B": [str(other)]}},
+                                eval={"best_metric": "B/MAE", "every": 2}, train={"steps": 4}, checkpoint={"every": 4})
+    out = run_py(["-m", "salnet.train", "--config", path], timeout=300).stdout
+    table = out[out.rindex("validation @ step 4"):].splitlines()
+    assert table[1].split()[:3] == ["set", "maxF", "meanF"]
+    assert [row.split()[0] for row in table[2:5]] == ["A", "B", "mean"]
+    vals = records(run_dir, "val")
+    assert [v["step"] for v in vals] == [2, 4] and all(v["A/images"] == 20 and v["B/images"] == 8 for v in vals)
+    best_val = min(vals, key=lambda v: v["B/MAE"])  # MAE: lower is better
+    best = load_best(run_dir / "best.pt")
+    assert best["step"] == best_val["step"]
+    assert best["metrics"] == {k: v for k, v in best_val.items() if k not in ("kind", "step")}
+    assert f"best B/MAE={best_val['B/MAE']:.4f} @ step {best_val['step']}" in out
