@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.salnet-installed
 
-.PHONY: demo test clean-venv
+.PHONY: demo test slurm-up slurm-down clean-venv
 
 # torch/torchvision first, pinned exactly: these builds lie on the machine's disk; anything that
 # pulled an unpinned torch would download gigabytes.
@@ -14,8 +14,27 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+# The Slurm tests (tests/test_slurm.py) run on a real two-node cluster on this machine, from Debian's
+# Slurm packages (.ci/run installs them; up.sh needs root). `make test` brings it up first and stops
+# it at the end if it started it; where Slurm is not installed those tests skip and say why.
 test: $(STAMP)
-	$(PY) -m pytest
+	@started=0; \
+	if [ "$$(id -u)" = 0 ] && command -v slurmctld >/dev/null 2>&1; then \
+	    out=$$(slurm/local/up.sh) || { echo "$$out"; exit 1; }; echo "$$out"; \
+	    case "$$out" in *"started slurmctld"*) started=1;; esac; \
+	else \
+	    echo "make test: Slurm is not installed here (or not root): the Slurm tests will skip (.ci/run installs it)"; \
+	fi; \
+	$(PY) -m pytest; status=$$?; \
+	if [ $$started = 1 ]; then slurm/local/down.sh; fi; \
+	exit $$status
+
+# The local two-node test cluster (root): `make slurm-up`, then sinfo/sbatch/squeue/scancel work anywhere.
+slurm-up:
+	slurm/local/up.sh
+
+slurm-down:
+	slurm/local/down.sh
 
 # The demo: synthesize the built-in data once (the manifest is written last, so its presence
 # means a complete set), then train on CPU with two ranks and print the final metrics.
