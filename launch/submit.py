@@ -173,7 +173,9 @@ def resolve(cfg: Config, base: Path, fresh: bool) -> Config:
     tree = cfg.model_dump(mode="json")
     tree["out_dir"] = absolute(tree["out_dir"], base)
     tree["data"]["train"] = [absolute(x, base) for x in tree["data"]["train"]]
-    tree["data"]["val"] = [absolute(x, base) for x in tree["data"]["val"]]
+    val = tree["data"]["val"]  # a list (one set), or named sets {SET: [dirs]}
+    tree["data"]["val"] = ({name: [absolute(x, base) for x in locs] for name, locs in val.items()} if isinstance(val, dict)
+                           else [absolute(x, base) for x in val])
     weights = tree["model"]["backbone"]["weights"]
     if weights_is_path(weights):
         tree["model"]["backbone"]["weights"] = absolute(weights, base)
@@ -194,6 +196,17 @@ def with_wandb_id(cfg: Config, wandb_id: str) -> Config:
     return Config.model_validate(tree)
 
 
+def data_sources(cfg: Config) -> list[tuple[str, str]]:
+    """(the key that names it, location) of every train and val source."""
+    out = [(f"data.train[{i}]", loc) for i, loc in enumerate(cfg.data.train)]
+    val = cfg.data.val
+    if isinstance(val, dict):
+        out += [(f"data.val.{name}[{i}]", loc) for name, locs in val.items() for i, loc in enumerate(locs)]
+    else:
+        out += [(f"data.val[{i}]", loc) for i, loc in enumerate(val)]
+    return out
+
+
 def check(cfg: Config) -> list[str]:
     """Check what the job would otherwise find broken only once it runs. Returns notes; raises SubmitError."""
     from salnet.shards.manifest import ShardsError, load_manifest
@@ -201,17 +214,16 @@ def check(cfg: Config) -> list[str]:
     notes, errors = [], []
     if (cfg.train.steps is None) == (cfg.train.epochs is None):
         errors.append(f"set exactly one of train.steps and train.epochs (got train.steps={cfg.train.steps}, train.epochs={cfg.train.epochs})")
-    for key in ("train", "val"):
-        for i, location in enumerate(getattr(cfg.data, key)):
-            if not is_local(location) or location.startswith("file://"):
-                notes.append(f"data.{key}[{i}] {location}: remote, its manifest is read when the job starts")
-                continue
-            try:
-                manifest = load_manifest(location)
-            except ShardsError as e:
-                errors.append(f"data.{key}[{i}] {location}: {e}")
-                continue
-            notes.append(f"data.{key}[{i}] {location}: {manifest['total_samples']} samples in {len(manifest['shards'])} shard(s)")
+    for key, location in data_sources(cfg):
+        if not is_local(location) or location.startswith("file://"):
+            notes.append(f"{key} {location}: remote, its manifest is read when the job starts")
+            continue
+        try:
+            manifest = load_manifest(location)
+        except ShardsError as e:
+            errors.append(f"{key} {location}: {e}")
+            continue
+        notes.append(f"{key} {location}: {manifest['total_samples']} samples in {len(manifest['shards'])} shard(s)")
     weights = cfg.model.backbone.weights
     if weights_is_path(weights):
         if not Path(weights).is_file():

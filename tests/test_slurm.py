@@ -218,7 +218,7 @@ def test_a_gpu_job_runs_one_task_per_gpu(work):
     assert proc.returncode == 2 and "one task per GPU" in proc.stderr
 
 
-@pytest.mark.parametrize("case", ["typo", "missing-dir", "no-manifest", "weights", "steps", "owned-flag", "time", "resume"])
+@pytest.mark.parametrize("case", ["typo", "missing-dir", "named-set", "no-manifest", "weights", "steps", "owned-flag", "time", "resume"])
 def test_submit_time_errors_name_the_key_or_path(work, tmp_path, case):
     config = write_config(work, f"bad-{case}")
     args, env = [], {}
@@ -226,6 +226,8 @@ def test_submit_time_errors_name_the_key_or_path(work, tmp_path, case):
         args, expect = ["optim.lrr=3e-4"], ["unknown key 'optim.lrr'", "did you mean 'optim.lr'"]
     elif case == "missing-dir":
         args, expect = ["data.val=[nowhere/val]"], ["data.val[0]", str(work / "nowhere/val"), "does not exist"]
+    elif case == "named-set":
+        args, expect = ["data.val={ECSSD: [shards/val], DUTS-TE: [nowhere/duts-te]}"], ["data.val.DUTS-TE[0]", str(work / "nowhere/duts-te")]
     elif case == "no-manifest":
         (tmp_path / "half").mkdir()
         args, expect = [f"data.train=[{tmp_path / 'half'}]"], ["data.train[0]", str(tmp_path / "half"), "manifest.json"]
