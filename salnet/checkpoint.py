@@ -77,18 +77,6 @@ def resume_path(run_dir: Path, resume: str) -> Optional[Path]:
     return path
 
 
-def clear_run(run_dir: Path) -> list[Path]:
-    """Remove a run directory's checkpoints and best.pt (train.resume=none: start over).
-
-    Otherwise a stale checkpoint of the earlier run could be newer than anything the new run has
-    written, and a later `resume: auto` would continue the wrong run.
-    """
-    removed = [p for p in (checkpoint_dir(run_dir), Path(run_dir) / "best.pt") if p.exists()]
-    for p in removed:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return removed
-
-
 def _fsync_tree(path: Path) -> None:
     for p in sorted(path.rglob("*")):
         if p.is_file():

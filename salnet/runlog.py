@@ -1,13 +1,11 @@
 """What a run tells the world: console lines, metrics.jsonl, and (optionally) W&B. Rank 0 only.
 
 metrics.jsonl is always written, whether or not W&B is on: it is the record a run can be
-audited from. On resume, lines past the resumed step (written by the interrupted run after its
-last checkpoint) are dropped, so the file reads as one uninterrupted run.
+audited from (salnet.rundir.MetricsFile: each step once, a torn tail cut on resume).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import sys
@@ -19,7 +17,7 @@ import torch
 
 from salnet import dist
 from salnet.config import Config
-from salnet.fsio import atomic_write
+from salnet.rundir import MetricsFile
 
 
 T = TypeVar("T")
@@ -92,13 +90,13 @@ class LogWindow:
 class RunLog:
     def __init__(self, cfg: Config, resumed_step: int, wandb_id: Optional[str]):
         self.enabled = dist.is_main()
-        self.path = cfg.run_dir / "metrics.jsonl"
+        self.metrics_file = MetricsFile(cfg.run_dir)
         self.wandb = None
         self.wandb_id = wandb_id
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(resumed_step)
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_file.resume_at(resumed_step)
         if cfg.log.wandb:
             import wandb  # imported only when asked for: it is slow to import
 
@@ -108,18 +106,10 @@ class RunLog:
             self.wandb = wandb.init(project=cfg.log.project, entity=cfg.log.entity, name=cfg.name, id=self.wandb_id,
                                     resume="allow", dir=str(cfg.run_dir), config=cfg.model_dump(mode="json"))
 
-    def _truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        with atomic_write(self.path) as f:
-            f.write("".join(line + "\n" for line in kept))
-
     def record(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self.metrics_file.append({"kind": kind, "step": step, **values})
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
 

@@ -20,14 +20,14 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from salnet import dist
-from salnet.checkpoint import (ClientState, clear_run, load_checkpoint, resume_path, save_best, save_checkpoint,
-                               set_rng_state)
+from salnet.checkpoint import ClientState, load_checkpoint, resume_path, save_best, save_checkpoint, set_rng_state
 from salnet.config import Config, parse_config, save_config, to_yaml
 from salnet.data import TrainBatch, TrainInput, TrainStream
 from salnet.loss import build_loss
 from salnet.metrics import is_better
 from salnet.model import build_model
 from salnet.preemption import StopRequest
+from salnet.rundir import RunLock, remove_leftovers, start_over
 from salnet.runlog import DataClock, LogWindow, RunLog, format_metrics_table, format_train_line, setup_logging
 from salnet.strategy import StepResult, Strategy, build_strategy
 from salnet.validate import Validator
@@ -103,6 +103,7 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg, self.run_dir, self.world = cfg, cfg.run_dir, dist.world_size()
+        self.lock = RunLock(self.run_dir)
         # ---- prepare data ------------------------------------------------------------------
         self.train_data = TrainStream(cfg.data, seed=cfg.train.seed, rank=dist.rank(), world_size=self.world)
         self.adjust_input = TrainInput(cfg.data, dist.device(), cfg.train.channels_last)
@@ -125,9 +126,13 @@ class Trainer:
     def start_or_resume(self) -> tuple[TrainState, Optional[Path]]:
         """The loop state: fresh, or restored from a checkpoint with the loader position and RNG streams."""
         cfg = self.cfg
-        if cfg.train.resume == "none" and dist.is_main():
-            for removed in clear_run(self.run_dir):
-                print(f"train.resume=none: removed {removed} of an earlier run", flush=True)
+        if dist.is_main():
+            self.lock.acquire()  # one writer per run directory, for this process's life
+            for removed in remove_leftovers(self.run_dir):
+                print(f"removed {removed}, left behind by an interrupted write", flush=True)
+            if cfg.train.resume == "none":
+                for removed in start_over(self.run_dir):
+                    print(f"train.resume=none: removed {removed} of an earlier run", flush=True)
         dist.barrier()
         checkpoint = resume_path(self.run_dir, cfg.train.resume)
         if checkpoint is None:

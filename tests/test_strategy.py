@@ -3,10 +3,12 @@ import math
 import pytest
 import torch
 
-from salnet.checkpoint import ClientState, clear_run, complete_checkpoints, load_checkpoint, resume_path, save_checkpoint
+from salnet.checkpoint import ClientState, complete_checkpoints, load_checkpoint, resume_path, save_checkpoint
 from salnet.config import load_config
 from salnet.optim import build_optimizer, lr_factor, param_groups
+from salnet.rundir import start_over
 from salnet.strategy import SkipReason, build_strategy
+
 from conftest import REPO, run_py, torchrun
 from strategy_probe import TinyNet, bce
 
@@ -108,5 +110,5 @@ def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path):
         resume_path(tmp_path, "nope")
     # train.resume=none starts over: the earlier run's checkpoints and best.pt go.
     (tmp_path / "best.pt").write_bytes(b"old best")
-    assert sorted(p.name for p in clear_run(tmp_path)) == ["best.pt", "checkpoints"]
+    assert sorted(p.name for p in start_over(tmp_path)) == ["best.pt", "checkpoints"]
     assert resume_path(tmp_path, "auto") is None and not (tmp_path / "best.pt").exists()

@@ -1,0 +1,86 @@
+"""salnet.rundir: the run directory's rules (metrics.jsonl, the lock, leftovers, start-over)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from salnet.rundir import MetricsFile, RunDirLocked, RunLock, read_records, remove_leftovers, start_over
+
+
+def write_rows(path, steps, tail=b""):
+    path.write_bytes(b"".join(json.dumps({"kind": "train", "step": s}).encode() + b"\n" for s in steps) + tail)
+
+
+def test_a_torn_last_line_is_ignored_by_readers_and_cut_on_resume(tmp_path, caplog):
+    metrics = MetricsFile(tmp_path)
+    write_rows(metrics.path, [1, 2, 3], tail=b'{"kind": "train", "st')
+    assert [r["step"] for r in read_records(metrics.path)] == [1, 2, 3]  # readers never fail on it
+    with caplog.at_level("WARNING", logger="salnet"):
+        metrics.resume_at(3)
+    assert "cut a torn last line of 21 bytes" in caplog.text
+    assert metrics.path.read_bytes().endswith(b"}\n")
+    metrics.append({"kind": "train", "step": 4})
+    assert [r["step"] for r in read_records(metrics.path)] == [1, 2, 3, 4]
+
+
+def test_rows_a_resume_replaces_are_kept_in_a_side_file(tmp_path):
+    metrics = MetricsFile(tmp_path)
+    write_rows(metrics.path, [1, 2, 3, 4, 5])
+    metrics.resume_at(3)
+    assert [r["step"] for r in read_records(metrics.path)] == [1, 2, 3]
+    side = read_records(metrics.replaced_path)
+    assert side[0]["kind"] == "replaced" and side[0]["resumed_at_step"] == 3
+    assert [r["step"] for r in side[1:]] == [4, 5]
+
+
+def test_a_bad_line_in_the_middle_is_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a JSON record"):
+        read_records(path)
+
+
+HOLD = """
+import sys, time
+from salnet.rundir import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_one_writer_the_lock_names_its_holder_and_dies_with_it(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env={"SLURM_JOB_ID": "4242", "PATH": ""})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirLocked) as e:
+            RunLock(tmp_path).acquire()
+        msg = str(e.value)
+        assert str(tmp_path) in msg and f'"pid": {holder.pid}' in msg and '"slurm_job_id": "4242"' in msg and '"host"' in msg
+    finally:
+        holder.kill()  # kill -9: the kernel drops the lock with the process
+        holder.wait()
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    lock.release()
+
+
+def test_leftovers_of_crashes_go_and_start_over_stays_inside_the_run(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".step-00000005.tmp").mkdir(parents=True)
+    (run / ".best.pt.abc123.tmp").write_bytes(b"half")
+    (run / "checkpoints" / "step-00000004").mkdir()
+    assert sorted(p.name for p in remove_leftovers(run)) == [".best.pt.abc123.tmp", ".step-00000005.tmp"]
+    assert (run / "checkpoints" / "step-00000004").is_dir()
+    # a symlink to data elsewhere: start-over removes the link, never what it points at
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    (run / "best.pt").symlink_to(outside / "keep.txt")
+    (run / "config.yaml").write_text("kept: the new attempt overwrites it")
+    removed = sorted(p.name for p in start_over(run))
+    assert removed == ["best.pt", "checkpoints"]
+    assert (outside / "keep.txt").read_text() == "keep" and (run / "config.yaml").exists()
