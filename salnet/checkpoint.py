@@ -4,14 +4,21 @@
       config.yaml               the resolved config
       metrics.jsonl             every logged value
       checkpoints/
-        step-00000400/          a complete checkpoint (the strategy's files)
+        step-00000400/          a complete checkpoint (the strategy's files + checksums.json)
         .step-00000500.tmp/     a save in progress: never picked for resume
+        corrupt-step-00000300/  failed verification at resume: set aside, never deleted
+        abandoned-step-00000600/  newer than a checkpoint the user rolled back to
       best.pt                   fp32 weights + config + metrics of the best validation
 
 Atomicity: every rank writes into the hidden temporary directory, all ranks meet at a barrier,
 then rank 0 fsyncs and renames it into place (a directory rename is atomic), and only then
 deletes checkpoints beyond the newest K. A crash at any point leaves the previous complete
 checkpoint as the newest `step-*` directory. Everything is loaded with `weights_only=True`.
+
+Verification: each checkpoint lists the size and SHA-256 of its files (salnet.checksums). Resume
+verifies before loading; `auto` sets a bad checkpoint aside and tries the next newest, an explicit
+path that is bad is an error. A save that fails (disk full, I/O error) removes its temporary
+directory on every rank, keeps the earlier checkpoints and stops with the space it needed.
 """
 
 from __future__ import annotations
@@ -28,7 +35,10 @@ import numpy as np
 import torch
 
 from salnet import __version__, dist
+from salnet.checksums import CheckpointCorrupt, tensor_digest, verify, write_manifest
 from salnet.fsio import atomic_write, fsync_dir
+from salnet.rundir import free_bytes, tree_bytes
+from salnet.strategy.base import load_file
 
 _COMPLETE = re.compile(r"^step-(\d{8})$")
 
@@ -63,7 +73,8 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resume_path(run_dir: Path, resume: str) -> Optional[Path]:
-    """What `train.resume` points at: 'auto' -> newest complete checkpoint (or None), 'none' -> None."""
+    """What `train.resume` points at: 'auto' -> newest complete checkpoint (or None), 'none' -> None,
+    a path -> that checkpoint directory (an error if it is not one). Nothing is verified here."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -77,12 +88,65 @@ def resume_path(run_dir: Path, resume: str) -> Optional[Path]:
     return path
 
 
+def choose_checkpoint(run_dir: Path, resume: str) -> Optional[Path]:
+    """The verified checkpoint to resume from (all ranks call this; rank 0 decides, everyone gets its answer).
+
+    auto: the newest good one; each bad one is reported and moved to corrupt-step-N/. A path: that
+    one, or an error naming the bad file; if it is older than the newest, the newer checkpoints
+    are moved to abandoned-step-N/ so that a later `auto` continues the branch chosen here.
+    """
+    choice, error = None, ""
+    if dist.is_main():
+        choice, error = _attempt(lambda: _choose(Path(run_dir), resume))
+    choice, error = dist.all_gather_object((choice, error))[0]
+    if error:
+        raise CheckpointCorrupt(error.split(": ", 1)[1] if error.startswith("CheckpointCorrupt") else error)
+    return choice
+
+
+def _choose(run_dir: Path, resume: str) -> Optional[Path]:
+    chosen = resume_path(run_dir, resume)
+    if chosen is None:
+        return None
+    if resume != "auto":
+        verify(chosen)
+        for newer in [c for c in complete_checkpoints(chosen.parent.parent) if c.name > chosen.name]:
+            aside = newer.with_name("abandoned-" + newer.name)
+            os.rename(newer, aside)
+            print(f"train.resume={resume}: moved the newer {newer.name} to {aside.name} (kept, not deleted)", flush=True)
+        return chosen
+    tried = []
+    for candidate in reversed(complete_checkpoints(run_dir)):
+        try:
+            verify(candidate)
+            return candidate
+        except CheckpointCorrupt as e:
+            aside = candidate.with_name("corrupt-" + candidate.name)
+            os.rename(candidate, aside)
+            tried.append(f"{e} (moved to {aside.name})")
+            print(f"resume: {e}; moved {candidate.name} aside to {aside.name} and trying the next newest", flush=True)
+    raise CheckpointCorrupt(f"no intact checkpoint under {checkpoint_dir(run_dir)}: " + "; ".join(tried)
+                            + "; start over with train.resume=none, or point train.resume at a copy you trust")
+
+
 def _fsync_tree(path: Path) -> None:
     for p in sorted(path.rglob("*")):
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
     fsync_dir(path)
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that did not complete; the earlier checkpoints are intact."""
+
+
+def _attempt(action) -> tuple[object, str]:
+    """(result, '') or (None, what went wrong): a rank's failure is reported to all before anyone raises."""
+    try:
+        return action(), ""
+    except Exception as e:  # noqa: BLE001  (any failure of a save is reported the same way, with its cause)
+        return None, f"{type(e).__name__}: {e}"
 
 
 def save_checkpoint(run_dir: Path, step: int, strategy, client: ClientState, keep: int) -> Path:
@@ -94,26 +158,46 @@ def save_checkpoint(run_dir: Path, step: int, strategy, client: ClientState, kee
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save
         tmp.mkdir(parents=True)
     dist.barrier()
-    strategy.save(tmp, asdict(client))
-    dist.barrier()  # every rank has finished writing
+    digests, error = _attempt(lambda: strategy.save(tmp, asdict(client)))
+    gathered = dist.all_gather_object((digests, error))  # also the barrier: every rank has finished writing
+    errors = [f"rank {rank}: {e}" for rank, (_, e) in enumerate(gathered) if e]
+    if not errors and dist.is_main():
+        _, error = _attempt(lambda: _complete(tmp, final, {n: d for files, _ in gathered for n, d in files.items()}))
+        errors = [f"rank 0: {error}"] if error else []
+    errors = dist.all_gather_object(errors)[0]  # rank 0's verdict, for everyone
+    if errors:
+        if dist.is_main():
+            needed = tree_bytes(complete_checkpoints(run_dir)[-1]) if complete_checkpoints(run_dir) else tree_bytes(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        raise CheckpointSaveError(
+            f"saving the checkpoint of step {step} into {root} failed ({'; '.join(errors)}); its temporary directory was removed "
+            f"and the earlier checkpoints are kept" + (f". A checkpoint takes about {needed} bytes; {free_bytes(root)} bytes are free "
+                                                      f"there: free space or lower checkpoint.keep" if dist.is_main() else ""))
     if dist.is_main():
-        _fsync_tree(tmp)
-        if final.exists():  # the same step saved again (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
         for old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
+def _complete(tmp: Path, final: Path, digests: dict) -> None:
+    """Rank 0: the checksums, fsync, then the atomic rename that makes the checkpoint complete."""
+    write_manifest(tmp, digests)
+    _fsync_tree(tmp)
+    if final.exists():  # the same step saved again (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
 def save_best(run_dir: Path, weights: dict, config: dict, metrics: dict, step: int) -> Path:
-    """best.pt: float32 weights of the plain network, in one format whatever the strategy."""
+    """best.pt: float32 weights of the plain network, in one format whatever the strategy, with
+    a digest of its tensors that load_best checks."""
     path = Path(run_dir) / "best.pt"
     with atomic_write(path, "wb") as f:
         torch.save({"model": weights, "config": config, "metrics": metrics, "step": step,
-                    "salnet_version": __version__}, f)
+                    "salnet_version": __version__, "weights_sha256": tensor_digest(weights)}, f)
     return path
 
 
@@ -123,7 +207,11 @@ def load_checkpoint(directory: Path, strategy) -> ClientState:
 
 
 def load_best(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """best.pt (or an exported one), checked against the digest of its tensors; errors name the file."""
+    best = load_file(Path(path), map_location="cpu")
+    if "weights_sha256" in best and tensor_digest(best["model"]) != best["weights_sha256"]:
+        raise CheckpointCorrupt(f"{path}: its weights do not match their checksum (the file changed after it was written)")
+    return best
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ reads like the pipeline it implements:
 
 from __future__ import annotations
 
+import logging
 import sys
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -20,14 +21,14 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from salnet import dist
-from salnet.checkpoint import ClientState, load_checkpoint, resume_path, save_best, save_checkpoint, set_rng_state
+from salnet.checkpoint import ClientState, choose_checkpoint, load_checkpoint, save_best, save_checkpoint, set_rng_state
 from salnet.config import Config, parse_config, save_config, to_yaml
 from salnet.data import TrainBatch, TrainInput, TrainStream
 from salnet.loss import build_loss
 from salnet.metrics import is_better
 from salnet.model import build_model
 from salnet.preemption import StopRequest
-from salnet.rundir import RunLock, remove_leftovers, start_over
+from salnet.rundir import RunLock, free_bytes, remove_leftovers, start_over, tree_bytes
 from salnet.runlog import DataClock, LogWindow, RunLog, format_metrics_table, format_train_line, setup_logging
 from salnet.strategy import StepResult, Strategy, build_strategy
 from salnet.validate import Validator
@@ -134,7 +135,7 @@ class Trainer:
                 for removed in start_over(self.run_dir):
                     print(f"train.resume=none: removed {removed} of an earlier run", flush=True)
         dist.barrier()
-        checkpoint = resume_path(self.run_dir, cfg.train.resume)
+        checkpoint = choose_checkpoint(self.run_dir, cfg.train.resume)
         if checkpoint is None:
             dist.seed_everything(cfg.train.seed)
             return TrainState(), None
@@ -196,10 +197,25 @@ class Trainer:
                   f"global batch {cfg.global_batch(world)} = {world} ranks x {cfg.data.batch_size} micro-batch x "
                   f"{cfg.train.grad_accum} accumulation; {self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
                   + (f"; resumed from {checkpoint} at step {state.step}" if checkpoint else ""))
+        if dist.is_main():
+            self.warn_if_disk_is_short(checkpoint)
         if state.step >= self.total_steps:
             log.print(f"nothing to do: the run is complete at step {state.step} (train.steps={self.total_steps}); "
                       f"best {state.best.get('metric')}={state.best.get('value')} at step {state.best.get('step')}; "
                       f"set train.resume=none to start over or raise train.steps to continue")
+
+
+    def warn_if_disk_is_short(self, checkpoint: Optional[Path]) -> None:
+        """Warn at start-up when the run's filesystem cannot hold checkpoint.keep + 1 checkpoints."""
+        if checkpoint is not None:
+            size = tree_bytes(checkpoint)
+        else:  # weights + two optimizer moments, a rough lower bound (ZeRO-3 keeps its full sizes in ds_numel)
+            size = 3 * sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in self.strategy.module.parameters())
+        needed, free = size * (self.cfg.checkpoint.keep + 1), free_bytes(self.run_dir)
+        if free < needed:
+            logging.getLogger("salnet").warning(
+                f"{self.run_dir} has {free / 2**30:.2f} GiB free, less than checkpoint.keep + 1 = {self.cfg.checkpoint.keep + 1} "
+                f"checkpoints of about {size / 2**30:.2f} GiB need: a save will fail when the disk is full")
 
 
 def train(cfg: Config, stop: Optional[StopRequest] = None) -> dict:

@@ -8,12 +8,13 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from salnet import dist
+from salnet.checksums import FileDigest
 from salnet.config import Config
 from salnet.data import to_model_input
 
@@ -94,8 +95,9 @@ class Strategy(ABC):
         return predict_logits(self.module, images, self.amp_dtype, self.cfg.train.channels_last)
 
     @abstractmethod
-    def save(self, directory: Path, client_state: dict) -> None:
-        """Write the full training state (all ranks call this) into `directory`."""
+    def save(self, directory: Path, client_state: dict) -> dict[str, FileDigest]:
+        """Write the full training state (all ranks call this) into `directory`; returns the
+        digests of the files this rank wrote, by path relative to `directory`."""
 
     @abstractmethod
     def load(self, directory: Path) -> dict:
@@ -124,6 +126,17 @@ def predict_logits(module: nn.Module, images: torch.Tensor, amp_dtype: Optional[
     module.eval()
     with autocast(amp_dtype, device):
         return module(to_model_input(images, device, channels_last)).float()
+
+
+def load_file(path: Path, map_location=None, safe_globals: tuple = ()) -> Any:
+    """torch.load with weights_only=True; any failure is an error that names the file."""
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing from the checkpoint") from None
+    except Exception as e:
+        raise RuntimeError(f"{path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 def decoder_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -15,10 +15,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from salnet import dist
+from salnet.checksums import FileDigest, save_hashed
 from salnet.config import Config
 from salnet.optim import build_optimizer, build_schedule
 from salnet.strategy.base import (AMP_DTYPES, SkipReason, StepResult, Strategy, broadcast_buffers, decoder_lr, fp32_copy,
-                                  step_schedule, with_sync_bn)
+                                  load_file, step_schedule, with_sync_bn)
 
 STATE_FILE = "state.pt"  # a DDP checkpoint is this one file, written by rank 0
 
@@ -102,19 +103,16 @@ class DDPStrategy(Strategy):
     def lr(self) -> float:
         return decoder_lr(self.optimizer)
 
-    def save(self, directory: Path, client_state: dict) -> None:
+    def save(self, directory: Path, client_state: dict) -> dict[str, FileDigest]:
         # DDP keeps identical replicas: rank 0 writes everything.
-        if dist.is_main():
-            torch.save({
-                "model": self.module.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "schedule": self.schedule.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "client": client_state,
-            }, directory / STATE_FILE)
+        if not dist.is_main():
+            return {}
+        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                 "scaler": self.scaler.state_dict(), "client": client_state}
+        return {STATE_FILE: save_hashed(state, directory / STATE_FILE)}
 
     def load(self, directory: Path) -> dict:
-        state = torch.load(directory / STATE_FILE, map_location=dist.device(), weights_only=True)
+        state = load_file(directory / STATE_FILE, map_location=dist.device())
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -127,4 +125,4 @@ class DDPStrategy(Strategy):
 
 def consolidated_weights(directory: Path) -> dict:
     """The fp32 weights of a DDP checkpoint directory (what `python -m salnet.strategy.convert` reads)."""
-    return fp32_copy(torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)["model"])
+    return fp32_copy(load_file(directory / STATE_FILE, map_location="cpu")["model"])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -34,11 +35,12 @@ import torch
 from torch import nn
 
 from salnet import dist
+from salnet.checksums import FileDigest, file_digest, save_hashed
 from salnet.config import Config
 from salnet.fsio import atomic_write
 from salnet.optim import build_schedule, param_groups
 from salnet.strategy.base import (AMP_DTYPES, SkipReason, StepResult, Strategy, broadcast_buffers, decoder_lr, fp32_copy,
-                                  step_schedule, with_sync_bn)
+                                  load_file, step_schedule, with_sync_bn)
 from salnet.strategy.zero_config import deepspeed_config
 
 if not torch.cuda.is_available():
@@ -65,6 +67,7 @@ warnings.filterwarnings("ignore", message=r"`torch.distributed.(all_gather_into_
 TAG = "deepspeed"                      # DeepSpeed's own files go to <checkpoint>/deepspeed/
 SALNET_STATE = "salnet_state.pt"       # salnet's part of a checkpoint, next to them
 CONFIG_FILE = "deepspeed_config.json"  # the generated DeepSpeed config, in the run directory
+_PARTITION_RANK = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank partition files
 
 # The only non-tensor types DeepSpeed writes into its checkpoint files (ZeRO 1-3, fp32/bf16/fp16;
 # found with torch.serialization.get_unsafe_globals_in_checkpoint): plain data holders.
@@ -79,8 +82,7 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
     """
 
     def load(self, path: str, map_location=None):
-        with torch.serialization.safe_globals(CHECKPOINT_CLASSES):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        return load_file(Path(path), map_location=map_location, safe_globals=tuple(CHECKPOINT_CLASSES))
 
 
 class DeepSpeedStrategy(Strategy):
@@ -147,14 +149,23 @@ class DeepSpeedStrategy(Strategy):
     def lr(self) -> float:
         return decoder_lr(self.engine.basic_optimizer)
 
-    def save(self, directory: Path, client_state: dict) -> None:
+    def save(self, directory: Path, client_state: dict) -> dict[str, FileDigest]:
         self.engine.save_checkpoint(str(directory), tag=TAG)
+        dist.barrier()  # every rank's files are complete before anyone hashes
+        digests = {}
         if dist.is_main():
-            torch.save({"schedule": self.schedule.state_dict(), "world_size": dist.world_size(), "client": client_state},
-                       directory / SALNET_STATE)
+            state = {"schedule": self.schedule.state_dict(), "world_size": dist.world_size(), "client": client_state}
+            digests[SALNET_STATE] = save_hashed(state, directory / SALNET_STATE)
+        # DeepSpeed writes its files itself: each rank hashes its own partitions once, rank 0 the shared files.
+        for path in sorted(directory.rglob("*")):
+            owner = _PARTITION_RANK.search(path.name)
+            mine = int(owner[1]) == dist.rank() if owner else dist.is_main()
+            if path.is_file() and path.name != SALNET_STATE and mine:
+                digests[str(path.relative_to(directory))] = file_digest(path)
+        return digests
 
     def load(self, directory: Path) -> dict:
-        state = torch.load(directory / SALNET_STATE, map_location="cpu", weights_only=True)
+        state = load_file(directory / SALNET_STATE, map_location="cpu")
         if state["world_size"] != dist.world_size():
             raise ValueError(f"{directory} holds the ZeRO partitions of a {state['world_size']}-rank run; DeepSpeed cannot load them into "
                              f"{dist.world_size()} rank(s). Resume with {state['world_size']} ranks, or start over with "

@@ -1,0 +1,133 @@
+"""Checkpoints that prove they are intact: checksums, fallback past bad ones, rollback, best.pt's
+digest, and a save that runs out of disk space on a real (tmpfs) filesystem."""
+
+import json
+import subprocess
+import uuid
+
+import pytest
+import torch
+
+from salnet.checkpoint import (CheckpointSaveError, ClientState, choose_checkpoint, complete_checkpoints, load_best,
+                               load_checkpoint, save_best, save_checkpoint)
+from salnet.checksums import MANIFEST, CheckpointCorrupt, file_digest, verify
+from salnet.config import load_config
+from salnet.strategy import build_strategy
+from strategy_probe import TinyNet
+
+
+def client(step):
+    return ClientState(train={"step": step}, world_size=1, loader=[{}], rng=[{}])
+
+
+def saved_run(run_dir, steps=(2, 4, 6), net=None):
+    cfg = load_config(None, ["train.channels_last=false"])
+    strategy = build_strategy(cfg, net or TinyNet(), total_steps=10)
+    for step in steps:
+        save_checkpoint(run_dir, step, strategy, client(step), keep=10)
+    return strategy
+
+
+def flip_byte(path, fraction=0.75):
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * fraction)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_every_file_is_listed_with_size_and_checksum(tmp_path):
+    saved_run(tmp_path, steps=(2,))
+    checkpoint = complete_checkpoints(tmp_path)[0]
+    files = json.loads((checkpoint / MANIFEST).read_text())["files"]
+    digest = file_digest(checkpoint / "state.pt")  # computed while writing: the same as reading it back
+    assert files == {"state.pt": {"size": digest.size, "sha256": digest.sha256}}
+    verify(checkpoint)
+
+
+def test_auto_sets_bad_checkpoints_aside_and_resumes_from_the_newest_good_one(tmp_path, capsys):
+    strategy = saved_run(tmp_path)
+    newest = tmp_path / "checkpoints" / "step-00000006" / "state.pt"
+    flip_byte(newest)
+    torch.load(newest, weights_only=True)  # torch alone would load the flipped tensor without a word
+    chosen = choose_checkpoint(tmp_path, "auto")
+    assert chosen.name == "step-00000004" and load_checkpoint(chosen, strategy) == client(4)
+    out = capsys.readouterr().out
+    assert f"{newest}: checksum mismatch" in out and "corrupt-step-00000006" in out
+    assert (tmp_path / "checkpoints" / "corrupt-step-00000006" / "state.pt").is_file()  # never deleted
+
+    # truncated (a copy cut short) and a missing manifest: each is named; none left -> an error listing them
+    state = tmp_path / "checkpoints" / "step-00000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    (tmp_path / "checkpoints" / "step-00000002" / MANIFEST).unlink()
+    with pytest.raises(CheckpointCorrupt) as e:
+        choose_checkpoint(tmp_path, "auto")
+    msg = str(e.value)
+    assert f"{state}: 100 bytes" in msg and f"{tmp_path / 'checkpoints' / 'step-00000002' / MANIFEST}: missing" in msg
+    assert "train.resume=none" in msg
+
+
+def test_an_explicit_bad_checkpoint_is_an_error_not_a_fallback(tmp_path):
+    saved_run(tmp_path)
+    bad = tmp_path / "checkpoints" / "step-00000004"
+    flip_byte(bad / "state.pt")
+    with pytest.raises(CheckpointCorrupt, match=f"{bad / 'state.pt'}: checksum mismatch"):
+        choose_checkpoint(tmp_path, str(bad))
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000002", "step-00000004", "step-00000006"]
+
+
+def test_rolling_back_moves_the_newer_checkpoints_aside_so_auto_continues_the_chosen_branch(tmp_path):
+    saved_run(tmp_path)
+    chosen = choose_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "step-00000002"))
+    assert chosen.name == "step-00000002"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "abandoned-step-00000004", "abandoned-step-00000006", "step-00000002"]
+    assert choose_checkpoint(tmp_path, "auto").name == "step-00000002"
+
+
+def test_a_load_error_names_its_file(tmp_path):
+    strategy = saved_run(tmp_path, steps=(2,))
+    checkpoint = complete_checkpoints(tmp_path)[0]
+    (checkpoint / "state.pt").write_bytes(b"not a torch file at all")
+    with pytest.raises(RuntimeError, match=f"{checkpoint / 'state.pt'}: cannot be loaded"):
+        load_checkpoint(checkpoint, strategy)
+
+
+def test_best_pt_carries_a_digest_of_its_weights(tmp_path):
+    weights = {k: v.float() for k, v in TinyNet().state_dict().items()}
+    path = save_best(tmp_path, weights, {}, {"val/maxF": 0.5}, 3)
+    assert load_best(path)["step"] == 3
+    best = torch.load(path, weights_only=True)
+    best["model"]["head.bias"] += 1e-3  # a changed tensor under an intact pickle
+    torch.save(best, path)
+    with pytest.raises(CheckpointCorrupt, match=f"{path}: its weights do not match their checksum"):
+        load_best(path)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 3 MiB tmpfs (root only); skipped, saying why, where mounting is not allowed."""
+    mount = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}): the disk-full test needs a small real filesystem")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_the_save_cleanly_and_keeps_the_earlier_checkpoints(small_filesystem):
+    net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))  # ~0.5 MiB of weights, 1.5 MiB with AdamW
+    cfg = load_config(None, ["train.channels_last=false"])
+    strategy = build_strategy(cfg, net, total_steps=10)
+    run_dir = small_filesystem / "run"
+    save_checkpoint(run_dir, 1, strategy, client(1), keep=10)  # the optimizer has no state yet: small
+    strategy.optimizer.step()  # AdamW's moments now exist: the next checkpoint is three times larger
+    with pytest.raises(CheckpointSaveError) as e:
+        for step in range(2, 10):
+            save_checkpoint(run_dir, step, strategy, client(step), keep=10)
+    msg = str(e.value)
+    assert f"into {run_dir / 'checkpoints'} failed" in msg and "No space left on device" in msg, msg
+    assert "bytes are free there" in msg and "A checkpoint takes about" in msg
+    assert not list((run_dir / "checkpoints").glob(".*.tmp")), "the failed save's temporary directory is gone"
+    for checkpoint in complete_checkpoints(run_dir):
+        verify(checkpoint)  # everything saved before is intact
+    assert complete_checkpoints(run_dir)
