@@ -121,6 +121,10 @@ class TrainJob:
             train.main(argv)
         except SystemExit as e:
             code = exit_status(e.code)
+        if code != 0:  # in each rank's own log: which rank stopped how
+            print(f"salnet.slurm: rank {rank} exits with status {code}"
+                  + {EXIT_REQUEUE: " (stopped on the warning signal, checkpoint saved)",
+                     EXIT_STOPPED: " (stopped on SIGTERM, checkpoint saved)"}.get(code, " (failed)"), flush=True)
         sys.stdout.flush()
         sys.stderr.flush()
         if code == EXIT_REQUEUE and rank == 0:

@@ -147,6 +147,16 @@ def stopped_step(text: str, signal_name: str) -> int:
     return int(m.group(1))
 
 
+def assert_both_ranks_saved_at(run_dir: Path, step: int) -> None:
+    """The checkpoint at `step` is complete and holds both ranks' loader and RNG states."""
+    import torch
+
+    state = torch.load(run_dir / "checkpoints" / f"step-{step:08d}" / "state.pt", weights_only=True, map_location="cpu")
+    client = state["client"]
+    assert client["train"]["step"] == step and client["world_size"] == 2
+    assert len(client["loader"]) == 2 and len(client["rng"]) == 2
+
+
 def assert_every_step_once(run_dir: Path, steps: int) -> None:
     train = [r["step"] for r in records(run_dir, "train")]
     assert train == list(range(1, steps + 1)), train
@@ -296,8 +306,11 @@ def test_usr2_saves_on_both_ranks_requeues_and_resumes_bitwise_identical(referen
     log = rank0_log(run_dir, job)
     step = stopped_step(log, "SIGUSR2")
     assert step < STEPS, everything
-    # Both ranks stopped at that step and asked for a requeue; rank 0 requeued the job once.
-    assert re.search(r"task 0: Exited with exit code 75", everything) and re.search(r"task 1: Exited with exit code 75", everything), everything
+    # Both ranks stopped at that step, saved together and asked for a requeue; rank 0 requeued the job once.
+    assert_both_ranks_saved_at(run_dir, step)
+    for rank in (0, 1):
+        rank_log = (run_dir / "slurm" / f"{job}_{rank}_log.out").read_text()
+        assert f"salnet.slurm: rank {rank} exits with status 75 (stopped on the warning signal" in rank_log, everything
     assert f"requeued job {job} (restart 1 of at most 2)" in log
     assert sc.show_job(job).get("Restarts") == "1"
     assert [r["JobState"] for r in sc.jobcomp(job)] == ["PENDING", "COMPLETED"], everything
@@ -328,7 +341,8 @@ def test_sbatch_script_passes_the_usr2_scenario(reference, work):
     wait_gone(run_dir, job)
     log = (out / f"sbatch-{job}.out").read_text()
     step = stopped_step(log, "SIGUSR2")
-    assert "task 0: Exited with exit code 75" in log and "task 1: Exited with exit code 75" in log, log
+    assert "task 0: Exited with exit code 75" in log and "task 1: Exited with exit code 75" in log, log  # srun says so
+    assert_both_ranks_saved_at(run_dir, step)
     assert f"requeueing job {job} (restart 1 of at most 2)" in log
     assert [r["JobState"] for r in sc.jobcomp(job)] == ["PENDING", "COMPLETED"], log
     assert f"step-{step:08d} at step {step}" in log and f"done: {STEPS} steps" in log
@@ -346,6 +360,8 @@ def test_plain_scancel_saves_and_is_not_requeued(cluster, work):
     log = rank0_log(run_dir, job)
     step = stopped_step(log, "SIGTERM")
     assert checkpoint_steps(run_dir) == [step], logs(run_dir, job)
+    assert_both_ranks_saved_at(run_dir, step)
+    assert "rank 1 exits with status 76" in (run_dir / "slurm" / f"{job}_1_log.out").read_text()
     assert "not requeued" in log and "requeued job" not in log
     # A requeued job never leaves the queue (it waits there as PENDING): this one has, for good.
     assert not sc.squeue_state(job)
@@ -412,6 +428,7 @@ def test_preemption_by_a_higher_priority_partition_saves_requeues_and_finishes(c
     log = rank0_log(run_dir, job)
     step = stopped_step(log, "SIGUSR2")
     assert step < steps and f"step-{step:08d} at step {step}" in log, logs(run_dir, job)
+    assert_both_ranks_saved_at(run_dir, step)
     assert int(sc.show_job(job).get("Restarts", 0)) >= 1
     states = [r["JobState"] for r in sc.jobcomp(job)]
     assert states[-1] == "COMPLETED" and "PENDING" in states, states
