@@ -265,33 +265,23 @@ def test_submit_time_errors_name_the_key_or_path(work, tmp_path, case):
 # --------------------------------------------------------------------------------------------
 
 
+class Reference:
+    """An uninterrupted 2-rank run of the short config, submitted like the user would. It runs while
+    the USR2 test's job runs (the cluster has room for two 2 x 1-CPU jobs): wait() when it is needed."""
+
+    def __init__(self, work: Path):
+        self.run_dir = work / "runs" / "reference"
+        self.job, proc = submit(work, write_config(work, "reference"), *CPU_JOB)
+        self.submit = proc.stdout
+
+    def wait(self) -> Path:
+        wait_gone(self.run_dir, self.job)
+        return self.run_dir
+
+
 @pytest.fixture(scope="module")
 def reference(cluster, work):
-    """An uninterrupted 2-rank run of the short config, submitted like the user would."""
-    config = write_config(work, "reference")
-    job, proc = submit(work, config, *CPU_JOB)
-    run_dir = work / "runs" / "reference"
-    waited = wait_gone(run_dir, job)
-    return {"job": job, "run_dir": run_dir, "submit": proc.stdout, "seconds": waited}
-
-
-def test_a_submitted_job_trains_validates_and_writes_best(reference):
-    job, run_dir, out = reference["job"], reference["run_dir"], reference["submit"]
-    # What the launcher printed.
-    config_copy = Path(re.search(r"config: +(\S+) \(the job runs this copy\)", out).group(1))
-    assert config_copy.parent == run_dir / "slurm" and config_copy.is_file()
-    assert f"rank-0 log:    {run_dir}/slurm/{job}_0_log.out" in out
-    assert f"squeue -j {job}" in out and f"scancel {job}" in out and "starts from step 0" in out
-    # What the job did: two ranks, the copy of the config, validation, best.pt, exit 0.
-    final = sc.jobcomp(job)
-    assert [r["JobState"] for r in final] == ["COMPLETED"] and final[-1]["ExitCode"] == "0:0", logs(run_dir, job)
-    assert final[-1]["NodeList"] == "node[1-2]"
-    log = rank0_log(run_dir, job)
-    assert f"python -m salnet.train --config {config_copy}" in log
-    assert "salnet: 2 rank(s) on cpu (gloo)" in log and f"done: {STEPS} steps" in log
-    assert (run_dir / "best.pt").is_file() and checkpoint_steps(run_dir) == [8, STEPS]
-    assert [r["step"] for r in records(run_dir, "val")] == [8, STEPS]
-    assert_every_step_once(run_dir, STEPS)
+    return Reference(work)
 
 
 def test_usr2_saves_on_both_ranks_requeues_and_resumes_bitwise_identical(reference, work):
@@ -318,10 +308,29 @@ def test_usr2_saves_on_both_ranks_requeues_and_resumes_bitwise_identical(referen
     assert "train.resume=auto" in log and f"step-{step:08d} at step {step}" in log
     assert step in checkpoint_steps(run_dir) and STEPS in checkpoint_steps(run_dir)
     assert_every_step_once(run_dir, STEPS)
-    assert_bitwise_identical(reference["run_dir"], run_dir, STEPS)
+    assert_bitwise_identical(reference.wait(), run_dir, STEPS)
     # One W&B run (offline): every attempt logged to the id the launcher printed.
     ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
     assert ids == {wandb_id}, ids
+
+
+def test_a_submitted_job_trains_validates_and_writes_best(reference):
+    run_dir, job, out = reference.wait(), reference.job, reference.submit
+    # What the launcher printed.
+    config_copy = Path(re.search(r"config: +(\S+) \(the job runs this copy\)", out).group(1))
+    assert config_copy.parent == run_dir / "slurm" and config_copy.is_file()
+    assert f"rank-0 log:    {run_dir}/slurm/{job}_0_log.out" in out
+    assert f"squeue -j {job}" in out and f"scancel {job}" in out and "starts from step 0" in out
+    # What the job did: two ranks, the copy of the config, validation, best.pt, exit 0.
+    final = sc.jobcomp(job)
+    assert [r["JobState"] for r in final] == ["COMPLETED"] and final[-1]["ExitCode"] == "0:0", logs(run_dir, job)
+    assert final[-1]["NodeList"] == "node[1-2]"
+    log = rank0_log(run_dir, job)
+    assert f"python -m salnet.train --config {config_copy}" in log
+    assert "salnet: 2 rank(s) on cpu (gloo)" in log and f"done: {STEPS} steps" in log
+    assert (run_dir / "best.pt").is_file() and checkpoint_steps(run_dir) == [8, STEPS]
+    assert [r["step"] for r in records(run_dir, "val")] == [8, STEPS]
+    assert_every_step_once(run_dir, STEPS)
 
 
 def test_sbatch_script_passes_the_usr2_scenario(reference, work):
@@ -347,7 +356,7 @@ def test_sbatch_script_passes_the_usr2_scenario(reference, work):
     assert [r["JobState"] for r in sc.jobcomp(job)] == ["PENDING", "COMPLETED"], log
     assert f"step-{step:08d} at step {step}" in log and f"done: {STEPS} steps" in log
     assert_every_step_once(run_dir, STEPS)
-    assert_bitwise_identical(reference["run_dir"], run_dir, STEPS)
+    assert_bitwise_identical(reference.wait(), run_dir, STEPS)
 
 
 def test_plain_scancel_saves_and_is_not_requeued(cluster, work):
