@@ -23,6 +23,7 @@ directory on every rank, keeps the earlier checkpoints and stops with the space 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -35,12 +36,13 @@ import numpy as np
 import torch
 
 from salnet import __version__, dist
-from salnet.checksums import CheckpointCorrupt, tensor_digest, verify, write_manifest
+from salnet.checksums import CheckpointCorrupt, file_digest, tensor_digest, verify, write_manifest
 from salnet.fsio import atomic_write, fsync_dir
 from salnet.rundir import free_bytes, tree_bytes
 from salnet.strategy.base import load_file
 
 _COMPLETE = re.compile(r"^step-(\d{8})$")
+CONFIG = "config.json"  # the run's resolved config, inside each checkpoint
 
 
 @dataclass
@@ -149,8 +151,9 @@ def _attempt(action) -> tuple[object, str]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def save_checkpoint(run_dir: Path, step: int, strategy, client: ClientState, keep: int) -> Path:
-    """All ranks call this; returns the complete checkpoint directory."""
+def save_checkpoint(run_dir: Path, step: int, strategy, client: ClientState, keep: int, config: Optional[dict] = None) -> Path:
+    """All ranks call this; returns the complete checkpoint directory. `config` (the run's resolved
+    config) is kept beside the state as config.json, so a resume can compare before loading anything."""
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
@@ -162,7 +165,7 @@ def save_checkpoint(run_dir: Path, step: int, strategy, client: ClientState, kee
     gathered = dist.all_gather_object((digests, error))  # also the barrier: every rank has finished writing
     errors = [f"rank {rank}: {e}" for rank, (_, e) in enumerate(gathered) if e]
     if not errors and dist.is_main():
-        _, error = _attempt(lambda: _complete(tmp, final, {n: d for files, _ in gathered for n, d in files.items()}))
+        _, error = _attempt(lambda: _complete(tmp, final, {n: d for files, _ in gathered for n, d in files.items()}, config))
         errors = [f"rank 0: {error}"] if error else []
     errors = dist.all_gather_object(errors)[0]  # rank 0's verdict, for everyone
     if errors:
@@ -181,8 +184,11 @@ def save_checkpoint(run_dir: Path, step: int, strategy, client: ClientState, kee
     return final
 
 
-def _complete(tmp: Path, final: Path, digests: dict) -> None:
-    """Rank 0: the checksums, fsync, then the atomic rename that makes the checkpoint complete."""
+def _complete(tmp: Path, final: Path, digests: dict, config: Optional[dict]) -> None:
+    """Rank 0: the config, the checksums, fsync, then the atomic rename that makes the checkpoint complete."""
+    if config is not None:
+        (tmp / CONFIG).write_text(json.dumps(config, indent=1))
+        digests = {**digests, CONFIG: file_digest(tmp / CONFIG)}
     write_manifest(tmp, digests)
     _fsync_tree(tmp)
     if final.exists():  # the same step saved again (e.g. after a resume): replace it
@@ -199,6 +205,12 @@ def save_best(run_dir: Path, weights: dict, config: dict, metrics: dict, step: i
         torch.save({"model": weights, "config": config, "metrics": metrics, "step": step,
                     "salnet_version": __version__, "weights_sha256": tensor_digest(weights)}, f)
     return path
+
+
+def checkpoint_config(directory: Path) -> Optional[dict]:
+    """The resolved config a checkpoint was saved with (None for one saved without it)."""
+    path = Path(directory) / CONFIG
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def load_checkpoint(directory: Path, strategy) -> ClientState:

@@ -35,6 +35,7 @@ from salnet.metrics.names import FAMILIES, METRICS, metric_names
 
 DEFAULT_VAL_SET = "val"   # the name of data.val when it is a plain list
 MEAN_OVER_SETS = "mean"   # val/<mean>/<metric>: the mean over named sets
+MIN_INPUT_SIZE = 32       # the backbone's output stride: C5 is input / 32
 
 
 class ConfigError(ValueError):
@@ -42,8 +43,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    # extra="forbid": an unknown key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid": an unknown key is an error, never silently ignored; inf and nan are never valid settings.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,6 +90,10 @@ class DataConfig(Section):
     on_error: Literal["error", "skip"] = Field("error", description="a corrupt sample (bad image bytes, missing mask) stops the run naming shard and key "
                                                                     "(error), or is logged, counted and replaced by another sample of its batch (skip)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="joint image/mask augmentation")
+    augment_on: Optional[Literal["worker", "device"]] = Field(
+        None, description="where data.augment runs: 'worker' (loader processes warp each sample once and hand over uint8 batches at the training size) "
+                          "or 'device' (workers only decode and cut the crop box; the training device warps and jitters the whole batch at once); "
+                          "null: device when training on CUDA, worker otherwise")
 
     def model_post_init(self, context) -> None:
         # A method, not a pydantic validator decorator: pydantic reports its ValueError as a config error all the same.
@@ -226,6 +231,13 @@ class LogConfig(Section):
     entity: Optional[str] = Field(None, description="W&B entity (team or user)")
     wandb_id: Optional[str] = Field(None, description="W&B run id to create or continue (default: a new one, kept in the checkpoints; "
                                                       "a launcher presets it so every attempt of a job logs to one run)")
+    wandb_timeout_s: float = Field(60.0, gt=0, description="longest wait for W&B to start a run or to finish uploading one; past it, training "
+                                                          "goes on (or ends) without W&B and metrics.jsonl keeps the record")
+    artifacts: bool = Field(False, description="log best.pt to W&B as a versioned model artifact (aliases best, latest) whenever it improves")
+    panel_images: int = Field(8, ge=0, description="val images per set shown at every validation with ground truth and prediction "
+                                                   "(the same ones each time; W&B and runs/NAME/plots/); 0: none")
+    worst_images: int = Field(8, ge=0, description="per set, the K val images with the highest MAE, with their metrics and pictures; 0: none")
+    plots: bool = Field(True, description="rank 0 writes runs/NAME/plots/ (curves, metrics over steps, prediction panels) at every validation")
 
 
 class CheckpointConfig(Section):
@@ -249,6 +261,14 @@ class Config(Section):
                                                                           "(batch sizes, precision, optimizer, clipping, ZeRO stage, offload, bucket sizes) must agree with them")
 
     def model_post_init(self, context) -> None:
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ValueError(f"name={self.name!r} must be a plain directory name (no '/', not '.' or '..'): the run directory is "
+                             f"<out_dir>/<name>, and nothing may be written outside out_dir")
+        sizes = {"data.size": [self.data.size], "data.eval_size": [self.data.eval_size], "data.multiscale": self.data.multiscale}
+        for key, values in sizes.items():
+            if any(v < MIN_INPUT_SIZE for v in values):
+                raise ValueError(f"{key}={values if key == 'data.multiscale' else values[0]} is below the network's minimum input size "
+                                 f"{MIN_INPUT_SIZE} (its output stride: C5 must keep at least one pixel)")
         best_set, _ = self.eval.best_set_and_metric
         if best_set is not None and best_set not in self.data.val_sets:
             raise ValueError(f"eval.best_metric={self.eval.best_metric!r} names the val set {best_set!r}, but data.val has "
@@ -264,6 +284,38 @@ class Config(Section):
     def global_batch(self, world_size: int) -> int:
         """Images per optimizer step over all ranks: ranks x micro-batch x accumulation."""
         return world_size * self.data.batch_size * self.train.grad_accum
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming with a changed config: what may change, and what would make it another run.
+# --------------------------------------------------------------------------------------------
+
+# A checkpoint's weights, optimizer state and data position belong to these settings: changing one
+# mid-run makes a different experiment (or cannot load at all). Everything else may change on resume.
+FIXED_ON_RESUME = ("model.", "data.train", "data.train_weights", "data.size", "data.multiscale", "data.batch_size",
+                   "data.augment.", "train.grad_accum", "train.strategy", "train.zero_stage", "train.offload_optimizer",
+                   "train.offload_params", "train.seed", "optim.name")
+IGNORED_ON_RESUME = ("train.resume",)  # how this attempt starts, not what the run is
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and not (prefix in ("data.val.", "deepspeed.")):
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """(changes that take effect, changes that would break the run), as 'key: old -> new' lines,
+    between the config a checkpoint was saved with and the one resuming it."""
+    old, new = _flatten(saved), _flatten(cfg.model_dump(mode="json"))
+    allowed, breaking = [], []
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) == new.get(key) or key in IGNORED_ON_RESUME:
+            continue
+        line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        fixed = any(key == f or key.startswith(f) for f in FIXED_ON_RESUME)
+        (breaking if fixed else allowed).append(line)
+    return allowed, breaking
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,12 @@ def fsync_dir(path: os.PathLike | str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: os.PathLike | str, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """`with atomic_write(p) as f: f.write(...)`; on an error the final name is left untouched."""
@@ -32,6 +38,8 @@ def atomic_write(path: os.PathLike | str, mode: str = "w", **open_kwargs) -> Ite
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()
+            # mkstemp creates 0600: give the file the mode a plain open() would (0666 less the umask).
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -19,6 +19,13 @@ from torch import nn
 from salnet.config import OptimConfig
 
 
+def group_settings(name: str, cfg: OptimConfig) -> dict:
+    """The peak lr and weight decay of the parameter group `name` ('backbone/decay', 'decoder/no_decay', ...)."""
+    part, decay = name.split("/")
+    return {"lr": cfg.lr * (cfg.backbone_lr_mult if part == "backbone" else 1.0),
+            "weight_decay": cfg.weight_decay if decay == "decay" else 0.0}
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     backbone = getattr(model, "backbone", None)
     backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
@@ -28,12 +35,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             continue  # frozen BN and the like
         part = "backbone" if id(p) in backbone_ids else "decoder"
         decay = "no_decay" if p.ndim < 2 else "decay"
-        group = groups.setdefault((part, decay), {
-            "name": f"{part}/{decay}",
-            "params": [],
-            "lr": cfg.lr * (cfg.backbone_lr_mult if part == "backbone" else 1.0),
-            "weight_decay": cfg.weight_decay if decay == "decay" else 0.0,
-        })
+        group = groups.setdefault((part, decay), {"name": f"{part}/{decay}", "params": [], **group_settings(f"{part}/{decay}", cfg)})
         group["params"].append(p)
     # A fixed order (not dict insertion order of whatever came first) keeps optimizer state
     # indices identical across strategies and runs.
@@ -64,3 +66,20 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per optimizer step (skipped steps included, so lr follows the step count)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+
+
+def apply_settings(schedule: torch.optim.lr_scheduler.LambdaLR, cfg: OptimConfig) -> None:
+    """After a resume: the config's learning rates, weight decay and momentum take effect, not the
+    values the checkpoint's optimizer and schedule state brought back. The schedule's shape
+    (warm-up, decay, steps) is the config's already: its lambda is built from it, not saved."""
+    optimizer = schedule.optimizer
+    for group in optimizer.param_groups:
+        settings = group_settings(group["name"], cfg)
+        group["initial_lr"], group["weight_decay"] = settings["lr"], settings["weight_decay"]
+        if "betas" in group:
+            group["betas"] = (cfg.momentum, cfg.beta2)
+        else:
+            group["momentum"] = cfg.momentum
+    schedule.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+        group["lr"] = base * factor(schedule.last_epoch)  # the lr of the next step

@@ -21,12 +21,13 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from salnet import dist
-from salnet.checkpoint import ClientState, choose_checkpoint, load_checkpoint, save_best, save_checkpoint, set_rng_state
-from salnet.config import Config, parse_config, save_config, to_yaml
+from salnet.checkpoint import ClientState, checkpoint_config, choose_checkpoint, load_checkpoint, save_best, save_checkpoint, set_rng_state
+from salnet.config import Config, ConfigError, parse_config, resume_changes, save_config, to_yaml
 from salnet.data import TrainBatch, TrainInput, TrainStream
 from salnet.loss import build_loss
 from salnet.metrics import is_better
 from salnet.model import build_model
+from salnet.optim import apply_settings
 from salnet.preemption import StopRequest
 from salnet.rundir import RunLock, free_bytes, remove_leftovers, start_over, tree_bytes
 from salnet.runlog import DataClock, LogWindow, RunLog, format_metrics_table, format_train_line, setup_logging
@@ -139,7 +140,10 @@ class Trainer:
         if checkpoint is None:
             dist.seed_everything(cfg.train.seed)
             return TrainState(), None
+        optim_changed = self.check_config_changes(checkpoint_config(checkpoint), checkpoint)  # before loading: a changed model would not load
         client = load_checkpoint(checkpoint, self.strategy)
+        if optim_changed:  # the checkpoint brought back the old learning rates: the config's win
+            apply_settings(self.strategy.schedule, self.cfg.optim)
         state = TrainState(**client.train)
         state.saved_step = state.step
         if client.world_size == self.world:
@@ -153,6 +157,19 @@ class Trainer:
             state.epoch += 1
             dist.seed_everything(cfg.train.seed + state.step)
         return state, checkpoint
+
+    def check_config_changes(self, saved: Optional[dict], checkpoint: Path) -> bool:
+        """Resume means what the config says: changed settings that may change take effect (and are
+        listed); a change that would make it another run is an error listing them all. Returns
+        whether optimizer settings changed (they must be re-applied after loading)."""
+        allowed, breaking = resume_changes(saved, self.cfg) if saved else ([], [])
+        if breaking:
+            raise ConfigError(f"cannot resume {checkpoint} with this config: it changes settings the checkpoint belongs to:\n  "
+                              + "\n  ".join(breaking) + f"\nstart a new run instead (another name=, or train.resume=none to "
+                              f"start {self.run_dir} over), or undo these changes")
+        if allowed:
+            dist.print0("resume: changed settings that take effect from here on:\n  " + "\n  ".join(allowed))
+        return any(line.startswith("optim.") for line in allowed)
 
     def validate_and_keep_best(self, state: TrainState, log: RunLog) -> None:
         """Validate on every rank; a better value replaces best.pt (before saving, so the checkpoint knows it)."""
@@ -171,7 +188,8 @@ class Trainer:
         """The full training state at this step: every rank's part, written atomically."""
         train = {k: v for k, v in asdict(state).items() if k != "saved_step"}
         client = ClientState.gather(train, self.train_data.state_dict(), self.adjust_input.state_dict())
-        save_checkpoint(self.run_dir, state.step, self.strategy, client, keep=self.cfg.checkpoint.keep)
+        save_checkpoint(self.run_dir, state.step, self.strategy, client, keep=self.cfg.checkpoint.keep,
+                        config=self.cfg.model_dump(mode="json"))
         state.saved_step = state.step
 
     def count_skip(self, state: TrainState, result: StepResult, log: RunLog) -> None:

@@ -131,3 +131,23 @@ def test_a_full_disk_stops_the_save_cleanly_and_keeps_the_earlier_checkpoints(sm
     for checkpoint in complete_checkpoints(run_dir):
         verify(checkpoint)  # everything saved before is intact
     assert complete_checkpoints(run_dir)
+
+
+def test_every_file_of_a_run_honours_the_umask(tmp_path):
+    import os
+    import stat
+
+    from salnet.config import save_config
+    from salnet.rundir import MetricsFile
+
+    old = os.umask(0o027)
+    try:
+        saved_run(tmp_path, steps=(2,))
+        save_best(tmp_path, {k: v.float() for k, v in TinyNet().state_dict().items()}, {}, {}, 2)
+        save_config(load_config(None), tmp_path / "config.yaml")
+        MetricsFile(tmp_path).append({"kind": "train", "step": 1})
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"best.pt", "config.yaml", "state.pt", MANIFEST, "metrics.jsonl"}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(0o640) for p in files}

@@ -126,3 +126,18 @@ def test_a_best_metric_that_validation_will_not_compute_fails_when_the_config_lo
     assert "eval.best_metric='S' is not computed by eval.metrics=['F', 'MAE']" in msg
     assert "maxF, meanF, adpF, MAE" in msg and "'eval.best_metric=S' from the command line" in msg
     assert load_config(None, ["eval.metrics=[S]", "eval.best_metric=S"]).eval.best_metric == "S"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("name=../x", "name='../x' must be a plain directory name"),
+    ("name=a/b", "name='a/b' must be a plain directory name"),
+    ("optim.lr=.inf", "key 'optim.lr' (from the command line: 'optim.lr=.inf') has invalid value inf: Input should be a finite number"),
+    ("loss.side_weights=[1, .nan]", "Input should be a finite number"),
+    ("data.size=1", "data.size=1 is below the network's minimum input size 32"),
+    ("data.multiscale=[64, 8]", "data.multiscale=[64, 8] is below the network's minimum input size 32"),
+    ("data.val=[]", "data.val set 'val' lists no shard directories"),
+])
+def test_values_that_would_break_the_run_fail_when_the_config_loads(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert expected in str(e.value)

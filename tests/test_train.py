@@ -210,3 +210,19 @@ def test_training_with_named_val_sets_keeps_the_best_of_the_named_metric(tmp_pat
     assert best["step"] == best_val["step"]
     assert best["metrics"] == {k: v for k, v in best_val.items() if k not in ("kind", "step")}
     assert f"best B/MAE={best_val['B/MAE']:.4f} @ step {best_val['step']}" in out
+
+
+def test_resume_applies_changed_learning_rates_and_refuses_changes_that_make_another_run(tmp_path, shards):
+    path, run_dir = tiny_config(tmp_path, shards, train={"steps": 4}, eval={"every": 4}, checkpoint={"every": 2, "keep": 5},
+                                log={"every": 1}, optim={"warmup_steps": 0, "schedule": "constant"})
+    run_py(["-m", "salnet.train", "--config", path], timeout=300)
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000004")  # as if it had stopped after step 2
+    refused = run_py(["-m", "salnet.train", "--config", path, "model.fpn_width=16", "train.seed=7"], timeout=300, check=False)
+    assert refused.returncode == 1
+    assert "cannot resume" in refused.stderr and "model.fpn_width: 32 -> 16" in refused.stderr and "train.seed: 0 -> 7" in refused.stderr
+    assert "start a new run instead" in refused.stderr
+    out = run_py(["-m", "salnet.train", "--config", path, "optim.lr=0.005", "log.every=2"], timeout=300).stdout
+    assert "changed settings that take effect" in out and "optim.lr: 0.001 -> 0.005" in out and "log.every: 1 -> 2" in out
+    lrs = {r["step"]: r["lr"] for r in records(run_dir, "train")}
+    assert lrs[1] == lrs[2] == pytest.approx(1e-3) and lrs[4] == pytest.approx(5e-3)  # the new lr, for real
+    assert json.loads((run_dir / "checkpoints" / "step-00000004" / "config.json").read_text())["optim"]["lr"] == 0.005

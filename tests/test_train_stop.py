@@ -141,3 +141,61 @@ def test_torchrun_max_restarts_resumes_from_the_newest_checkpoint(tmp_path, shar
     assert agent.returncode == 0, out + err
     assert "resumed from" in out
     assert_resumed_run_equals(run_dir, uninterrupted)
+
+
+def test_when_the_launcher_dies_the_ranks_save_and_stop_instead_of_training_unsupervised(tmp_path, shards):
+    path, run_dir = run_config(tmp_path, shards)
+    agent = popen(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                   f"--master_port={free_port()}", "-m", "salnet.train", "--config", path])
+    wait_for_step(run_dir, 2, [agent])
+    workers = children(agent.pid)
+    assert len(workers) == 2, workers
+    agent.send_signal(signal.SIGUSR1)  # torchrun's agent does not handle USR1: it dies at once
+    agent.communicate(timeout=60)
+    deadline = time.monotonic() + 120
+    while any(os.path.exists(f"/proc/{pid}") and not zombie(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") and not zombie(pid) for pid in workers), "ranks kept running without their launcher"
+    checkpoints = complete_checkpoints(run_dir)
+    assert len(checkpoints) == 1  # saved at the step where the ranks learnt of it, then left
+    saved = int(checkpoints[0].name.split("-")[1])
+    assert 2 <= saved < STEPS
+    assert [r["step"] for r in records(run_dir, "train")][-1] == saved
+
+
+def zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_kill_9_at_random_moments_including_saves_then_resume_ends_bitwise_equal(tmp_path, shards, uninterrupted):
+    """The run is killed (the whole job, SIGKILL) at several moments, one of them inside a checkpoint
+    save; every restart resumes; the end result is the uninterrupted run's, and metrics.jsonl holds
+    each step once."""
+    import random
+
+    path, run_dir = run_config(tmp_path, shards)
+    config = __import__("yaml").safe_load(path.read_text())
+    config["checkpoint"]["every"] = 2
+    path.write_text(__import__("yaml").safe_dump(config))
+    rng = random.Random(1234)
+    for attempt in range(3):
+        agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                                  f"--master_port={free_port()}", "-m", "salnet.train", "--config", str(path)],
+                                 cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+        if attempt == 0:  # inside a save: the moment its temporary directory appears
+            deadline = time.monotonic() + 300
+            while not list((run_dir / "checkpoints").glob(".step-*.tmp")) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        else:
+            wait_for_step(run_dir, 1, [agent])  # past start-up, then at a random moment
+            time.sleep(rng.uniform(0.0, 4.0))
+        os.killpg(agent.pid, signal.SIGKILL)
+        agent.wait()
+    out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=400).stdout
+    assert "resumed from" in out
+    assert_resumed_run_equals(run_dir, uninterrupted)

@@ -56,6 +56,7 @@ class Strategy(ABC):
     needs_equal_forward_passes = False
 
     module: nn.Module
+    schedule: torch.optim.lr_scheduler.LambdaLR  # salnet's lr schedule, over the optimizer that steps
     amp_dtype: Optional[torch.dtype] = None  # autocast dtype of train.amp; None for fp32
 
     def __init__(self, cfg: Config):

@@ -61,7 +61,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         path = convert(args.checkpoint, args.out_dir, args.config)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, OSError, ValueError, RuntimeError) as e:  # RuntimeError: a file torch refuses (named by load_file)
         print(f"{parser.prog}: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {path}")

@@ -196,7 +196,10 @@ def consolidated_weights(directory: Path) -> dict:
     """
     allowed = {f"{c.__module__}.{c.__qualname__}" for c in CHECKPOINT_CLASSES}
     for file in sorted((directory / TAG).glob("*.pt")):
-        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(file)) - allowed
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(file)) - allowed
+        except Exception as e:  # a truncated or foreign file: name it instead of a traceback
+            raise ValueError(f"{file} is not a readable torch checkpoint file ({type(e).__name__}: {e})") from None
         if unsafe:
             raise ValueError(f"{file} contains types a weights-only load refuses ({', '.join(sorted(unsafe))}); not loading it")
     return fp32_copy(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG))
