@@ -15,7 +15,7 @@ then rank 0 fsyncs and renames it into place (a directory rename is atomic), and
 deletes checkpoints beyond the newest K. A crash at any point leaves the previous complete
 checkpoint as the newest `step-*` directory. Everything is loaded with `weights_only=True`.
 
-Verification: each checkpoint lists the size and SHA-256 of its files (salnet.checksums). Resume
+Verification: each checkpoint lists the size and hash of its files (salnet.checksums). Resume
 verifies before loading; `auto` sets a bad checkpoint aside and tries the next newest, an explicit
 path that is bad is an error. A save that fails (disk full, I/O error) removes its temporary
 directory on every rank, keeps the earlier checkpoints and stops with the space it needed.
@@ -203,7 +203,7 @@ def save_best(run_dir: Path, weights: dict, config: dict, metrics: dict, step: i
     path = Path(run_dir) / "best.pt"
     with atomic_write(path, "wb") as f:
         torch.save({"model": weights, "config": config, "metrics": metrics, "step": step,
-                    "salnet_version": __version__, "weights_sha256": tensor_digest(weights)}, f)
+                    "salnet_version": __version__, "weights_xxh3_128": tensor_digest(weights)}, f)
     return path
 
 
@@ -221,7 +221,7 @@ def load_checkpoint(directory: Path, strategy) -> ClientState:
 def load_best(path: Path) -> dict:
     """best.pt (or an exported one), checked against the digest of its tensors; errors name the file."""
     best = load_file(Path(path), map_location="cpu")
-    if "weights_sha256" in best and tensor_digest(best["model"]) != best["weights_sha256"]:
+    if "weights_xxh3_128" in best and tensor_digest(best["model"]) != best["weights_xxh3_128"]:
         raise CheckpointCorrupt(f"{path}: its weights do not match their checksum (the file changed after it was written)")
     return best
 
