@@ -423,9 +423,9 @@ def test_max_requeues_is_honoured_and_a_second_submit_waits_for_the_first(cluste
 
 
 def test_preemption_by_a_higher_priority_partition_saves_requeues_and_finishes(cluster, work):
-    steps = 24
-    config = write_config(work, "preempted", train={"steps": steps, "timeout_s": 60}, eval={"every": 12},
-                          checkpoint={"every": 12, "keep": 5})
+    steps = 40
+    config = write_config(work, "preempted", train={"steps": steps, "timeout_s": 60}, eval={"every": 20},
+                          checkpoint={"every": 20, "keep": 5})
     job, _ = submit(work, config, *CPU_JOB)
     run_dir = work / "runs" / "preempted"
     wait_for_step(run_dir, job, 3)
@@ -448,12 +448,19 @@ def test_preemption_by_a_higher_priority_partition_saves_requeues_and_finishes(c
     assert_every_step_once(run_dir, steps)
 
 
-def test_a_real_time_limit_ends_in_a_requeue_and_a_finished_run(cluster, work):
+def seconds_per_step(run_dir: Path) -> float:
+    """The median step time of a finished 2-rank run of the tiny config on this machine now."""
+    rates = sorted(r["images_per_s"] for r in records(run_dir, "train") if r.get("images_per_s"))
+    return 8 / rates[len(rates) // 2] if rates else 0.5  # global batch: 2 ranks x 4
+
+
+def test_a_real_time_limit_ends_in_a_requeue_and_a_finished_run(reference, work):
     # --time 1 with a 30 s warning: Slurm checks limits every 30 s, so the warning reaches every task
-    # within the first 30 s of the attempt, and the run is long enough to still be training then.
-    steps = 80
-    config = write_config(work, "timelimit", train={"steps": steps, "timeout_s": 60}, eval={"every": 40},
-                          checkpoint={"every": 40, "keep": 5})
+    # within the first 30 s of the attempt. The run is sized (from the reference run's speed) to
+    # train for ~45 s, so it is still training then, whatever this machine's speed.
+    steps = 2 * min(200, max(40, round(45 / seconds_per_step(reference.wait()) / 2)))
+    config = write_config(work, "timelimit", train={"steps": steps, "timeout_s": 60}, eval={"every": steps // 2},
+                          checkpoint={"every": steps // 2, "keep": 5})
     args = list(CPU_JOB)
     args[args.index("--time") + 1] = "1"
     args[args.index("--signal-delay") + 1] = "30"
