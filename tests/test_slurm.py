@@ -457,8 +457,8 @@ def seconds_per_step(run_dir: Path) -> float:
 def test_a_real_time_limit_ends_in_a_requeue_and_a_finished_run(reference, work):
     # --time 1 with a 30 s warning: Slurm checks limits every 30 s, so the warning reaches every task
     # within the first 30 s of the attempt. The run is sized (from the reference run's speed) to
-    # train for ~45 s, so it is still training then, whatever this machine's speed.
-    steps = 2 * min(200, max(40, round(45 / seconds_per_step(reference.wait()) / 2)))
+    # train for ~36 s, so it is still training then, whatever this machine's speed.
+    steps = 2 * min(200, max(40, round(36 / seconds_per_step(reference.wait()) / 2)))
     config = write_config(work, "timelimit", train={"steps": steps, "timeout_s": 60}, eval={"every": steps // 2},
                           checkpoint={"every": steps // 2, "keep": 5})
     args = list(CPU_JOB)
