@@ -65,12 +65,24 @@ def show_job(job: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in proc.stdout.split() if "=" in item)
 
 
+_JOBCOMP_START = 0  # byte offset: records before it belong to jobs of an earlier session
+
+
+def mark_jobcomp_start() -> None:
+    """Ignore the completion records written so far (job ids start over when the cluster does)."""
+    global _JOBCOMP_START
+    _JOBCOMP_START = JOBCOMP.stat().st_size if JOBCOMP.exists() else 0
+
+
 def jobcomp(job: str) -> list[dict[str, str]]:
-    """The completion log's records of `job`, oldest first (one per attempt that ended)."""
+    """The completion log's records of `job` in this session, oldest first (one per attempt that ended)."""
     if not JOBCOMP.exists():
         return []
+    with open(JOBCOMP, "rb") as f:
+        f.seek(_JOBCOMP_START if JOBCOMP.stat().st_size >= _JOBCOMP_START else 0)
+        text = f.read().decode(errors="replace")
     out = []
-    for line in JOBCOMP.read_text().splitlines():
+    for line in text.splitlines():
         if line.startswith(f"JobId={job} "):
             out.append(dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", line)))
     return out

@@ -49,6 +49,7 @@ def cluster():
     if not sc.cluster_ready():
         print(sc.up())
         started = True
+    sc.mark_jobcomp_start()
     yield
     left = [j for j in _submitted if sc.squeue_state(j)]
     if left:

@@ -161,7 +161,9 @@ fi
 if alive "$STATE/slurmctld.pid"; then
     say "slurmctld is running (pid $(cat "$STATE/slurmctld.pid"))"
 else
-    # -c: start with an empty queue (a test cluster keeps no jobs across restarts)
+    # -c: start with an empty queue (a test cluster keeps no jobs across restarts). Job ids start
+    # over too, so the completion log of the previous run is set aside.
+    [[ -s $STATE/log/jobcomp.log ]] && mv "$STATE/log/jobcomp.log" "$STATE/log/jobcomp.log.previous"
     slurmctld -c
     for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q "UP" && break; sleep 0.2; done
     scontrol ping | grep -q UP || die "slurmctld did not come up; see $STATE/log/slurmctld.log"
