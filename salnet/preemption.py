@@ -27,6 +27,7 @@ No torch here: this module is imported by the Slurm launcher and by the job befo
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import os
@@ -141,6 +142,7 @@ class StopRequest:
             owner = getattr(handler, "__self__", None)
             if isinstance(owner, StopRequest) and owner is not self and owner._signum is not None and self._signum is None:
                 self._signum, self._parent_died = owner._signum, owner.parent_died
+        kill_daemonic_children_at_exit()  # this process's loader workers ignore SIGTERM
         want = self._want_parent_death if self._want_parent_death is not None else started_by_launcher()
         if want and sys.platform.startswith("linux"):
             self._arm_parent_death()
@@ -228,6 +230,34 @@ class StopRequest:
 def ignore_stop_signals(_worker_id: Optional[int] = None) -> None:
     """Ignore SIGUSR1, SIGUSR2 and SIGTERM in this process: for DataLoader workers (it can be the
     worker_init_fn itself) and helper processes, which Slurm signals along with the training process
-    but which must leave when the training process tells them to, not before."""
+    but which must leave when the training process tells them to, not before.
+
+    The parent must then not rely on SIGTERM to end them: multiprocessing's exit hook terminates
+    daemonic children with SIGTERM and joins them, which would wait forever (a crashed rank whose
+    loader iterator is still referenced would never exit). `StopRequest.install()` registers
+    `kill_daemonic_children_at_exit` in the parent for that; a parent without a StopRequest calls it."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+_EXIT_HOOK_PID: Optional[int] = None
+
+
+def _kill_daemonic_children() -> None:
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:  # DataLoader workers; multiprocessing would terminate() them next anyway
+            child.kill()
+
+
+def kill_daemonic_children_at_exit() -> None:
+    """At interpreter exit, SIGKILL this process's daemonic multiprocessing children (loader workers
+    that ignore SIGTERM) before multiprocessing's own exit hook terminates and joins them. Once per process."""
+    global _EXIT_HOOK_PID
+    if _EXIT_HOOK_PID == os.getpid():
+        return
+    import multiprocessing.util  # noqa: F401  (registers its exit hook now, so ours, registered after, runs first)
+
+    atexit.register(_kill_daemonic_children)
+    _EXIT_HOOK_PID = os.getpid()

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from salnet.preemption import (EXIT_REQUEUE, EXIT_STOPPED, StopRequest, ignore_stop_signals, parent_death_signal)
+from salnet.preemption import EXIT_REQUEUE, EXIT_STOPPED, StopRequest, _process_gone, parent_death_signal
 from conftest import REPO, free_port
 
 LINUX = sys.platform.startswith("linux")
@@ -182,3 +182,48 @@ def test_torchrun_workers_stop_when_usr2_kills_the_agent(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# A parent whose daemonic child (a loader worker) ignores SIGTERM, then fails: multiprocessing's exit
+# hook would terminate() the child with SIGTERM and join it forever, unless the parent installed a
+# StopRequest (which kills such children first).
+CRASHING_PARENT = textwrap.dedent("""
+    import multiprocessing, sys, time
+    from salnet.preemption import StopRequest, ignore_stop_signals
+
+    def worker():
+        ignore_stop_signals()
+        time.sleep(600)
+
+    if __name__ == "__main__":
+        if sys.argv[1] == "stop":
+            StopRequest().install()
+        child = multiprocessing.Process(target=worker, daemon=True)
+        child.start()
+        time.sleep(0.3)
+        print(child.pid, flush=True)
+        raise SystemExit(1)  # e.g. a rank that failed, its loader still alive
+""")
+
+
+@pytest.mark.parametrize("mode", ["stop", "control"])
+def test_a_failing_parent_exits_although_its_workers_ignore_sigterm(tmp_path, mode):
+    script = tmp_path / "parent.py"
+    script.write_text(CRASHING_PARENT)
+    proc = subprocess.Popen([sys.executable, str(script), mode], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = int(proc.stdout.readline())
+    try:
+        if mode == "stop":
+            assert proc.wait(timeout=20) == 1
+            assert wait_for(lambda: _process_gone(child)), "the worker outlived its parent"
+        else:  # without the exit hook the parent waits for its child forever
+            with pytest.raises(subprocess.TimeoutExpired):
+                proc.wait(timeout=4)
+    finally:
+        for pid in (proc.pid, child):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
