@@ -208,7 +208,8 @@ def test_dry_run_prints_the_script_and_the_resolved_config_and_writes_nothing(wo
     assert "B:USR2" not in script and "--wckey" not in script and "gpus" not in script
     assert re.search(r"#SBATCH --job-name=salnet-dry-[0-9a-f]{6}$", script, re.M)
     srun = [line for line in script.splitlines() if line.startswith("srun ")]
-    assert len(srun) == 1 and "--cpus-per-task=3" in srun[0] and "-m submitit.core._submit" in srun[0]
+    assert len(srun) == 1 and "-m submitit.core._submit" in srun[0]
+    assert all(arg in srun[0].split() for arg in ("--cpus-per-task=3", "--wait=120", "--kill-on-bad-exit=0"))
     assert script.index("module load python/3.11") < script.index("srun ")
     assert "resume:    starts from step 0" in out and "at most 4" in out
     assert "max_requeues=4" in out
@@ -268,17 +269,39 @@ def test_submit_time_errors_name_the_key_or_path(work, tmp_path, case):
 
 
 class Reference:
-    """An uninterrupted 2-rank run of the short config, submitted like the user would. It runs while
-    the USR2 test's job runs (the cluster has room for two 2 x 1-CPU jobs): wait() when it is needed."""
+    """An uninterrupted 2-rank run of the short config, submitted like the user would, with --follow.
+    It runs while the USR2 test's job runs (the cluster has room for two 2 x 1-CPU jobs): wait() when
+    it is needed."""
 
     def __init__(self, work: Path):
         self.run_dir = work / "runs" / "reference"
-        self.job, proc = submit(work, write_config(work, "reference"), *CPU_JOB)
-        self.submit = proc.stdout
+        self.out = work / "reference-submit.out"
+        with open(self.out, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, str(SUBMIT), *CPU_JOB, "--follow", "--config",
+                                          str(write_config(work, "reference"))], cwd=work, stdout=out,
+                                         stderr=subprocess.STDOUT, text=True, env={**os.environ, **ENV})
+        start = time.monotonic()
+        while not (m := re.search(r"^submitted job (\d+)", self.out.read_text(), re.M)):
+            if self.proc.poll() is not None or time.monotonic() - start > 120:
+                pytest.fail(f"submit --follow failed ({self.proc.poll()}):\n{self.out.read_text()}")
+            time.sleep(0.2)
+        self.job = m.group(1)
+        _submitted.append(self.job)
+        self.code: int | None = None
 
     def wait(self) -> Path:
-        wait_gone(self.run_dir, self.job)
+        if self.code is None:
+            try:
+                self.code = self.proc.wait(timeout=JOB_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                pytest.fail(f"submit --follow still running after {JOB_TIMEOUT} s:\n{self.out.read_text()[-4000:]}")
+            wait_gone(self.run_dir, self.job)
         return self.run_dir
+
+    @property
+    def submit(self) -> str:
+        return self.out.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -318,6 +341,9 @@ def test_usr2_saves_on_both_ranks_requeues_and_resumes_bitwise_identical(referen
 
 def test_a_submitted_job_trains_validates_and_writes_best(reference):
     run_dir, job, out = reference.wait(), reference.job, reference.submit
+    # --follow streamed rank 0's log until the job ended, and exited 0 because it COMPLETED.
+    assert reference.code == 0 and f"job {job} ended: COMPLETED (exit code 0:0)" in out, out[-3000:]
+    assert f"done: {STEPS} steps" in out and "following " in out
     # What the launcher printed.
     config_copy = Path(re.search(r"config: +(\S+) \(the job runs this copy\)", out).group(1))
     assert config_copy.parent == run_dir / "slurm" and config_copy.is_file()
