@@ -359,6 +359,17 @@ def test_a_submitted_job_trains_validates_and_writes_best(reference):
     assert (run_dir / "best.pt").is_file() and checkpoint_steps(run_dir) == [8, STEPS]
     assert [r["step"] for r in records(run_dir, "val")] == [8, STEPS]
     assert_every_step_once(run_dir, STEPS)
+    # Submitting the run again: it would resume from its newest checkpoint, with the same W&B run;
+    # --fresh would start it over (the job removes the checkpoints) with a new W&B run.
+    config = run_dir.parent.parent / "reference.yaml"
+    wandb_id = (run_dir / "slurm" / "wandb_id").read_text().strip()
+    _, again = submit(run_dir.parent.parent, config, *CPU_JOB, "--dry-run", check=False)
+    assert f"resume:    resumes from step {STEPS} ({run_dir}/checkpoints/step-{STEPS:08d})" in again.stdout, again.stdout + again.stderr
+    assert f"wandb_id='{wandb_id}'" in again.stdout
+    _, fresh = submit(run_dir.parent.parent, config, *CPU_JOB, "--dry-run", "--fresh", check=False)
+    assert (f"resume:    starts over (train.resume=none): the job removes 2 checkpoint(s) (newest step {STEPS}" in fresh.stdout
+            and "resume: none" in fresh.stdout and f"wandb_id='{wandb_id}'" not in fresh.stdout), fresh.stdout + fresh.stderr
+    assert checkpoint_steps(run_dir) == [8, STEPS]  # a dry run removes nothing
 
 
 def test_sbatch_script_passes_the_usr2_scenario(reference, work):
