@@ -175,13 +175,15 @@ class Trainer:
         """Validate on every rank; a better value replaces best.pt (before saving, so the checkpoint knows it)."""
         scores = self.validator(self.strategy.predict)
         metric, value = self.cfg.eval.best_metric, self.validator.best_value(scores)
-        if is_better(metric.rpartition("/")[2], value, state.best.get("value")):
+        improved = is_better(metric.rpartition("/")[2], value, state.best.get("value"))
+        if improved:
             state.best = {"metric": metric, "value": value, "step": state.step}
             weights = self.strategy.fp32_state_dict()
             if dist.is_main():
                 save_best(self.run_dir, weights, self.cfg.model_dump(mode="json"), scores, state.step)
         log.print(format_metrics_table(state.step, scores, state.best))
-        log.record("val", state.step, scores)
+        # scores, curves, pictures and the best so far: metrics.jsonl, W&B, runs/NAME/plots/
+        log.validation(state.step, scores, self.validator.last_details, state.best, improved)
         self.strategy.train()
 
     def save(self, state: TrainState) -> None:
@@ -242,12 +244,13 @@ def train(cfg: Config, stop: Optional[StopRequest] = None) -> dict:
     trainer = Trainer(cfg)
     strategy, total, every = trainer.strategy, trainer.total_steps, cfg.log.every
     state, checkpoint = trainer.start_or_resume()
-    log = RunLog(cfg, resumed_step=state.step, wandb_id=state.wandb_id)
+    log = RunLog(cfg, resumed_step=state.step, wandb_id=state.wandb_id, world_size=trainer.world)
     state.wandb_id = log.wandb_id
     trainer.announce(state, checkpoint, log)
 
     clock = DataClock()
-    window = LogWindow(clock, images_per_step=cfg.global_batch(trainer.world))
+    window = LogWindow(clock, images_per_step=cfg.global_batch(trainer.world), total_steps=total, start_step=state.step,
+                       bar=log.progress(total, state.step))
     stopped = 0  # once a rank is signalled: the exit code every rank agreed on
     strategy.train()
     for micro_batches in step_batches(trainer.train_data, state, total, cfg.train.grad_accum, clock):

@@ -1,0 +1,143 @@
+"""runs/NAME/plots/ after a real run, and `python -m salnet.report` on finished run directories."""
+
+import shutil
+import statistics
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from salnet import plots
+from salnet.data import ValStream
+from salnet.config import load_config
+from salnet.report import training_time
+from salnet.rundir import MetricsFile, read_records
+from salnet.runlog import format_duration
+from salnet.shards.synth import synthesize
+from salnet.validate import panel_rank
+from conftest import run_py
+from test_train import tiny_config
+
+FIGURES = {"loss.png": (600, 400), "lr.png": (600, 300), "val_metrics.png": (1200, 840),
+           "pr_A.png": (750, 630), "fm_A.png": (750, 630), "pr_B.png": (750, 630), "fm_B.png": (750, 630)}
+# The colour of each figure's first line: matplotlib's first (tab:blue); salnet.evaluation.plots starts with tab:red.
+FIRST_LINE = {name: (0xD6, 0x27, 0x28) if name.startswith(("pr_", "fm_")) else (0x1F, 0x77, 0xB4) for name in FIGURES}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished run with two val sets (the second's masks smaller than eval_size), W&B off."""
+    tmp = tmp_path_factory.mktemp("run")
+    train, a = synthesize(tmp / "demo", train=64, val=20, size=64, seed=3)
+    _, b = synthesize(tmp / "other", train=1, val=13, size=48, seed=9)
+    path, run_dir = tiny_config(tmp, {"train": train, "val": a}, data={"val": {"A": [str(a)], "B": [str(b)]}}, train={"steps": 4},
+                                eval={"every": 2}, checkpoint={"every": 4}, log={"every": 1, "panel_images": 3, "worst_images": 2})
+    run_py(["-m", "salnet.train", "--config", path], timeout=400)
+    return run_dir
+
+
+def png(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def coloured_pixels(picture, colour, tolerance=10):
+    return int((np.abs(picture.astype(int) - colour).max(axis=2) <= tolerance).sum())
+
+
+def test_plots_after_a_run_show_what_they_claim(finished_run):
+    out = finished_run / "plots"
+    records = read_records(finished_run / "metrics.jsonl")
+    cfg = load_config(str(finished_run / "config.yaml"))
+    assert {p.name for p in out.iterdir()} == set(FIGURES) | {"panel_A.png", "panel_B.png", "worst_A.png", "worst_B.png", "latest.npz"}
+    for name, size in FIGURES.items():
+        picture = Image.open(out / name)
+        assert picture.size == size, name
+        assert coloured_pixels(png(out / name), FIRST_LINE[name]) > 100, f"{name} has no line drawn"
+
+    # The figures hold the records: every loss component, the lr, each metric of each set.
+    trains = [r for r in records if r["kind"] == "train"]
+    vals = [r for r in records if r["kind"] == "val"]
+    lines = {line.get_label(): line for line in plots.loss_figure(records).axes[0].lines}
+    assert set(lines) == {k for k in trains[0] if k not in plots.TRAIN_STATS | {"kind", "step"}} and "loss" in lines
+    for name, line in lines.items():
+        assert list(line.get_xdata()) == [1, 2, 3, 4] and list(line.get_ydata()) == [r[name] for r in trains]
+    assert list(plots.lr_figure(records).axes[0].lines[0].get_ydata()) == [r["lr"] for r in trains]
+    axes = plots.val_metrics_figure(records).axes
+    assert [ax.get_title() for ax in axes] == ["maxF", "meanF", "adpF", "maxE", "meanE", "adpE", "S", "MAE"]
+    for ax in axes:
+        assert [line.get_label() for line in ax.lines] == ["A", "B", "mean"]
+        for line in ax.lines:
+            assert list(line.get_xdata()) == [2, 4]
+            assert list(line.get_ydata()) == [r[f"{line.get_label()}/{ax.get_title()}"] for r in vals]
+
+    # The panels: one row per image (image | ground truth | prediction), at the masks' sizes (64, 48 px).
+    for name, side, rows in (("panel_A", 64, 3), ("panel_B", 48, 3), ("worst_A", 64, 2), ("worst_B", 48, 2)):
+        assert png(out / f"{name}.png").shape == (rows * side + (rows - 1) * 4, 3 * side + 8, 3), name
+    step, details = plots.load_latest(out / plots.LATEST)
+    assert step == 4
+    for name, d in details.items():
+        keys = [k for batch in ValStream(cfg.data.model_copy(update={"val": cfg.data.val_sets[name]}), 0, 1) for k in batch["key"]]
+        assert [s.key for s in d.panel] == sorted(keys, key=lambda k: (panel_rank(k), k))[:3]
+        assert sorted(d.per_image) == sorted(keys)
+        maes = {k: m["MAE"] for k, m in d.per_image.items()}
+        assert [s.key for s in d.worst] == sorted(maes, key=maes.get, reverse=True)[:2]
+        # the newest validation's numbers: per-image MAE averages to the logged MAE, the F curve peaks at maxF
+        assert np.mean(list(maes.values())) == pytest.approx(vals[-1][f"{name}/MAE"], abs=1e-12)
+        assert max(d.curves["F"]) == pytest.approx(vals[-1][f"{name}/maxF"], abs=1e-12)
+        assert np.array_equal(png(out / f"panel_{name}.png"), plots.panel_grid(d.panel))
+
+
+def test_report_redraws_and_summarises_a_finished_run(finished_run, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished_run, run_dir)
+    before = {p.name: png(p) for p in (run_dir / "plots").glob("*.png")}
+    for p in (run_dir / "plots").glob("*.png"):
+        p.unlink()
+    out = run_py(["-m", "salnet.report", run_dir], timeout=200).stdout
+    after = {p.name: png(p) for p in (run_dir / "plots").glob("*.png")}
+    assert set(after) == set(before) and f"drew {len(before)} files" in out
+    for name, picture in after.items():
+        assert picture.shape == before[name].shape, name
+        if name.startswith(("panel", "worst")):
+            assert np.array_equal(picture, before[name]), name
+
+    records = read_records(run_dir / "metrics.jsonl")
+    trains = [r for r in records if r["kind"] == "train"]
+    vals = [r for r in records if r["kind"] == "val"]
+    assert "steps       4 of 4 (complete)" in out
+    assert f"time        {format_duration(trains[-1]['elapsed_s'])} training over 1 attempt(s)" in out
+    assert f"throughput  {statistics.median(r['images_per_s'] for r in trains):.1f} img/s" in out
+    assert f"checkpoint  {run_dir / 'checkpoints' / 'step-00000004'}" in out
+    best = max(vals, key=lambda r: r["mean/maxF"])
+    assert f"best.pt     {run_dir / 'best.pt'}: mean/maxF={best['mean/maxF']:.4f} @ step {best['step']}" in out
+    table = out[out.index("best validation of each set (by maxF):"):].splitlines()
+    assert table[1].split() == ["set", "step", "maxF", "meanF", "adpF", "maxE", "meanE", "adpE", "S", "MAE"]
+    for row, set_name in zip(table[2:5], ("A", "B", "mean")):
+        chosen = max(vals, key=lambda r: r[f"{set_name}/maxF"])
+        assert row.split()[:4] == [set_name, str(chosen["step"]), f"{chosen[f'{set_name}/maxF']:.4f}", f"{chosen[f'{set_name}/meanF']:.4f}"]
+    assert "validation @ step 4" in out
+
+
+def test_report_on_a_run_that_never_validated(tmp_path):
+    run_dir = tmp_path / "young"
+    run_dir.mkdir()
+    log = MetricsFile(run_dir)  # what a run writes before its first validation
+    for step, loss in ((1, 0.9), (2, 0.7), (3, 0.6)):
+        log.append({"kind": "train", "step": step, "epoch": 0, "lr": 0.01 * step, "loss": loss, "images_per_s": 100.0 + step,
+                    "data_wait": 0.1, "peak_mem_mib": 500, "elapsed_s": 2.0 * step, "eta_s": 10.0})
+    out = run_py(["-m", "salnet.report", run_dir], timeout=200).stdout
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["loss.png", "lr.png"]
+    assert "steps       3, epoch 0" in out and "time        0:00:06 training over 1 attempt(s)" in out
+    assert "throughput  102.0 img/s" in out and "no validation yet" in out and "checkpoint  none" in out
+
+
+def test_training_time_adds_up_attempts():
+    # A resumed attempt starts its clock again: 30 s, then 20 s more.
+    records = [{"kind": "train", "step": s, "elapsed_s": e} for s, e in ((1, 10.0), (2, 30.0), (2, 5.0), (3, 20.0))]
+    assert training_time(records) == (50.0, 2)
+    assert training_time([{"kind": "val", "step": 1}]) == (0.0, 0)
+
+
+def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
+    proc = run_py(["-m", "salnet.report", tmp_path], check=False, timeout=100)
+    assert proc.returncode == 2 and "metrics.jsonl not found" in proc.stderr
