@@ -32,7 +32,7 @@ from salnet.preemption import StopRequest
 from salnet.rundir import RunLock, free_bytes, remove_leftovers, start_over, tree_bytes
 from salnet.runlog import DataClock, LogWindow, RunLog, format_metrics_table, format_train_line, setup_logging
 from salnet.strategy import StepResult, Strategy, build_strategy
-from salnet.validate import Validator
+from salnet.validate import NonFinitePredictions, Validator
 
 
 class TrainingDiverged(RuntimeError):
@@ -173,7 +173,12 @@ class Trainer:
 
     def validate_and_keep_best(self, state: TrainState, log: RunLog) -> None:
         """Validate on every rank; a better value replaces best.pt (before saving, so the checkpoint knows it)."""
-        scores = self.validator(self.strategy.predict)
+        try:
+            scores = self.validator(self.strategy.predict)
+        except NonFinitePredictions as e:
+            newest = state.saved_step if state.saved_step is not None else "none yet"
+            raise TrainingDiverged(f"validation at step {state.step}: {e}; the network has diverged (the newest good checkpoint "
+                                   f"is step {newest} under {self.run_dir / 'checkpoints'}); lower optim.lr or set optim.grad_clip") from None
         metric, value = self.cfg.eval.best_metric, self.validator.best_value(scores)
         improved = is_better(metric.rpartition("/")[2], value, state.best.get("value"))
         if improved:

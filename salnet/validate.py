@@ -40,6 +40,10 @@ PER_IMAGE_METRICS = ("MAE", "maxF", "maxE", "S")
 MAX_CELL_SIDE = 256  # panel pictures: enough to judge a map, small enough to gather and log every validation
 
 
+class NonFinitePredictions(ValueError):
+    """The network predicts NaN or Inf: it has diverged (every rank raises it together)."""
+
+
 def probabilities_at(logits: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
     """Saliency probabilities in [0, 1], one [H, W] map per logit map, resized to its size."""
     return [F.interpolate(logit[None].float(), size=size, mode="bilinear", align_corners=False)[0, 0].sigmoid()
@@ -53,6 +57,7 @@ def validate(predict: Predict, val_data: Iterable[ValBatch], metrics: SODMetrics
     `observe`, if given, also sees every scored batch with its probabilities (nothing of the scoring changes)."""
     metrics.reset()
     device = dist.device()
+    non_finite = torch.zeros((), dtype=torch.int64, device=device)  # counted on the device: no sync per batch
     # A progress bar only where a person watches: rank 0, on a terminal (not in job logs).
     progress = tqdm(val_data, total=len(val_data), desc="validate", unit="batch", leave=False,
                     disable=not (dist.is_main() and sys.stderr.isatty()))
@@ -60,10 +65,18 @@ def validate(predict: Predict, val_data: Iterable[ValBatch], metrics: SODMetrics
         preds = probabilities_at(predict(batch["image"]), [tuple(m.shape[-2:]) for m in batch["masks"]])
         if batch["pad"]:
             continue  # a forward pass for ZeRO-3's collectives only; it scores nothing
+        finite = torch.stack([p.isfinite().all() for p in preds]) if preds else torch.ones(0, dtype=torch.bool, device=device)
+        non_finite += (~finite).sum()
+        if not bool(finite.all()):
+            continue  # a diverged network: reported for the whole set below, on every rank together
         masks = [m.to(device, non_blocking=True) for m in batch["masks"]]
         metrics.update(preds, masks)
         if observe is not None:
             observe(batch, preds, masks)
+    # Every rank learns of non-finite predictions anywhere before the metrics' own all-reduce.
+    bad = int(dist.all_reduce_scalar(float(non_finite), "sum"))
+    if bad:
+        raise NonFinitePredictions(f"{bad} validation image(s) got non-finite predictions (NaN or Inf)")
     metrics.all_reduce()
     return metrics.compute()
 

@@ -226,3 +226,15 @@ def test_resume_applies_changed_learning_rates_and_refuses_changes_that_make_ano
     lrs = {r["step"]: r["lr"] for r in records(run_dir, "train")}
     assert lrs[1] == lrs[2] == pytest.approx(1e-3) and lrs[4] == pytest.approx(5e-3)  # the new lr, for real
     assert json.loads((run_dir / "checkpoints" / "step-00000004" / "config.json").read_text())["optim"]["lr"] == 0.005
+
+
+def test_non_finite_predictions_at_validation_are_reported_as_divergence_on_every_rank(tmp_path, shards):
+    # lr=1e12: after one step the network predicts NaN; validation comes before max_bad_steps runs out.
+    path, run_dir = tiny_config(tmp_path, shards, optim={"lr": 1e12, "warmup_steps": 0},
+                                train={"steps": 8, "max_bad_steps": 10, "timeout_s": 60}, eval={"every": 2},
+                                checkpoint={"every": 100})
+    proc = torchrun(2, ["-m", "salnet.train", "--config", path], check=False, timeout=300)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank {rank}] TrainingDiverged: validation at step 2:" in proc.stderr, proc.stderr[-3000:]
+    assert "non-finite predictions" in proc.stderr and "ValueError" not in proc.stderr
