@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,10 +37,10 @@ import torch
 from salnet import __version__, dist
 from salnet.checksums import CheckpointCorrupt, file_digest, tensor_digest, verify, write_manifest
 from salnet.fsio import atomic_write, fsync_dir
-from salnet.rundir import free_bytes, tree_bytes
+from salnet.rundir import COMPLETE_CHECKPOINT as _COMPLETE
+from salnet.rundir import checkpoint_dir, complete_checkpoints, free_bytes, tree_bytes
 from salnet.strategy.base import load_file
 
-_COMPLETE = re.compile(r"^step-(\d{8})$")
 CONFIG = "config.json"  # the run's resolved config, inside each checkpoint
 
 
@@ -60,18 +59,6 @@ class ClientState:
         """All ranks call this: the loop state, and from each rank its loader position, input stage and RNG."""
         return cls(train=train, world_size=dist.world_size(), loader=dist.all_gather_object(loader),
                    rng=dist.all_gather_object(rng_state()), inputs=dist.all_gather_object(inputs))
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and _COMPLETE.match(p.name))
 
 
 def resume_path(run_dir: Path, resume: str) -> Optional[Path]:

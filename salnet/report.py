@@ -58,7 +58,7 @@ def _config(run_dir: Path) -> Optional[Config]:
 
 
 def summary(run_dir: Path) -> str:
-    from salnet.checkpoint import complete_checkpoints
+    from salnet.rundir import complete_checkpoints
     from salnet.validate import best_key
 
     records = read_records(run_dir / METRICS)

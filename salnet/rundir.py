@@ -27,6 +27,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -39,10 +40,23 @@ log = logging.getLogger("salnet.rundir")
 METRICS = "metrics.jsonl"
 REPLACED_METRICS = "metrics.replaced.jsonl"
 LOCK = ".lock"
+COMPLETE_CHECKPOINT = re.compile(r"^step-(\d{8})$")  # checkpoints/step-NNNNNNNN: renamed into place only when complete
 
 
 class RunDirLocked(RuntimeError):
     """Another job holds the run directory."""
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (torch-free: launchers and reports use it)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and COMPLETE_CHECKPOINT.match(p.name))
 
 
 # --------------------------------------------------------------------------------------------

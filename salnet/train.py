@@ -279,6 +279,7 @@ def train(cfg: Config, stop: Optional[StopRequest] = None) -> dict:
         if (due(state.step, cfg.checkpoint.every, total) or stopped) and state.bad_streak == 0 and state.saved_step != state.step:
             trainer.save(state)
         if stopped:
+            dist.barrier()  # every rank is done with the checkpoint before any launcher acts on the stop (e.g. requeues)
             log.print(f"stopped at step {state.step} on {stop.describe() if stop.requested else 'a signal to another rank'}; "
                       f"the newest checkpoint is step {state.saved_step}")
             break
