@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.salnet-installed
 
-.PHONY: demo test slurm-up slurm-down clean-venv
+.PHONY: demo test lint slurm-up slurm-down clean-venv
 
 # torch/torchvision first, pinned exactly: these builds lie on the machine's disk; anything that
 # pulled an unpinned torch would download gigabytes.
@@ -14,10 +14,16 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+# The linter and the formatter (ruff, configured in pyproject.toml): `make test` runs them first, so
+# CI keeps the tree clean. `ruff format . && ruff check --fix .` mends most findings.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 # The Slurm tests (tests/test_slurm.py) run on a real two-node cluster on this machine, from Debian's
 # Slurm packages (.ci/run installs them; up.sh needs root). `make test` brings it up first and stops
 # it at the end if it started it; where Slurm is not installed those tests skip and say why.
-test: $(STAMP)
+test: lint
 	@started=0; \
 	if [ "$$(id -u)" = 0 ] && command -v slurmctld >/dev/null 2>&1; then \
 	    out=$$(slurm/local/up.sh) || { echo "$$out"; exit 1; }; echo "$$out"; \
