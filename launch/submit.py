@@ -34,7 +34,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 try:
     import salnet  # noqa: F401
@@ -50,11 +50,26 @@ EXIT_USAGE = 2
 
 # sbatch options this launcher sets itself: --slurm must not change them behind its back.
 OWNED = {
-    "signal": "--signal-delay", "requeue": "(always on)", "job-name": "(one name per run)", "output": "(runs/NAME/slurm/)",
-    "error": "(runs/NAME/slurm/)", "open-mode": "(always append)", "nodes": "--nodes", "ntasks-per-node": "--tasks-per-node",
-    "gpus-per-node": "--gpus-per-node", "cpus-per-task": "--cpus-per-task", "mem": "--mem-gb", "time": "--time",
-    "partition": "--partition", "account": "--account", "qos": "--qos", "constraint": "--constraint", "exclude": "--exclude",
-    "comment": "--comment", "no-requeue": "(requeue is how a stopped job continues)", "array": "(one job per run)",
+    "signal": "--signal-delay",
+    "requeue": "(always on)",
+    "job-name": "(one name per run)",
+    "output": "(runs/NAME/slurm/)",
+    "error": "(runs/NAME/slurm/)",
+    "open-mode": "(always append)",
+    "nodes": "--nodes",
+    "ntasks-per-node": "--tasks-per-node",
+    "gpus-per-node": "--gpus-per-node",
+    "cpus-per-task": "--cpus-per-task",
+    "mem": "--mem-gb",
+    "time": "--time",
+    "partition": "--partition",
+    "account": "--account",
+    "qos": "--qos",
+    "constraint": "--constraint",
+    "exclude": "--exclude",
+    "comment": "--comment",
+    "no-requeue": "(requeue is how a stopped job continues)",
+    "array": "(one job per run)",
 }
 # Variables of the submitting shell that would make the job believe it is another job's rank.
 DIST_NAMES = ("GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "LOCAL_WORLD_SIZE")
@@ -80,7 +95,9 @@ def slurm_minutes(text: str) -> int:
     """Slurm's time formats to whole minutes (rounded up, as Slurm does): M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if not m:
-        raise argparse.ArgumentTypeError(f"--time {text!r}: expected minutes (90) or Slurm's [D-]H:MM:SS (1:30:00, 2-00:00:00)")
+        raise argparse.ArgumentTypeError(
+            f"--time {text!r}: expected minutes (90) or Slurm's [D-]H:MM:SS (1:30:00, 2-00:00:00)"
+        )
     days, a, b, c = m.groups()
     a, b, c = int(a), int(b) if b else None, int(c) if c else None
     if days is not None:  # D-H, D-H:M, D-H:M:S
@@ -101,7 +118,9 @@ def key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     key = key.strip().lstrip("-")
     if not re.fullmatch(r"[a-z][a-z0-9_-]*", key):
-        raise argparse.ArgumentTypeError(f"--slurm {text!r}: expected an sbatch option as KEY=VALUE or KEY (e.g. mail-type=END, exclusive)")
+        raise argparse.ArgumentTypeError(
+            f"--slurm {text!r}: expected an sbatch option as KEY=VALUE or KEY (e.g. mail-type=END, exclusive)"
+        )
     key = key.replace("_", "-")
     return key, (value if sep else True)
 
@@ -110,38 +129,83 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     s = parser.add_argument_group("Slurm job shape (one task per GPU)")
     s.add_argument("--nodes", type=positive_int, default=1, help="nodes (default 1)")
-    s.add_argument("--gpus-per-node", type=positive_int, default=8,
-                   help="GPUs per node, one task each (default 8); 0: a CPU job (gloo) with --tasks-per-node tasks per node")
-    s.add_argument("--tasks-per-node", type=positive_int, default=None,
-                   help="tasks per node: must equal --gpus-per-node for a GPU job; for a CPU job default 1")
-    s.add_argument("--cpus-per-task", type=positive_int, default=None,
-                   help="CPUs per task, for its loader workers (given to srun too: Slurm 22.05-23.02 no longer passes it on)")
+    s.add_argument(
+        "--gpus-per-node",
+        type=positive_int,
+        default=8,
+        help="GPUs per node, one task each (default 8); 0: a CPU job (gloo) with --tasks-per-node tasks per node",
+    )
+    s.add_argument(
+        "--tasks-per-node",
+        type=positive_int,
+        default=None,
+        help="tasks per node: must equal --gpus-per-node for a GPU job; for a CPU job default 1",
+    )
+    s.add_argument(
+        "--cpus-per-task",
+        type=positive_int,
+        default=None,
+        help="CPUs per task, for its loader workers (given to srun too: Slurm 22.05-23.02 no longer passes it on)",
+    )
     s.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: the cluster's)")
-    s.add_argument("--time", type=slurm_minutes, default=None, metavar="MIN|[D-]H:MM:SS",
-                   help="time limit: minutes, or Slurm's [D-]H:MM:SS (default: the partition's)")
+    s.add_argument(
+        "--time",
+        type=slurm_minutes,
+        default=None,
+        metavar="MIN|[D-]H:MM:SS",
+        help="time limit: minutes, or Slurm's [D-]H:MM:SS (default: the partition's)",
+    )
     s.add_argument("--partition", help="partition")
     s.add_argument("--account", help="account to charge")
     s.add_argument("--qos", help="quality of service")
     s.add_argument("--constraint", help="node features, e.g. 'a100&ib'")
     s.add_argument("--exclude", help="nodes not to use, e.g. 'gpu[01-03]'")
     s.add_argument("--comment", help="job comment")
-    s.add_argument("--slurm", type=key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="any other sbatch option, repeatable: --slurm mail-type=END --slurm exclusive")
-    s.add_argument("--setup", action="append", default=[], metavar="CMD",
-                   help="a line the job script runs before srun (module load, source venv/bin/activate), repeatable")
+    s.add_argument(
+        "--slurm",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, repeatable: --slurm mail-type=END --slurm exclusive",
+    )
+    s.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="a line the job script runs before srun (module load, source venv/bin/activate), repeatable",
+    )
     p = parser.add_argument_group("stopping and requeueing")
-    p.add_argument("--signal-delay", type=positive_int, default=180, metavar="SECONDS",
-                   help="USR2 reaches every task this long before the time limit (default 180; Slurm may send it up to 60 s early); "
-                        "the training saves at the next step and requeues the job")
+    p.add_argument(
+        "--signal-delay",
+        type=positive_int,
+        default=180,
+        metavar="SECONDS",
+        help="USR2 reaches every task this long before the time limit (default 180; Slurm may send it up to 60 s early); "
+        "the training saves at the next step and requeues the job",
+    )
     p.add_argument("--max-requeues", type=positive_int, default=10, help="requeues the job may ask for (default 10)")
-    p.add_argument("--srun-wait", type=positive_int, default=120, metavar="SECONDS",
-                   help="after the first task exits, srun ends the others after this long (default 120): "
-                        "a crash on one rank ends the job in bounded time")
+    p.add_argument(
+        "--srun-wait",
+        type=positive_int,
+        default=120,
+        metavar="SECONDS",
+        help="after the first task exits, srun ends the others after this long (default 120): "
+        "a crash on one rank ends the job in bounded time",
+    )
     r = parser.add_argument_group("this command")
-    r.add_argument("--fresh", action="store_true",
-                   help="start the run over: the job's first attempt removes the run's checkpoints and best.pt (train.resume=none) "
-                        "and gets a new W&B run; requeued attempts resume as always")
-    r.add_argument("--dry-run", action="store_true", help="print the sbatch script and the resolved config; submit nothing, write nothing")
+    r.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start the run over: the job's first attempt removes the run's checkpoints and best.pt (train.resume=none) "
+        "and gets a new W&B run; requeued attempts resume as always",
+    )
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the sbatch script and the resolved config; submit nothing, write nothing",
+    )
     r.add_argument("--follow", action="store_true", help="after submitting, stream rank 0's log until the job ends")
     return add_config_arguments(parser)
 
@@ -165,7 +229,11 @@ def absolute(location: str, base: Path) -> str:
 def weights_is_path(weights: str) -> bool:
     if weights in ("imagenet", "none"):
         return False
-    return "/" in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(weights).expanduser().exists()
+    return (
+        "/" in weights
+        or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        or Path(weights).expanduser().exists()
+    )
 
 
 def resolve(cfg: Config, base: Path, fresh: bool) -> Config:
@@ -174,8 +242,11 @@ def resolve(cfg: Config, base: Path, fresh: bool) -> Config:
     tree["out_dir"] = absolute(tree["out_dir"], base)
     tree["data"]["train"] = [absolute(x, base) for x in tree["data"]["train"]]
     val = tree["data"]["val"]  # a list (one set), or named sets {SET: [dirs]}
-    tree["data"]["val"] = ({name: [absolute(x, base) for x in locs] for name, locs in val.items()} if isinstance(val, dict)
-                           else [absolute(x, base) for x in val])
+    tree["data"]["val"] = (
+        {name: [absolute(x, base) for x in locs] for name, locs in val.items()}
+        if isinstance(val, dict)
+        else [absolute(x, base) for x in val]
+    )
     weights = tree["model"]["backbone"]["weights"]
     if weights_is_path(weights):
         tree["model"]["backbone"]["weights"] = absolute(weights, base)
@@ -213,7 +284,9 @@ def check(cfg: Config) -> list[str]:
 
     notes, errors = [], []
     if (cfg.train.steps is None) == (cfg.train.epochs is None):
-        errors.append(f"set exactly one of train.steps and train.epochs (got train.steps={cfg.train.steps}, train.epochs={cfg.train.epochs})")
+        errors.append(
+            f"set exactly one of train.steps and train.epochs (got train.steps={cfg.train.steps}, train.epochs={cfg.train.epochs})"
+        )
     for key, location in data_sources(cfg):
         if not is_local(location) or location.startswith("file://"):
             notes.append(f"{key} {location}: remote, its manifest is read when the job starts")
@@ -235,16 +308,20 @@ def check(cfg: Config) -> list[str]:
 
         entry = torchvision_weights(cfg.model.backbone.name, weights)
         if entry is None:
-            errors.append(f"model.backbone.weights={weights!r} is neither 'imagenet', 'none', a torchvision weights name of "
-                          f"{cfg.model.backbone.name} nor an existing file")
+            errors.append(
+                f"model.backbone.weights={weights!r} is neither 'imagenet', 'none', a torchvision weights name of "
+                f"{cfg.model.backbone.name} nor an existing file"
+            )
         else:
             path = cache_path(entry)
             if path.is_file():
                 notes.append(f"model.backbone.weights={weights} ({entry}): cached at {path}")
             else:
-                errors.append(f"model.backbone.weights={weights!r}: {cfg.model.backbone.name}'s {entry} is not cached at {path} "
-                              f"(compute nodes often have no network); fetch it first:\n"
-                              f"      curl -fL --create-dirs -o {shlex.quote(str(path))} {entry.url}")
+                errors.append(
+                    f"model.backbone.weights={weights!r}: {cfg.model.backbone.name}'s {entry} is not cached at {path} "
+                    f"(compute nodes often have no network); fetch it first:\n"
+                    f"      curl -fL --create-dirs -o {shlex.quote(str(path))} {entry.url}"
+                )
     if errors:
         raise SubmitError("cannot submit:\n  " + "\n  ".join(errors))
     return notes
@@ -258,15 +335,19 @@ def resume_plan(cfg: Config) -> str:
     newest = f"step {int(found[-1].name.split('-')[1])} ({found[-1]})" if found else None
     if cfg.train.resume == "none":
         if found or (run_dir / "best.pt").exists():
-            return (f"starts over (train.resume=none): the job removes {len(found)} checkpoint(s) (newest {newest}) and best.pt "
-                    f"of {run_dir} when it starts")
+            return (
+                f"starts over (train.resume=none): the job removes {len(found)} checkpoint(s) (newest {newest}) and best.pt "
+                f"of {run_dir} when it starts"
+            )
         return "starts from step 0 (train.resume=none; nothing to remove)"
     if cfg.train.resume == "auto":
         return f"resumes from {newest}" if found else f"starts from step 0 (no checkpoint in {run_dir / 'checkpoints'})"
     path = Path(cfg.train.resume)
     if not path.is_dir() or not re.fullmatch(r"step-\d{8}", path.name):
-        raise SubmitError(f"train.resume={cfg.train.resume!r} is not a complete checkpoint directory "
-                          f"(expected .../checkpoints/step-NNNNNNNN); valid values: 'auto', 'none' or such a path")
+        raise SubmitError(
+            f"train.resume={cfg.train.resume!r} is not a complete checkpoint directory "
+            f"(expected .../checkpoints/step-NNNNNNNN); valid values: 'auto', 'none' or such a path"
+        )
     return f"resumes from step {int(path.name.split('-')[1])} ({path})"
 
 
@@ -301,8 +382,10 @@ def sbatch_parameters(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     gpus = args.gpus_per_node
     tasks = args.tasks_per_node if args.tasks_per_node is not None else (gpus or 1)
     if gpus and tasks != gpus:
-        raise SubmitError(f"--tasks-per-node {tasks} with --gpus-per-node {gpus}: salnet runs one task per GPU "
-                          f"(omit --tasks-per-node, or use --gpus-per-node 0 for a CPU job)")
+        raise SubmitError(
+            f"--tasks-per-node {tasks} with --gpus-per-node {gpus}: salnet runs one task per GPU "
+            f"(omit --tasks-per-node, or use --gpus-per-node 0 for a CPU job)"
+        )
     if args.nodes < 1 or tasks < 1:
         raise SubmitError(f"--nodes {args.nodes} --tasks-per-node {tasks}: both must be >= 1")
     extra: dict[str, Any] = {"requeue": True, "dependency": "singleton"}
@@ -314,11 +397,18 @@ def sbatch_parameters(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
         extra[key] = value
     srun_args = [f"--wait={args.srun_wait}", "--kill-on-bad-exit=0"]
     params: dict[str, Any] = {
-        "job_name": job_name(cfg), "nodes": args.nodes, "ntasks_per_node": tasks, "signal_delay_s": args.signal_delay,
+        "job_name": job_name(cfg),
+        "nodes": args.nodes,
+        "ntasks_per_node": tasks,
+        "signal_delay_s": args.signal_delay,
         "wckey": None,  # Submitit's default --wckey=submitit breaks clusters that check wckeys
-        "additional_parameters": extra, "srun_args": srun_args,
-        "setup": ["# salnet: one thread per CPU of the task; the job must not think it is another job's rank",
-                  "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}", *args.setup],
+        "additional_parameters": extra,
+        "srun_args": srun_args,
+        "setup": [
+            "# salnet: one thread per CPU of the task; the job must not think it is another job's rank",
+            "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
+            *args.setup,
+        ],
     }
     if gpus:
         params["gpus_per_node"] = gpus
@@ -332,8 +422,10 @@ def sbatch_parameters(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     if args.time:
         params["time"] = args.time
         if args.signal_delay >= args.time * 60:
-            raise SubmitError(f"--signal-delay {args.signal_delay} s is not shorter than --time ({args.time} min): "
-                              f"the warning would come before the job starts")
+            raise SubmitError(
+                f"--signal-delay {args.signal_delay} s is not shorter than --time ({args.time} min): "
+                f"the warning would come before the job starts"
+            )
     for name in ("partition", "account", "qos", "constraint", "exclude", "comment"):
         if getattr(args, name):
             params[name] = getattr(args, name)
@@ -414,7 +506,7 @@ def fail(message: str) -> None:
     sys.exit(EXIT_USAGE)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     base = Path.cwd()
@@ -440,8 +532,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = with_wandb_id(cfg, wandb_id)
     job = TrainJob(["--config", str(config_path)], max_requeues=args.max_requeues, wandb_id=wandb_id)
     tasks = params["ntasks_per_node"] * params["nodes"]
-    shape = (f"{params['nodes']} node(s) x {params['ntasks_per_node']} task(s) = {tasks} rank(s), "
-             + (f"{args.gpus_per_node} GPU(s) per node (nccl)" if args.gpus_per_node else "CPU (gloo)"))
+    shape = f"{params['nodes']} node(s) x {params['ntasks_per_node']} task(s) = {tasks} rank(s), " + (
+        f"{args.gpus_per_node} GPU(s) per node (nccl)" if args.gpus_per_node else "CPU (gloo)"
+    )
     waiting_for = [j for j in squeue("-n", params["job_name"], "-o", "%i")] if not args.dry_run else []
 
     if args.dry_run:
@@ -490,7 +583,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"  rank-0 log:    {log} (stderr: {log.with_suffix('.err')}; rank r: {jid}_r_log.*)")
     print(f"  W&B:           {wandb_line}")
     print(f"  watch:         squeue -j {jid}    tail -f {shlex.quote(str(log))}")
-    print(f"  cancel:        scancel {jid}    (saves a checkpoint, no requeue; scancel --signal=USR2 {jid}: saves and requeues)")
+    print(
+        f"  cancel:        scancel {jid}    (saves a checkpoint, no requeue; scancel --signal=USR2 {jid}: saves and requeues)"
+    )
     sys.stdout.flush()
     if args.follow:
         return follow(jid, log)

@@ -29,7 +29,6 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -48,20 +47,25 @@ CONFIG = "config.json"  # the run's resolved config, inside each checkpoint
 class ClientState:
     """salnet's part of a checkpoint, saved beside the strategy's model and optimizer state."""
 
-    train: dict         # the training loop's TrainState, as a dict
-    world_size: int     # the loader positions and RNG streams below are per rank of this many
+    train: dict  # the training loop's TrainState, as a dict
+    world_size: int  # the loader positions and RNG streams below are per rank of this many
     loader: list[dict]  # every rank's TrainStream.state_dict()
-    rng: list[dict]     # every rank's rng_state()
+    rng: list[dict]  # every rank's rng_state()
     inputs: list[dict] = field(default_factory=list)  # every rank's TrainInput.state_dict() (device-side draws)
 
     @classmethod
-    def gather(cls, train: dict, loader: dict, inputs: dict) -> "ClientState":
+    def gather(cls, train: dict, loader: dict, inputs: dict) -> ClientState:
         """All ranks call this: the loop state, and from each rank its loader position, input stage and RNG."""
-        return cls(train=train, world_size=dist.world_size(), loader=dist.all_gather_object(loader),
-                   rng=dist.all_gather_object(rng_state()), inputs=dist.all_gather_object(inputs))
+        return cls(
+            train=train,
+            world_size=dist.world_size(),
+            loader=dist.all_gather_object(loader),
+            rng=dist.all_gather_object(rng_state()),
+            inputs=dist.all_gather_object(inputs),
+        )
 
 
-def resume_path(run_dir: Path, resume: str) -> Optional[Path]:
+def resume_path(run_dir: Path, resume: str) -> Path | None:
     """What `train.resume` points at: 'auto' -> newest complete checkpoint (or None), 'none' -> None,
     a path -> that checkpoint directory (an error if it is not one). Nothing is verified here."""
     if resume == "none":
@@ -73,11 +77,12 @@ def resume_path(run_dir: Path, resume: str) -> Optional[Path]:
     if not path.is_dir() or not _COMPLETE.match(path.name):
         raise FileNotFoundError(
             f"train.resume={resume!r} is not a complete checkpoint directory (expected .../checkpoints/step-NNNNNNNN); "
-            f"valid values: 'auto', 'none' or such a path")
+            f"valid values: 'auto', 'none' or such a path"
+        )
     return path
 
 
-def choose_checkpoint(run_dir: Path, resume: str) -> Optional[Path]:
+def choose_checkpoint(run_dir: Path, resume: str) -> Path | None:
     """The verified checkpoint to resume from (all ranks call this; rank 0 decides, everyone gets its answer).
 
     auto: the newest good one; each bad one is reported and moved to corrupt-step-N/. A path: that
@@ -93,7 +98,7 @@ def choose_checkpoint(run_dir: Path, resume: str) -> Optional[Path]:
     return choice
 
 
-def _choose(run_dir: Path, resume: str) -> Optional[Path]:
+def _choose(run_dir: Path, resume: str) -> Path | None:
     chosen = resume_path(run_dir, resume)
     if chosen is None:
         return None
@@ -102,7 +107,9 @@ def _choose(run_dir: Path, resume: str) -> Optional[Path]:
         for newer in [c for c in complete_checkpoints(chosen.parent.parent) if c.name > chosen.name]:
             aside = newer.with_name("abandoned-" + newer.name)
             os.rename(newer, aside)
-            print(f"train.resume={resume}: moved the newer {newer.name} to {aside.name} (kept, not deleted)", flush=True)
+            print(
+                f"train.resume={resume}: moved the newer {newer.name} to {aside.name} (kept, not deleted)", flush=True
+            )
         return chosen
     tried = []
     for candidate in reversed(complete_checkpoints(run_dir)):
@@ -114,8 +121,11 @@ def _choose(run_dir: Path, resume: str) -> Optional[Path]:
             os.rename(candidate, aside)
             tried.append(f"{e} (moved to {aside.name})")
             print(f"resume: {e}; moved {candidate.name} aside to {aside.name} and trying the next newest", flush=True)
-    raise CheckpointCorrupt(f"no intact checkpoint under {checkpoint_dir(run_dir)}: " + "; ".join(tried)
-                            + "; start over with train.resume=none, or point train.resume at a copy you trust")
+    raise CheckpointCorrupt(
+        f"no intact checkpoint under {checkpoint_dir(run_dir)}: "
+        + "; ".join(tried)
+        + "; start over with train.resume=none, or point train.resume at a copy you trust"
+    )
 
 
 def _fsync_tree(path: Path) -> None:
@@ -138,7 +148,9 @@ def _attempt(action) -> tuple[object, str]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def save_checkpoint(run_dir: Path, step: int, strategy, client: ClientState, keep: int, config: Optional[dict] = None) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, strategy, client: ClientState, keep: int, config: dict | None = None
+) -> Path:
     """All ranks call this; returns the complete checkpoint directory. `config` (the run's resolved
     config) is kept beside the state as config.json, so a resume can compare before loading anything."""
     root = checkpoint_dir(run_dir)
@@ -152,7 +164,9 @@ def save_checkpoint(run_dir: Path, step: int, strategy, client: ClientState, kee
     gathered = dist.all_gather_object((digests, error))  # also the barrier: every rank has finished writing
     errors = [f"rank {rank}: {e}" for rank, (_, e) in enumerate(gathered) if e]
     if not errors and dist.is_main():
-        _, error = _attempt(lambda: _complete(tmp, final, {n: d for files, _ in gathered for n, d in files.items()}, config))
+        _, error = _attempt(
+            lambda: _complete(tmp, final, {n: d for files, _ in gathered for n, d in files.items()}, config)
+        )
         errors = [f"rank 0: {error}"] if error else []
     errors = dist.all_gather_object(errors)[0]  # rank 0's verdict, for everyone
     if errors:
@@ -162,8 +176,14 @@ def save_checkpoint(run_dir: Path, step: int, strategy, client: ClientState, kee
         dist.barrier()
         raise CheckpointSaveError(
             f"saving the checkpoint of step {step} into {root} failed ({'; '.join(errors)}); its temporary directory was removed "
-            f"and the earlier checkpoints are kept" + (f". A checkpoint takes about {needed} bytes; {free_bytes(root)} bytes are free "
-                                                      f"there: free space or lower checkpoint.keep" if dist.is_main() else ""))
+            f"and the earlier checkpoints are kept"
+            + (
+                f". A checkpoint takes about {needed} bytes; {free_bytes(root)} bytes are free "
+                f"there: free space or lower checkpoint.keep"
+                if dist.is_main()
+                else ""
+            )
+        )
     if dist.is_main():
         for old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -171,7 +191,7 @@ def save_checkpoint(run_dir: Path, step: int, strategy, client: ClientState, kee
     return final
 
 
-def _complete(tmp: Path, final: Path, digests: dict, config: Optional[dict]) -> None:
+def _complete(tmp: Path, final: Path, digests: dict, config: dict | None) -> None:
     """Rank 0: the config, the checksums, fsync, then the atomic rename that makes the checkpoint complete."""
     if config is not None:
         (tmp / CONFIG).write_text(json.dumps(config, indent=1))
@@ -189,12 +209,21 @@ def save_best(run_dir: Path, weights: dict, config: dict, metrics: dict, step: i
     a digest of its tensors that load_best checks."""
     path = Path(run_dir) / "best.pt"
     with atomic_write(path, "wb") as f:
-        torch.save({"model": weights, "config": config, "metrics": metrics, "step": step,
-                    "salnet_version": __version__, "weights_xxh3_128": tensor_digest(weights)}, f)
+        torch.save(
+            {
+                "model": weights,
+                "config": config,
+                "metrics": metrics,
+                "step": step,
+                "salnet_version": __version__,
+                "weights_xxh3_128": tensor_digest(weights),
+            },
+            f,
+        )
     return path
 
 
-def checkpoint_config(directory: Path) -> Optional[dict]:
+def checkpoint_config(directory: Path) -> dict | None:
     """The resolved config a checkpoint was saved with (None for one saved without it)."""
     path = Path(directory) / CONFIG
     return json.loads(path.read_text()) if path.exists() else None
@@ -209,7 +238,9 @@ def load_best(path: Path) -> dict:
     """best.pt (or an exported one), checked against the digest of its tensors; errors name the file."""
     best = load_file(Path(path), map_location="cpu")
     if "weights_xxh3_128" in best and tensor_digest(best["model"]) != best["weights_xxh3_128"]:
-        raise CheckpointCorrupt(f"{path}: its weights do not match their checksum (the file changed after it was written)")
+        raise CheckpointCorrupt(
+            f"{path}: its weights do not match their checksum (the file changed after it was written)"
+        )
     return best
 
 

@@ -90,7 +90,9 @@ def file_digest(path: Path) -> FileDigest:
 
 def write_manifest(directory: Path, digests: dict[str, FileDigest]) -> None:
     with atomic_write(directory / MANIFEST) as f:
-        json.dump({"algorithm": ALGORITHM, "files": {name: asdict(d) for name, d in sorted(digests.items())}}, f, indent=1)
+        json.dump(
+            {"algorithm": ALGORITHM, "files": {name: asdict(d) for name, d in sorted(digests.items())}}, f, indent=1
+        )
 
 
 def verify(directory: Path) -> None:
@@ -105,7 +107,9 @@ def verify(directory: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointCorrupt(f"{manifest}: unreadable ({e})") from None
     if algorithm != ALGORITHM:
-        raise CheckpointCorrupt(f"{manifest}: algorithm {algorithm!r} is not {ALGORITHM!r} (written by another version of salnet?)")
+        raise CheckpointCorrupt(
+            f"{manifest}: algorithm {algorithm!r} is not {ALGORITHM!r} (written by another version of salnet?)"
+        )
     for name, expected in files.items():
         path = directory / name
         if not path.is_file():

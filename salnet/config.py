@@ -24,7 +24,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -32,10 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from salnet.fsio import atomic_write
 from salnet.metrics.names import FAMILIES, METRICS, metric_names
 
-
-DEFAULT_VAL_SET = "val"   # the name of data.val when it is a plain list
-MEAN_OVER_SETS = "mean"   # val/<mean>/<metric>: the mean over named sets
-MIN_INPUT_SIZE = 32       # the backbone's output stride: C5 is input / 32
+DEFAULT_VAL_SET = "val"  # the name of data.val when it is a plain list
+MEAN_OVER_SETS = "mean"  # val/<mean>/<metric>: the mean over named sets
+MIN_INPUT_SIZE = 32  # the backbone's output stride: C5 is input / 32
 
 
 class ConfigError(ValueError):
@@ -53,11 +52,18 @@ class Section(BaseModel):
 
 
 class AugmentConfig(Section):
-    scale: tuple[float, float] = Field((0.75, 1.0), description="random scale-crop area range (fraction of the image, 0 < min <= max <= 1); "
-                                                                "the crop is then resized to the training size")
+    scale: tuple[float, float] = Field(
+        (0.75, 1.0),
+        description="random scale-crop area range (fraction of the image, 0 < min <= max <= 1); "
+        "the crop is then resized to the training size",
+    )
     hflip: bool = Field(True, description="random horizontal flip (image and mask together)")
-    rotate_deg: float = Field(10.0, ge=0, le=180, description="max absolute random rotation in degrees, image and mask together (0 disables)")
-    color_jitter: float = Field(0.2, ge=0, le=1, description="brightness/contrast/saturation jitter strength, image only (0 disables)")
+    rotate_deg: float = Field(
+        10.0, ge=0, le=180, description="max absolute random rotation in degrees, image and mask together (0 disables)"
+    )
+    color_jitter: float = Field(
+        0.2, ge=0, le=1, description="brightness/contrast/saturation jitter strength, image only (0 disables)"
+    )
 
     def model_post_init(self, context) -> None:
         # See DataConfig.model_post_init.
@@ -67,45 +73,73 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    train: list[str] = Field(["shards/demo/train"], min_length=1,
-                             description="train shard directories or URLs (local dir, http(s)://HOST/DIR, s3://BUCKET/DIR, or pipe:CMD with {} "
-                                         "where the file name goes); each must hold manifest.json")
-    train_weights: Optional[list[float]] = Field(
-        None, description="mixing weights, one per train set: set i draws round(N * w_i / sum(w)) samples per epoch, N = all train "
-                          "samples (repeating or subsampling the set); default: every sample once")
-    val: Union[list[str], dict[str, list[str]]] = Field(
-        ["shards/demo/val"], description="validation shard directories or URLs (same forms as data.train): a list is one set named "
-                                         "'val'; named sets ({DUTS-TE: [shards/duts-te], ECSSD: [shards/ecssd]}) are scored separately")
+    train: list[str] = Field(
+        ["shards/demo/train"],
+        min_length=1,
+        description="train shard directories or URLs (local dir, http(s)://HOST/DIR, s3://BUCKET/DIR, or pipe:CMD with {} "
+        "where the file name goes); each must hold manifest.json",
+    )
+    train_weights: list[float] | None = Field(
+        None,
+        description="mixing weights, one per train set: set i draws round(N * w_i / sum(w)) samples per epoch, N = all train "
+        "samples (repeating or subsampling the set); default: every sample once",
+    )
+    val: list[str] | dict[str, list[str]] = Field(
+        ["shards/demo/val"],
+        description="validation shard directories or URLs (same forms as data.train): a list is one set named "
+        "'val'; named sets ({DUTS-TE: [shards/duts-te], ECSSD: [shards/ecssd]}) are scored separately",
+    )
     size: int = Field(352, gt=0, description="training input size in pixels (square)")
     multiscale: list[int] = Field(
-        [], description="if set, each batch picks its size from this list (F3Net-style; the same size on every rank at a step) instead of data.size")
-    eval_size: int = Field(352, gt=0, description="validation input size in pixels; metrics are computed at the mask's original size")
+        [],
+        description="if set, each batch picks its size from this list (F3Net-style; the same size on every rank at a step) instead of data.size",
+    )
+    eval_size: int = Field(
+        352, gt=0, description="validation input size in pixels; metrics are computed at the mask's original size"
+    )
     batch_size: int = Field(32, gt=0, description="micro-batch per rank")
     eval_batch_size: int = Field(32, gt=0, description="validation batch per rank")
-    workers: Optional[int] = Field(None, ge=0, description="loader worker processes per rank; part of the data order, so set it for runs that must "
-                                                          "replay on other machines (default: CPUs per rank - 1, at most 8; 0 reads in the training process)")
+    workers: int | None = Field(
+        None,
+        ge=0,
+        description="loader worker processes per rank; part of the data order, so set it for runs that must "
+        "replay on other machines (default: CPUs per rank - 1, at most 8; 0 reads in the training process)",
+    )
     prefetch: int = Field(2, gt=0, description="batches prefetched per worker")
     persistent_workers: bool = Field(True, description="keep loader workers alive across epochs")
-    shuffle_buffer: int = Field(1000, ge=1, description="samples each reader holds (as raw bytes) to shuffle the order within its shards (1: tar order)")
-    on_error: Literal["error", "skip"] = Field("error", description="a corrupt sample (bad image bytes, missing mask) stops the run naming shard and key "
-                                                                    "(error), or is logged, counted and replaced by another sample of its batch (skip)")
+    shuffle_buffer: int = Field(
+        1000,
+        ge=1,
+        description="samples each reader holds (as raw bytes) to shuffle the order within its shards (1: tar order)",
+    )
+    on_error: Literal["error", "skip"] = Field(
+        "error",
+        description="a corrupt sample (bad image bytes, missing mask) stops the run naming shard and key "
+        "(error), or is logged, counted and replaced by another sample of its batch (skip)",
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="joint image/mask augmentation")
-    augment_on: Optional[Literal["worker", "device"]] = Field(
-        None, description="where data.augment runs: 'worker' (loader processes warp each sample once and hand over uint8 batches at the training size) "
-                          "or 'device' (workers only decode and cut the crop box; the training device warps and jitters the whole batch at once); "
-                          "null: device when training on CUDA, worker otherwise")
+    augment_on: Literal["worker", "device"] | None = Field(
+        None,
+        description="where data.augment runs: 'worker' (loader processes warp each sample once and hand over uint8 batches at the training size) "
+        "or 'device' (workers only decode and cut the crop box; the training device warps and jitters the whole batch at once); "
+        "null: device when training on CUDA, worker otherwise",
+    )
 
     def model_post_init(self, context) -> None:
         # A method, not a pydantic validator decorator: pydantic reports its ValueError as a config error all the same.
         if self.train_weights is not None and len(self.train_weights) != len(self.train):
-            raise ValueError(f"data.train_weights has {len(self.train_weights)} weights but data.train lists {len(self.train)} sets")
+            raise ValueError(
+                f"data.train_weights has {len(self.train_weights)} weights but data.train lists {len(self.train)} sets"
+            )
         if self.train_weights is not None and min(self.train_weights) <= 0:
             raise ValueError(f"data.train_weights must all be > 0, got {self.train_weights}")
         if self.multiscale and min(self.multiscale) <= 0:
             raise ValueError(f"data.multiscale sizes must all be > 0, got {self.multiscale}")
         for name, sources in self.val_sets.items():
             if not name or "/" in name or name == MEAN_OVER_SETS:
-                raise ValueError(f"data.val set name {name!r} is not valid: use a non-empty name without '/', other than {MEAN_OVER_SETS!r}")
+                raise ValueError(
+                    f"data.val set name {name!r} is not valid: use a non-empty name without '/', other than {MEAN_OVER_SETS!r}"
+                )
             if not sources:
                 raise ValueError(f"data.val set {name!r} lists no shard directories")
 
@@ -117,21 +151,37 @@ class DataConfig(Section):
 
 class BackboneConfig(Section):
     name: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d"] = Field(
-        "resnet50", description="torchvision backbone (torchvision's own code and weight format)")
-    weights: str = Field("none", description="'imagenet' (torchvision's IMAGENET1K_V1 file, cached in TORCH_HOME), another torchvision weights name of "
-                                             "this backbone (e.g. IMAGENET1K_V2), 'none' (random init), or a path to a torchvision-format state dict")
-    frozen_bn: bool = Field(False, description="replace the backbone's BatchNorm by FrozenBatchNorm2d: statistics and affine parameters stay as loaded")
+        "resnet50", description="torchvision backbone (torchvision's own code and weight format)"
+    )
+    weights: str = Field(
+        "none",
+        description="'imagenet' (torchvision's IMAGENET1K_V1 file, cached in TORCH_HOME), another torchvision weights name of "
+        "this backbone (e.g. IMAGENET1K_V2), 'none' (random init), or a path to a torchvision-format state dict",
+    )
+    frozen_bn: bool = Field(
+        False,
+        description="replace the backbone's BatchNorm by FrozenBatchNorm2d: statistics and affine parameters stay as loaded",
+    )
 
 
 class ModelConfig(Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="feature extractor C2..C5")
-    ppm_bins: list[int] = Field([1, 2, 3, 6], min_length=1, description="pyramid pooling output sizes on C5 (each >= 1)")
-    ppm_branch_width: Optional[int] = Field(None, gt=0, description="channels of each PPM pooling branch (default: C5 channels // 4, as in PSPNet)")
+    ppm_bins: list[int] = Field(
+        [1, 2, 3, 6], min_length=1, description="pyramid pooling output sizes on C5 (each >= 1)"
+    )
+    ppm_branch_width: int | None = Field(
+        None, gt=0, description="channels of each PPM pooling branch (default: C5 channels // 4, as in PSPNet)"
+    )
     ppm_width: int = Field(256, gt=0, description="PPM output channels (the top of the FPN)")
     fpn_width: int = Field(256, gt=0, description="common channel width of the FPN levels and the fusion head")
-    fuse: Literal["concat", "sum"] = Field("concat", description="how P2..P5 (resized to P2) are fused before a 1x1 conv-norm-ReLU and the 1x1 logit conv")
-    norm: Literal["batch", "group"] = Field("batch", description="norm layer of the decoder, and of the backbone unless backbone.frozen_bn "
-                                                                 "(group with pretrained weights needs backbone.frozen_bn=true)")
+    fuse: Literal["concat", "sum"] = Field(
+        "concat", description="how P2..P5 (resized to P2) are fused before a 1x1 conv-norm-ReLU and the 1x1 logit conv"
+    )
+    norm: Literal["batch", "group"] = Field(
+        "batch",
+        description="norm layer of the decoder, and of the backbone unless backbone.frozen_bn "
+        "(group with pretrained weights needs backbone.frozen_bn=true)",
+    )
     gn_groups: int = Field(32, gt=0, description="groups for GroupNorm (must divide every normalised channel count)")
 
     def model_post_init(self, context) -> None:
@@ -140,15 +190,24 @@ class ModelConfig(Section):
         if any(b < 1 for b in self.ppm_bins):
             raise ValueError(f"model.ppm_bins must all be >= 1 (output sizes of the pooling), got {self.ppm_bins}")
         if self.norm == "group" and not self.backbone.frozen_bn and self.backbone.weights != "none":
-            raise ValueError(f"model.norm=group puts GroupNorm into the backbone, which cannot take the BatchNorm statistics of "
-                             f"model.backbone.weights={self.backbone.weights!r}; set model.backbone.frozen_bn=true (frozen pretrained "
-                             f"BatchNorm, GroupNorm decoder: the usual small-batch recipe) or model.backbone.weights=none")
+            raise ValueError(
+                f"model.norm=group puts GroupNorm into the backbone, which cannot take the BatchNorm statistics of "
+                f"model.backbone.weights={self.backbone.weights!r}; set model.backbone.frozen_bn=true (frozen pretrained "
+                f"BatchNorm, GroupNorm decoder: the usual small-batch recipe) or model.backbone.weights=none"
+            )
 
 
 class LossConfig(Section):
-    kind: Literal["bce_iou", "structure", "dice"] = Field("bce_iou", description="pixel loss on every output: BCE + soft IoU, F3Net's boundary-weighted structure loss, or BCE + Dice")
-    side_weights: list[float] = Field([0.5, 0.25, 0.125, 0.0625], min_length=4, max_length=4,
-                                      description="deep-supervision weights (each >= 0) of the side outputs P2..P5 (fused output has 1.0)")
+    kind: Literal["bce_iou", "structure", "dice"] = Field(
+        "bce_iou",
+        description="pixel loss on every output: BCE + soft IoU, F3Net's boundary-weighted structure loss, or BCE + Dice",
+    )
+    side_weights: list[float] = Field(
+        [0.5, 0.25, 0.125, 0.0625],
+        min_length=4,
+        max_length=4,
+        description="deep-supervision weights (each >= 0) of the side outputs P2..P5 (fused output has 1.0)",
+    )
 
     def model_post_init(self, context) -> None:
         if any(w < 0 for w in self.side_weights):
@@ -162,52 +221,86 @@ class OptimConfig(Section):
     weight_decay: float = Field(1e-4, ge=0, description="weight decay (never on norm and bias parameters)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum / AdamW beta1")
     beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2")
-    schedule: Literal["cosine", "poly", "constant"] = Field("cosine", description="decay after warm-up, stepped per optimizer step")
+    schedule: Literal["cosine", "poly", "constant"] = Field(
+        "cosine", description="decay after warm-up, stepped per optimizer step"
+    )
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of the peak")
     poly_power: float = Field(0.9, gt=0, description="exponent of the poly schedule")
-    grad_clip: Optional[float] = Field(None, gt=0, description="clip the global grad norm (unscaled) to this; null disables")
+    grad_clip: float | None = Field(
+        None, gt=0, description="clip the global grad norm (unscaled) to this; null disables"
+    )
 
 
 class TrainConfig(Section):
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="distributed strategy")
-    steps: Optional[int] = Field(None, gt=0, description="total optimizer steps (exclusive with epochs)")
-    epochs: Optional[int] = Field(None, gt=0, description="total epochs (exclusive with steps)")
+    steps: int | None = Field(None, gt=0, description="total optimizer steps (exclusive with epochs)")
+    epochs: int | None = Field(None, gt=0, description="total epochs (exclusive with steps)")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    amp: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="precision: fp32, bf16 autocast, or fp16 autocast with a gradient scaler")
+    amp: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="precision: fp32, bf16 autocast, or fp16 autocast with a gradient scaler"
+    )
     channels_last: bool = Field(True, description="NHWC memory format for the model and inputs")
     compile: bool = Field(False, description="torch.compile the model")
     sync_bn: bool = Field(False, description="convert BatchNorm to SyncBatchNorm (CUDA only; DDP and DeepSpeed)")
-    bucket_mb: int = Field(25, gt=0, description="gradient communication bucket in MiB: DDP's bucket_cap_mb; under DeepSpeed, "
-                                                 "ZeRO's reduce and all-gather buckets (as float32 elements)")
+    bucket_mb: int = Field(
+        25,
+        gt=0,
+        description="gradient communication bucket in MiB: DDP's bucket_cap_mb; under DeepSpeed, "
+        "ZeRO's reduce and all-gather buckets (as float32 elements)",
+    )
     static_graph: bool = Field(False, description="DDP static_graph optimisation")
-    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (train.strategy=deepspeed): 1 partitions the optimizer states across ranks, "
-                                                        "2 also the gradients, 3 also the parameters (gathered layer by layer in forward and backward)")
-    offload_optimizer: bool = Field(False, description="DeepSpeed: keep the optimizer states in CPU memory and run the optimizer step there (ZeRO-Offload); "
-                                                       "frees GPU memory at the cost of host transfers and CPU time")
-    offload_params: bool = Field(False, description="DeepSpeed ZeRO-3: keep the parameter partitions in CPU memory between uses (needs train.zero_stage=3)")
+    zero_stage: Literal[1, 2, 3] = Field(
+        2,
+        description="DeepSpeed ZeRO stage (train.strategy=deepspeed): 1 partitions the optimizer states across ranks, "
+        "2 also the gradients, 3 also the parameters (gathered layer by layer in forward and backward)",
+    )
+    offload_optimizer: bool = Field(
+        False,
+        description="DeepSpeed: keep the optimizer states in CPU memory and run the optimizer step there (ZeRO-Offload); "
+        "frees GPU memory at the cost of host transfers and CPU time",
+    )
+    offload_params: bool = Field(
+        False,
+        description="DeepSpeed ZeRO-3: keep the parameter partitions in CPU memory between uses (needs train.zero_stage=3)",
+    )
     seed: int = Field(0, description="global seed; each rank derives its own")
-    timeout_s: int = Field(1800, gt=0, description="collective timeout in seconds (a dead rank fails the job after this)")
+    timeout_s: int = Field(
+        1800, gt=0, description="collective timeout in seconds (a dead rank fails the job after this)"
+    )
     max_bad_steps: int = Field(5, gt=0, description="consecutive non-finite steps before training stops")
-    resume: str = Field("auto", description="'auto' (newest complete checkpoint of the run), 'none' (start over: removes the run's checkpoints and best.pt), or a checkpoint path")
+    resume: str = Field(
+        "auto",
+        description="'auto' (newest complete checkpoint of the run), 'none' (start over: removes the run's checkpoints and best.pt), or a checkpoint path",
+    )
 
     def model_post_init(self, context) -> None:
         if self.strategy != "deepspeed" and (self.offload_optimizer or self.offload_params):
-            raise ValueError(f"train.offload_optimizer / train.offload_params are DeepSpeed options; they need train.strategy=deepspeed "
-                             f"(got train.strategy={self.strategy!r})")
+            raise ValueError(
+                f"train.offload_optimizer / train.offload_params are DeepSpeed options; they need train.strategy=deepspeed "
+                f"(got train.strategy={self.strategy!r})"
+            )
         if self.offload_params and self.zero_stage != 3:
-            raise ValueError(f"train.offload_params=true needs train.zero_stage=3 (only ZeRO-3 partitions the parameters), got train.zero_stage={self.zero_stage}")
+            raise ValueError(
+                f"train.offload_params=true needs train.zero_stage=3 (only ZeRO-3 partitions the parameters), got train.zero_stage={self.zero_stage}"
+            )
 
 
 class EvalConfig(Section):
     every: int = Field(500, gt=0, description="validate every N optimizer steps (and at the end)")
-    best_metric: str = Field("maxF", description="what decides best.pt: METRIC (its mean over the data.val sets) or SET/METRIC (one set's); "
-                                                 "METRIC one of " + ", ".join(METRICS) + " (MAE: lower is better; others: higher)")
-    metrics: list[Literal[FAMILIES]] = Field(["F", "E", "S", "MAE"], min_length=1,
-                                             description="metric families computed during validation (wF is slow: CPU distance transform)")
+    best_metric: str = Field(
+        "maxF",
+        description="what decides best.pt: METRIC (its mean over the data.val sets) or SET/METRIC (one set's); "
+        "METRIC one of " + ", ".join(METRICS) + " (MAE: lower is better; others: higher)",
+    )
+    metrics: list[Literal[FAMILIES]] = Field(
+        ["F", "E", "S", "MAE"],
+        min_length=1,
+        description="metric families computed during validation (wF is slow: CPU distance transform)",
+    )
 
     @property
-    def best_set_and_metric(self) -> tuple[Optional[str], str]:
+    def best_set_and_metric(self) -> tuple[str | None, str]:
         """(set name, or None for the mean over sets; metric name) of best_metric."""
         set_name, _, metric = self.best_metric.rpartition("/")
         return set_name or None, metric
@@ -217,27 +310,50 @@ class EvalConfig(Section):
         _, metric = self.best_set_and_metric
         computed = metric_names(self.metrics)
         if metric not in METRICS:
-            raise ValueError(f"eval.best_metric={self.best_metric!r}: {metric!r} is not a metric; valid: {', '.join(METRICS)} "
-                             f"(or SET/METRIC for one of the data.val sets)")
+            raise ValueError(
+                f"eval.best_metric={self.best_metric!r}: {metric!r} is not a metric; valid: {', '.join(METRICS)} "
+                f"(or SET/METRIC for one of the data.val sets)"
+            )
         if metric not in computed:
-            raise ValueError(f"eval.best_metric={self.best_metric!r} is not computed by eval.metrics={self.metrics} "
-                             f"(they compute {', '.join(computed)}); add its family to eval.metrics or pick one of those")
+            raise ValueError(
+                f"eval.best_metric={self.best_metric!r} is not computed by eval.metrics={self.metrics} "
+                f"(they compute {', '.join(computed)}); add its family to eval.metrics or pick one of those"
+            )
 
 
 class LogConfig(Section):
     every: int = Field(20, gt=0, description="console/metrics.jsonl line every N optimizer steps")
     wandb: bool = Field(False, description="log to Weights & Biases (rank 0)")
     project: str = Field("salnet", description="W&B project")
-    entity: Optional[str] = Field(None, description="W&B entity (team or user)")
-    wandb_id: Optional[str] = Field(None, description="W&B run id to create or continue (default: a new one, kept in the checkpoints; "
-                                                      "a launcher presets it so every attempt of a job logs to one run)")
-    wandb_timeout_s: float = Field(60.0, gt=0, description="longest wait for W&B to start a run or to finish uploading one; past it, training "
-                                                          "goes on (or ends) without W&B and metrics.jsonl keeps the record")
-    artifacts: bool = Field(False, description="log best.pt to W&B as a versioned model artifact (aliases best, latest) whenever it improves")
-    panel_images: int = Field(8, ge=0, description="val images per set shown at every validation with ground truth and prediction "
-                                                   "(the same ones each time; W&B and runs/NAME/plots/); 0: none")
-    worst_images: int = Field(8, ge=0, description="per set, the K val images with the highest MAE, with their metrics and pictures; 0: none")
-    plots: bool = Field(True, description="rank 0 writes runs/NAME/plots/ (curves, metrics over steps, prediction panels) at every validation")
+    entity: str | None = Field(None, description="W&B entity (team or user)")
+    wandb_id: str | None = Field(
+        None,
+        description="W&B run id to create or continue (default: a new one, kept in the checkpoints; "
+        "a launcher presets it so every attempt of a job logs to one run)",
+    )
+    wandb_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="longest wait for W&B to start a run or to finish uploading one; past it, training "
+        "goes on (or ends) without W&B and metrics.jsonl keeps the record",
+    )
+    artifacts: bool = Field(
+        False,
+        description="log best.pt to W&B as a versioned model artifact (aliases best, latest) whenever it improves",
+    )
+    panel_images: int = Field(
+        8,
+        ge=0,
+        description="val images per set shown at every validation with ground truth and prediction "
+        "(the same ones each time; W&B and runs/NAME/plots/); 0: none",
+    )
+    worst_images: int = Field(
+        8, ge=0, description="per set, the K val images with the highest MAE, with their metrics and pictures; 0: none"
+    )
+    plots: bool = Field(
+        True,
+        description="rank 0 writes runs/NAME/plots/ (curves, metrics over steps, prediction panels) at every validation",
+    )
 
 
 class CheckpointConfig(Section):
@@ -256,26 +372,41 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="validation")
     log: LogConfig = Field(default_factory=LogConfig, description="logging")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpointing")
-    deepspeed: dict[str, Any] = Field(default_factory=dict, description="extra DeepSpeed config keys (train.strategy=deepspeed), merged into the JSON salnet generates, "
-                                                                          "e.g. deepspeed.zero_optimization.overlap_comm=true; a key salnet derives from its own settings "
-                                                                          "(batch sizes, precision, optimizer, clipping, ZeRO stage, offload, bucket sizes) must agree with them")
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra DeepSpeed config keys (train.strategy=deepspeed), merged into the JSON salnet generates, "
+        "e.g. deepspeed.zero_optimization.overlap_comm=true; a key salnet derives from its own settings "
+        "(batch sizes, precision, optimizer, clipping, ZeRO stage, offload, bucket sizes) must agree with them",
+    )
 
     def model_post_init(self, context) -> None:
         if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
-            raise ValueError(f"name={self.name!r} must be a plain directory name (no '/', not '.' or '..'): the run directory is "
-                             f"<out_dir>/<name>, and nothing may be written outside out_dir")
-        sizes = {"data.size": [self.data.size], "data.eval_size": [self.data.eval_size], "data.multiscale": self.data.multiscale}
+            raise ValueError(
+                f"name={self.name!r} must be a plain directory name (no '/', not '.' or '..'): the run directory is "
+                f"<out_dir>/<name>, and nothing may be written outside out_dir"
+            )
+        sizes = {
+            "data.size": [self.data.size],
+            "data.eval_size": [self.data.eval_size],
+            "data.multiscale": self.data.multiscale,
+        }
         for key, values in sizes.items():
             if any(v < MIN_INPUT_SIZE for v in values):
-                raise ValueError(f"{key}={values if key == 'data.multiscale' else values[0]} is below the network's minimum input size "
-                                 f"{MIN_INPUT_SIZE} (its output stride: C5 must keep at least one pixel)")
+                raise ValueError(
+                    f"{key}={values if key == 'data.multiscale' else values[0]} is below the network's minimum input size "
+                    f"{MIN_INPUT_SIZE} (its output stride: C5 must keep at least one pixel)"
+                )
         best_set, _ = self.eval.best_set_and_metric
         if best_set is not None and best_set not in self.data.val_sets:
-            raise ValueError(f"eval.best_metric={self.eval.best_metric!r} names the val set {best_set!r}, but data.val has "
-                             f"{', '.join(repr(n) for n in self.data.val_sets)}; use one of those, or METRIC alone for the mean over sets")
+            raise ValueError(
+                f"eval.best_metric={self.eval.best_metric!r} names the val set {best_set!r}, but data.val has "
+                f"{', '.join(repr(n) for n in self.data.val_sets)}; use one of those, or METRIC alone for the mean over sets"
+            )
         if self.deepspeed and self.train.strategy != "deepspeed":
-            raise ValueError(f"the deepspeed: section ({', '.join(self.deepspeed)}) applies only to train.strategy=deepspeed, "
-                             f"got train.strategy={self.train.strategy!r}")
+            raise ValueError(
+                f"the deepspeed: section ({', '.join(self.deepspeed)}) applies only to train.strategy=deepspeed, "
+                f"got train.strategy={self.train.strategy!r}"
+            )
 
     @property
     def run_dir(self) -> Path:
@@ -292,14 +423,27 @@ class Config(Section):
 
 # A checkpoint's weights, optimizer state and data position belong to these settings: changing one
 # mid-run makes a different experiment (or cannot load at all). Everything else may change on resume.
-FIXED_ON_RESUME = ("model.", "data.train", "data.train_weights", "data.size", "data.multiscale", "data.batch_size",
-                   "data.augment.", "train.grad_accum", "train.strategy", "train.zero_stage", "train.offload_optimizer",
-                   "train.offload_params", "train.seed", "optim.name")
+FIXED_ON_RESUME = (
+    "model.",
+    "data.train",
+    "data.train_weights",
+    "data.size",
+    "data.multiscale",
+    "data.batch_size",
+    "data.augment.",
+    "train.grad_accum",
+    "train.strategy",
+    "train.zero_stage",
+    "train.offload_optimizer",
+    "train.offload_params",
+    "train.seed",
+    "optim.name",
+)
 IGNORED_ON_RESUME = ("train.resume",)  # how this attempt starts, not what the run is
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict) and not (prefix in ("data.val.", "deepspeed.")):
+    if isinstance(tree, dict) and prefix not in ("data.val.", "deepspeed."):
         return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): tree}
 
@@ -339,7 +483,9 @@ def _read_yaml(path: str) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of sections (data:, model:, ...), got {type(data).__name__}")
+        raise ConfigError(
+            f"config file '{path}' must hold a mapping of sections (data:, model:, ...), got {type(data).__name__}"
+        )
     return data
 
 
@@ -365,7 +511,7 @@ def _set_dotted(tree: dict, path: list[str], value: Any, text: str) -> None:
     node[path[-1]] = value
 
 
-def _section_at(loc: tuple) -> Optional[type[BaseModel]]:
+def _section_at(loc: tuple) -> type[BaseModel] | None:
     """The schema class that owns the key at `loc` (a pydantic error location), if any."""
     model: type[BaseModel] = Config
     for part in loc[:-1]:
@@ -414,7 +560,7 @@ def _format_error(err: dict, source_of) -> str:
     return f"key '{key}' ({source}) has invalid value {err.get('input')!r}: {err['msg']}{expected}"
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults < YAML file at `path` < `overrides` ("a.b=value"). Raises ConfigError."""
     overrides = list(overrides or [])
     tree = _read_yaml(path) if path else {}
@@ -468,7 +614,14 @@ def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tup
             rows.extend(describe_keys(ann, key + "."))
             continue
         default = field.get_default(call_default_factory=True)
-        rows.append((key, _type_name(ann), yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...").strip(), field.description or ""))
+        rows.append(
+            (
+                key,
+                _type_name(ann),
+                yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...").strip(),
+                field.description or "",
+            )
+        )
     return rows
 
 
@@ -484,8 +637,12 @@ def keys_help() -> str:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="YAML config (see configs/); keys not set keep their defaults")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="dotted overrides applied after the file, e.g. optim.lr=3e-4 train.amp=bf16 model.ppm_bins=[1,2,3,6]")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="dotted overrides applied after the file, e.g. optim.lr=3e-4 train.amp=bf16 model.ppm_bins=[1,2,3,6]",
+    )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = ((parser.epilog + "\n\n") if parser.epilog else "") + keys_help()
     return parser
@@ -495,7 +652,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def parse_config(argv: Optional[list[str]] = None, prog: Optional[str] = None, description: str = "") -> Config:
+def parse_config(argv: list[str] | None = None, prog: str | None = None, description: str = "") -> Config:
     """Parse the shared command line; on a config error print it and exit with status 2."""
     parser = add_config_arguments(argparse.ArgumentParser(prog=prog, description=description))
     args = parser.parse_args(argv)
@@ -506,9 +663,12 @@ def parse_config(argv: Optional[list[str]] = None, prog: Optional[str] = None, d
         sys.exit(2)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    cfg = parse_config(argv, prog="python -m salnet.config",
-                       description="Print the resolved configuration (defaults < --config file < overrides) as YAML.")
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(
+        argv,
+        prog="python -m salnet.config",
+        description="Print the resolved configuration (defaults < --config file < overrides) as YAML.",
+    )
     sys.stdout.write(to_yaml(cfg))
 
 

@@ -22,8 +22,9 @@ import os
 import random
 import re
 import socket
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,11 +128,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def backend() -> Optional[str]:
+def backend() -> str | None:
     return tdist.get_backend() if is_initialized() else None
 
 
-def init(timeout_s: float = 1800, use_cuda: Optional[bool] = None) -> DistEnv:
+def init(timeout_s: float = 1800, use_cuda: bool | None = None) -> DistEnv:
     """Join the job's process group (if there is more than one process) and pick the device."""
     global _DEVICE
     found = detect_env()
@@ -143,8 +144,13 @@ def init(timeout_s: float = 1800, use_cuda: Optional[bool] = None) -> DistEnv:
         _DEVICE = torch.device("cpu")
     if found.world_size > 1 and not is_initialized():
         # Export the torchrun convention so that env:// (and DeepSpeed) read the same values.
-        os.environ.update(RANK=str(found.rank), LOCAL_RANK=str(found.local_rank), WORLD_SIZE=str(found.world_size),
-                          MASTER_ADDR=found.master_addr, MASTER_PORT=str(found.master_port))
+        os.environ.update(
+            RANK=str(found.rank),
+            LOCAL_RANK=str(found.local_rank),
+            WORLD_SIZE=str(found.world_size),
+            MASTER_ADDR=found.master_addr,
+            MASTER_PORT=str(found.master_port),
+        )
         tdist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             init_method="env://",
@@ -162,7 +168,7 @@ def shutdown() -> None:
 
 
 @contextlib.contextmanager
-def distributed(timeout_s: float = 1800, use_cuda: Optional[bool] = None) -> Iterator[DistEnv]:
+def distributed(timeout_s: float = 1800, use_cuda: bool | None = None) -> Iterator[DistEnv]:
     """`with distributed(...):` joins the process group and always leaves it, errors included.
 
     On an error the group is destroyed without a final barrier: the other ranks then fail their

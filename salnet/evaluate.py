@@ -69,7 +69,9 @@ class Report:
 
     def add(self, dataset: str, method: str, metrics: SODMetrics, **counts: int) -> None:
         if method in self.results[dataset]:
-            raise EvaluationError(f"method {method!r} is given twice for dataset {dataset}: name them apart with METHOD=PATH")
+            raise EvaluationError(
+                f"method {method!r} is given twice for dataset {dataset}: name them apart with METHOD=PATH"
+            )
         self.results[dataset][method] = {**metrics.compute(), "images": metrics.num_images, **counts}
         self.curves[dataset][method] = metrics.curves()
 
@@ -96,13 +98,19 @@ def score_checkpoints(args: argparse.Namespace, report: Report, families: list[s
         predict = make_predict(checkpoint.model, precision, bool(checkpoint.setting("train", "channels_last", True)))
         for dataset, location in args.data_sets:
             overrides = {"val": [location]}
-            for key, value in (("eval_size", args.size), ("eval_batch_size", args.batch_size), ("workers", args.workers)):
+            for key, value in (
+                ("eval_size", args.size),
+                ("eval_batch_size", args.batch_size),
+                ("workers", args.workers),
+            ):
                 if value is not None:
                     overrides[key] = value
             try:
                 data_cfg = DataConfig.model_validate({**(checkpoint.config.get("data") or {}), **overrides})
             except ValidationError as e:
-                raise EvaluationError(f"checkpoint '{path}': its 'data' config with {overrides} is not valid: {e}") from None
+                raise EvaluationError(
+                    f"checkpoint '{path}': its 'data' config with {overrides} is not valid: {e}"
+                ) from None
             metrics = SODMetrics(families, device=dist.device())
             validate(predict, ValStream(data_cfg, dist.rank(), dist.world_size()), metrics)
             report.add(dataset, method, metrics)
@@ -119,7 +127,9 @@ def score_folders(args: argparse.Namespace, report: Report, families: list[str])
             mine = matched.pairs[rank::world]
             try:
                 for start in range(0, len(mine), CHUNK):
-                    read = [folders.read_pair(gt_path, pred_path) for _, gt_path, pred_path in mine[start:start + CHUNK]]
+                    read = [
+                        folders.read_pair(gt_path, pred_path) for _, gt_path, pred_path in mine[start : start + CHUNK]
+                    ]
                     metrics.update([p.to(device) for p, _ in read], [g.to(device) for _, g in read])
             except (EvaluationError, ValueError) as e:  # ValueError: SODMetrics' checks, naming the shapes
                 error = f"{method} on {dataset}: {e}"
@@ -132,9 +142,13 @@ def write_outputs(report: Report, metrics: list[str], out: Path, plot_format: st
     results = {d: by for d, by in report.results.items() if by}
     curves = {d: by for d, by in report.curves.items() if by}
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("results.json", json.dumps(results, indent=2) + "\n"), ("results.csv", tables.csv_text(results, metrics)),
-                       ("results.md", tables.markdown(results, metrics)), ("results.tex", tables.latex(results, metrics)),
-                       ("curves.json", json.dumps(curves) + "\n")):
+    for name, text in (
+        ("results.json", json.dumps(results, indent=2) + "\n"),
+        ("results.csv", tables.csv_text(results, metrics)),
+        ("results.md", tables.markdown(results, metrics)),
+        ("results.tex", tables.latex(results, metrics)),
+        ("curves.json", json.dumps(curves) + "\n"),
+    ):
         with atomic_write(out / name) as f:
             f.write(text)
     plots.save(curves, out / "plots", plot_format)
@@ -142,19 +156,57 @@ def write_outputs(report: Report, metrics: list[str], out: Path, plot_format: st
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     head, _, rest = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(prog=PROG, description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", action="append", default=[], metavar="[METHOD=]BEST_PT", help="a best.pt to score on every --data set")
-    parser.add_argument("--data", action="append", default=[], metavar="[NAME=]SHARDS", help="a shard directory (or URL) for --checkpoint")
-    parser.add_argument("--pred", action="append", default=[], metavar="[METHOD=]DIR", help="a method's maps: DIR/<dataset>/<stem>.png")
-    parser.add_argument("--gt", action="append", default=[], metavar="[NAME=]DIR", help="a ground-truth folder (or dataset folder) for --pred")
-    parser.add_argument("--metrics", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="metric families (default: all)")
-    parser.add_argument("--allow-missing", action="store_true", help="score only the maps that have a mask and vice versa; report the counts")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="[METHOD=]BEST_PT",
+        help="a best.pt to score on every --data set",
+    )
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="[NAME=]SHARDS",
+        help="a shard directory (or URL) for --checkpoint",
+    )
+    parser.add_argument(
+        "--pred", action="append", default=[], metavar="[METHOD=]DIR", help="a method's maps: DIR/<dataset>/<stem>.png"
+    )
+    parser.add_argument(
+        "--gt",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a ground-truth folder (or dataset folder) for --pred",
+    )
+    parser.add_argument(
+        "--metrics", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="metric families (default: all)"
+    )
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="score only the maps that have a mask and vice versa; report the counts",
+    )
     parser.add_argument("--out", type=Path, help="write results.{json,csv,md,tex}, curves.json and plots/ here")
-    parser.add_argument("--plot-format", choices=plots.FORMATS, default="png", help="format of the plots (default: png)")
+    parser.add_argument(
+        "--plot-format", choices=plots.FORMATS, default="png", help="format of the plots (default: png)"
+    )
     parser.add_argument("--size", type=int, help="--checkpoint: network input size (default: its data.eval_size)")
-    parser.add_argument("--batch-size", type=int, help="--checkpoint: images per forward pass and rank (default: its data.eval_batch_size)")
-    parser.add_argument("--precision", choices=list(PRECISIONS), help="--checkpoint: autocast precision (default: its train.amp)")
-    parser.add_argument("--workers", type=int, help="--checkpoint: loader processes per rank (default: its data.workers)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="--checkpoint: images per forward pass and rank (default: its data.eval_batch_size)",
+    )
+    parser.add_argument(
+        "--precision", choices=list(PRECISIONS), help="--checkpoint: autocast precision (default: its train.amp)"
+    )
+    parser.add_argument(
+        "--workers", type=int, help="--checkpoint: loader processes per rank (default: its data.workers)"
+    )
     args = parser.parse_args(argv)
     if bool(args.checkpoint) != bool(args.data):
         parser.error("--checkpoint and --data go together (a checkpoint is scored on shard sets)")
@@ -182,8 +234,11 @@ def evaluate_main(args: argparse.Namespace) -> Report:
         print(tables.console({d: by for d, by in report.results.items() if by}, metrics), flush=True)
         if args.out is not None:
             write_outputs(report, metrics, args.out, args.plot_format)
-            print(f"evaluate: wrote results.json, results.csv, results.md, results.tex, curves.json and plots/ to {args.out}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"evaluate: wrote results.json, results.csv, results.md, results.tex, curves.json and plots/ to {args.out}",
+                file=sys.stderr,
+                flush=True,
+            )
     return report
 
 

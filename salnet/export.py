@@ -72,9 +72,18 @@ def adaptive_avg_pool2d(x: torch.Tensor, output_size) -> torch.Tensor:
 
 
 def metadata(checkpoint: Checkpoint, size: int) -> str:
-    return json.dumps({"checkpoint": str(checkpoint.path), "step": checkpoint.step, "run": checkpoint.run_name,
-                       "eval_size": size, "input": "image: float32 [B, 3, H, W], (rgb / 255 - mean) / std",
-                       "output": "saliency: float32 [B, 1, H, W] probabilities", "mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+    return json.dumps(
+        {
+            "checkpoint": str(checkpoint.path),
+            "step": checkpoint.step,
+            "run": checkpoint.run_name,
+            "eval_size": size,
+            "input": "image: float32 [B, 3, H, W], (rgb / 255 - mean) / std",
+            "output": "saliency: float32 [B, 1, H, W] probabilities",
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+        }
+    )
 
 
 def export_torchscript(module: Saliency, example: torch.Tensor, out: Path, meta: str):
@@ -89,14 +98,25 @@ def export_onnx(module: Saliency, example: torch.Tensor, out: Path, meta: str):
     import onnxruntime
     from torch.export import Dim
 
-    dims = {0: Dim("batch", min=1, max=4096), 2: Dim("height", min=MIN_SIDE, max=8192), 3: Dim("width", min=MIN_SIDE, max=8192)}
+    dims = {
+        0: Dim("batch", min=1, max=4096),
+        2: Dim("height", min=MIN_SIDE, max=8192),
+        3: Dim("width", min=MIN_SIDE, max=8192),
+    }
     program = torch.export.export(module, (example,), dynamic_shapes={"image": dims})
     table = torch.export.default_decompositions()
     for op in (torch.ops.aten.adaptive_avg_pool2d.default, torch.ops.aten._adaptive_avg_pool2d.default):
         table[op] = adaptive_avg_pool2d
     program = program.run_decompositions(table)
-    torch.onnx.export(program, f=str(out), input_names=["image"], output_names=["saliency"], opset_version=ONNX_OPSET,
-                      external_data=False, verbose=False)
+    torch.onnx.export(
+        program,
+        f=str(out),
+        input_names=["image"],
+        output_names=["saliency"],
+        opset_version=ONNX_OPSET,
+        external_data=False,
+        verbose=False,
+    )
     proto = onnx.load(str(out))
     onnx.helper.set_model_props(proto, {"salnet": meta})
     onnx.save(proto, str(out))
@@ -115,7 +135,9 @@ def parse_size(text: str) -> tuple[int, int]:
     return size
 
 
-def export(checkpoint_path: Path, fmt: str, out: Path, check_sizes: list[tuple[int, int]], tolerance: float, batch: int = 2) -> dict:
+def export(
+    checkpoint_path: Path, fmt: str, out: Path, check_sizes: list[tuple[int, int]], tolerance: float, batch: int = 2
+) -> dict:
     if fmt not in FORMATS:
         raise EvaluationError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     checkpoint = load_checkpoint(checkpoint_path)
@@ -125,33 +147,51 @@ def export(checkpoint_path: Path, fmt: str, out: Path, check_sizes: list[tuple[i
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(batch, 3, size, size, generator=gen)
     with torch.no_grad():
-        run = (export_torchscript if fmt == "torchscript" else export_onnx)(module, example, out, metadata(checkpoint, size))
+        run = (export_torchscript if fmt == "torchscript" else export_onnx)(
+            module, example, out, metadata(checkpoint, size)
+        )
         parity = {}
         for height, width in check_sizes:
             x = torch.randn(batch, 3, height, width, generator=gen)
             expected, got = module(x), run(x)
             if got.shape != expected.shape:
-                raise EvaluationError(f"{out}: output shape {tuple(got.shape)} for input {tuple(x.shape)}; eager PyTorch gives {tuple(expected.shape)}")
+                raise EvaluationError(
+                    f"{out}: output shape {tuple(got.shape)} for input {tuple(x.shape)}; eager PyTorch gives {tuple(expected.shape)}"
+                )
             parity[f"{batch}x3x{height}x{width}"] = (got - expected).abs().max().item()
     for shape, diff in parity.items():
         print(f"export: {fmt} vs eager PyTorch at {shape}: max |diff| {diff:.3e}", flush=True)
     worst = max(parity.values())
     if not worst <= tolerance:
-        raise EvaluationError(f"{out}: the exported model differs from eager PyTorch by up to {worst:.3e} (> --tolerance {tolerance:g})")
-    print(f"export: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; input 'image' float32 [B, 3, H, W] ImageNet-normalised, "
-          f"validated at {size} px; output 'saliency' [B, 1, H, W] probabilities)", flush=True)
+        raise EvaluationError(
+            f"{out}: the exported model differs from eager PyTorch by up to {worst:.3e} (> --tolerance {tolerance:g})"
+        )
+    print(
+        f"export: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; input 'image' float32 [B, 3, H, W] ImageNet-normalised, "
+        f"validated at {size} px; output 'saliency' [B, 1, H, W] probabilities)",
+        flush=True,
+    )
     return {"format": fmt, "out": str(out), "parity": parity, "eval_size": size}
 
 
 def main(argv: list[str] | None = None) -> None:
     head, _, rest = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(prog=PROG, description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, type=Path, help="a best.pt")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, type=Path, help="the file to write")
-    parser.add_argument("--check-sizes", nargs="+", type=parse_size, metavar="HxW",
-                        help="input sizes of the parity check (default: the eval size, and an odd non-square size)")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest max |diff| accepted in the parity check (default: 1e-4)")
+    parser.add_argument(
+        "--check-sizes",
+        nargs="+",
+        type=parse_size,
+        metavar="HxW",
+        help="input sizes of the parity check (default: the eval size, and an odd non-square size)",
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-4, help="largest max |diff| accepted in the parity check (default: 1e-4)"
+    )
     args = parser.parse_args(argv)
 
     def run() -> None:

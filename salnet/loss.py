@@ -12,7 +12,7 @@ off: sums over 100k pixels in bf16 keep about 3 significant digits.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ def _per_image_sum(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=(-2, -1)).flatten()
 
 
-def soft_iou(prob: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def soft_iou(prob: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """1 - (|P∩T| + 1) / (|P∪T| + 1) per image, with soft (optionally pixel-weighted) set sizes."""
     overlap, total = prob * target, prob + target
     if weight is not None:
@@ -89,20 +89,25 @@ class DeepSupervisionLoss:
         self.pixel_loss = pixel_loss
         self.weights = (1.0, *side_weights)
 
-    def __call__(self, outputs: Union[torch.Tensor, Sequence[torch.Tensor]], target: torch.Tensor
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
         if len(outputs) not in (1, len(self.weights)):
-            raise ValueError(f"the loss got {len(outputs)} outputs; it takes the fused output alone or all {len(self.weights)} "
-                             f"(fused + one per loss.side_weights={list(self.weights[1:])})")
+            raise ValueError(
+                f"the loss got {len(outputs)} outputs; it takes the fused output alone or all {len(self.weights)} "
+                f"(fused + one per loss.side_weights={list(self.weights[1:])})"
+            )
         with torch.autocast(device_type=target.device.type, enabled=False):
             target = target.float()
             total = target.new_zeros(())
             components: dict[str, torch.Tensor] = {}
             for name, weight, logits in zip(OUTPUT_NAMES, self.weights, outputs):
                 if logits.shape != target.shape:
-                    raise ValueError(f"output '{name}' has shape {tuple(logits.shape)} but the target has {tuple(target.shape)}; "
-                                     f"both must be [B, 1, H, W] at the input size")
+                    raise ValueError(
+                        f"output '{name}' has shape {tuple(logits.shape)} but the target has {tuple(target.shape)}; "
+                        f"both must be [B, 1, H, W] at the input size"
+                    )
                 terms = self.pixel_loss(logits.float(), target)
                 loss = sum(terms.values())
                 total = total + weight * loss

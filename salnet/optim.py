@@ -22,20 +22,24 @@ from salnet.config import OptimConfig
 def group_settings(name: str, cfg: OptimConfig) -> dict:
     """The peak lr and weight decay of the parameter group `name` ('backbone/decay', 'decoder/no_decay', ...)."""
     part, decay = name.split("/")
-    return {"lr": cfg.lr * (cfg.backbone_lr_mult if part == "backbone" else 1.0),
-            "weight_decay": cfg.weight_decay if decay == "decay" else 0.0}
+    return {
+        "lr": cfg.lr * (cfg.backbone_lr_mult if part == "backbone" else 1.0),
+        "weight_decay": cfg.weight_decay if decay == "decay" else 0.0,
+    }
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     backbone = getattr(model, "backbone", None)
     backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
     groups: dict[tuple[str, str], dict] = {}
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue  # frozen BN and the like
         part = "backbone" if id(p) in backbone_ids else "decoder"
         decay = "no_decay" if p.ndim < 2 else "decay"
-        group = groups.setdefault((part, decay), {"name": f"{part}/{decay}", "params": [], **group_settings(f"{part}/{decay}", cfg)})
+        group = groups.setdefault(
+            (part, decay), {"name": f"{part}/{decay}", "params": [], **group_settings(f"{part}/{decay}", cfg)}
+        )
         group["params"].append(p)
     # A fixed order (not dict insertion order of whatever came first) keeps optimizer state
     # indices identical across strategies and runs.
@@ -63,7 +67,9 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per optimizer step (skipped steps included, so lr follows the step count)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
 

@@ -18,8 +18,8 @@ exactly the pixels W&B got.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -33,8 +33,9 @@ from salnet.validate import PER_IMAGE_METRICS, Sample, SetDetails
 LATEST = "latest.npz"
 GUTTER = 4  # white pixels between the cells of a panel
 # The numbers of a train record that are not loss components (runlog's train line puts them there).
-TRAIN_STATS = frozenset({"epoch", "lr", "grad_norm", "skipped_steps", "images_per_s", "data_wait", "peak_mem_mib",
-                         "elapsed_s", "eta_s"})
+TRAIN_STATS = frozenset(
+    {"epoch", "lr", "grad_norm", "skipped_steps", "images_per_s", "data_wait", "peak_mem_mib", "elapsed_s", "eta_s"}
+)
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -54,11 +55,15 @@ def loss_names(records: list[dict]) -> list[str]:
     names: dict[str, None] = {}
     for r in records:
         if r.get("kind") == "train":
-            names.update((k, None) for k, v in r.items() if k not in TRAIN_STATS | {"kind", "step"} and isinstance(v, (int, float)))
+            names.update(
+                (k, None)
+                for k, v in r.items()
+                if k not in TRAIN_STATS | {"kind", "step"} and isinstance(v, (int, float))
+            )
     return sorted(names, key=lambda n: (n != "loss", n))
 
 
-def loss_figure(records: list[dict]) -> Optional[Figure]:
+def loss_figure(records: list[dict]) -> Figure | None:
     names = loss_names(records)
     if not names:
         return None
@@ -72,7 +77,7 @@ def loss_figure(records: list[dict]) -> Optional[Figure]:
     return fig
 
 
-def lr_figure(records: list[dict]) -> Optional[Figure]:
+def lr_figure(records: list[dict]) -> Figure | None:
     steps, values = series(records, "train", "lr")
     if not steps:
         return None
@@ -98,7 +103,7 @@ def val_metric_names(records: list[dict]) -> tuple[list[str], list[str]]:
     return list(sets), list(metrics)
 
 
-def val_metrics_figure(records: list[dict]) -> Optional[Figure]:
+def val_metrics_figure(records: list[dict]) -> Figure | None:
     sets, metrics = val_metric_names(records)
     if not metrics:
         return None
@@ -132,7 +137,7 @@ def panel_grid(samples: list[Sample]) -> np.ndarray:
         h, w = s.image.shape[:2]
         for column, picture in enumerate((s.image, s.gt, s.pred)):
             left = column * (width + GUTTER)
-            grid[top:top + h, left:left + w] = _rgb(picture)
+            grid[top : top + h, left : left + w] = _rgb(picture)
         top += h + GUTTER
     return grid
 
@@ -163,8 +168,9 @@ def save_latest(path: Path, step: int, details: dict[str, SetDetails]) -> Path:
         for curve, values in d.curves.items():
             arrays[f"{j}.curves.{curve}"] = np.asarray(values, dtype=np.float64)
         entry = {"name": name, "per_image_keys": list(d.per_image)}
-        arrays[f"{j}.per_image"] = np.array([[m[n] for n in PER_IMAGE_METRICS] for m in d.per_image.values()],
-                                            dtype=np.float64).reshape(-1, len(PER_IMAGE_METRICS))
+        arrays[f"{j}.per_image"] = np.array(
+            [[m[n] for n in PER_IMAGE_METRICS] for m in d.per_image.values()], dtype=np.float64
+        ).reshape(-1, len(PER_IMAGE_METRICS))
         for group in ("panel", "worst"):
             samples = getattr(d, group)
             entry[group] = [{"key": s.key, "metrics": s.metrics} for s in samples]
@@ -186,11 +192,22 @@ def load_latest(path: Path) -> tuple[int, dict[str, SetDetails]]:
             if "threshold" in curves:
                 curves["threshold"] = [int(t) for t in curves["threshold"]]
             rows = z[f"{j}.per_image"].tolist()
-            per_image = {key: dict(zip(meta["per_image_metrics"], row)) for key, row in zip(entry["per_image_keys"], rows)}
-            groups = {group: [Sample(key=s["key"], metrics=s["metrics"], image=z[f"{j}.{group}.{i}.image"],
-                                     gt=z[f"{j}.{group}.{i}.gt"], pred=z[f"{j}.{group}.{i}.pred"])
-                              for i, s in enumerate(entry[group])]
-                      for group in ("panel", "worst")}
+            per_image = {
+                key: dict(zip(meta["per_image_metrics"], row)) for key, row in zip(entry["per_image_keys"], rows)
+            }
+            groups = {
+                group: [
+                    Sample(
+                        key=s["key"],
+                        metrics=s["metrics"],
+                        image=z[f"{j}.{group}.{i}.image"],
+                        gt=z[f"{j}.{group}.{i}.gt"],
+                        pred=z[f"{j}.{group}.{i}.pred"],
+                    )
+                    for i, s in enumerate(entry[group])
+                ]
+                for group in ("panel", "worst")
+            }
             details[entry["name"]] = SetDetails(curves=curves, per_image=per_image, **groups)
     return meta["step"], details
 
@@ -200,13 +217,17 @@ def load_latest(path: Path) -> tuple[int, dict[str, SetDetails]]:
 # --------------------------------------------------------------------------------------------
 
 
-def render(out_dir: Path, records: list[dict], latest: Optional[tuple[int, dict[str, SetDetails]]]) -> list[Path]:
+def render(out_dir: Path, records: list[dict], latest: tuple[int, dict[str, SetDetails]] | None) -> list[Path]:
     """Write every picture that `records` (metrics.jsonl) and `latest` ((step, details) of the
     newest validation, or None) have data for; returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, fig in (("loss", loss_figure(records)), ("lr", lr_figure(records)), ("val_metrics", val_metrics_figure(records))):
+    for name, fig in (
+        ("loss", loss_figure(records)),
+        ("lr", lr_figure(records)),
+        ("val_metrics", val_metrics_figure(records)),
+    ):
         if fig is not None:
             written.append(save_figure(fig, out_dir / f"{name}.png"))
     if latest is not None:

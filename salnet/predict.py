@@ -107,15 +107,21 @@ def resolve(text: str) -> Source:
     twice = sorted(s for s, n in stems.items() if n > 1)
     if twice:
         paths = [p for stem, p in files if stem in set(twice)]
-        raise EvaluationError(f"input '{location}': {len(twice)} file stems are used more than once, so their maps would "
-                              f"overwrite each other: {names_listed(paths)}")
+        raise EvaluationError(
+            f"input '{location}': {len(twice)} file stems are used more than once, so their maps would "
+            f"overwrite each other: {names_listed(paths)}"
+        )
     if not files:
         raise EvaluationError(f"input '{location}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return Source(check_name(name or default, "dataset"), text, kind, files=files)
 
 
 def _images_in(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(
+        str(p)
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
 def _list_file(path: Path) -> list[tuple[str, str]]:
@@ -150,14 +156,22 @@ class _Images(IterableDataset):
             yield {"fatal": str(e)}
 
     def _ready(self, source: Source, stem: str, where: str, image: torch.Tensor, size) -> dict:
-        return {"dataset": source.name, "stem": stem, "where": where, "size": tuple(int(v) for v in size),
-                "inputs": [resize_for_eval(image, s) for s in self.sizes], "error": None}
+        return {
+            "dataset": source.name,
+            "stem": stem,
+            "where": where,
+            "size": tuple(int(v) for v in size),
+            "inputs": [resize_for_eval(image, s) for s in self.sizes],
+            "error": None,
+        }
 
     def _from_file(self, source: Source, index: int) -> dict:
         stem, path = source.files[index]
         try:
             with open(path, "rb") as f:
-                prepared = prepare_image(f.read(), path, max_side=None)  # upright 8-bit RGB JPEG/PNG bytes, as pack stores
+                prepared = prepare_image(
+                    f.read(), path, max_side=None
+                )  # upright 8-bit RGB JPEG/PNG bytes, as pack stores
             image = decode_image(torch.frombuffer(bytearray(prepared.data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except BadFileError as e:
             return {"dataset": source.name, "stem": stem, "where": path, "error": e.reason}
@@ -200,17 +214,33 @@ def write_map(prob: torch.Tensor, path: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     head, _, rest = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(prog=PROG, description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", metavar="[NAME=]INPUT", help="shard directory, image folder, dataset folder or list file")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "inputs", nargs="+", metavar="[NAME=]INPUT", help="shard directory, image folder, dataset folder or list file"
+    )
     parser.add_argument("--checkpoint", required=True, help="a best.pt")
     parser.add_argument("--out", required=True, type=Path, help="maps go to OUT/<dataset>/<stem>.png")
     parser.add_argument("--size", type=int, help="network input size (default: the checkpoint's data.eval_size)")
     parser.add_argument("--tta-flip", action="store_true", help="also predict the mirrored image and average")
-    parser.add_argument("--tta-scales", default="1", help="comma-separated multiples of --size whose predictions are averaged (default: 1)")
+    parser.add_argument(
+        "--tta-scales",
+        default="1",
+        help="comma-separated multiples of --size whose predictions are averaged (default: 1)",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass on each rank (default: 16)")
-    parser.add_argument("--precision", choices=list(PRECISIONS), help="autocast precision (default: the checkpoint's train.amp)")
-    parser.add_argument("--workers", type=int, help="decoding processes per rank (default: CPUs per rank - 1, at most 8)")
-    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in OUT/predict.json) instead of stopping")
+    parser.add_argument(
+        "--precision", choices=list(PRECISIONS), help="autocast precision (default: the checkpoint's train.amp)"
+    )
+    parser.add_argument(
+        "--workers", type=int, help="decoding processes per rank (default: CPUs per rank - 1, at most 8)"
+    )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable images (listed in OUT/predict.json) instead of stopping",
+    )
     args = parser.parse_args(argv)
     try:
         args.scales = [float(s) for s in args.tta_scales.split(",")]
@@ -234,8 +264,10 @@ def predict_main(args: argparse.Namespace) -> dict:
     sources = [resolve(text) for text in args.inputs]
     names = Counter(s.name for s in sources)
     if any(n > 1 for n in names.values()):
-        raise EvaluationError(f"two inputs have the dataset name {', '.join(n for n, c in names.items() if c > 1)}: "
-                              "name them apart with NAME=INPUT")
+        raise EvaluationError(
+            f"two inputs have the dataset name {', '.join(n for n, c in names.items() if c > 1)}: "
+            "name them apart with NAME=INPUT"
+        )
     rank, world = dist.rank(), dist.world_size()
     items = [(s, i) for s, source in enumerate(sources) for i in range(source.count)]
     mine = split_blocks(items, world)[rank]
@@ -261,8 +293,10 @@ def predict_main(args: argparse.Namespace) -> dict:
                 break
             if item["error"] is not None:
                 if not args.skip_bad:
-                    error = (f"{item['where']}: {item['error']}\npass --skip-bad to skip unreadable images "
-                             f"(they are listed in {args.out / 'predict.json'})")
+                    error = (
+                        f"{item['where']}: {item['error']}\npass --skip-bad to skip unreadable images "
+                        f"(they are listed in {args.out / 'predict.json'})"
+                    )
                     break
                 skipped.append({"dataset": item["dataset"], "path": item["where"], "reason": item["error"]})
                 progress.update(1)
@@ -286,21 +320,38 @@ def summarise(args, checkpoint, sources, size, sizes, precision, written, skippe
     by_map = Counter((dataset, stem) for dataset, stem, _ in everything)
     clashes = sorted(f"{dataset}/{stem}.png" for (dataset, stem), n in by_map.items() if n > 1)
     if clashes:
-        raise_if_any(f"several images have the same source stem, so their maps overwrote each other: {names_listed(clashes)}")
+        raise_if_any(
+            f"several images have the same source stem, so their maps overwrote each other: {names_listed(clashes)}"
+        )
     report = {
-        "checkpoint": str(args.checkpoint), "step": checkpoint.step, "size": size, "input_sizes": sizes,
-        "tta_flip": args.tta_flip, "precision": precision, "world_size": dist.world_size(),
-        "datasets": {s.name: {"input": s.given, "kind": s.kind, "images": s.count,
-                              "written": sum(1 for w in everything if w[0] == s.name),
-                              "skipped": [k for r in per_rank for k in r["skipped"] if k["dataset"] == s.name]} for s in sources},
+        "checkpoint": str(args.checkpoint),
+        "step": checkpoint.step,
+        "size": size,
+        "input_sizes": sizes,
+        "tta_flip": args.tta_flip,
+        "precision": precision,
+        "world_size": dist.world_size(),
+        "datasets": {
+            s.name: {
+                "input": s.given,
+                "kind": s.kind,
+                "images": s.count,
+                "written": sum(1 for w in everything if w[0] == s.name),
+                "skipped": [k for r in per_rank for k in r["skipped"] if k["dataset"] == s.name],
+            }
+            for s in sources
+        },
         "per_rank": [len(r["written"]) + len(r["skipped"]) for r in per_rank],
     }
     if dist.is_main():
         with atomic_write(args.out / "predict.json") as f:
             json.dump(report, f, indent=2)
         total = len(everything)
-        print(f"predict: wrote {total} maps of {len(sources)} dataset(s) to {args.out} in {seconds:.1f} s "
-              f"({total / max(seconds, 1e-9):.1f} img/s on {dist.world_size()} rank(s))", flush=True)
+        print(
+            f"predict: wrote {total} maps of {len(sources)} dataset(s) to {args.out} in {seconds:.1f} s "
+            f"({total / max(seconds, 1e-9):.1f} img/s on {dist.world_size()} rank(s))",
+            flush=True,
+        )
         for name, entry in report["datasets"].items():
             line = f"  {name}: {entry['written']} maps"
             if entry["skipped"]:

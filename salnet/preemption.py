@@ -33,7 +33,8 @@ import ctypes.util
 import os
 import signal
 import sys
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 EXIT_REQUEUE = 75  # "stopped on the warning signal, checkpoint saved, requeue me" (sysexits' EX_TEMPFAIL)
 EXIT_STOPPED = 76  # "stopped on SIGTERM, checkpoint saved, do not requeue"
@@ -50,7 +51,7 @@ _DESCRIPTIONS = {
     signal.SIGTERM: "SIGTERM (scancel, or the end of the job: stop without requeue)",
 }
 
-Handler = Union[Callable[[int, Any], Any], int, signal.Handlers, None]
+Handler = Callable[[int, Any], Any] | int | signal.Handlers | None
 
 
 def _prctl(option: int, arg: int) -> int:
@@ -106,15 +107,15 @@ class StopRequest:
     start-up is not lost; `uninstall()` puts the previous handlers back.
     """
 
-    def __init__(self, parent_death: Optional[bool] = None):
-        self._signum: Optional[int] = None
+    def __init__(self, parent_death: bool | None = None):
+        self._signum: int | None = None
         self._parent_died = False
         self._previous: dict[int, Handler] = {}
         self._installed = False
         self._want_parent_death = parent_death  # None: decide at install() time
         self._armed_parent_death = False
         self._prev_pdeathsig = 0
-        self._ppid: Optional[int] = None
+        self._ppid: int | None = None
 
     # ---- the handler: record, nothing more --------------------------------------------------
 
@@ -124,7 +125,7 @@ class StopRequest:
 
     # ---- life cycle ---------------------------------------------------------------------------
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         """Install the handlers (main thread only, as Python requires). Returns self."""
         if self._installed:
             return self
@@ -140,7 +141,12 @@ class StopRequest:
         self._installed = True
         for handler in previous.values():
             owner = getattr(handler, "__self__", None)
-            if isinstance(owner, StopRequest) and owner is not self and owner._signum is not None and self._signum is None:
+            if (
+                isinstance(owner, StopRequest)
+                and owner is not self
+                and owner._signum is not None
+                and self._signum is None
+            ):
                 self._signum, self._parent_died = owner._signum, owner.parent_died
         kill_daemonic_children_at_exit()  # this process's loader workers ignore SIGTERM
         want = self._want_parent_death if self._want_parent_death is not None else started_by_launcher()
@@ -176,7 +182,7 @@ class StopRequest:
                 pass
             self._armed_parent_death = False
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         return self.install()
 
     def __exit__(self, *exc) -> None:
@@ -185,7 +191,7 @@ class StopRequest:
     # ---- what was asked ------------------------------------------------------------------------
 
     @property
-    def signum(self) -> Optional[int]:
+    def signum(self) -> int | None:
         """The first stop signal seen (signal.SIGUSR1, SIGUSR2 or SIGTERM), None if none."""
         return self._signum
 
@@ -227,7 +233,7 @@ class StopRequest:
         return _DESCRIPTIONS.get(self._signum, signal.Signals(self._signum).name)
 
 
-def ignore_stop_signals(_worker_id: Optional[int] = None) -> None:
+def ignore_stop_signals(_worker_id: int | None = None) -> None:
     """Ignore SIGUSR1, SIGUSR2 and SIGTERM in this process: for DataLoader workers (it can be the
     worker_init_fn itself) and helper processes, which Slurm signals along with the training process
     but which must leave when the training process tells them to, not before.
@@ -240,7 +246,7 @@ def ignore_stop_signals(_worker_id: Optional[int] = None) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-_EXIT_HOOK_PID: Optional[int] = None
+_EXIT_HOOK_PID: int | None = None
 
 
 def _kill_daemonic_children() -> None:

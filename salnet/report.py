@@ -16,7 +16,6 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from typing import Optional
 
 from salnet.config import MEAN_OVER_SETS, Config, ConfigError, load_config
 from salnet.metrics import is_better
@@ -50,7 +49,7 @@ def best_per_set(vals: list[dict], metric: str) -> dict[str, dict]:
     return best
 
 
-def _config(run_dir: Path) -> Optional[Config]:
+def _config(run_dir: Path) -> Config | None:
     try:
         return load_config(str(run_dir / "config.yaml"))
     except ConfigError:
@@ -71,38 +70,64 @@ def summary(run_dir: Path) -> str:
     done = f"{step} of {total}" + (" (complete)" if step == total else "") if total else f"{step}"
     epoch = f", epoch {trains[-1]['epoch']}" if trains and "epoch" in trains[-1] else ""
     seconds, attempts = training_time(records)
-    eta = f", {format_duration(trains[-1]['eta_s'])} left at the last line" if trains and trains[-1].get("eta_s") and step != total else ""
+    eta = (
+        f", {format_duration(trains[-1]['eta_s'])} left at the last line"
+        if trains and trains[-1].get("eta_s") and step != total
+        else ""
+    )
     lines.append(f"  steps       {done}{epoch}{eta}")
-    lines.append(f"  time        {format_duration(seconds)} training over {attempts} attempt(s)" if attempts else "  time        not recorded")
+    lines.append(
+        f"  time        {format_duration(seconds)} training over {attempts} attempt(s)"
+        if attempts
+        else "  time        not recorded"
+    )
     speeds = [r["images_per_s"] for r in trains if "images_per_s" in r]
     if speeds:
         waits = [r["data_wait"] for r in trains if "data_wait" in r]
         memory = max((r.get("peak_mem_mib", 0) for r in trains), default=0)
-        lines.append(f"  throughput  {statistics.median(speeds):.1f} img/s (median of {len(speeds)} train lines, all ranks), "
-                     f"data wait {statistics.median(waits):.0%}, peak memory {memory:.0f} MiB")
+        lines.append(
+            f"  throughput  {statistics.median(speeds):.1f} img/s (median of {len(speeds)} train lines, all ranks), "
+            f"data wait {statistics.median(waits):.0%}, peak memory {memory:.0f} MiB"
+        )
     checkpoints = complete_checkpoints(run_dir)
     lines.append(f"  checkpoint  {checkpoints[-1] if checkpoints else 'none'}")
     if vals:
         # Without a readable config: eval.best_metric's default, maxF of the mean over sets (of the
         # one set), if logged; else the first metric.
-        logged = sorted((k for k in vals[-1] if "/" in k and not k.endswith("/images")), key=lambda k: not k.startswith(f"{MEAN_OVER_SETS}/"))
+        logged = sorted(
+            (k for k in vals[-1] if "/" in k and not k.endswith("/images")),
+            key=lambda k: not k.startswith(f"{MEAN_OVER_SETS}/"),
+        )
         key = best_key(cfg) if cfg else next((k for k in logged if k.endswith("/maxF")), logged[0])
         metric = key.rpartition("/")[2]
         best = best_per_set(vals, metric)
         overall = best.get(key.rpartition("/")[0])
         best_pt = run_dir / "best.pt"
-        lines.append(f"  best.pt     {best_pt if best_pt.exists() else 'missing'}"
-                     + (f": {key}={overall[key]:.4f} @ step {overall['step']}" if overall else ""))
+        lines.append(
+            f"  best.pt     {best_pt if best_pt.exists() else 'missing'}"
+            + (f": {key}={overall[key]:.4f} @ step {overall['step']}" if overall else "")
+        )
         lines.append("")
         lines.append(f"best validation of each set (by {metric}):")
-        names = [k.rpartition("/")[2] for k in vals[-1] if k.rpartition("/")[2] != "images" and k.startswith(next(iter(best)) + "/")]
+        names = [
+            k.rpartition("/")[2]
+            for k in vals[-1]
+            if k.rpartition("/")[2] != "images" and k.startswith(next(iter(best)) + "/")
+        ]
         width = max(8, *(len(n) for n in best))
         lines.append(f"  {'set':<{width}} {'step':>6} " + " ".join(f"{n:>8}" for n in names))
         for set_name, r in best.items():
-            lines.append(f"  {set_name:<{width}} {r['step']:>6} " + " ".join(f"{r.get(f'{set_name}/{n}', float('nan')):>8.4f}" for n in names))
+            lines.append(
+                f"  {set_name:<{width}} {r['step']:>6} "
+                + " ".join(f"{r.get(f'{set_name}/{n}', float('nan')):>8.4f}" for n in names)
+            )
         lines.append("")
         latest = {k: v for k, v in vals[-1].items() if k not in ("kind", "step")}
-        lines.append(format_metrics_table(vals[-1]["step"], latest, {"metric": key, "value": overall[key], "step": overall["step"]}))
+        lines.append(
+            format_metrics_table(
+                vals[-1]["step"], latest, {"metric": key, "value": overall[key], "step": overall["step"]}
+            )
+        )
     else:
         lines.append("  no validation yet")
     wandb_runs = sorted({p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("*run-*")})
@@ -120,13 +145,16 @@ def redraw(run_dir: Path) -> list[Path]:
     return plots.render(run_dir / "plots", read_records(run_dir / METRICS), latest)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run directory (runs/NAME)")
     parser.add_argument("--no-plots", action="store_true", help="print the summary only; leave plots/ as it is")
     args = parser.parse_args(argv)
     if not (args.run_dir / METRICS).is_file():
-        print(f"{PROG}: {args.run_dir / METRICS} not found: not a salnet run directory, or nothing logged yet", file=sys.stderr)
+        print(
+            f"{PROG}: {args.run_dir / METRICS} not found: not a salnet run directory, or nothing logged yet",
+            file=sys.stderr,
+        )
         sys.exit(2)
     if not args.no_plots:
         written = redraw(args.run_dir)

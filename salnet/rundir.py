@@ -31,7 +31,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from salnet.fsio import atomic_write
 
@@ -103,7 +103,9 @@ class MetricsFile:
             with open(self.replaced_path, "ab") as f:
                 f.write(json.dumps({"kind": "replaced", "resumed_at_step": step, "time": stamp}).encode() + b"\n")
                 f.writelines(replaced)
-            log.warning(f"{self.path}: {len(replaced)} rows after step {step} (the interrupted attempt's) moved to {self.replaced_path.name}")
+            log.warning(
+                f"{self.path}: {len(replaced)} rows after step {step} (the interrupted attempt's) moved to {self.replaced_path.name}"
+            )
         if replaced or torn:
             with atomic_write(self.path, "wb") as f:
                 f.writelines(kept)
@@ -114,7 +116,7 @@ class MetricsFile:
             f.write(json.dumps(record) + "\n")
 
 
-def _parse_lines(data: bytes, where: Path) -> list[Optional[dict]]:
+def _parse_lines(data: bytes, where: Path) -> list[dict | None]:
     """One parsed record (None for a blank line) per line of `data`; a bad line names file and line."""
     out = []
     for number, line in enumerate(data.splitlines(), 1):
@@ -134,8 +136,12 @@ def _parse_lines(data: bytes, where: Path) -> list[Optional[dict]]:
 
 
 def _holder_description() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
 
 
 class RunLock:
@@ -143,7 +149,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,10 +160,14 @@ class RunLock:
             holder = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip()
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunDirLocked(f"run directory {self.path.parent} is in use by another job ({holder or 'holder unknown'}); "
-                                   f"two jobs must not write one run: wait for it, cancel it, or choose another name=") from None
-            log.warning(f"cannot lock {self.path} ({os.strerror(e.errno)}): this filesystem has no flock, "
-                        f"so salnet cannot stop a second job from writing the same run directory")
+                raise RunDirLocked(
+                    f"run directory {self.path.parent} is in use by another job ({holder or 'holder unknown'}); "
+                    f"two jobs must not write one run: wait for it, cancel it, or choose another name="
+                ) from None
+            log.warning(
+                f"cannot lock {self.path} ({os.strerror(e.errno)}): this filesystem has no flock, "
+                f"so salnet cannot stop a second job from writing the same run directory"
+            )
             return
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_holder_description()).encode() + b"\n", 0)

@@ -18,8 +18,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, TypeVar
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
@@ -29,7 +30,6 @@ from salnet.config import Config
 from salnet.rundir import MetricsFile, read_records
 from salnet.slurm import WANDB_ID_ENV
 from salnet.validate import PER_IMAGE_METRICS, SetDetails
-
 
 T = TypeVar("T")
 log = logging.getLogger("salnet.runlog")
@@ -78,8 +78,14 @@ class LogWindow:
     and over this attempt: the time elapsed and the time left (at this attempt's mean pace, which
     includes validation and saving). `bar`, if given, advances once per step."""
 
-    def __init__(self, clock: DataClock, images_per_step: int, total_steps: Optional[int] = None, start_step: int = 0,
-                 bar: Optional[tqdm] = None):
+    def __init__(
+        self,
+        clock: DataClock,
+        images_per_step: int,
+        total_steps: int | None = None,
+        start_step: int = 0,
+        bar: tqdm | None = None,
+    ):
         self.clock, self.images_per_step, self.bar = clock, images_per_step, bar
         self.total_steps, self.start_step, self.step = total_steps, start_step, start_step
         self.attempt_start = time.perf_counter()
@@ -101,10 +107,16 @@ class LogWindow:
         """The window's values (losses averaged over steps and ranks; all ranks call this); starts the next window."""
         now = time.perf_counter()
         elapsed = now - self.start
-        losses = dict(zip(self.losses, dist.all_reduce_values([float(v) / self.steps for v in self.losses.values()], "avg")))
-        values = {"losses": losses, "images_per_s": self.steps * self.images_per_step / elapsed,
-                  "data_wait": (self.clock.waiting - self.waited_before) / elapsed, "peak_mem_mib": peak_memory_mib(),
-                  "elapsed_s": now - self.attempt_start}
+        losses = dict(
+            zip(self.losses, dist.all_reduce_values([float(v) / self.steps for v in self.losses.values()], "avg"))
+        )
+        values = {
+            "losses": losses,
+            "images_per_s": self.steps * self.images_per_step / elapsed,
+            "data_wait": (self.clock.waiting - self.waited_before) / elapsed,
+            "peak_mem_mib": peak_memory_mib(),
+            "elapsed_s": now - self.attempt_start,
+        }
         if self.total_steps is not None:
             values["eta_s"] = (self.total_steps - self.step) * values["elapsed_s"] / max(1, self.step - self.start_step)
         if self.bar is not None and "loss" in losses:
@@ -128,7 +140,7 @@ class RunLog:
     with one warning; training and metrics.jsonl go on.
     """
 
-    def __init__(self, cfg: Config, resumed_step: int, wandb_id: Optional[str], world_size: int = 1):
+    def __init__(self, cfg: Config, resumed_step: int, wandb_id: str | None, world_size: int = 1):
         self.cfg = cfg
         self.enabled = dist.is_main()
         self.metrics_file = MetricsFile(cfg.run_dir)
@@ -136,8 +148,8 @@ class RunLog:
         self.wandb = None
         self.wandb_id = wandb_id
         self.wandb_has: dict[str, int] = {}  # per kind of row ("train", "val"): W&B has every step up to this one
-        self.bar: Optional[tqdm] = None
-        self._plotter: Optional[threading.Thread] = None
+        self.bar: tqdm | None = None
+        self._plotter: threading.Thread | None = None
         if not self.enabled:
             return
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,18 +180,32 @@ class RunLog:
         try:
             stored = highest_logged_steps(cfg.run_dir / "wandb", self.wandb_id)
         except Exception as e:  # a transaction log this reader does not know: better a gap than a double
-            log.warning(f"cannot read the local W&B files of run {self.wandb_id} ({type(e).__name__}: {e}); "
-                        f"taking metrics.jsonl's steps ({logged_before}) as logged to W&B")
+            log.warning(
+                f"cannot read the local W&B files of run {self.wandb_id} ({type(e).__name__}: {e}); "
+                f"taking metrics.jsonl's steps ({logged_before}) as logged to W&B"
+            )
             stored = logged_before
         try:
             import wandb  # imported only when asked for: it is slow to import
 
             timeout = cfg.log.wandb_timeout_s
             self.wandb = wandb.init(
-                project=cfg.log.project, entity=cfg.log.entity, name=cfg.name, id=self.wandb_id, resume="allow",
-                dir=str(cfg.run_dir), group=cfg.name, tags=[cfg.name], job_type="train",
-                config={**cfg.model_dump(mode="json"), "world_size": world_size, "global_batch": cfg.global_batch(world_size)},
-                settings=wandb.Settings(init_timeout=timeout, finish_timeout=timeout))
+                project=cfg.log.project,
+                entity=cfg.log.entity,
+                name=cfg.name,
+                id=self.wandb_id,
+                resume="allow",
+                dir=str(cfg.run_dir),
+                group=cfg.name,
+                tags=[cfg.name],
+                job_type="train",
+                config={
+                    **cfg.model_dump(mode="json"),
+                    "world_size": world_size,
+                    "global_batch": cfg.global_batch(world_size),
+                },
+                settings=wandb.Settings(init_timeout=timeout, finish_timeout=timeout),
+            )
             self.wandb.define_metric(STEP_METRIC)
             self.wandb.define_metric("*", step_metric=STEP_METRIC)
             # Online, a resumed run's summary comes from the server: the last step it really got.
@@ -203,12 +229,16 @@ class RunLog:
         for r in read_records(self.metrics_file.path):
             if self.wandb is None:
                 return
-            self._wandb_log(r["kind"], r["step"], _numbers(r["kind"], {k: v for k, v in r.items() if k not in ("kind", "step")}))
+            self._wandb_log(
+                r["kind"], r["step"], _numbers(r["kind"], {k: v for k, v in r.items() if k not in ("kind", "step")})
+            )
 
     def _wandb_failed(self, doing: str, error: Exception) -> None:
-        log.warning(f"W&B failed while {doing} ({type(error).__name__}: {error}); training goes on without W&B. "
-                    f"metrics.jsonl keeps every record ({self.metrics_file.path}); what W&B stored locally is under "
-                    f"{self.cfg.run_dir / 'wandb'} (`wandb sync` uploads it)")
+        log.warning(
+            f"W&B failed while {doing} ({type(error).__name__}: {error}); training goes on without W&B. "
+            f"metrics.jsonl keeps every record ({self.metrics_file.path}); what W&B stored locally is under "
+            f"{self.cfg.run_dir / 'wandb'} (`wandb sync` uploads it)"
+        )
         self.wandb = None
         try:
             import wandb
@@ -240,18 +270,30 @@ class RunLog:
         self._wandb_log(kind, step, _numbers(kind, values))
         self.metrics_file.append({"kind": kind, "step": step, **values})
 
-    def validation(self, step: int, scores: dict[str, float], details: dict[str, SetDetails], best: dict,
-                   improved: bool) -> None:
+    def validation(
+        self, step: int, scores: dict[str, float], details: dict[str, SetDetails], best: dict, improved: bool
+    ) -> None:
         """A validation's scores (metrics.jsonl, W&B), pictures (W&B, plots/), the best so far (W&B
         summary) and, with log.artifacts, best.pt when it improved. All ranks call it (only rank 0 acts)."""
         if not self.enabled:
             return
         if self.wandb is not None and step > self.wandb_has.get("val", 0):
-            self._wandb(f"building the media of step {step}",
-                        lambda: self._wandb_log("val", step, {**_numbers("val", scores), **wandb_media(details, step)}))
+            self._wandb(
+                f"building the media of step {step}",
+                lambda: self._wandb_log("val", step, {**_numbers("val", scores), **wandb_media(details, step)}),
+            )
             best_path = (self.cfg.run_dir / "best.pt").resolve()
-            self._wandb("updating the summary", lambda: self.wandb.summary.update(
-                {"best/metric": best["metric"], "best/value": best["value"], "best/step": best["step"], "best/checkpoint": str(best_path)}))
+            self._wandb(
+                "updating the summary",
+                lambda: self.wandb.summary.update(
+                    {
+                        "best/metric": best["metric"],
+                        "best/value": best["value"],
+                        "best/step": best["step"],
+                        "best/checkpoint": str(best_path),
+                    }
+                ),
+            )
             if improved and self.cfg.log.artifacts:
                 self._wandb(f"logging {best_path} as an artifact", self._log_best_artifact, best_path, best)
         self.metrics_file.append({"kind": "val", "step": step, **scores})  # after W&B, as in record()
@@ -263,7 +305,9 @@ class RunLog:
         ranks waiting for rank 0) need not wait for. One drawing at a time; close() waits for the last."""
         self.wait_for_plots()
         records = read_records(self.metrics_file.path)
-        self._plotter = threading.Thread(target=self._draw, args=(step, details, records), name="salnet-plots", daemon=True)
+        self._plotter = threading.Thread(
+            target=self._draw, args=(step, details, records), name="salnet-plots", daemon=True
+        )
         self._plotter.start()
 
     def wait_for_plots(self) -> None:
@@ -287,11 +331,13 @@ class RunLog:
         artifact.add_file(str(path), name=path.name)
         self.wandb.log_artifact(artifact, aliases=["best", "latest"])
 
-    def progress(self, total: int, initial: int) -> Optional[tqdm]:
+    def progress(self, total: int, initial: int) -> tqdm | None:
         """A bar over the training steps where a person watches (rank 0, stdout a terminal); None
         in job logs, which get the plain train lines."""
         if self.enabled and sys.stdout.isatty():
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stdout, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total, initial=initial, desc="train", unit="step", file=sys.stdout, dynamic_ncols=True
+            )
         return self.bar
 
     def print(self, text: str) -> None:
@@ -331,10 +377,10 @@ def transaction_log_records(path: Path) -> Iterator:
         if _BLOCK - pos % _BLOCK < 7:  # a block's tail too short for a header is padding
             pos += _BLOCK - pos % _BLOCK
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 or pos + 7 + length > len(data):  # zero padding, or a half-written record
             return
-        pending += data[pos + 7:pos + 7 + length]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             record = pb.Record()
@@ -343,7 +389,7 @@ def transaction_log_records(path: Path) -> Iterator:
             yield record
 
 
-def highest_logged_steps(wandb_dir: Path, run_id: str) -> Optional[dict[str, int]]:
+def highest_logged_steps(wandb_dir: Path, run_id: str) -> dict[str, int] | None:
     """Per kind of row (the first part of its keys: "train", "val"), the highest trainer/step in the
     local transaction logs of W&B run `run_id`; None when there are none."""
     paths = list(Path(wandb_dir).glob(f"*run-*-{run_id}/run-{run_id}.wandb"))
@@ -386,12 +432,25 @@ def wandb_media(details: dict[str, SetDetails], step: int) -> dict:
         if d.worst:
             media[f"{prefix}/worst"] = wandb.Table(
                 columns=["key", *PER_IMAGE_METRICS, "image", "ground truth", "prediction"],
-                data=[[s.key, *(s.metrics[m] for m in PER_IMAGE_METRICS), wandb.Image(s.image), wandb.Image(s.gt), wandb.Image(s.pred)]
-                      for s in d.worst])
+                data=[
+                    [
+                        s.key,
+                        *(s.metrics[m] for m in PER_IMAGE_METRICS),
+                        wandb.Image(s.image),
+                        wandb.Image(s.gt),
+                        wandb.Image(s.pred),
+                    ]
+                    for s in d.worst
+                ],
+            )
         if "F" in d.curves:
             table = wandb.Table(columns=list(d.curves), data=[list(row) for row in zip(*d.curves.values())])
-            media[f"{prefix}/pr"] = wandb.plot.line(table, "recall", "precision", title=f"{name}: PR curve @ step {step}")
-            media[f"{prefix}/f_threshold"] = wandb.plot.line(table, "threshold", "F", title=f"{name}: F-measure vs threshold @ step {step}")
+            media[f"{prefix}/pr"] = wandb.plot.line(
+                table, "recall", "precision", title=f"{name}: PR curve @ step {step}"
+            )
+            media[f"{prefix}/f_threshold"] = wandb.plot.line(
+                table, "threshold", "F", title=f"{name}: F-measure vs threshold @ step {step}"
+            )
     return media
 
 
@@ -403,10 +462,17 @@ def format_duration(seconds: float) -> str:
 
 def format_train_line(step: int, total: int, values: dict) -> str:
     parts = " ".join(f"{k}={v:.4f}" for k, v in values["losses"].items())
-    timing = "".join(f" {name}={format_duration(values[key])}" for name, key in (("elapsed", "elapsed_s"), ("eta", "eta_s")) if key in values)
-    return (f"step {step}/{total} epoch {values['epoch']} {parts} lr={values['lr']:.3g} "
-            f"img/s={values['images_per_s']:.1f} data_wait={values['data_wait']:.0%} "
-            f"mem={values['peak_mem_mib']:.0f}MiB{timing}" + (f" skipped={values['skipped_steps']}" if values["skipped_steps"] else ""))
+    timing = "".join(
+        f" {name}={format_duration(values[key])}"
+        for name, key in (("elapsed", "elapsed_s"), ("eta", "eta_s"))
+        if key in values
+    )
+    return (
+        f"step {step}/{total} epoch {values['epoch']} {parts} lr={values['lr']:.3g} "
+        f"img/s={values['images_per_s']:.1f} data_wait={values['data_wait']:.0%} "
+        f"mem={values['peak_mem_mib']:.0f}MiB{timing}"
+        + (f" skipped={values['skipped_steps']}" if values["skipped_steps"] else "")
+    )
 
 
 def format_metrics_table(step: int, scores: dict[str, float], best: dict) -> str:

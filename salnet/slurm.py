@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 from salnet.preemption import EXIT_REQUEUE, EXIT_STOPPED, StopRequest
 
@@ -39,8 +39,9 @@ def job_id(environ: Mapping[str, str] = os.environ) -> str:
     try:
         return environ["SLURM_JOB_ID"]
     except KeyError:
-        raise RuntimeError("SLURM_JOB_ID is not set: salnet.slurm.TrainJob runs inside a Slurm job "
-                           "(submit it with launch/submit.py)") from None
+        raise RuntimeError(
+            "SLURM_JOB_ID is not set: salnet.slurm.TrainJob runs inside a Slurm job (submit it with launch/submit.py)"
+        ) from None
 
 
 def restart_count(environ: Mapping[str, str] = os.environ) -> int:
@@ -82,7 +83,7 @@ def requeue(jid: str, timeout_s: float = 60) -> tuple[bool, str]:
 class TrainJob:
     """The callable Submitit pickles: argv-like data only (see the module docstring)."""
 
-    def __init__(self, argv: Sequence[str], max_requeues: int, wandb_id: Optional[str] = None):
+    def __init__(self, argv: Sequence[str], max_requeues: int, wandb_id: str | None = None):
         self.argv = [str(a) for a in argv]
         self.max_requeues = int(max_requeues)
         self.wandb_id = wandb_id
@@ -108,8 +109,10 @@ class TrainJob:
             if rank == 0:
                 print(f"salnet.slurm: {text}", flush=True)
 
-        say(f"job {jid}, attempt {restarts + 1} (restarts so far: {restarts}, at most {self.max_requeues}); "
-            f"{env.get('SLURM_NTASKS', '1')} task(s) on {env.get('SLURM_JOB_NODELIST', '?')}")
+        say(
+            f"job {jid}, attempt {restarts + 1} (restarts so far: {restarts}, at most {self.max_requeues}); "
+            f"{env.get('SLURM_NTASKS', '1')} task(s) on {env.get('SLURM_JOB_NODELIST', '?')}"
+        )
         say("python -m salnet.train " + " ".join(argv))
         if stop.requested:
             say(f"{stop.describe()} arrived during start-up; the training stops at its first step")
@@ -122,19 +125,29 @@ class TrainJob:
         except SystemExit as e:
             code = exit_status(e.code)
         if code != 0:  # in each rank's own log: which rank stopped how
-            print(f"salnet.slurm: rank {rank} exits with status {code}"
-                  + {EXIT_REQUEUE: " (stopped on the warning signal, checkpoint saved)",
-                     EXIT_STOPPED: " (stopped on SIGTERM, checkpoint saved)"}.get(code, " (failed)"), flush=True)
+            print(
+                f"salnet.slurm: rank {rank} exits with status {code}"
+                + {
+                    EXIT_REQUEUE: " (stopped on the warning signal, checkpoint saved)",
+                    EXIT_STOPPED: " (stopped on SIGTERM, checkpoint saved)",
+                }.get(code, " (failed)"),
+                flush=True,
+            )
         sys.stdout.flush()
         sys.stderr.flush()
         if code == EXIT_REQUEUE and rank == 0:
             if restarts < self.max_requeues:
                 done, what = requeue(jid)
-                say(f"stopped on the warning signal, checkpoint saved; {what} (restart {restarts + 1} of at most {self.max_requeues})"
-                    if done else f"stopped on the warning signal, checkpoint saved, but NOT requeued: {what}")
+                say(
+                    f"stopped on the warning signal, checkpoint saved; {what} (restart {restarts + 1} of at most {self.max_requeues})"
+                    if done
+                    else f"stopped on the warning signal, checkpoint saved, but NOT requeued: {what}"
+                )
             else:
-                say(f"stopped on the warning signal, checkpoint saved; not requeued: {restarts} restart(s) reached "
-                    f"--max-requeues={self.max_requeues} (resubmit with launch/submit.py to continue)")
+                say(
+                    f"stopped on the warning signal, checkpoint saved; not requeued: {restarts} restart(s) reached "
+                    f"--max-requeues={self.max_requeues} (resubmit with launch/submit.py to continue)"
+                )
         elif code == EXIT_STOPPED:
             say("stopped on SIGTERM, checkpoint saved; not requeued (scancel or the end of the job)")
         if code != 0:

@@ -15,8 +15,8 @@ import hashlib
 import heapq
 import itertools
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -46,26 +46,39 @@ class NonFinitePredictions(ValueError):
 
 def probabilities_at(logits: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
     """Saliency probabilities in [0, 1], one [H, W] map per logit map, resized to its size."""
-    return [F.interpolate(logit[None].float(), size=size, mode="bilinear", align_corners=False)[0, 0].sigmoid()
-            for logit, size in zip(logits, sizes)]
+    return [
+        F.interpolate(logit[None].float(), size=size, mode="bilinear", align_corners=False)[0, 0].sigmoid()
+        for logit, size in zip(logits, sizes)
+    ]
 
 
 @torch.no_grad()
-def validate(predict: Predict, val_data: Iterable[ValBatch], metrics: SODMetrics,
-             observe: Optional[Observe] = None) -> dict[str, float]:
+def validate(
+    predict: Predict, val_data: Iterable[ValBatch], metrics: SODMetrics, observe: Observe | None = None
+) -> dict[str, float]:
     """Score this rank's val batches with `predict`; returns the metrics of the whole val set (all ranks).
     `observe`, if given, also sees every scored batch with its probabilities (nothing of the scoring changes)."""
     metrics.reset()
     device = dist.device()
     non_finite = torch.zeros((), dtype=torch.int64, device=device)  # counted on the device: no sync per batch
     # A progress bar only where a person watches: rank 0, on a terminal (not in job logs).
-    progress = tqdm(val_data, total=len(val_data), desc="validate", unit="batch", leave=False,
-                    disable=not (dist.is_main() and sys.stderr.isatty()))
+    progress = tqdm(
+        val_data,
+        total=len(val_data),
+        desc="validate",
+        unit="batch",
+        leave=False,
+        disable=not (dist.is_main() and sys.stderr.isatty()),
+    )
     for batch in progress:
         preds = probabilities_at(predict(batch["image"]), [tuple(m.shape[-2:]) for m in batch["masks"]])
         if batch["pad"]:
             continue  # a forward pass for ZeRO-3's collectives only; it scores nothing
-        finite = torch.stack([p.isfinite().all() for p in preds]) if preds else torch.ones(0, dtype=torch.bool, device=device)
+        finite = (
+            torch.stack([p.isfinite().all() for p in preds])
+            if preds
+            else torch.ones(0, dtype=torch.bool, device=device)
+        )
         non_finite += (~finite).sum()
         if not bool(finite.all()):
             continue  # a diverged network: reported for the whole set below, on every rank together
@@ -90,9 +103,11 @@ def per_image_metrics(preds: list[torch.Tensor], masks: list[torch.Tensor]) -> d
         by_size.setdefault(tuple(p.shape), []).append(i)
     order = [i for members in by_size.values() for i in members]
     # One same-size group per batches() call, so the histograms come back in `order`.
-    parts = [count_pixels(b.levels, b.foreground)
-             for members in by_size.values()
-             for b in batches([preds[i] for i in members], [masks[i] for i in members])]
+    parts = [
+        count_pixels(b.levels, b.foreground)
+        for members in by_size.values()
+        for b in batches([preds[i] for i in members], [masks[i] for i in members])
+    ]
     h = combine(parts)
     curves = curves_and_adaptive(h)
     values = torch.stack([mae(h), curves["F"].amax(1), curves["E"].amax(1), s_measure(h)], 1).tolist()  # one host copy
@@ -179,8 +194,12 @@ class DetailCollector:
         self.reset()
         if not dist.is_main():
             return {}
-        panel = sorted((s for part in everyone for s in part[0]), key=lambda s: (panel_rank(s.key), s.key))[:self.panel_k]
-        worst = sorted((s for part in everyone for s in part[1]), key=lambda s: (-s.metrics["MAE"], s.key))[:self.worst_k]
+        panel = sorted((s for part in everyone for s in part[0]), key=lambda s: (panel_rank(s.key), s.key))[
+            : self.panel_k
+        ]
+        worst = sorted((s for part in everyone for s in part[1]), key=lambda s: (-s.metrics["MAE"], s.key))[
+            : self.worst_k
+        ]
         per_image = {key: scores for part in everyone for key, scores in part[2]}
         return {"panel": panel, "worst": worst, "per_image": per_image}
 
@@ -194,10 +213,13 @@ class DetailCollector:
     def _sample(self, batch: ValBatch, preds: list[torch.Tensor], i: int, scores: dict[str, float]) -> Sample:
         mask = batch["masks"][i]
         size = cell_size(*mask.shape[-2:], self.side)
-        return Sample(key=batch["key"][i], metrics=scores,
-                      image=_to_uint8(_resized(batch["image"][i], size).permute(1, 2, 0)),
-                      gt=_to_uint8(_resized(mask[None], size)[0]),
-                      pred=_to_uint8(_resized(preds[i][None] * 255, size)[0]))
+        return Sample(
+            key=batch["key"][i],
+            metrics=scores,
+            image=_to_uint8(_resized(batch["image"][i], size).permute(1, 2, 0)),
+            gt=_to_uint8(_resized(mask[None], size)[0]),
+            pred=_to_uint8(_resized(preds[i][None] * 255, size)[0]),
+        )
 
 
 def _negated(b: bytes) -> tuple[int, ...]:
@@ -216,13 +238,22 @@ class Validator:
 
     def __init__(self, cfg: Config, rank: int, world_size: int, pad_to_equal: bool = False):
         self.cfg = cfg
-        self.streams = {name: ValStream(cfg.data.model_copy(update={"val": sources}), rank=rank, world_size=world_size,
-                                        pad_to_equal=pad_to_equal)
-                        for name, sources in cfg.data.val_sets.items()}
+        self.streams = {
+            name: ValStream(
+                cfg.data.model_copy(update={"val": sources}),
+                rank=rank,
+                world_size=world_size,
+                pad_to_equal=pad_to_equal,
+            )
+            for name, sources in cfg.data.val_sets.items()
+        }
         self.metrics = SODMetrics(cfg.eval.metrics, device=dist.device())
         wanted = cfg.log.panel_images or cfg.log.worst_images
-        self.collector = (DetailCollector(cfg.log.panel_images, cfg.log.worst_images, min(cfg.data.eval_size, MAX_CELL_SIDE))
-                          if wanted else None)
+        self.collector = (
+            DetailCollector(cfg.log.panel_images, cfg.log.worst_images, min(cfg.data.eval_size, MAX_CELL_SIDE))
+            if wanted
+            else None
+        )
         self.last_details: dict[str, SetDetails] = {}
 
     def __call__(self, predict: Predict) -> dict[str, float]:
@@ -230,12 +261,21 @@ class Validator:
         details: dict[str, SetDetails] = {}
         for name, stream in self.streams.items():
             observe = self.collector.observe if self.collector else None
-            scores.update({f"{name}/{metric}": value for metric, value in validate(predict, stream, self.metrics, observe).items()})
+            scores.update(
+                {
+                    f"{name}/{metric}": value
+                    for metric, value in validate(predict, stream, self.metrics, observe).items()
+                }
+            )
             scores[f"{name}/images"] = self.metrics.num_images
-            details[name] = SetDetails(curves=self.metrics.curves(), **(self.collector.gather() if self.collector else {}))
+            details[name] = SetDetails(
+                curves=self.metrics.curves(), **(self.collector.gather() if self.collector else {})
+            )
         if len(self.streams) > 1:
             for metric in metric_names(self.cfg.eval.metrics):
-                scores[f"{MEAN_OVER_SETS}/{metric}"] = sum(scores[f"{name}/{metric}"] for name in self.streams) / len(self.streams)
+                scores[f"{MEAN_OVER_SETS}/{metric}"] = sum(scores[f"{name}/{metric}"] for name in self.streams) / len(
+                    self.streams
+                )
         self.last_details = details
         return scores
 

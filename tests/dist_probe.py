@@ -21,9 +21,23 @@ with dist.distributed(timeout_s=cfg.train.timeout_s) as env:
         raise RuntimeError("rank 1 fails on purpose")
     dist.barrier()
     # One write per line (< PIPE_BUF): lines of the two ranks cannot interleave in the shared pipe.
-    sys.stdout.write(json.dumps({"rank": env.rank, "world": dist.world_size(), "launcher": env.launcher,
-                      "backend": dist.backend(), "sum": t.item(), "avg": dist.all_reduce_scalar(dist.rank(), "avg"),
-                      "any": agree, "gathered": gathered, "seed": seed, "device": str(dist.device()),
-                      "first_draw": torch.rand(1).item()}) + "\n")
+    sys.stdout.write(
+        json.dumps(
+            {
+                "rank": env.rank,
+                "world": dist.world_size(),
+                "launcher": env.launcher,
+                "backend": dist.backend(),
+                "sum": t.item(),
+                "avg": dist.all_reduce_scalar(dist.rank(), "avg"),
+                "any": agree,
+                "gathered": gathered,
+                "seed": seed,
+                "device": str(dist.device()),
+                "first_draw": torch.rand(1).item(),
+            }
+        )
+        + "\n"
+    )
     sys.stdout.flush()
 sys.stdout.write(json.dumps({"initialized_after_exit": dist.is_initialized()}) + "\n")

@@ -19,8 +19,18 @@ SIZES = [(45, 67), (64, 64), (71, 38), (33, 91), (50, 50), (57, 83), (40, 40)]
 
 def tiny_checkpoint(run_dir: Path, seed: int = 0) -> Path:
     """best.pt of a resnet18 SalNet (random init, 32-channel decoder) whose BatchNorm statistics are not the identity."""
-    cfg = load_config(None, ["name=tiny", "model.backbone.name=resnet18", "model.ppm_width=32", "model.fpn_width=32",
-                             f"data.eval_size={EVAL_SIZE}", "data.eval_batch_size=4", "data.workers=0"])
+    cfg = load_config(
+        None,
+        [
+            "name=tiny",
+            "model.backbone.name=resnet18",
+            "model.ppm_width=32",
+            "model.fpn_width=32",
+            f"data.eval_size={EVAL_SIZE}",
+            "data.eval_batch_size=4",
+            "data.workers=0",
+        ],
+    )
     torch.manual_seed(seed)
     model = build_model(cfg.model)
     model.train()
@@ -35,5 +45,11 @@ def ecssd_folder(root: Path, count: int, image_ext: str = ".jpg", first_seed: in
     stems = [f"img_{i:03d}" for i in range(count)]
     for i, stem in enumerate(stems):
         h, w = SIZES[i % len(SIZES)]
-        write_pair(root / "images" / f"{stem}{image_ext}", root / "ground_truth_mask" / f"{stem}.png", h, w, seed=first_seed + i)
+        write_pair(
+            root / "images" / f"{stem}{image_ext}",
+            root / "ground_truth_mask" / f"{stem}.png",
+            h,
+            w,
+            seed=first_seed + i,
+        )
     return stems

@@ -41,14 +41,21 @@ def main(out_path: str, idle_last_rank: bool) -> None:
         mine = [pair for pair, owner in zip(sample_pairs(), owners) if owner == rank]
         metrics = SODMetrics(FAMILIES)
         # Two updates per rank: the sums must not care how the images were split into calls.
-        for part in (mine[: len(mine) // 2], mine[len(mine) // 2:]):
+        for part in (mine[: len(mine) // 2], mine[len(mine) // 2 :]):
             if part:
                 metrics.update([p for p, _ in part], [g for _, g in part])
         metrics.all_reduce()
         if dist.is_main():
             with open(out_path, "w") as f:
-                json.dump({"world": world, "images": metrics.num_images, "values": metrics.compute(),
-                           "curves": metrics.curves()}, f)
+                json.dump(
+                    {
+                        "world": world,
+                        "images": metrics.num_images,
+                        "values": metrics.compute(),
+                        "curves": metrics.curves(),
+                    },
+                    f,
+                )
 
 
 if __name__ == "__main__":

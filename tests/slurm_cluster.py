@@ -27,12 +27,17 @@ def missing_binaries() -> list[str]:
 def cluster_ready() -> bool:
     try:
         ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
-        nodes = subprocess.run(["sinfo", "-h", "-N", "-p", "batch", "-o", "%N %t"], capture_output=True, text=True, timeout=20)
+        nodes = subprocess.run(
+            ["sinfo", "-h", "-N", "-p", "batch", "-o", "%N %t"], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     states = dict(line.split() for line in nodes.stdout.splitlines() if line.strip())
-    return "UP" in ping.stdout and sorted(states) == ["node1", "node2"] and all(
-        s in ("idle", "mix", "alloc") for s in states.values())
+    return (
+        "UP" in ping.stdout
+        and sorted(states) == ["node1", "node2"]
+        and all(s in ("idle", "mix", "alloc") for s in states.values())
+    )
 
 
 def up() -> str:

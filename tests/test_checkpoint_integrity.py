@@ -8,11 +8,20 @@ import uuid
 import pytest
 import torch
 
-from salnet.checkpoint import (CheckpointSaveError, ClientState, choose_checkpoint, complete_checkpoints, load_best,
-                               load_checkpoint, save_best, save_checkpoint)
+from salnet.checkpoint import (
+    CheckpointSaveError,
+    ClientState,
+    choose_checkpoint,
+    complete_checkpoints,
+    load_best,
+    load_checkpoint,
+    save_best,
+    save_checkpoint,
+)
 from salnet.checksums import MANIFEST, CheckpointCorrupt, file_digest, verify
 from salnet.config import load_config
 from salnet.strategy import build_strategy
+
 from strategy_probe import TinyNet
 
 
@@ -79,7 +88,10 @@ def test_rolling_back_moves_the_newer_checkpoints_aside_so_auto_continues_the_ch
     chosen = choose_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "step-00000002"))
     assert chosen.name == "step-00000002"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "abandoned-step-00000004", "abandoned-step-00000006", "step-00000002"]
+        "abandoned-step-00000004",
+        "abandoned-step-00000006",
+        "step-00000002",
+    ]
     assert choose_checkpoint(tmp_path, "auto").name == "step-00000002"
 
 
@@ -107,15 +119,21 @@ def small_filesystem(tmp_path):
     """A real 3 MiB tmpfs (root only); skipped, saying why, where mounting is not allowed."""
     mount = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}): the disk-full test needs a small real filesystem")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}): the disk-full test needs a small real filesystem"
+        )
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_full_disk_stops_the_save_cleanly_and_keeps_the_earlier_checkpoints(small_filesystem):
-    net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))  # ~0.5 MiB of weights, 1.5 MiB with AdamW
+    net = torch.nn.Sequential(
+        torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)
+    )  # ~0.5 MiB of weights, 1.5 MiB with AdamW
     cfg = load_config(None, ["train.channels_last=false"])
     strategy = build_strategy(cfg, net, total_steps=10)
     run_dir = small_filesystem / "run"

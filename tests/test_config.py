@@ -1,6 +1,7 @@
 import pytest
 
 from salnet.config import Config, ConfigError, describe_keys, load_config, save_config
+
 from conftest import REPO, run_py
 
 
@@ -12,9 +13,18 @@ def write(tmp_path, text, name="c.yaml"):
 
 def test_defaults_yaml_then_overrides_resolve_to_typed_values(tmp_path):
     path = write(tmp_path, "optim:\n  lr: 0.01\n  name: sgd\ntrain:\n  amp: fp16\n  steps: 10\n")
-    cfg = load_config(path, ["optim.lr=3e-4", "train.amp=bf16", "model.ppm_bins=[1,2,4]",
-                             "train.compile=true", "optim.grad_clip=null", "data.augment.scale=[0.5,1]",
-                             "model.backbone.name=resnet18"])
+    cfg = load_config(
+        path,
+        [
+            "optim.lr=3e-4",
+            "train.amp=bf16",
+            "model.ppm_bins=[1,2,4]",
+            "train.compile=true",
+            "optim.grad_clip=null",
+            "data.augment.scale=[0.5,1]",
+            "model.backbone.name=resnet18",
+        ],
+    )
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.optim.name == "sgd"  # from the file, untouched by overrides
     assert cfg.train.amp == "bf16" and cfg.train.steps == 10
@@ -102,7 +112,7 @@ def test_cli_prints_resolved_yaml_and_help():
     out = run_py(["-m", "salnet.config", "optim.lr=0.25", "name=abc"]).stdout
     assert load_config(None, ["optim.lr=0.25", "name=abc"]) == Config.model_validate(__import__("yaml").safe_load(out))
     help_text = run_py(["-m", "salnet.config", "--help"]).stdout
-    for key, _, default, _ in describe_keys():
+    for key, _, _, _ in describe_keys():
         assert key in help_text
     assert "optim.lr" in help_text and "default: 0.0001" in help_text
 
@@ -113,9 +123,11 @@ def test_cli_typo_fails_with_status_2_before_importing_torch():
     assert "did you mean 'optim.lr'" in proc.stderr
     # "Fails in under 5 seconds" is guaranteed structurally, not by a timer: the config path never
     # imports torch (seconds to import), so the error comes before any heavy work.
-    probe = ("import sys, salnet.config as c\n"
-             "try:\n    c.load_config(None, ['optim.lrr=1'])\nexcept c.ConfigError:\n    pass\n"
-             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'deepspeed')))")
+    probe = (
+        "import sys, salnet.config as c\n"
+        "try:\n    c.load_config(None, ['optim.lrr=1'])\nexcept c.ConfigError:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'deepspeed')))"
+    )
     assert run_py(["-c", probe]).stdout.strip() == "[]"
 
 
@@ -128,15 +140,21 @@ def test_a_best_metric_that_validation_will_not_compute_fails_when_the_config_lo
     assert load_config(None, ["eval.metrics=[S]", "eval.best_metric=S"]).eval.best_metric == "S"
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("name=../x", "name='../x' must be a plain directory name"),
-    ("name=a/b", "name='a/b' must be a plain directory name"),
-    ("optim.lr=.inf", "key 'optim.lr' (from the command line: 'optim.lr=.inf') has invalid value inf: Input should be a finite number"),
-    ("loss.side_weights=[1, .nan]", "Input should be a finite number"),
-    ("data.size=1", "data.size=1 is below the network's minimum input size 32"),
-    ("data.multiscale=[64, 8]", "data.multiscale=[64, 8] is below the network's minimum input size 32"),
-    ("data.val=[]", "data.val set 'val' lists no shard directories"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("name=../x", "name='../x' must be a plain directory name"),
+        ("name=a/b", "name='a/b' must be a plain directory name"),
+        (
+            "optim.lr=.inf",
+            "key 'optim.lr' (from the command line: 'optim.lr=.inf') has invalid value inf: Input should be a finite number",
+        ),
+        ("loss.side_weights=[1, .nan]", "Input should be a finite number"),
+        ("data.size=1", "data.size=1 is below the network's minimum input size 32"),
+        ("data.multiscale=[64, 8]", "data.multiscale=[64, 8] is below the network's minimum input size 32"),
+        ("data.val=[]", "data.val set 'val' lists no shard directories"),
+    ],
+)
 def test_values_that_would_break_the_run_fail_when_the_config_loads(override, expected):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])

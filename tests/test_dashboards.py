@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_train import records, tiny_config
+from test_train_stop import children, popen, wait_for_step
 
 from salnet.checkpoint import load_best
 from salnet.config import load_config
@@ -33,9 +35,8 @@ from salnet.model import build_model
 from salnet.runlog import transaction_log_records
 from salnet.shards.synth import synthesize
 from salnet.validate import MAX_CELL_SIDE, best_key, cell_size, panel_rank, probabilities_at
+
 from conftest import REPO, free_port, run_py, torchrun
-from test_train import records, tiny_config
-from test_train_stop import children, popen, wait_for_step
 
 PANEL, WORST = 4, 3
 WANDB_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -57,13 +58,19 @@ def dash_config(tmp_path, shards, **sections):
 
 def wandb_env(tmp_path, **extra):
     # W&B stages artifact files (and tables' images) under its data dir: keep them in the test's tree.
-    return {**WANDB_ENV, "WANDB_DATA_DIR": str(tmp_path / "wandb-data"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
-            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), **extra}
+    return {
+        **WANDB_ENV,
+        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+        **extra,
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # Reading an offline W&B run back
 # --------------------------------------------------------------------------------------------
+
 
 def _items(items):
     return {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in items}
@@ -192,13 +199,17 @@ def assert_triptych_shows(cells, sample, eval_size):
         # The same pixels where nothing is resized (a level off at most: the prediction's rounding);
         # PIL's filter differs from torch's by a level or two on average.
         exact = source.shape[:2] == size
-        assert diff.mean() < (0.01 if exact else 2.0) and diff.max() <= (1 if exact else 40), (what, diff.mean(), diff.max())
+        assert diff.mean() < (0.01 if exact else 2.0) and diff.max() <= (1 if exact else 40), (
+            what,
+            diff.mean(),
+            diff.max(),
+        )
 
 
 def split_triptych(picture):
     """The three cells of a one-row panel (image | ground truth | prediction, 4 px gutters)."""
     width = (picture.shape[1] - 8) // 3
-    return [picture[:, i * (width + 4):i * (width + 4) + width] for i in range(3)]
+    return [picture[:, i * (width + 4) : i * (width + 4) + width] for i in range(3)]
 
 
 def png(path):
@@ -213,7 +224,9 @@ def png(path):
 def test_offline_wandb_run_holds_panels_worst_tables_curves_summary_and_config(tmp_path, shards):
     path, run_dir = dash_config(tmp_path, shards, name="dash", log={"artifacts": True})
     secret = "0123456789abcdef0123456789abcdef01234567"
-    proc = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=400, env=wandb_env(tmp_path, WANDB_API_KEY=secret))
+    proc = torchrun(
+        2, ["-m", "salnet.train", "--config", path], timeout=400, env=wandb_env(tmp_path, WANDB_API_KEY=secret)
+    )
     assert secret not in proc.stdout + proc.stderr
     [run] = offline_runs(run_dir)
     best = load_best(run_dir / "best.pt")
@@ -247,14 +260,20 @@ def test_offline_wandb_run_holds_panels_worst_tables_curves_summary_and_config(t
         # The panel: the same images at every validation, the first by panel_rank.
         expected_keys = sorted(samples, key=lambda k: (panel_rank(k), k))[:PANEL]
         assert row[f"val/{name}/panel/captions"] == expected_keys
-        assert all(run.row(f"val/{name}/panel/captions", s)[f"val/{name}/panel/captions"] == expected_keys for s in (3, 6))
+        assert all(
+            run.row(f"val/{name}/panel/captions", s)[f"val/{name}/panel/captions"] == expected_keys for s in (3, 6)
+        )
         for key, filename in zip(expected_keys, row[f"val/{name}/panel/filenames"]):
             assert_triptych_shows(split_triptych(png(run.media(filename))), samples[key], cfg.data.eval_size)
         # The worst table: the K largest per-image MAE (PySODMetrics'), worst first, with their pictures.
         maes = {key: reference_mae(mask, pred) for key, (_, mask, pred) in samples.items()}
         worst = sorted(maes, key=maes.get, reverse=True)[:WORST]
         table = json.loads(run.media(row[f"val/{name}/worst/path"]).read_text())
-        assert table["columns"][:2] == ["key", "MAE"] and table["columns"][-3:] == ["image", "ground truth", "prediction"]
+        assert table["columns"][:2] == ["key", "MAE"] and table["columns"][-3:] == [
+            "image",
+            "ground truth",
+            "prediction",
+        ]
         assert [r[0] for r in table["data"]] == worst
         assert [r[1] for r in table["data"]] == pytest.approx([maes[k] for k in worst], abs=1e-9)
         client_id = row[f"val/{name}/worst/artifact_path"].split("://")[1].split("/")[0]
@@ -272,11 +291,17 @@ def test_offline_wandb_run_holds_panels_worst_tables_curves_summary_and_config(t
 
     # best.pt as a model artifact, aliased best and latest, once per improvement; the last is best.pt.
     models = [a for a in run.artifacts if a.type == "model"]
-    improvements = sum(is_better("maxF", v["mean/maxF"], max([u["mean/maxF"] for u in vals[:i]], default=None)) for i, v in enumerate(vals))
+    improvements = sum(
+        is_better("maxF", v["mean/maxF"], max([u["mean/maxF"] for u in vals[:i]], default=None))
+        for i, v in enumerate(vals)
+    )
     assert len(models) == improvements and all({"best", "latest"} <= set(a.aliases) for a in models)
     assert models[-1].name == "dash-best"
     [entry] = models[-1].manifest.contents
-    assert hashlib.sha256(Path(entry.local_path).read_bytes()).digest() == hashlib.sha256((run_dir / "best.pt").read_bytes()).digest()
+    assert (
+        hashlib.sha256(Path(entry.local_path).read_bytes()).digest()
+        == hashlib.sha256((run_dir / "best.pt").read_bytes()).digest()
+    )
 
     # plots/: the latest validation's panel is the one W&B got at step 6, row for row.
     for name in reference:
@@ -284,7 +309,7 @@ def test_offline_wandb_run_holds_panels_worst_tables_curves_summary_and_config(t
         top = 0
         for filename in run.row(f"val/{name}/panel/filenames", 6)[f"val/{name}/panel/filenames"]:
             logged = png(run.media(filename))
-            assert np.array_equal(local[top:top + logged.shape[0], :logged.shape[1]], logged)
+            assert np.array_equal(local[top : top + logged.shape[0], : logged.shape[1]], logged)
             top += logged.shape[0] + 4
         assert top - 4 == local.shape[0]
 
@@ -322,9 +347,19 @@ def test_killed_and_resumed_runs_log_each_step_once_to_one_wandb_run(tmp_path, s
     timeline = history_is_one_timeline(runs)  # nothing twice ...
     assert timeline["train/loss"] == list(range(1, 9))  # ... and nothing missing
     assert timeline["val/A/maxF"] == timeline["val/B/MAE"] == [4, 8]
-    assert 8 in timeline["val/B/panel/filenames"]  # (a lost step's pictures are lost: only metrics.jsonl's numbers come back)
+    assert (
+        8 in timeline["val/B/panel/filenames"]
+    )  # (a lost step's pictures are lost: only metrics.jsonl's numbers come back)
     values = {(row["trainer/step"], key): value for run in runs for row in run.history for key, value in row.items()}
-    clocks = {"kind", "step", "images_per_s", "data_wait", "peak_mem_mib", "elapsed_s", "eta_s"}  # differ between attempts
+    clocks = {
+        "kind",
+        "step",
+        "images_per_s",
+        "data_wait",
+        "peak_mem_mib",
+        "elapsed_s",
+        "eta_s",
+    }  # differ between attempts
     for r in records(run_dir, "train") + records(run_dir, "val"):  # the rest is the same in W&B, by exact resume
         for key, value in r.items():
             if key not in clocks:
@@ -334,7 +369,11 @@ def test_killed_and_resumed_runs_log_each_step_once_to_one_wandb_run(tmp_path, s
 
     # Starting over (train.resume=none) into the same W&B run: that is new data, logged in full.
     run_id = runs[0].id
-    run_py(["-m", "salnet.train", "--config", path, "train.resume=none", f"log.wandb_id={run_id}", "train.steps=4"], env=env, timeout=400)
+    run_py(
+        ["-m", "salnet.train", "--config", path, "train.resume=none", f"log.wandb_id={run_id}", "train.steps=4"],
+        env=env,
+        timeout=400,
+    )
     again = offline_runs(run_dir)[-1]
     assert again.id == run_id and again.steps_of("train/loss") == [1, 2, 3, 4] and again.steps_of("val/A/maxF") == [4]
 
@@ -358,7 +397,11 @@ def test_training_outlives_a_killed_wandb_core(tmp_path, shards):
     os.kill(core, signal.SIGKILL)
     out, err = job.communicate(timeout=400)
     assert job.returncode == 0, err
-    assert "W&B failed while" in err and "training goes on without W&B" in err and "metrics.jsonl keeps every record" in err
+    assert (
+        "W&B failed while" in err
+        and "training goes on without W&B" in err
+        and "metrics.jsonl keeps every record" in err
+    )
     assert err.count("W&B failed") == 1  # one warning, then W&B is off
     assert "Traceback" not in err and "Exception ignored" not in err
     assert [r["step"] for r in records(run_dir, "train")] == list(range(1, 7))
@@ -369,7 +412,9 @@ def test_training_outlives_a_killed_wandb_core(tmp_path, shards):
 def test_an_unreachable_wandb_server_costs_a_warning_not_the_run(tmp_path, shards):
     path, run_dir = dash_config(tmp_path, shards, train={"steps": 3}, log={"wandb_timeout_s": 3})
     secret = "fedcba9876543210fedcba9876543210fedcba98"
-    env = wandb_env(tmp_path, WANDB_MODE="online", WANDB_BASE_URL=f"http://127.0.0.1:{free_port()}", WANDB_API_KEY=secret)
+    env = wandb_env(
+        tmp_path, WANDB_MODE="online", WANDB_BASE_URL=f"http://127.0.0.1:{free_port()}", WANDB_API_KEY=secret
+    )
     start = time.monotonic()
     proc = run_py(["-m", "salnet.train", "--config", path], env=env, timeout=400)
     assert secret not in proc.stdout + proc.stderr
@@ -382,11 +427,18 @@ def test_an_unreachable_wandb_server_costs_a_warning_not_the_run(tmp_path, shard
 
 
 def test_a_terminal_gets_a_progress_bar_over_the_steps(tmp_path, shards):
-    path, run_dir = dash_config(tmp_path, shards, train={"steps": 4}, eval={"every": 4}, log={"every": 2, "wandb": False})
+    path, run_dir = dash_config(
+        tmp_path, shards, train={"steps": 4}, eval={"every": 4}, log={"every": 2, "wandb": False}
+    )
     main, child = os.openpty()
     fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))  # a 150-column terminal
-    proc = subprocess.Popen([sys.executable, "-m", "salnet.train", "--config", str(path)], cwd=REPO, stdout=child,
-                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "salnet.train", "--config", str(path)],
+        cwd=REPO,
+        stdout=child,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     os.close(child)
     chunks = []
     while True:
@@ -421,8 +473,12 @@ def test_validator_details_do_not_depend_on_the_world_size(tmp_path, shards):
         other = two["sets"][name]
         assert len(d["per_image"]) == d["images"] == one["scores"][f"{name}/images"]
         # every image's MAE once, whose mean is the set's MAE (the same histograms as SODMetrics)
-        assert np.mean([m["MAE"] for m in d["per_image"].values()]) == pytest.approx(one["scores"][f"{name}/MAE"], abs=1e-12)
-        assert np.mean([m["S"] for m in d["per_image"].values()]) == pytest.approx(one["scores"][f"{name}/S"], abs=1e-12)
+        assert np.mean([m["MAE"] for m in d["per_image"].values()]) == pytest.approx(
+            one["scores"][f"{name}/MAE"], abs=1e-12
+        )
+        assert np.mean([m["S"] for m in d["per_image"].values()]) == pytest.approx(
+            one["scores"][f"{name}/S"], abs=1e-12
+        )
         for key, metrics in d["per_image"].items():
             assert metrics == pytest.approx(other["per_image"][key], abs=1e-9), key
         assert d["panel"] == other["panel"] == sorted(d["per_image"], key=lambda k: (panel_rank(k), k))[:PANEL]
@@ -449,10 +505,17 @@ def probe(config_path, out_path):
         validator = Validator(cfg, dist.rank(), dist.world_size())
         scores = validator(lambda images: predict_logits(model, images))
         if dist.is_main():
-            sets = {name: {"images": len(d.per_image), "per_image": d.per_image, "curves": d.curves,
-                           "panel": [s.key for s in d.panel], "worst": [s.key for s in d.worst],
-                           "pictures": [[p.tolist() for p in (s.image, s.gt, s.pred)] for s in d.panel + d.worst]}
-                    for name, d in validator.last_details.items()}
+            sets = {
+                name: {
+                    "images": len(d.per_image),
+                    "per_image": d.per_image,
+                    "curves": d.curves,
+                    "panel": [s.key for s in d.panel],
+                    "worst": [s.key for s in d.worst],
+                    "pictures": [[p.tolist() for p in (s.image, s.gt, s.pred)] for s in d.panel + d.worst],
+                }
+                for name, d in validator.last_details.items()
+            }
             Path(out_path).write_text(json.dumps({"scores": scores, "sets": sets}))
 
 

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from test_train import records, tiny_config
 
 from salnet.checkpoint import complete_checkpoints, load_best
 from salnet.config import Config, ConfigError, load_config
@@ -15,8 +16,8 @@ from salnet.shards.synth import synthesize
 from salnet.strategy.base import predict_logits
 from salnet.strategy.zero_config import deepspeed_config
 from salnet.validate import validate
+
 from conftest import REPO, run_py, torchrun
-from test_train import records, tiny_config
 
 PROBE = REPO / "tests" / "zero_probe.py"
 ZERO = {"strategy": "deepspeed", "timeout_s": 60}  # a hang fails within a minute, not the default half hour
@@ -46,7 +47,10 @@ def probe(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe")
     cases = [f"{name}:{SAME_LAYOUT},{overrides}".rstrip(",") for name, overrides in PROBE_CASES.items()]
     torchrun(2, [PROBE, out, 3, *cases], timeout=300)
-    return {name: (load_best(out / name / "best.pt"), torch.load(out / name / "engine.pt", weights_only=True)) for name in PROBE_CASES}
+    return {
+        name: (load_best(out / name / "best.pt"), torch.load(out / name / "engine.pt", weights_only=True))
+        for name in PROBE_CASES
+    }
 
 
 def plain_model(best: dict) -> torch.nn.Module:
@@ -59,8 +63,11 @@ def single_process_scores(run_dir, best: dict, amp_dtype=None) -> dict:
     """best.pt evaluated by one process, without DeepSpeed, over the whole val set."""
     cfg = load_config(str(run_dir / "config.yaml"))
     model = plain_model(best).to(memory_format=torch.channels_last)
-    return validate(lambda images: predict_logits(model, images, amp_dtype, channels_last=True),
-                    ValStream(cfg.data, rank=0, world_size=1), SODMetrics(cfg.eval.metrics))
+    return validate(
+        lambda images: predict_logits(model, images, amp_dtype, channels_last=True),
+        ValStream(cfg.data, rank=0, world_size=1),
+        SODMetrics(cfg.eval.metrics),
+    )
 
 
 def assert_best_is_what_validation_saw(run_dir, amp_dtype=None):
@@ -101,7 +108,7 @@ def test_zero_tracks_ddp_from_the_same_seed(probe):
     best, engine = probe["zero2_sgd"]
     assert engine["losses"] == pytest.approx(ddp_engine["losses"], rel=1e-5)
     for key, value in ddp_best["model"].items():
-        torch.testing.assert_close(best["model"][key], value, rtol=1e-4, atol=2e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(best["model"][key], value, rtol=1e-4, atol=2e-5, msg=lambda m: f"{key}: {m}")  # noqa: B023 (called at once)
     moved = max((ddp_best["model"][k] - probe["ddp"][0]["model"][k]).abs().max().item() for k in ddp_best["model"])
     assert moved > 1e-3  # SGD and AdamW runs differ: the comparison above can fail
 
@@ -120,7 +127,9 @@ def test_zero2_trains_validates_and_resumes_bitwise(tmp_path, shards):
     path, run_dir = tiny_config(tmp_path, shards, train={**ZERO, "zero_stage": 2}, data={"eval_batch_size": 5})
     out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300).stdout
     assert "global batch 16 = 2 ranks x 8 micro-batch x 1 accumulation" in out
-    assert [v["step"] for v in records(run_dir, "val")] == [3, 6] and all(v["val/images"] == 21 for v in records(run_dir, "val"))
+    assert [v["step"] for v in records(run_dir, "val")] == [3, 6] and all(
+        v["val/images"] == 21 for v in records(run_dir, "val")
+    )
     assert_best_is_what_validation_saw(run_dir)
     cfg = load_config(str(path))
     assert json.loads((run_dir / "deepspeed_config.json").read_text()) == deepspeed_config(cfg, world_size=2)
@@ -130,7 +139,9 @@ def test_zero2_trains_validates_and_resumes_bitwise(tmp_path, shards):
     def state(checkpoint):
         files = sorted((checkpoint / TAG).glob("*.pt"))
         assert len(files) == 3  # model states + the optimizer partition of each rank
-        return {f.name: WeightsOnlyCheckpointEngine().load(str(f)) for f in files}, torch.load(checkpoint / "salnet_state.pt", weights_only=True)
+        return {f.name: WeightsOnlyCheckpointEngine().load(str(f)) for f in files}, torch.load(
+            checkpoint / "salnet_state.pt", weights_only=True
+        )
 
     uninterrupted = state(run_dir / "checkpoints" / "step-00000006")
     shutil.rmtree(run_dir / "checkpoints" / "step-00000006")
@@ -168,8 +179,14 @@ def assert_equal_trees(a, b, where="") -> None:
 
 
 def test_zero3_with_uneven_val_shares_finishes_and_matches_one_process(tmp_path, shards):
-    path, run_dir = tiny_config(tmp_path, shards, train={**ZERO, "zero_stage": 3, "steps": 4}, eval={"every": 4},
-                                checkpoint={"every": 4}, data={"eval_batch_size": 5})
+    path, run_dir = tiny_config(
+        tmp_path,
+        shards,
+        train={**ZERO, "zero_stage": 3, "steps": 4},
+        eval={"every": 4},
+        checkpoint={"every": 4},
+        data={"eval_batch_size": 5},
+    )
     cfg = load_config(str(path))
     shares = [ValStream(cfg.data, rank=r, world_size=2) for r in range(2)]
     assert [s.samples for s in shares] == [10, 11] and [len(s) for s in shares] == [2, 3]  # the premise: uneven
@@ -186,10 +203,18 @@ def test_zero3_with_uneven_val_shares_finishes_and_matches_one_process(tmp_path,
 
 
 def test_zero1_bf16_trains_validates_and_keeps_best(tmp_path, shards):
-    path, run_dir = tiny_config(tmp_path, shards, train={**ZERO, "zero_stage": 1, "steps": 3, "amp": "bf16"},
-                                eval={"every": 3}, checkpoint={"every": 3})
+    path, run_dir = tiny_config(
+        tmp_path,
+        shards,
+        train={**ZERO, "zero_stage": 1, "steps": 3, "amp": "bf16"},
+        eval={"every": 3},
+        checkpoint={"every": 3},
+    )
     torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300)
-    assert json.loads((run_dir / "deepspeed_config.json").read_text())["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert json.loads((run_dir / "deepspeed_config.json").read_text())["torch_autocast"] == {
+        "enabled": True,
+        "dtype": "bfloat16",
+    }
     assert_best_is_what_validation_saw(run_dir, amp_dtype=torch.bfloat16)
 
 
@@ -198,15 +223,37 @@ def zero_config(*overrides):
 
 
 def test_pass_through_merges_and_conflicts_name_both_keys():
-    ds = deepspeed_config(zero_config("deepspeed.zero_optimization.overlap_comm=true", "deepspeed.optimizer.params.eps=1e-6",
-                                      "deepspeed.train_micro_batch_size_per_gpu=8", "deepspeed.optimizer.params.lr=1e-4"), world_size=4)
+    ds = deepspeed_config(
+        zero_config(
+            "deepspeed.zero_optimization.overlap_comm=true",
+            "deepspeed.optimizer.params.eps=1e-6",
+            "deepspeed.train_micro_batch_size_per_gpu=8",
+            "deepspeed.optimizer.params.lr=1e-4",
+        ),
+        world_size=4,
+    )
     assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 2
-    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 25 * 2**18, "allgather_bucket_size": 25 * 2**18, "overlap_comm": True,
-                                       "offload_optimizer": {"device": "none"}, "offload_param": {"device": "none"}}
-    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 1e-4, "betas": [0.9, 0.999], "torch_adam": True, "eps": 1e-6}}
+    assert ds["zero_optimization"] == {
+        "stage": 2,
+        "reduce_bucket_size": 25 * 2**18,
+        "allgather_bucket_size": 25 * 2**18,
+        "overlap_comm": True,
+        "offload_optimizer": {"device": "none"},
+        "offload_param": {"device": "none"},
+    }
+    assert ds["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 1e-4, "weight_decay": 1e-4, "betas": [0.9, 0.999], "torch_adam": True, "eps": 1e-6},
+    }
     with pytest.raises(ConfigError) as e:
-        deepspeed_config(zero_config("deepspeed.train_batch_size=32", "deepspeed.scheduler.type=WarmupLR",
-                                     "deepspeed.zero_optimization.stage=3"), world_size=4)
+        deepspeed_config(
+            zero_config(
+                "deepspeed.train_batch_size=32",
+                "deepspeed.scheduler.type=WarmupLR",
+                "deepspeed.zero_optimization.stage=3",
+            ),
+            world_size=4,
+        )
     message = str(e.value)
     assert "deepspeed.train_batch_size=32 contradicts 4 ranks x data.batch_size=8 x train.grad_accum=2" in message
     assert "deepspeed.zero_optimization.stage=3 contradicts train.zero_stage=2" in message
@@ -215,9 +262,16 @@ def test_pass_through_merges_and_conflicts_name_both_keys():
 
 def test_the_zero2_recipe_generates_the_duts_schedule_for_8_ranks():
     ds = deepspeed_config(load_config(str(REPO / "configs" / "duts_r50_zero2.yaml")), world_size=8)
-    assert ds["train_batch_size"] == 32 and ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["overlap_comm"] is True
+    assert (
+        ds["train_batch_size"] == 32
+        and ds["zero_optimization"]["stage"] == 2
+        and ds["zero_optimization"]["overlap_comm"] is True
+    )
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and ds["gradient_clipping"] == 5.0
-    assert ds["optimizer"] == {"type": "SGD", "params": {"lr": 0.05, "weight_decay": 5e-4, "momentum": 0.9, "nesterov": True}}
+    assert ds["optimizer"] == {
+        "type": "SGD",
+        "params": {"lr": 0.05, "weight_decay": 5e-4, "momentum": 0.9, "nesterov": True},
+    }
     assert ds["zero_allow_untested_optimizer"] is True
 
 

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from salnet.dist import DistEnv, detect_env, first_slurm_host, slurm_port
+
 from conftest import REPO, free_port, run_py, torchrun
 
 PROBE = REPO / "tests" / "dist_probe.py"
@@ -47,15 +48,36 @@ def test_slurm_variables_without_torchrun():
     port = slurm_port(job_id)
     procs = []
     for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-        env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2", SLURM_JOB_ID=job_id,
-                   SLURM_JOB_NODELIST="localhost", OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(PROBE), "name=slurm"], env=env, cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        }
+        env.update(
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            SLURM_NTASKS="2",
+            SLURM_JOB_ID=job_id,
+            SLURM_JOB_NODELIST="localhost",
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(PROBE), "name=slurm"],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     ranks, _ = reports("".join(o for o, _ in outs))
-    assert [(r["rank"], r["launcher"], r["world"], r["sum"]) for r in ranks] == [(0, "slurm", 2, 3.0), (1, "slurm", 2, 3.0)]
+    assert [(r["rank"], r["launcher"], r["world"], r["sum"]) for r in ranks] == [
+        (0, "slurm", 2, 3.0),
+        (1, "slurm", 2, 3.0),
+    ]
     assert 20000 <= port < 40000
 
 
@@ -66,20 +88,39 @@ def test_a_failing_rank_ends_the_job_without_hanging():
     assert "rank 1 fails on purpose" in proc.stderr
 
 
-@pytest.mark.parametrize("nodelist, host", [
-    ("node1", "node1"), ("node[1-2]", "node1"), ("gpu[03-05,9],cpu1", "gpu03"), ("a-b[7,9]", "a-b7"), ("n1,n2", "n1"),
-])
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [
+        ("node1", "node1"),
+        ("node[1-2]", "node1"),
+        ("gpu[03-05,9],cpu1", "gpu03"),
+        ("a-b[7,9]", "a-b7"),
+        ("n1,n2", "n1"),
+    ],
+)
 def test_first_slurm_host(nodelist, host):
     assert first_slurm_host(nodelist) == host
 
 
 def test_detect_env_precedence_and_values():
     assert detect_env({}) == DistEnv()
-    torchrun_env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
-                    "SLURM_PROCID": "0", "SLURM_JOB_ID": "5"}
+    torchrun_env = {
+        "RANK": "3",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "h",
+        "MASTER_PORT": "1234",
+        "SLURM_PROCID": "0",
+        "SLURM_JOB_ID": "5",
+    }
     assert detect_env(torchrun_env) == DistEnv(3, 1, 8, "h", 1234, "torchrun")  # torchrun inside Slurm wins
-    slurm = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "4242",
-             "SLURM_JOB_NODELIST": "gpu[07-10]"}
+    slurm = {
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS": "8",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu[07-10]",
+    }
     assert detect_env(slurm) == DistEnv(5, 1, 8, "gpu07", slurm_port("4242"), "slurm")
     assert detect_env({**slurm, "SLURM_STEP_NUM_TASKS": "4"}).world_size == 4
     with pytest.raises(RuntimeError, match="RANK='x'"):

@@ -49,8 +49,10 @@ def maps(tmp_path_factory):
             mask = np.asarray(Image.open(gt_path))
             good = noisy_map(mask, seed=k, quality=0.8)
             save(Image.fromarray(good), root / "good" / dataset / gt_path.name)
-            save(Image.fromarray(noisy_map(mask, seed=k, quality=0.6)).resize((40, 32), Image.Resampling.BILINEAR),
-                 root / "small" / dataset / gt_path.name)
+            save(
+                Image.fromarray(noisy_map(mask, seed=k, quality=0.6)).resize((40, 32), Image.Resampling.BILINEAR),
+                root / "small" / dataset / gt_path.name,
+            )
             colour = np.stack([good, noisy_map(mask, seed=k + 50, quality=0.5), 255 - good], -1)
             save(Image.fromarray(colour), root / "colour" / dataset / f"{gt_path.stem}.jpg")
     return root, truths
@@ -60,8 +62,13 @@ def reference(gt_dir, pred_dir, stems=None):
     """PySODMetrics 1.6.2 on the pairs read as PySODEvalToolkit reads them (cv2 grayscale, bilinear resize)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        f, e, s, wf, mae = (py_sod_metrics.Fmeasure(), py_sod_metrics.Emeasure(), py_sod_metrics.Smeasure(),
-                            py_sod_metrics.WeightedFmeasure(), py_sod_metrics.MAE())
+        f, e, s, wf, mae = (
+            py_sod_metrics.Fmeasure(),
+            py_sod_metrics.Emeasure(),
+            py_sod_metrics.Smeasure(),
+            py_sod_metrics.WeightedFmeasure(),
+            py_sod_metrics.MAE(),
+        )
     preds = {p.stem: p for p in pred_dir.iterdir()}
     for gt_path in sorted(gt_dir.iterdir()):
         if stems is not None and gt_path.stem not in stems:
@@ -73,9 +80,17 @@ def reference(gt_dir, pred_dir, stems=None):
         for metric in (f, e, s, wf, mae):
             metric.step(pred=pred, gt=gt)
     fr, er = f.get_results(), e.get_results()
-    values = {"maxF": fr["fm"]["curve"].max(), "meanF": fr["fm"]["curve"].mean(), "adpF": fr["fm"]["adp"],
-              "maxE": er["em"]["curve"].max(), "meanE": er["em"]["curve"].mean(), "adpE": er["em"]["adp"],
-              "S": s.get_results()["sm"], "wF": wf.get_results()["wfm"], "MAE": mae.get_results()["mae"]}
+    values = {
+        "maxF": fr["fm"]["curve"].max(),
+        "meanF": fr["fm"]["curve"].mean(),
+        "adpF": fr["fm"]["adp"],
+        "maxE": er["em"]["curve"].max(),
+        "meanE": er["em"]["curve"].mean(),
+        "adpE": er["em"]["adp"],
+        "S": s.get_results()["sm"],
+        "wF": wf.get_results()["wfm"],
+        "MAE": mae.get_results()["mae"],
+    }
     return {k: float(v) for k, v in values.items()}, fr["pr"]
 
 
@@ -84,9 +99,26 @@ def evaluated(maps):
     """One sharded evaluation of the three methods on the two datasets, with every output."""
     root, truths = maps
     out = root / "results"
-    proc = torchrun(2, ["-m", "salnet.evaluate", "--pred", f"good={root / 'good'}", "--pred", str(root / "small"),
-                        "--pred", f"colour={root / 'colour'}", "--gt", f"DS-A={truths['DS-A']}", "--gt", str(root / "ECSSD"),
-                        "--out", out], timeout=240)
+    proc = torchrun(
+        2,
+        [
+            "-m",
+            "salnet.evaluate",
+            "--pred",
+            f"good={root / 'good'}",
+            "--pred",
+            str(root / "small"),
+            "--pred",
+            f"colour={root / 'colour'}",
+            "--gt",
+            f"DS-A={truths['DS-A']}",
+            "--gt",
+            str(root / "ECSSD"),
+            "--out",
+            out,
+        ],
+        timeout=240,
+    )
     return out, proc
 
 
@@ -181,8 +213,24 @@ def test_a_checkpoint_on_shards_scores_what_validation_and_its_predicted_maps_sc
     shards = tmp_path / "shards" / "ecssd"
     run_py(["-m", "salnet.shards", "pack", tmp_path / "ECSSD", shards])
 
-    torchrun(2, ["-m", "salnet.evaluate", "--checkpoint", f"tiny={checkpoint}", "--data", f"ECSSD={shards}", "--batch-size", "1",
-                 "--workers", "0", "--out", tmp_path / "ckpt"], timeout=240)
+    torchrun(
+        2,
+        [
+            "-m",
+            "salnet.evaluate",
+            "--checkpoint",
+            f"tiny={checkpoint}",
+            "--data",
+            f"ECSSD={shards}",
+            "--batch-size",
+            "1",
+            "--workers",
+            "0",
+            "--out",
+            tmp_path / "ckpt",
+        ],
+        timeout=240,
+    )
     from_checkpoint = json.loads((tmp_path / "ckpt" / "results.json").read_text())["ECSSD"]["tiny"]
 
     # validate() in this process, one rank, on the same set: what training would have logged
@@ -196,9 +244,31 @@ def test_a_checkpoint_on_shards_scores_what_validation_and_its_predicted_maps_sc
         assert from_checkpoint[key] == pytest.approx(validated[key], abs=1e-9), key
 
     # the same checkpoint's published maps, scored as folders, give the same numbers
-    run_py(["-m", "salnet.predict", "--checkpoint", checkpoint, f"ECSSD={shards}", "--out", tmp_path / "maps", "--batch-size", "1"])
-    run_py(["-m", "salnet.evaluate", "--pred", f"tiny={tmp_path / 'maps'}", "--gt", f"ECSSD={tmp_path / 'ECSSD'}",
-            "--out", tmp_path / "folders"])
+    run_py(
+        [
+            "-m",
+            "salnet.predict",
+            "--checkpoint",
+            checkpoint,
+            f"ECSSD={shards}",
+            "--out",
+            tmp_path / "maps",
+            "--batch-size",
+            "1",
+        ]
+    )
+    run_py(
+        [
+            "-m",
+            "salnet.evaluate",
+            "--pred",
+            f"tiny={tmp_path / 'maps'}",
+            "--gt",
+            f"ECSSD={tmp_path / 'ECSSD'}",
+            "--out",
+            tmp_path / "folders",
+        ]
+    )
     from_maps = json.loads((tmp_path / "folders" / "results.json").read_text())["ECSSD"]["tiny"]
     for key in METRICS:
         assert from_maps[key] == pytest.approx(from_checkpoint[key], abs=1e-9), key
@@ -207,8 +277,9 @@ def test_a_checkpoint_on_shards_scores_what_validation_and_its_predicted_maps_sc
 def test_bad_arguments_are_refused_with_the_value_at_fault(maps, tmp_path, capsys):
     root, truths = maps
     for args, words in (
-            (["--pred", f"good={root / 'good'}", "--gt", f"NOPE={truths['DS-A']}"], ["has no folder 'NOPE'", "DS-A"]),
-            (["--checkpoint", str(tmp_path / "missing.pt"), "--data", f"X={tmp_path}"], ["missing.pt", "does not exist"])):
+        (["--pred", f"good={root / 'good'}", "--gt", f"NOPE={truths['DS-A']}"], ["has no folder 'NOPE'", "DS-A"]),
+        (["--checkpoint", str(tmp_path / "missing.pt"), "--data", f"X={tmp_path}"], ["missing.pt", "does not exist"]),
+    ):
         with pytest.raises(SystemExit) as exit_:
             evaluate.main(args)
         err = capsys.readouterr().err

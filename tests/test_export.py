@@ -45,8 +45,21 @@ def assert_matches_eager(run, module, sizes):
 def test_torchscript_matches_eager_pytorch_at_any_size(eager, tmp_path):
     checkpoint, module = eager
     out = tmp_path / "salnet.pt"
-    proc = run_py(["-m", "salnet.export", "--checkpoint", checkpoint, "--format", "torchscript", "--out", out,
-                   "--check-sizes", "64x64", "45x77"])
+    proc = run_py(
+        [
+            "-m",
+            "salnet.export",
+            "--checkpoint",
+            checkpoint,
+            "--format",
+            "torchscript",
+            "--out",
+            out,
+            "--check-sizes",
+            "64x64",
+            "45x77",
+        ]
+    )
     parity = printed_parity(proc.stdout)
     assert list(parity) == ["2x3x64x64", "2x3x45x77"] and max(parity.values()) <= TOLERANCE
 
@@ -61,8 +74,22 @@ def test_torchscript_matches_eager_pytorch_at_any_size(eager, tmp_path):
 def test_onnx_matches_eager_pytorch_at_any_size_with_onnxruntime(eager, tmp_path):
     checkpoint, module = eager
     out = tmp_path / "salnet.onnx"
-    proc = run_py(["-m", "salnet.export", "--checkpoint", checkpoint, "--format", "onnx", "--out", out,
-                   "--check-sizes", "64x64", "77x45"], timeout=300)
+    proc = run_py(
+        [
+            "-m",
+            "salnet.export",
+            "--checkpoint",
+            checkpoint,
+            "--format",
+            "onnx",
+            "--out",
+            out,
+            "--check-sizes",
+            "64x64",
+            "77x45",
+        ],
+        timeout=300,
+    )
     parity = printed_parity(proc.stdout)
     assert list(parity) == ["2x3x64x64", "2x3x77x45"] and max(parity.values()) <= TOLERANCE
     assert [p.name for p in tmp_path.iterdir()] == ["salnet.onnx"]  # one self-contained file
@@ -72,13 +99,18 @@ def test_onnx_matches_eager_pytorch_at_any_size_with_onnxruntime(eager, tmp_path
     (image,), (saliency,) = proto.graph.input, proto.graph.output
     assert (image.name, saliency.name) == ("image", "saliency")
     dims = [d.dim_param or d.dim_value for d in image.type.tensor_type.shape.dim]
-    assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], dims[2], dims[3])), dims  # dynamic batch, height, width
+    assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], dims[2], dims[3])), (
+        dims
+    )  # dynamic batch, height, width
     meta = json.loads({p.key: p.value for p in proto.metadata_props}["salnet"])
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
 
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    assert_matches_eager(lambda x: torch.from_numpy(session.run(["saliency"], {"image": x.numpy()})[0]), module,
-                         [(1, 96, 64), (3, 50, 70), (1, 33, 33)])
+    assert_matches_eager(
+        lambda x: torch.from_numpy(session.run(["saliency"], {"image": x.numpy()})[0]),
+        module,
+        [(1, 96, 64), (3, 50, 70), (1, 33, 33)],
+    )
 
 
 @pytest.mark.parametrize("bins", [1, 2, 3, 6, (2, 5)])

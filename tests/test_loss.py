@@ -63,7 +63,7 @@ def test_batch_loss_is_the_mean_of_per_image_losses(kind):
     target[1, :, 1:8, :] = 1
     loss = fused_only(kind)
     batch, _ = loss(logits, target)
-    singles = [loss(logits[i:i + 1], target[i:i + 1])[0] for i in range(2)]
+    singles = [loss(logits[i : i + 1], target[i : i + 1])[0] for i in range(2)]
     assert batch.item() == pytest.approx((singles[0].item() + singles[1].item()) / 2, abs=1e-6)
 
 

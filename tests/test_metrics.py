@@ -4,15 +4,16 @@ import json
 import math
 
 import numpy as np
-import pytest
 import py_sod_metrics
+import pytest
 import torch
 
-from conftest import REPO, run_py, torchrun
-from metrics_shard_probe import sample_pairs
 from salnet.bench.metrics import run_reference
 from salnet.metrics import FAMILIES, SODMetrics
 from salnet.metrics.reference_float import numpy_mean_of_constant_block
+
+from conftest import REPO, run_py, torchrun
+from metrics_shard_probe import sample_pairs
 
 PROBE = REPO / "tests" / "metrics_shard_probe.py"
 
@@ -69,8 +70,13 @@ def test_random_images_of_mixed_sizes_in_one_update_match_the_reference():
     gen = torch.Generator().manual_seed(1)
     pairs = []
     for height, width in [(31, 47), (47, 31), (20, 20), (64, 48), (5, 90), (31, 47)] * 3:
-        gt = blob(height, width, *(torch.randint(0, min(height, width) // 2, (2,), generator=gen).tolist()),
-                  height - 1, width - 2)
+        gt = blob(
+            height,
+            width,
+            *(torch.randint(0, min(height, width) // 2, (2,), generator=gen).tolist()),
+            height - 1,
+            width - 2,
+        )
         pred = (0.6 * (gt > 128) + 0.4 * torch.rand(height, width, generator=gen)).float()
         pairs.append((pred, gt))
     assert_matches_reference(pairs)
@@ -85,29 +91,53 @@ def _constant(height, width, value):
 
 
 EDGE_CASES = {
-    "empty GT": [(torch.rand(13, 17, generator=torch.Generator().manual_seed(2)), torch.zeros(13, 17, dtype=torch.uint8))],
-    "full GT": [(torch.rand(13, 17, generator=torch.Generator().manual_seed(3)), torch.full((13, 17), 255, dtype=torch.uint8))],
+    "empty GT": [
+        (torch.rand(13, 17, generator=torch.Generator().manual_seed(2)), torch.zeros(13, 17, dtype=torch.uint8))
+    ],
+    "full GT": [
+        (torch.rand(13, 17, generator=torch.Generator().manual_seed(3)), torch.full((13, 17), 255, dtype=torch.uint8))
+    ],
     # Constant predictions skip min-max normalisation, and where the GT is uniform over a quadrant
     # the reference's S-measure hinges on numpy's rounding of the mean (reference_float.py).
-    "constant prediction": [(_constant(h, w, c), g) for c in (0.0, 0.3, 0.5, 0.77, 1.0)
-                            for h, w in [(5, 7), (12, 20), (33, 47), (64, 48), (130, 9)]
-                            for g in (blob(h, w, 0, 0, h, w // 2), blob(h, w, h // 3, 0, h, w), blob(h, w, 1, 1, h - 1, w - 1))],
-    "constant prediction, empty and full GT": [(_constant(9, 11, c), torch.full((9, 11), v, dtype=torch.uint8))
-                                               for c in (0.0, 0.4, 1.0) for v in (0, 255)],
+    "constant prediction": [
+        (_constant(h, w, c), g)
+        for c in (0.0, 0.3, 0.5, 0.77, 1.0)
+        for h, w in [(5, 7), (12, 20), (33, 47), (64, 48), (130, 9)]
+        for g in (blob(h, w, 0, 0, h, w // 2), blob(h, w, h // 3, 0, h, w), blob(h, w, 1, 1, h - 1, w - 1))
+    ],
+    "constant prediction, empty and full GT": [
+        (_constant(9, 11, c), torch.full((9, 11), v, dtype=torch.uint8)) for c in (0.0, 0.4, 1.0) for v in (0, 255)
+    ],
     "1x1": [(torch.tensor([[p]]), torch.tensor([[g]], dtype=torch.uint8)) for p in (0.0, 0.6, 1.0) for g in (0, 255)],
     # (One row or one column with mixed GT is NaN in the reference: see the NaN test.)
-    "non-square": [(torch.rand(h, w, generator=torch.Generator().manual_seed(h)), blob(h, w, h // 3, w // 3, h, w))
-                   for h, w in [(2, 31), (31, 2), (4, 50), (50, 4)]],
-    "soft uint8 GT": [(torch.rand(25, 25, generator=torch.Generator().manual_seed(4)),
-                       torch.arange(625).remainder(256).to(torch.uint8).view(25, 25))],
-    "soft float GT": [(torch.rand(16, 16, generator=torch.Generator().manual_seed(5)),
-                       (torch.arange(256, dtype=torch.float32) / 255).view(16, 16))],
+    "non-square": [
+        (torch.rand(h, w, generator=torch.Generator().manual_seed(h)), blob(h, w, h // 3, w // 3, h, w))
+        for h, w in [(2, 31), (31, 2), (4, 50), (50, 4)]
+    ],
+    "soft uint8 GT": [
+        (
+            torch.rand(25, 25, generator=torch.Generator().manual_seed(4)),
+            torch.arange(625).remainder(256).to(torch.uint8).view(25, 25),
+        )
+    ],
+    "soft float GT": [
+        (
+            torch.rand(16, 16, generator=torch.Generator().manual_seed(5)),
+            (torch.arange(256, dtype=torch.float32) / 255).view(16, 16),
+        )
+    ],
     "bool GT": [(torch.rand(10, 12, generator=torch.Generator().manual_seed(6)), blob(10, 12, 2, 3, 8, 9) > 0)],
-    "float64 predictions": [(torch.rand(19, 21, generator=torch.Generator().manual_seed(7), dtype=torch.float64),
-                             blob(19, 21, 4, 4, 15, 15))],
+    "float64 predictions": [
+        (
+            torch.rand(19, 21, generator=torch.Generator().manual_seed(7), dtype=torch.float64),
+            blob(19, 21, 4, 4, 15, 15),
+        )
+    ],
     # Few distinct values: ties at the adaptive threshold and between curve bins.
-    "binary prediction": [(blob(12, 12, 2, 2, 9, 9).float() / 255, blob(12, 12, 3, 3, 10, 10)),
-                          (blob(12, 12, 0, 0, 6, 12).float() / 255, blob(12, 12, 0, 0, 6, 12))],
+    "binary prediction": [
+        (blob(12, 12, 2, 2, 9, 9).float() / 255, blob(12, 12, 3, 3, 10, 10)),
+        (blob(12, 12, 0, 0, 6, 12).float() / 255, blob(12, 12, 0, 0, 6, 12)),
+    ],
     "three levels": [((torch.arange(90) % 3).float().view(9, 10) / 2, blob(9, 10, 0, 0, 9, 5))],
 }
 
@@ -138,7 +168,12 @@ def _s_measure_without_empty_quadrants(pred_u8: np.ndarray, gt_u8: np.ndarray) -
     height, width = gt.shape
     cy, cx = (int(c) + 1 for c in np.argwhere(gt).mean(axis=0).round())
     region = 0.0
-    for rows, cols in [((0, cy), (0, cx)), ((0, cy), (cx, width)), ((cy, height), (0, cx)), ((cy, height), (cx, width))]:
+    for rows, cols in [
+        ((0, cy), (0, cx)),
+        ((0, cy), (cx, width)),
+        ((cy, height), (0, cx)),
+        ((cy, height), (cx, width)),
+    ]:
         block = (slice(*rows), slice(*cols))
         if pred[block].size:
             region += sm.ssim(pred[block], gt[block]) * pred[block].size / (height * width)
@@ -146,7 +181,9 @@ def _s_measure_without_empty_quadrants(pred_u8: np.ndarray, gt_u8: np.ndarray) -
 
 
 @reference_nan_warnings
-@pytest.mark.parametrize("gt_rows", [[[0, 255], [0, 255]], [[0, 0], [255, 255]], [[0, 0], [0, 255]], [[0, 255, 255, 0, 0]]])
+@pytest.mark.parametrize(
+    "gt_rows", [[[0, 255], [0, 255]], [[0, 0], [255, 255]], [[0, 0], [0, 255]], [[0, 255, 255, 0, 0]]]
+)
 def test_where_the_reference_s_measure_is_nan_empty_quadrants_count_zero(gt_rows):
     gt = torch.tensor(gt_rows, dtype=torch.uint8)
     pred = torch.linspace(0.1, 0.9, gt.numel()).view(gt.shape)
@@ -182,7 +219,7 @@ def test_numpy_mean_emulation_tracks_the_installed_numpy():
         value = int(rng.integers(0, 256)) / 255
         if rng.random() < 0.5:  # a min-max normalised level, as the S-measure sees it
             value = (value - 3 / 255) / (250 / 255 - 3 / 255)
-        block = np.full((height, width), value)[height - rows:, width - cols:]
+        block = np.full((height, width), value)[height - rows :, width - cols :]
         assert numpy_mean_of_constant_block(value, rows, cols, width) == np.mean(block), (value, rows, cols, width)
         inexact += np.mean(block) != value
     assert inexact > 50  # the rounding this reproduces is common, not a corner case
@@ -222,8 +259,14 @@ def test_batch_tensors_lists_and_gt_dtypes_agree():
     preds = torch.rand(3, 11, 13, generator=gen)
     gts = (torch.rand(3, 11, 13, generator=gen) > 0.6).to(torch.uint8) * 255
     results = []
-    for p, g in [(preds, gts), (preds[:, None], gts[:, None]), (list(preds), list(gts)),
-                 (list(preds[:, None]), gts > 128), (preds, gts.long()), (preds.double(), gts.float() / 255)]:
+    for p, g in [
+        (preds, gts),
+        (preds[:, None], gts[:, None]),
+        (list(preds), list(gts)),
+        (list(preds[:, None]), gts > 128),
+        (preds, gts.long()),
+        (preds.double(), gts.float() / 255),
+    ]:
         metrics = SODMetrics(FAMILIES)
         metrics.update(p, g)
         results.append(metrics.compute())
@@ -257,19 +300,52 @@ def test_bad_inputs_are_refused_and_leave_the_state_untouched():
     before = metrics.state_dict()["sums"]
     good = torch.rand(4, 4)
     cases = [
-        (ValueError, r"shape \(2, 5, 4\) but ground truths have shape \(2, 4, 5\)",
-         torch.rand(2, 5, 4), torch.zeros(2, 4, 5, dtype=torch.uint8)),
-        (ValueError, r"prediction 1 has shape \(4, 5\) but its ground truth has shape \(5, 4\)",
-         [good, torch.rand(4, 5)], [torch.zeros(4, 4), torch.zeros(5, 4)]),
-        (ValueError, r"predictions must lie in \[0.0, 1.0\]", [good, torch.full((3, 3), 1.5)], [torch.zeros(4, 4), torch.zeros(3, 3)]),
+        (
+            ValueError,
+            r"shape \(2, 5, 4\) but ground truths have shape \(2, 4, 5\)",
+            torch.rand(2, 5, 4),
+            torch.zeros(2, 4, 5, dtype=torch.uint8),
+        ),
+        (
+            ValueError,
+            r"prediction 1 has shape \(4, 5\) but its ground truth has shape \(5, 4\)",
+            [good, torch.rand(4, 5)],
+            [torch.zeros(4, 4), torch.zeros(5, 4)],
+        ),
+        (
+            ValueError,
+            r"predictions must lie in \[0.0, 1.0\]",
+            [good, torch.full((3, 3), 1.5)],
+            [torch.zeros(4, 4), torch.zeros(3, 3)],
+        ),
         (ValueError, r"predictions must lie in \[0.0, 1.0\]", torch.full((1, 2, 2), -0.1), torch.zeros(1, 2, 2)),
-        (ValueError, r"predictions must lie in \[0.0, 1.0\]", torch.full((1, 2, 2), float("nan")), torch.zeros(1, 2, 2)),
+        (
+            ValueError,
+            r"predictions must lie in \[0.0, 1.0\]",
+            torch.full((1, 2, 2), float("nan")),
+            torch.zeros(1, 2, 2),
+        ),
         (ValueError, r"ground truths must lie in \[0, 1\]", torch.rand(1, 2, 2), torch.full((1, 2, 2), 255.0)),
         (ValueError, r"ground truths must lie in \[0, 255\]", torch.rand(1, 2, 2), torch.full((1, 2, 2), 300)),
-        (TypeError, r"predictions have dtype torch.uint8", torch.zeros(1, 2, 2, dtype=torch.uint8), torch.zeros(1, 2, 2)),
-        (TypeError, r"ground truths have dtype torch.complex64", torch.rand(1, 2, 2), torch.zeros(1, 2, 2, dtype=torch.complex64)),
+        (
+            TypeError,
+            r"predictions have dtype torch.uint8",
+            torch.zeros(1, 2, 2, dtype=torch.uint8),
+            torch.zeros(1, 2, 2),
+        ),
+        (
+            TypeError,
+            r"ground truths have dtype torch.complex64",
+            torch.rand(1, 2, 2),
+            torch.zeros(1, 2, 2, dtype=torch.complex64),
+        ),
         (ValueError, r"got 2 predictions but 1 ground truths", [good, good], [torch.zeros(4, 4)]),
-        (ValueError, r"\[B, H, W\] or \[B, 1, H, W\], got shape \(1, 3, 4, 4\)", torch.rand(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)),
+        (
+            ValueError,
+            r"\[B, H, W\] or \[B, 1, H, W\], got shape \(1, 3, 4, 4\)",
+            torch.rand(1, 3, 4, 4),
+            torch.zeros(1, 3, 4, 4),
+        ),
         (ValueError, r"have no pixels", torch.rand(1, 0, 4), torch.zeros(1, 0, 4)),
         (TypeError, r"expected a tensor or a list of tensors, got ndarray", np.zeros((1, 2, 2)), np.zeros((1, 2, 2))),
     ]

@@ -8,13 +8,14 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from conftest import run_py
 from salnet.config import ConfigError, LossConfig, ModelConfig, load_config
 from salnet.loss import build_loss
 from salnet.model import BackboneWeightsError, build_model
 from salnet.model.backbone import C5_CHANNELS, build_backbone, stage_channels
 from salnet.model.fpn import FeaturePyramid
 from salnet.model.ppm import PyramidPooling
+
+from conftest import run_py
 
 # resnet18 with narrow decoder widths keeps every test cheap on two CPU cores.
 SMALL = {"ppm_width": 32, "fpn_width": 32, "ppm_branch_width": 16}
@@ -103,9 +104,14 @@ def test_fpn_levels_take_each_lateral_size_and_the_common_width():
 # -- training behaviour ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options", [{"fuse": "concat", "norm": "batch"},
-                                     {"fuse": "sum", "norm": "group", "gn_groups": 8, "backbone": {"frozen_bn": True}}],
-                         ids=["concat-batchnorm", "sum-groupnorm-frozenbn"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"fuse": "concat", "norm": "batch"},
+        {"fuse": "sum", "norm": "group", "gn_groups": 8, "backbone": {"frozen_bn": True}},
+    ],
+    ids=["concat-batchnorm", "sum-groupnorm-frozenbn"],
+)
 def test_every_parameter_receives_a_gradient(options):
     torch.manual_seed(0)
     model = build_model(small_config(**options)).train()
@@ -160,7 +166,11 @@ def test_overfits_eight_synthetic_samples():
     for i in range(8):  # a rectangle or an ellipse of one colour on another, plus noise
         cy, cx = torch.randint(16, size - 16, (2,), generator=g)
         ry, rx = torch.randint(6, 16, (2,), generator=g)
-        inside = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1) if i % 2 else (((yy - cy).abs() <= ry) & ((xx - cx).abs() <= rx))
+        inside = (
+            (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1)
+            if i % 2
+            else (((yy - cy).abs() <= ry) & ((xx - cx).abs() <= rx))
+        )
         mask = inside.float()
         fg, bg = torch.rand(3, 1, 1, generator=g), torch.rand(3, 1, 1, generator=g)
         images.append(bg + (fg - bg) * mask + 0.1 * torch.randn(3, size, size, generator=g))
@@ -206,14 +216,18 @@ def test_torchvision_state_dict_file_loads_into_the_backbone(tmp_path, caplog):
 
     torch.save({f"module.{k}": v for k, v in random_resnet18_state().items()}, path)  # saved from a DDP wrapper
     # 100 = all of resnet18's tensors but fc's 2 and the 20 BatchNorm counters, which torch fills in itself
-    with pytest.raises(BackboneWeightsError, match=r"lacks 100 of resnet18's tensors.*its unexpected keys: module\.conv1\.weight"):
+    with pytest.raises(
+        BackboneWeightsError, match=r"lacks 100 of resnet18's tensors.*its unexpected keys: module\.conv1\.weight"
+    ):
         build_model(small_config(backbone={"weights": str(path)}))
 
     torch.save({"model": random_resnet18_state()}, path)  # a training checkpoint, not a state dict
     with pytest.raises(BackboneWeightsError, match="holds a dict, not a state dict"):
         build_model(small_config(backbone={"weights": str(path)}))
 
-    with pytest.raises(BackboneWeightsError, match=r"'imagenett' is not a file; valid values: 'imagenet', 'none', .*IMAGENET1K_V1"):
+    with pytest.raises(
+        BackboneWeightsError, match=r"'imagenett' is not a file; valid values: 'imagenet', 'none', .*IMAGENET1K_V1"
+    ):
         build_model(small_config(backbone={"weights": "imagenett"}))
 
 
@@ -247,16 +261,23 @@ def test_missing_imagenet_weights_stop_with_the_file_its_place_and_the_fetch_com
 
 def test_config_combinations_that_cannot_work_are_rejected_by_key():
     # Checked by the schema at load time, before torch is imported:
-    with pytest.raises(ConfigError, match=r"model.norm=group .* model.backbone.weights='imagenet'.*model.backbone.frozen_bn=true"):
+    with pytest.raises(
+        ConfigError, match=r"model.norm=group .* model.backbone.weights='imagenet'.*model.backbone.frozen_bn=true"
+    ):
         load_config(None, ["model.norm=group", "model.backbone.weights=imagenet"])
     with pytest.raises(ConfigError, match=r"model.ppm_bins must all be >= 1 .*got \[0, 2\]"):
         load_config(None, ["model.ppm_bins=[0, 2]"])
     # Checked by build_model, which knows the backbone's channels:
-    with pytest.raises(ConfigError, match=r"model.gn_groups=24 must divide .*model.ppm_branch_width=16, model.ppm_width=32, "
-                                          r"model.fpn_width=32, resnet18's channels \(multiples of 64\)=64"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.gn_groups=24 must divide .*model.ppm_branch_width=16, model.ppm_width=32, "
+        r"model.fpn_width=32, resnet18's channels \(multiples of 64\)=64",
+    ):
         build_model(small_config(norm="group", gn_groups=24))
     grouped = build_model(small_config(norm="group", gn_groups=16))
-    assert any(isinstance(m, nn.GroupNorm) for m in grouped.backbone.modules())  # not frozen: the backbone is grouped too
+    assert any(
+        isinstance(m, nn.GroupNorm) for m in grouped.backbone.modules()
+    )  # not frozen: the backbone is grouped too
     assert not any(isinstance(m, nn.BatchNorm2d) for m in grouped.modules())
 
 
@@ -264,14 +285,22 @@ def test_config_combinations_that_cannot_work_are_rejected_by_key():
 
 
 def test_model_report_prints_parameters_flops_and_shapes():
-    proc = run_py(["-m", "salnet.model", "--backbone", "resnet18", "--size", "65x97", "model.ppm_width=32", "model.fpn_width=32"])
+    proc = run_py(
+        ["-m", "salnet.model", "--backbone", "resnet18", "--size", "65x97", "model.ppm_width=32", "model.fpn_width=32"]
+    )
     out = proc.stdout
     params = sum(p.numel() for p in build_model(small_config(ppm_branch_width=None)).parameters())
     assert f"parameters: {params / 1e6:.2f} M ({params:,})" in out
     gflops = float(out.split(" GFLOPs")[0].rsplit(" ", 1)[-1])
     assert 0.3 < gflops < 3, out  # resnet18 alone is ~1.8 GFLOPs at 224x224: ~0.23 at 65x97, plus the decoder
     # 65x97 -> stem 33x49 -> C2 17x25 -> C3 9x13 -> C4 5x7 -> C5 3x4
-    for line in ["C2              [64, 17, 25]", "C5              [512, 3, 4]", "PPM             [32, 3, 4]",
-                 "P2              [32, 17, 25]", "P5              [32, 3, 4]", "output (eval)   [1, 65, 97]",
-                 "side_P5 [1, 65, 97]"]:
+    for line in [
+        "C2              [64, 17, 25]",
+        "C5              [512, 3, 4]",
+        "PPM             [32, 3, 4]",
+        "P2              [32, 17, 25]",
+        "P5              [32, 3, 4]",
+        "output (eval)   [1, 65, 97]",
+        "side_P5 [1, 65, 97]",
+    ]:
         assert line in out, f"{line!r} not in the report:\n{out}"

@@ -24,8 +24,11 @@ def checkpoint(tmp_path_factory):
 
 
 def predict(checkpoint, inputs, out, *extra, check=True):
-    return run_py(["-m", "salnet.predict", "--checkpoint", checkpoint, *inputs, "--out", out, "--workers", "0", *extra],
-                  timeout=180, check=check)
+    return run_py(
+        ["-m", "salnet.predict", "--checkpoint", checkpoint, *inputs, "--out", out, "--workers", "0", *extra],
+        timeout=180,
+        check=check,
+    )
 
 
 def map_of(path):
@@ -37,7 +40,9 @@ def map_of(path):
 def test_maps_have_the_original_size_for_odd_sizes_formats_and_exif_rotated_sources(tmp_path, checkpoint):
     folder = tmp_path / "photos"
     expected = {}  # stem -> (H, W) of the upright image
-    for i, ((h, w), ext) in enumerate(zip(SIZES, [".jpg", ".png", ".bmp", ".jpeg", ".tif", ".JPG", ".PNG"], strict=True)):
+    for i, ((h, w), ext) in enumerate(
+        zip(SIZES, [".jpg", ".png", ".bmp", ".jpeg", ".tif", ".JPG", ".PNG"], strict=True)
+    ):
         rgb, _ = scene(h, w, seed=i)
         save(Image.fromarray(rgb), folder / f"odd{i}{ext}")
         expected[f"odd{i}"] = (h, w)
@@ -63,7 +68,9 @@ def test_maps_have_the_original_size_for_odd_sizes_formats_and_exif_rotated_sour
     torch.set_num_threads(1)  # as the subprocess ran (OMP_NUM_THREADS=1): same kernels, same floats
     prob = probabilities_at(net(resize_for_eval(image, 64)[None]), [expected["odd0"]])[0]
     levels = to_levels(prob).numpy()
-    assert np.abs(levels - written["odd0"].astype(int)).max() <= 1  # torchvision's and Pillow's JPEG decoders may differ by a level
+    assert (
+        np.abs(levels - written["odd0"].astype(int)).max() <= 1
+    )  # torchvision's and Pillow's JPEG decoders may differ by a level
     assert (levels == written["odd0"]).mean() > 0.99
 
 
@@ -78,18 +85,36 @@ def test_a_dataset_folder_and_its_packed_shards_give_identical_maps(tmp_path, ch
         assert map_of(out / "ECSSD" / f"{stem}.png").shape == (h, w)
     report = json.loads((out / "predict.json").read_text())
     assert {name: (d["kind"], d["written"]) for name, d in report["datasets"].items()} == {
-        "ECSSD": ("dataset", 5), "ECSSD-shards": ("shards", 5)}
+        "ECSSD": ("dataset", 5),
+        "ECSSD-shards": ("shards", 5),
+    }
 
 
 def test_two_ranks_predict_every_image_exactly_once(tmp_path, checkpoint):
     ecssd_folder(tmp_path / "ECSSD", 4)
     run_py(["-m", "salnet.shards", "pack", tmp_path / "ECSSD", tmp_path / "shards" / "ecssd"])
-    (tmp_path / "list.txt").write_text("# image [mask]\nECSSD/images/img_000.jpg ECSSD/ground_truth_mask/img_000.png\n"
-                                       "'ECSSD/images/img_003.jpg'\n")
+    (tmp_path / "list.txt").write_text(
+        "# image [mask]\nECSSD/images/img_000.jpg ECSSD/ground_truth_mask/img_000.png\n'ECSSD/images/img_003.jpg'\n"
+    )
     inputs = [str(tmp_path / "ECSSD" / "images"), f"packed={tmp_path / 'shards' / 'ecssd'}", str(tmp_path / "list.txt")]
     one, two = tmp_path / "one", tmp_path / "two"
     predict(checkpoint, inputs, one, "--batch-size", "1")
-    torchrun(2, ["-m", "salnet.predict", "--checkpoint", checkpoint, *inputs, "--out", two, "--workers", "1", "--batch-size", "1"])
+    torchrun(
+        2,
+        [
+            "-m",
+            "salnet.predict",
+            "--checkpoint",
+            checkpoint,
+            *inputs,
+            "--out",
+            two,
+            "--workers",
+            "1",
+            "--batch-size",
+            "1",
+        ],
+    )
     report = json.loads((two / "predict.json").read_text())
     assert report["world_size"] == 2 and sum(report["per_rank"]) == 10 and min(report["per_rank"]) > 0
     assert {name: d["written"] for name, d in report["datasets"].items()} == {"images": 4, "packed": 4, "list": 2}

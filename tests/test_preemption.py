@@ -11,6 +11,7 @@ import time
 import pytest
 
 from salnet.preemption import EXIT_REQUEUE, EXIT_STOPPED, StopRequest, _process_gone, parent_death_signal
+
 from conftest import REPO, free_port
 
 LINUX = sys.platform.startswith("linux")
@@ -37,11 +38,14 @@ def test_exit_codes_are_distinct_and_not_crash_codes():
     assert StopRequest().exit_code() == 0 and StopRequest().describe() == "no stop signal"
 
 
-@pytest.mark.parametrize("sig, code, words", [
-    (signal.SIGUSR2, EXIT_REQUEUE, "SIGUSR2 (Slurm's warning before the time limit or preemption)"),
-    (signal.SIGUSR1, EXIT_REQUEUE, "SIGUSR1 (a warning"),
-    (signal.SIGTERM, EXIT_STOPPED, "SIGTERM (scancel"),
-])
+@pytest.mark.parametrize(
+    "sig, code, words",
+    [
+        (signal.SIGUSR2, EXIT_REQUEUE, "SIGUSR2 (Slurm's warning before the time limit or preemption)"),
+        (signal.SIGUSR1, EXIT_REQUEUE, "SIGUSR1 (a warning"),
+        (signal.SIGTERM, EXIT_STOPPED, "SIGTERM (scancel"),
+    ],
+)
 def test_a_signal_is_recorded_not_acted_on(stop, sig, code, words):
     assert not stop.requested and stop.signum is None
     os.kill(os.getpid(), sig)
@@ -60,7 +64,9 @@ def test_the_first_signal_decides(stop):
 
 def test_uninstall_restores_the_previous_handlers():
     seen = []
-    previous = {sig: signal.signal(sig, lambda s, f: seen.append(s)) for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda s, f: seen.append(s)) for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+    }
     try:
         stop = StopRequest().install()
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -146,10 +152,18 @@ PARENT = textwrap.dedent("""
 @pytest.mark.skipif(not LINUX, reason="PR_SET_PDEATHSIG is Linux-only")
 def test_the_death_of_the_parent_acts_like_a_warning(tmp_path):
     out = tmp_path / "seen"
-    proc = subprocess.run([sys.executable, "-c", PARENT, WORKER, str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-c", PARENT, WORKER, str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.stdout.startswith("ready") and "armed=True" in proc.stdout, proc.stderr
-    assert wait_for(lambda: (tmp_path / "seen.0").exists(), timeout=20), "the orphaned worker never learned that its parent died"
+    assert wait_for(lambda: (tmp_path / "seen.0").exists(), timeout=20), (
+        "the orphaned worker never learned that its parent died"
+    )
     signum, code, parent_died, described = (tmp_path / "seen.0").read_text().split(" ", 3)
     assert (int(signum), int(code), parent_died) == (signal.SIGUSR1, EXIT_REQUEUE, "True")
     assert described == "SIGUSR1 (the parent process, the launcher, died)"
@@ -162,16 +176,30 @@ def test_torchrun_workers_stop_when_usr2_kills_the_agent(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "seen"
-    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                              f"--master_port={free_port()}", str(script), str(out)], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            str(script),
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+    )
     try:
         ready = [agent.stdout.readline() for _ in range(2)]
         assert all(line.startswith("ready") and "armed=True" in line for line in ready), ready
         agent.send_signal(signal.SIGUSR2)
         assert agent.wait(timeout=30) == -signal.SIGUSR2
         for rank in (0, 1):
-            assert wait_for(lambda: (tmp_path / f"seen.{rank}").exists(), timeout=20), f"rank {rank} kept running"
+            assert wait_for(lambda: (tmp_path / f"seen.{rank}").exists(), timeout=20), f"rank {rank} kept running"  # noqa: B023
             signum, code, parent_died, _ = (tmp_path / f"seen.{rank}").read_text().split(" ", 3)
             assert (int(signum), int(code), parent_died) == (signal.SIGUSR1, EXIT_REQUEUE, "True")
     finally:
@@ -210,8 +238,13 @@ CRASHING_PARENT = textwrap.dedent("""
 def test_a_failing_parent_exits_although_its_workers_ignore_sigterm(tmp_path, mode):
     script = tmp_path / "parent.py"
     script.write_text(CRASHING_PARENT)
-    proc = subprocess.Popen([sys.executable, str(script), mode], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, str(script), mode],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     child = int(proc.stdout.readline())
     try:
         if mode == "stop":

@@ -6,20 +6,28 @@ import statistics
 import numpy as np
 import pytest
 from PIL import Image
+from test_train import tiny_config
 
 from salnet import plots
-from salnet.data import ValStream
 from salnet.config import load_config
+from salnet.data import ValStream
 from salnet.report import training_time
 from salnet.rundir import MetricsFile, read_records
 from salnet.runlog import format_duration
 from salnet.shards.synth import synthesize
 from salnet.validate import panel_rank
-from conftest import run_py
-from test_train import tiny_config
 
-FIGURES = {"loss.png": (600, 400), "lr.png": (600, 300), "val_metrics.png": (1200, 840),
-           "pr_A.png": (750, 630), "fm_A.png": (750, 630), "pr_B.png": (750, 630), "fm_B.png": (750, 630)}
+from conftest import run_py
+
+FIGURES = {
+    "loss.png": (600, 400),
+    "lr.png": (600, 300),
+    "val_metrics.png": (1200, 840),
+    "pr_A.png": (750, 630),
+    "fm_A.png": (750, 630),
+    "pr_B.png": (750, 630),
+    "fm_B.png": (750, 630),
+}
 # The colour of each figure's first line: matplotlib's first (tab:blue); salnet.evaluation.plots starts with tab:red.
 FIRST_LINE = {name: (0xD6, 0x27, 0x28) if name.startswith(("pr_", "fm_")) else (0x1F, 0x77, 0xB4) for name in FIGURES}
 
@@ -30,8 +38,15 @@ def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     train, a = synthesize(tmp / "demo", train=64, val=20, size=64, seed=3)
     _, b = synthesize(tmp / "other", train=1, val=13, size=48, seed=9)
-    path, run_dir = tiny_config(tmp, {"train": train, "val": a}, data={"val": {"A": [str(a)], "B": [str(b)]}}, train={"steps": 4},
-                                eval={"every": 2}, checkpoint={"every": 4}, log={"every": 1, "panel_images": 3, "worst_images": 2})
+    path, run_dir = tiny_config(
+        tmp,
+        {"train": train, "val": a},
+        data={"val": {"A": [str(a)], "B": [str(b)]}},
+        train={"steps": 4},
+        eval={"every": 2},
+        checkpoint={"every": 4},
+        log={"every": 1, "panel_images": 3, "worst_images": 2},
+    )
     run_py(["-m", "salnet.train", "--config", path], timeout=400)
     return run_dir
 
@@ -48,7 +63,13 @@ def test_plots_after_a_run_show_what_they_claim(finished_run):
     out = finished_run / "plots"
     records = read_records(finished_run / "metrics.jsonl")
     cfg = load_config(str(finished_run / "config.yaml"))
-    assert {p.name for p in out.iterdir()} == set(FIGURES) | {"panel_A.png", "panel_B.png", "worst_A.png", "worst_B.png", "latest.npz"}
+    assert {p.name for p in out.iterdir()} == set(FIGURES) | {
+        "panel_A.png",
+        "panel_B.png",
+        "worst_A.png",
+        "worst_B.png",
+        "latest.npz",
+    }
     for name, size in FIGURES.items():
         picture = Image.open(out / name)
         assert picture.size == size, name
@@ -76,7 +97,11 @@ def test_plots_after_a_run_show_what_they_claim(finished_run):
     step, details = plots.load_latest(out / plots.LATEST)
     assert step == 4
     for name, d in details.items():
-        keys = [k for batch in ValStream(cfg.data.model_copy(update={"val": cfg.data.val_sets[name]}), 0, 1) for k in batch["key"]]
+        keys = [
+            k
+            for batch in ValStream(cfg.data.model_copy(update={"val": cfg.data.val_sets[name]}), 0, 1)
+            for k in batch["key"]
+        ]
         assert [s.key for s in d.panel] == sorted(keys, key=lambda k: (panel_rank(k), k))[:3]
         assert sorted(d.per_image) == sorted(keys)
         maes = {k: m["MAE"] for k, m in d.per_image.items()}
@@ -110,11 +135,16 @@ def test_report_redraws_and_summarises_a_finished_run(finished_run, tmp_path):
     assert f"checkpoint  {run_dir / 'checkpoints' / 'step-00000004'}" in out
     best = max(vals, key=lambda r: r["mean/maxF"])
     assert f"best.pt     {run_dir / 'best.pt'}: mean/maxF={best['mean/maxF']:.4f} @ step {best['step']}" in out
-    table = out[out.index("best validation of each set (by maxF):"):].splitlines()
+    table = out[out.index("best validation of each set (by maxF):") :].splitlines()
     assert table[1].split() == ["set", "step", "maxF", "meanF", "adpF", "maxE", "meanE", "adpE", "S", "MAE"]
     for row, set_name in zip(table[2:5], ("A", "B", "mean")):
         chosen = max(vals, key=lambda r: r[f"{set_name}/maxF"])
-        assert row.split()[:4] == [set_name, str(chosen["step"]), f"{chosen[f'{set_name}/maxF']:.4f}", f"{chosen[f'{set_name}/meanF']:.4f}"]
+        assert row.split()[:4] == [
+            set_name,
+            str(chosen["step"]),
+            f"{chosen[f'{set_name}/maxF']:.4f}",
+            f"{chosen[f'{set_name}/meanF']:.4f}",
+        ]
     assert "validation @ step 4" in out
 
 
@@ -123,8 +153,20 @@ def test_report_on_a_run_that_never_validated(tmp_path):
     run_dir.mkdir()
     log = MetricsFile(run_dir)  # what a run writes before its first validation
     for step, loss in ((1, 0.9), (2, 0.7), (3, 0.6)):
-        log.append({"kind": "train", "step": step, "epoch": 0, "lr": 0.01 * step, "loss": loss, "images_per_s": 100.0 + step,
-                    "data_wait": 0.1, "peak_mem_mib": 500, "elapsed_s": 2.0 * step, "eta_s": 10.0})
+        log.append(
+            {
+                "kind": "train",
+                "step": step,
+                "epoch": 0,
+                "lr": 0.01 * step,
+                "loss": loss,
+                "images_per_s": 100.0 + step,
+                "data_wait": 0.1,
+                "peak_mem_mib": 500,
+                "elapsed_s": 2.0 * step,
+                "eta_s": 10.0,
+            }
+        )
     out = run_py(["-m", "salnet.report", run_dir], timeout=200).stdout
     assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["loss.png", "lr.png"]
     assert "steps       3, epoch 0" in out and "time        0:00:06 training over 1 attempt(s)" in out

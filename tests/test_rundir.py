@@ -52,14 +52,23 @@ time.sleep(60)
 
 
 def test_one_writer_the_lock_names_its_holder_and_dies_with_it(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              env={"SLURM_JOB_ID": "4242", "PATH": ""})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"SLURM_JOB_ID": "4242", "PATH": ""},
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunDirLocked) as e:
             RunLock(tmp_path).acquire()
         msg = str(e.value)
-        assert str(tmp_path) in msg and f'"pid": {holder.pid}' in msg and '"slurm_job_id": "4242"' in msg and '"host"' in msg
+        assert (
+            str(tmp_path) in msg
+            and f'"pid": {holder.pid}' in msg
+            and '"slurm_job_id": "4242"' in msg
+            and '"host"' in msg
+        )
     finally:
         holder.kill()  # kill -9: the kernel drops the lock with the process
         holder.wait()

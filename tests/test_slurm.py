@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+import slurm_cluster as sc
 import yaml
 
-import slurm_cluster as sc
 from conftest import REPO
 
 SUBMIT = REPO / "launch" / "submit.py"
@@ -43,8 +43,10 @@ _submitted: list[str] = []
 @pytest.fixture(scope="session")
 def cluster():
     if MISSING:
-        pytest.skip(f"Slurm is not installed here (missing {', '.join(MISSING)}): .ci/run installs slurmctld, slurmd, "
-                    f"slurm-client and munge with apt-get, or run slurm/local/up.sh as root")
+        pytest.skip(
+            f"Slurm is not installed here (missing {', '.join(MISSING)}): .ci/run installs slurmctld, slurmd, "
+            f"slurm-client and munge with apt-get, or run slurm/local/up.sh as root"
+        )
     started = False
     if not sc.cluster_ready():
         print(sc.up())
@@ -62,21 +64,48 @@ def cluster():
 def work(tmp_path_factory):
     """A directory with tiny synthetic shards (made by the real CLI); runs go to work/runs."""
     root = tmp_path_factory.mktemp("slurm")
-    subprocess.run([sys.executable, "-m", "salnet.shards", "synth", str(root / "shards"), "--train", "64", "--val", "16",
-                    "--size", "64"], check=True, capture_output=True, timeout=300, cwd=REPO)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "salnet.shards",
+            "synth",
+            str(root / "shards"),
+            "--train",
+            "64",
+            "--val",
+            "16",
+            "--size",
+            "64",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd=REPO,
+    )
     return root
 
 
 def write_config(root: Path, name: str, **sections) -> Path:
     """A tiny run config with paths relative to `root` (the launcher makes them absolute)."""
     cfg = {
-        "name": name, "out_dir": "runs",
+        "name": name,
+        "out_dir": "runs",
         # one loader worker per rank: Slurm signals it too, and it must ignore the signal
-        "data": {"train": ["shards/train"], "val": ["shards/val"], "size": 64, "eval_size": 64, "batch_size": 4,
-                 "eval_batch_size": 8, "workers": 1},
+        "data": {
+            "train": ["shards/train"],
+            "val": ["shards/val"],
+            "size": 64,
+            "eval_size": 64,
+            "batch_size": 4,
+            "eval_batch_size": 8,
+            "workers": 1,
+        },
         "model": {"backbone": {"name": "resnet18", "weights": "none"}, "ppm_width": 32, "fpn_width": 32},
         "optim": {"lr": 1e-3, "backbone_lr_mult": 1.0, "warmup_steps": 2},
-        "train": {"steps": STEPS, "timeout_s": 60}, "eval": {"every": 8}, "checkpoint": {"every": 8, "keep": 5},
+        "train": {"steps": STEPS, "timeout_s": 60},
+        "eval": {"every": 8},
+        "checkpoint": {"every": 8, "keep": 5},
         "log": {"every": 1},
     }
     for section, values in sections.items():
@@ -87,8 +116,14 @@ def write_config(root: Path, name: str, **sections) -> Path:
 
 
 def submit(root: Path, config: Path, *args: str, check: bool = True, env: dict | None = None):
-    proc = subprocess.run([sys.executable, str(SUBMIT), *args, "--config", str(config)], cwd=root, capture_output=True,
-                          text=True, timeout=180, env={**os.environ, **ENV, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, str(SUBMIT), *args, "--config", str(config)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **ENV, **(env or {})},
+    )
     if not check:
         return None, proc
     assert proc.returncode == 0, f"submit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
@@ -190,20 +225,71 @@ def assert_bitwise_identical(reference: Path, run_dir: Path, steps: int) -> None
 
 def test_dry_run_prints_the_script_and_the_resolved_config_and_writes_nothing(work):
     config = write_config(work, "dry")
-    _, proc = submit(work, config, "--dry-run", "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1",
-                     "--cpus-per-task", "3", "--mem-gb", "1.5", "--time", "1:30:00", "--partition", "batch", "--account", "acct",
-                     "--qos", "normal", "--constraint", "cpu&fast", "--exclude", "node9", "--comment", "a comment",
-                     "--signal-delay", "90", "--max-requeues", "4", "--slurm", "mail-type=END", "--slurm", "exclusive",
-                     "--setup", "module load python/3.11", "optim.lr=2e-3", check=False)
+    _, proc = submit(
+        work,
+        config,
+        "--dry-run",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "1",
+        "--cpus-per-task",
+        "3",
+        "--mem-gb",
+        "1.5",
+        "--time",
+        "1:30:00",
+        "--partition",
+        "batch",
+        "--account",
+        "acct",
+        "--qos",
+        "normal",
+        "--constraint",
+        "cpu&fast",
+        "--exclude",
+        "node9",
+        "--comment",
+        "a comment",
+        "--signal-delay",
+        "90",
+        "--max-requeues",
+        "4",
+        "--slurm",
+        "mail-type=END",
+        "--slurm",
+        "exclusive",
+        "--setup",
+        "module load python/3.11",
+        "optim.lr=2e-3",
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     script = out.split("# ---- sbatch script", 1)[1].split("# ---- resolved config", 1)[0]
-    for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=3", "#SBATCH --mem=1536MB",
-                 "#SBATCH --time=90", "#SBATCH --partition=batch", "#SBATCH --account=acct", "#SBATCH --qos=normal",
-                 "#SBATCH --constraint='cpu&fast'", "#SBATCH --exclude=node9", "#SBATCH --comment='a comment'",
-                 "#SBATCH --signal=USR2@90", "#SBATCH --requeue", "#SBATCH --dependency=singleton", "#SBATCH --open-mode=append",
-                 "#SBATCH --mail-type=END", "#SBATCH --exclusive", f"#SBATCH --output={work}/runs/dry/slurm/%j_0_log.out",
-                 "module load python/3.11"]:
+    for line in [
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=3",
+        "#SBATCH --mem=1536MB",
+        "#SBATCH --time=90",
+        "#SBATCH --partition=batch",
+        "#SBATCH --account=acct",
+        "#SBATCH --qos=normal",
+        "#SBATCH --constraint='cpu&fast'",
+        "#SBATCH --exclude=node9",
+        "#SBATCH --comment='a comment'",
+        "#SBATCH --signal=USR2@90",
+        "#SBATCH --requeue",
+        "#SBATCH --dependency=singleton",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --mail-type=END",
+        "#SBATCH --exclusive",
+        f"#SBATCH --output={work}/runs/dry/slurm/%j_0_log.out",
+        "module load python/3.11",
+    ]:
         assert line in script.splitlines(), f"{line!r} not in\n{script}"
     assert "B:USR2" not in script and "--wckey" not in script and "gpus" not in script
     assert re.search(r"#SBATCH --job-name=salnet-dry-[0-9a-f]{6}$", script, re.M)
@@ -215,7 +301,9 @@ def test_dry_run_prints_the_script_and_the_resolved_config_and_writes_nothing(wo
     assert "max_requeues=4" in out
     # The resolved config: absolute paths, the override applied.
     resolved = yaml.safe_load(out.split("# ---- resolved config", 1)[1].split("\n", 1)[1])
-    assert resolved["data"]["train"] == [str(work / "shards/train")] and resolved["data"]["val"] == [str(work / "shards/val")]
+    assert resolved["data"]["train"] == [str(work / "shards/train")] and resolved["data"]["val"] == [
+        str(work / "shards/val")
+    ]
     assert resolved["out_dir"] == str(work / "runs") and resolved["optim"]["lr"] == 2e-3
     assert "data.train[0] " + str(work / "shards/train") + ": 64 samples" in out
     assert not (work / "runs" / "dry").exists()  # nothing written
@@ -231,7 +319,9 @@ def test_a_gpu_job_runs_one_task_per_gpu(work):
     assert proc.returncode == 2 and "one task per GPU" in proc.stderr
 
 
-@pytest.mark.parametrize("case", ["typo", "missing-dir", "named-set", "no-manifest", "weights", "steps", "owned-flag", "time", "resume"])
+@pytest.mark.parametrize(
+    "case", ["typo", "missing-dir", "named-set", "no-manifest", "weights", "steps", "owned-flag", "time", "resume"]
+)
 def test_submit_time_errors_name_the_key_or_path(work, tmp_path, case):
     config = write_config(work, f"bad-{case}")
     args, env = [], {}
@@ -240,14 +330,21 @@ def test_submit_time_errors_name_the_key_or_path(work, tmp_path, case):
     elif case == "missing-dir":
         args, expect = ["data.val=[nowhere/val]"], ["data.val[0]", str(work / "nowhere/val"), "does not exist"]
     elif case == "named-set":
-        args, expect = ["data.val={ECSSD: [shards/val], DUTS-TE: [nowhere/duts-te]}"], ["data.val.DUTS-TE[0]", str(work / "nowhere/duts-te")]
+        args, expect = (
+            ["data.val={ECSSD: [shards/val], DUTS-TE: [nowhere/duts-te]}"],
+            ["data.val.DUTS-TE[0]", str(work / "nowhere/duts-te")],
+        )
     elif case == "no-manifest":
         (tmp_path / "half").mkdir()
         args, expect = [f"data.train=[{tmp_path / 'half'}]"], ["data.train[0]", str(tmp_path / "half"), "manifest.json"]
     elif case == "weights":
         env = {"TORCH_HOME": str(tmp_path / "torch")}  # an empty cache
         args = ["model.backbone.weights=imagenet"]
-        expect = ["model.backbone.weights='imagenet'", str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"), "curl -fL"]
+        expect = [
+            "model.backbone.weights='imagenet'",
+            str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"),
+            "curl -fL",
+        ]
     elif case == "steps":
         args, expect = ["train.steps=null"], ["train.steps", "train.epochs"]
     elif case == "owned-flag":
@@ -255,7 +352,10 @@ def test_submit_time_errors_name_the_key_or_path(work, tmp_path, case):
     elif case == "time":
         args, expect = ["--time", "1:2:3:4"], ["--time '1:2:3:4'"]
     else:
-        args, expect = ["train.resume=runs/x/checkpoints/step-00000001"], ["train.resume=", str(work / "runs/x/checkpoints/step-00000001")]
+        args, expect = (
+            ["train.resume=runs/x/checkpoints/step-00000001"],
+            ["train.resume=", str(work / "runs/x/checkpoints/step-00000001")],
+        )
     _, proc = submit(work, config, *args, check=False, env=env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     for text in expect:
@@ -277,9 +377,14 @@ class Reference:
         self.run_dir = work / "runs" / "reference"
         self.out = work / "reference-submit.out"
         with open(self.out, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, str(SUBMIT), *CPU_JOB, "--follow", "--config",
-                                          str(write_config(work, "reference"))], cwd=work, stdout=out,
-                                         stderr=subprocess.STDOUT, text=True, env={**os.environ, **ENV})
+            self.proc = subprocess.Popen(
+                [sys.executable, str(SUBMIT), *CPU_JOB, "--follow", "--config", str(write_config(work, "reference"))],
+                cwd=work,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, **ENV},
+            )
         start = time.monotonic()
         while not (m := re.search(r"^submitted job (\d+)", self.out.read_text(), re.M)):
             if self.proc.poll() is not None or time.monotonic() - start > 120:
@@ -364,11 +469,17 @@ def test_a_submitted_job_trains_validates_and_writes_best(reference):
     config = run_dir.parent.parent / "reference.yaml"
     wandb_id = (run_dir / "slurm" / "wandb_id").read_text().strip()
     _, again = submit(run_dir.parent.parent, config, *CPU_JOB, "--dry-run", check=False)
-    assert f"resume:    resumes from step {STEPS} ({run_dir}/checkpoints/step-{STEPS:08d})" in again.stdout, again.stdout + again.stderr
+    assert f"resume:    resumes from step {STEPS} ({run_dir}/checkpoints/step-{STEPS:08d})" in again.stdout, (
+        again.stdout + again.stderr
+    )
     assert f"wandb_id='{wandb_id}'" in again.stdout
     _, fresh = submit(run_dir.parent.parent, config, *CPU_JOB, "--dry-run", "--fresh", check=False)
-    assert (f"resume:    starts over (train.resume=none): the job removes 2 checkpoint(s) (newest step {STEPS}" in fresh.stdout
-            and "resume: none" in fresh.stdout and f"wandb_id='{wandb_id}'" not in fresh.stdout), fresh.stdout + fresh.stderr
+    assert (
+        f"resume:    starts over (train.resume=none): the job removes 2 checkpoint(s) (newest step {STEPS}"
+        in fresh.stdout
+        and "resume: none" in fresh.stdout
+        and f"wandb_id='{wandb_id}'" not in fresh.stdout
+    ), fresh.stdout + fresh.stderr
     assert checkpoint_steps(run_dir) == [8, STEPS]  # a dry run removes nothing
 
 
@@ -376,10 +487,34 @@ def test_sbatch_script_passes_the_usr2_scenario(reference, work):
     config = write_config(work, "sbatch")
     out = work / "runs"
     out.mkdir(exist_ok=True)
-    proc = subprocess.run(["sbatch", "--parsable", "--job-name", "salnet-sbatch", "--nodes", "2", "--gpus-per-node", "0",
-                           "--ntasks-per-node", "1", "--cpus-per-task", "1", "--time", "10", "--output", str(out / "sbatch-%j.out"),
-                           str(SBATCH), "--config", str(config)], cwd=work, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **ENV, "SALNET_PYTHON": sys.executable, "SALNET_MAX_REQUEUES": "2"})
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--job-name",
+            "salnet-sbatch",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "0",
+            "--ntasks-per-node",
+            "1",
+            "--cpus-per-task",
+            "1",
+            "--time",
+            "10",
+            "--output",
+            str(out / "sbatch-%j.out"),
+            str(SBATCH),
+            "--config",
+            str(config),
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **ENV, "SALNET_PYTHON": sys.executable, "SALNET_MAX_REQUEUES": "2"},
+    )
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
     _submitted.append(job)
@@ -427,7 +562,9 @@ def test_a_crash_on_one_rank_fails_the_job_in_bounded_time_naming_the_rank(clust
     with open(tar_path, "r+b") as f:
         f.seek(last_image.offset_data)
         f.write(b"not an image at all")
-    config = write_config(work, "crash", data={"val": [str(val)]}, train={"steps": 8, "timeout_s": 60}, eval={"every": 2})
+    config = write_config(
+        work, "crash", data={"val": [str(val)]}, train={"steps": 8, "timeout_s": 60}, eval={"every": 2}
+    )
     job, _ = submit(work, config, *CPU_JOB, "--srun-wait", "30")
     run_dir = work / "runs" / "crash"
     waited = wait_gone(run_dir, job, timeout=180)
@@ -466,14 +603,24 @@ def test_max_requeues_is_honoured_and_a_second_submit_waits_for_the_first(cluste
 
 def test_preemption_by_a_higher_priority_partition_saves_requeues_and_finishes(cluster, work):
     steps = 40
-    config = write_config(work, "preempted", train={"steps": steps, "timeout_s": 60}, eval={"every": 20},
-                          checkpoint={"every": 20, "keep": 5})
+    config = write_config(
+        work,
+        "preempted",
+        train={"steps": steps, "timeout_s": 60},
+        eval={"every": 20},
+        checkpoint={"every": 20, "keep": 5},
+    )
     job, _ = submit(work, config, *CPU_JOB)
     run_dir = work / "runs" / "preempted"
     wait_for_step(run_dir, job, 3)
     # Both nodes, whole: Slurm must preempt the batch job to run it.
-    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N", "2", "--exclusive", "-o", "/dev/null",
-                             "--wrap", "sleep 2"], capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    urgent = subprocess.run(
+        ["sbatch", "--parsable", "-p", "urgent", "-N", "2", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
     _submitted.append(urgent)
     wait_gone(run_dir, job, timeout=JOB_TIMEOUT)
     log = rank0_log(run_dir, job)
@@ -501,8 +648,13 @@ def test_a_real_time_limit_ends_in_a_requeue_and_a_finished_run(reference, work)
     # within the first 30 s of the attempt. The run is sized (from the reference run's speed) to
     # train for ~36 s, so it is still training then, whatever this machine's speed.
     steps = 2 * min(200, max(40, round(36 / seconds_per_step(reference.wait()) / 2)))
-    config = write_config(work, "timelimit", train={"steps": steps, "timeout_s": 60}, eval={"every": steps // 2},
-                          checkpoint={"every": steps // 2, "keep": 5})
+    config = write_config(
+        work,
+        "timelimit",
+        train={"steps": steps, "timeout_s": 60},
+        eval={"every": steps // 2},
+        checkpoint={"every": steps // 2, "keep": 5},
+    )
     args = list(CPU_JOB)
     args[args.index("--time") + 1] = "1"
     args[args.index("--signal-delay") + 1] = "30"

@@ -23,7 +23,7 @@ def weights(path):
 def assert_close(a, b, rtol=1e-5, atol=1e-6):
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")  # noqa: B023 (called at once)
 
 
 def test_ddp_two_ranks_matches_one_process_with_the_same_global_batch(tmp_path):
@@ -77,7 +77,10 @@ def test_nonfinite_loss_is_skipped_and_weights_untouched():
     strategy = build_strategy(cfg, model, total_steps=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(2, 3, 8, 8), torch.ones(2, 1, 8, 8)
-    nan_loss = lambda out, tgt: (out.float().mean() * math.nan, {})
+
+    def nan_loss(out, tgt):
+        return out.float().mean() * math.nan, {}
+
     strategy.forward_backward(x, y, nan_loss, sync=True)
     assert strategy.optimizer_step().skipped is SkipReason.NON_FINITE_LOSS
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -15,6 +15,7 @@ from salnet.data import ValStream
 from salnet.model import build_model
 from salnet.shards.synth import synthesize
 from salnet.validate import probabilities_at
+
 from conftest import REPO, run_py, torchrun
 
 
@@ -27,12 +28,23 @@ def shards(tmp_path_factory):
 
 def tiny_config(tmp_path, shards, **sections):
     cfg = {
-        "name": "tiny", "out_dir": str(tmp_path / "runs"),
-        "data": {"train": [str(shards["train"])], "val": [str(shards["val"])], "size": 64, "eval_size": 64,
-                 "batch_size": 8, "eval_batch_size": 8, "workers": 0},
+        "name": "tiny",
+        "out_dir": str(tmp_path / "runs"),
+        "data": {
+            "train": [str(shards["train"])],
+            "val": [str(shards["val"])],
+            "size": 64,
+            "eval_size": 64,
+            "batch_size": 8,
+            "eval_batch_size": 8,
+            "workers": 0,
+        },
         "model": {"backbone": {"name": "resnet18"}, "ppm_width": 32, "fpn_width": 32},
         "optim": {"lr": 1e-3, "backbone_lr_mult": 1.0, "warmup_steps": 2},
-        "train": {"steps": 6}, "eval": {"every": 3}, "checkpoint": {"every": 3, "keep": 5}, "log": {"every": 2},
+        "train": {"steps": 6},
+        "eval": {"every": 3},
+        "checkpoint": {"every": 3, "keep": 5},
+        "log": {"every": 2},
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values) if isinstance(values, dict) else cfg.__setitem__(section, values)
@@ -68,9 +80,16 @@ def assert_metrics_are_those_of_best_pt(run_dir, best):
             for ref in refs.values():
                 ref.step(pred=pred_png, gt=mask.numpy())
     f, e = refs["F"].get_results(), refs["E"].get_results()
-    expected = {"maxF": f["fm"]["curve"].max(), "meanF": f["fm"]["curve"].mean(), "adpF": f["fm"]["adp"],
-                "maxE": e["em"]["curve"].max(), "meanE": e["em"]["curve"].mean(), "adpE": e["em"]["adp"],
-                "S": refs["S"].get_results()["sm"], "MAE": refs["MAE"].get_results()["mae"]}
+    expected = {
+        "maxF": f["fm"]["curve"].max(),
+        "meanF": f["fm"]["curve"].mean(),
+        "adpF": f["fm"]["adp"],
+        "maxE": e["em"]["curve"].max(),
+        "meanE": e["em"]["curve"].mean(),
+        "adpE": e["em"]["adp"],
+        "S": refs["S"].get_results()["sm"],
+        "MAE": refs["MAE"].get_results()["mae"],
+    }
     for name, value in expected.items():
         assert best["metrics"][f"val/{name}"] == pytest.approx(value, abs=1e-6), name
 
@@ -78,13 +97,18 @@ def assert_metrics_are_those_of_best_pt(run_dir, best):
 def test_one_process_trains_validates_and_keeps_best(tmp_path, shards):
     path, run_dir = tiny_config(tmp_path, shards, log={"every": 2, "wandb": True})
     secret = "0123456789abcdef-not-a-real-wandb-key"
-    proc = run_py(["-m", "salnet.train", "--config", path], timeout=300,
-                  env={"WANDB_MODE": "offline", "WANDB_API_KEY": secret, "WANDB_SILENT": "true"})
+    proc = run_py(
+        ["-m", "salnet.train", "--config", path],
+        timeout=300,
+        env={"WANDB_MODE": "offline", "WANDB_API_KEY": secret, "WANDB_SILENT": "true"},
+    )
     out = proc.stdout
     assert secret not in out + proc.stderr
     assert "global batch 8 = 1 ranks x 8 micro-batch x 1 accumulation" in out
     # W&B (real wandb, offline): one run, whose id the checkpoint keeps for a requeued job.
-    wandb_id = torch.load(run_dir / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)["client"]["train"]["wandb_id"]
+    wandb_id = torch.load(run_dir / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)["client"]["train"][
+        "wandb_id"
+    ]
     assert [p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")] == [wandb_id]
     assert load_config(str(run_dir / "config.yaml")) == load_config(str(path))
     vals = records(run_dir, "val")
@@ -146,9 +170,16 @@ def test_a_rank_that_raises_ends_the_job(tmp_path, shards):
 def test_short_demo_learns(tmp_path, shards):
     root = tmp_path / "demo"
     train, val = synthesize(root, train=256, val=32, size=64, seed=11)
-    path, run_dir = tiny_config(tmp_path, {"train": train, "val": val}, data={"batch_size": 16},
-                                train={"steps": 150}, eval={"every": 30}, checkpoint={"every": 150},
-                                log={"every": 50}, optim={"warmup_steps": 10})
+    path, run_dir = tiny_config(
+        tmp_path,
+        {"train": train, "val": val},
+        data={"batch_size": 16},
+        train={"steps": 150},
+        eval={"every": 30},
+        checkpoint={"every": 150},
+        log={"every": 50},
+        optim={"warmup_steps": 10},
+    )
     run_py(["-m", "salnet.train", "--config", path], timeout=600, env={"OMP_NUM_THREADS": "2"})
     vals = records(run_dir, "val")
     first, last = vals[0], vals[-1]
@@ -159,9 +190,14 @@ def test_short_demo_learns(tmp_path, shards):
 def test_diverging_run_stops_after_max_bad_steps_keeping_the_last_good_checkpoint(tmp_path, shards):
     # lr=1e12: AdamW moves every weight by ~1e12 in one step; from then on the loss is non-finite,
     # every step is skipped on all ranks together, and the run stops after max_bad_steps of them.
-    path, run_dir = tiny_config(tmp_path, shards, optim={"lr": 1e12, "warmup_steps": 0},
-                                train={"steps": 8, "max_bad_steps": 3}, checkpoint={"every": 1, "keep": 10},
-                                eval={"every": 100})
+    path, run_dir = tiny_config(
+        tmp_path,
+        shards,
+        optim={"lr": 1e12, "warmup_steps": 0},
+        train={"steps": 8, "max_bad_steps": 3},
+        checkpoint={"every": 1, "keep": 10},
+        eval={"every": 100},
+    )
     proc = run_py(["-m", "salnet.train", "--config", path], timeout=300, check=False)
     assert proc.returncode == 1
     assert "TrainingDiverged: 3 consecutive steps skipped (non-finite loss)" in proc.stderr
@@ -175,8 +211,9 @@ def test_diverging_run_stops_after_max_bad_steps_keeping_the_last_good_checkpoin
 
 def test_named_val_sets_are_scored_separately_each_sample_once_for_1_2_3_ranks(tmp_path, shards):
     other = synthesize(tmp_path / "other", train=1, val=13, size=48, seed=9)[1]
-    path, _ = tiny_config(tmp_path, shards, data={"val": {"A": [str(shards["val"])], "B": [str(other)]}},
-                          eval={"best_metric": "B/MAE"})
+    path, _ = tiny_config(
+        tmp_path, shards, data={"val": {"A": [str(shards["val"])], "B": [str(other)]}}, eval={"best_metric": "B/MAE"}
+    )
     probe = REPO / "tests" / "val_sets_probe.py"
     results = []
     for ranks in (1, 2, 3):
@@ -197,10 +234,16 @@ def test_named_val_sets_are_scored_separately_each_sample_once_for_1_2_3_ranks(t
 
 def test_training_with_named_val_sets_keeps_the_best_of_the_named_metric(tmp_path, shards):
     other = synthesize(tmp_path / "other", train=1, val=8, size=48, seed=9)[1]
-    path, run_dir = tiny_config(tmp_path, shards, data={"val": {"A": [str(shards["val"])], "B": [str(other)]}},
-                                eval={"best_metric": "B/MAE", "every": 2}, train={"steps": 4}, checkpoint={"every": 4})
+    path, run_dir = tiny_config(
+        tmp_path,
+        shards,
+        data={"val": {"A": [str(shards["val"])], "B": [str(other)]}},
+        eval={"best_metric": "B/MAE", "every": 2},
+        train={"steps": 4},
+        checkpoint={"every": 4},
+    )
     out = run_py(["-m", "salnet.train", "--config", path], timeout=300).stdout
-    table = out[out.rindex("validation @ step 4"):].splitlines()
+    table = out[out.rindex("validation @ step 4") :].splitlines()
     assert table[1].split()[:3] == ["set", "maxF", "meanF"]
     assert [row.split()[0] for row in table[2:5]] == ["A", "B", "mean"]
     vals = records(run_dir, "val")
@@ -213,16 +256,31 @@ def test_training_with_named_val_sets_keeps_the_best_of_the_named_metric(tmp_pat
 
 
 def test_resume_applies_changed_learning_rates_and_refuses_changes_that_make_another_run(tmp_path, shards):
-    path, run_dir = tiny_config(tmp_path, shards, train={"steps": 4}, eval={"every": 4}, checkpoint={"every": 2, "keep": 5},
-                                log={"every": 1}, optim={"warmup_steps": 0, "schedule": "constant"})
+    path, run_dir = tiny_config(
+        tmp_path,
+        shards,
+        train={"steps": 4},
+        eval={"every": 4},
+        checkpoint={"every": 2, "keep": 5},
+        log={"every": 1},
+        optim={"warmup_steps": 0, "schedule": "constant"},
+    )
     run_py(["-m", "salnet.train", "--config", path], timeout=300)
     shutil.rmtree(run_dir / "checkpoints" / "step-00000004")  # as if it had stopped after step 2
-    refused = run_py(["-m", "salnet.train", "--config", path, "model.fpn_width=16", "train.seed=7"], timeout=300, check=False)
+    refused = run_py(
+        ["-m", "salnet.train", "--config", path, "model.fpn_width=16", "train.seed=7"], timeout=300, check=False
+    )
     assert refused.returncode == 1
-    assert "cannot resume" in refused.stderr and "model.fpn_width: 32 -> 16" in refused.stderr and "train.seed: 0 -> 7" in refused.stderr
+    assert (
+        "cannot resume" in refused.stderr
+        and "model.fpn_width: 32 -> 16" in refused.stderr
+        and "train.seed: 0 -> 7" in refused.stderr
+    )
     assert "start a new run instead" in refused.stderr
     out = run_py(["-m", "salnet.train", "--config", path, "optim.lr=0.005", "log.every=2"], timeout=300).stdout
-    assert "changed settings that take effect" in out and "optim.lr: 0.001 -> 0.005" in out and "log.every: 1 -> 2" in out
+    assert (
+        "changed settings that take effect" in out and "optim.lr: 0.001 -> 0.005" in out and "log.every: 1 -> 2" in out
+    )
     lrs = {r["step"]: r["lr"] for r in records(run_dir, "train")}
     assert lrs[1] == lrs[2] == pytest.approx(1e-3) and lrs[4] == pytest.approx(5e-3)  # the new lr, for real
     assert json.loads((run_dir / "checkpoints" / "step-00000004" / "config.json").read_text())["optim"]["lr"] == 0.005
@@ -230,9 +288,14 @@ def test_resume_applies_changed_learning_rates_and_refuses_changes_that_make_ano
 
 def test_non_finite_predictions_at_validation_are_reported_as_divergence_on_every_rank(tmp_path, shards):
     # lr=1e12: after one step the network predicts NaN; validation comes before max_bad_steps runs out.
-    path, run_dir = tiny_config(tmp_path, shards, optim={"lr": 1e12, "warmup_steps": 0},
-                                train={"steps": 8, "max_bad_steps": 10, "timeout_s": 60}, eval={"every": 2},
-                                checkpoint={"every": 100})
+    path, run_dir = tiny_config(
+        tmp_path,
+        shards,
+        optim={"lr": 1e12, "warmup_steps": 0},
+        train={"steps": 8, "max_bad_steps": 10, "timeout_s": 60},
+        eval={"every": 2},
+        checkpoint={"every": 100},
+    )
     proc = torchrun(2, ["-m", "salnet.train", "--config", path], check=False, timeout=300)
     assert proc.returncode != 0
     for rank in (0, 1):

@@ -11,12 +11,13 @@ import time
 
 import pytest
 import torch
+from test_train import records, tiny_config
 
 from salnet.checkpoint import complete_checkpoints
 from salnet.preemption import EXIT_REQUEUE
 from salnet.shards.synth import synthesize
+
 from conftest import REPO, free_port, torchrun
-from test_train import records, tiny_config
 
 STEPS = 16
 
@@ -37,14 +38,26 @@ def uninterrupted(tmp_path_factory, shards):
 
 
 def run_config(tmp_path, shards):
-    return tiny_config(tmp_path, shards, train={"steps": STEPS}, eval={"every": 8}, checkpoint={"every": STEPS, "keep": 5},
-                       log={"every": 1})
+    return tiny_config(
+        tmp_path,
+        shards,
+        train={"steps": STEPS},
+        eval={"every": 8},
+        checkpoint={"every": STEPS, "keep": 5},
+        log={"every": 1},
+    )
 
 
 def popen(args, env=None):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, *map(str, args)], env=full_env, cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, *map(str, args)],
+        env=full_env,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_for_step(run_dir, step, procs, timeout=300):
@@ -52,7 +65,9 @@ def wait_for_step(run_dir, step, procs, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         path = run_dir / "metrics.jsonl"
-        if path.exists() and any(json.loads(line).get("step", 0) >= step for line in path.read_text().splitlines() if line.endswith("}")):
+        if path.exists() and any(
+            json.loads(line).get("step", 0) >= step for line in path.read_text().splitlines() if line.endswith("}")
+        ):
             return
         for p in procs:
             if p.poll() is not None:
@@ -90,9 +105,19 @@ def assert_resumed_run_equals(run_dir, uninterrupted):
 def test_a_warning_signal_to_one_rank_stops_every_rank_at_one_step_and_resume_is_exact(tmp_path, shards, uninterrupted):
     path, run_dir = run_config(tmp_path, shards)
     port = free_port()
-    ranks = [popen(["-m", "salnet.train", "--config", path],
-                   env={"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-             for r in range(2)]
+    ranks = [
+        popen(
+            ["-m", "salnet.train", "--config", path],
+            env={
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+        )
+        for r in range(2)
+    ]
     wait_for_step(run_dir, 3, ranks)
     ranks[1].send_signal(signal.SIGUSR2)  # rank 1 only: rank 0 learns of it in the step's all-reduce
     outs = [p.communicate(timeout=120) for p in ranks]
@@ -103,7 +128,9 @@ def test_a_warning_signal_to_one_rank_stops_every_rank_at_one_step_and_resume_is
     assert 3 <= step < STEPS
     # one checkpoint, at the agreed step, written by both ranks together
     assert [p.name for p in complete_checkpoints(run_dir)] == [f"step-{step:08d}"]
-    assert torch.load(complete_checkpoints(run_dir)[0] / "state.pt", weights_only=True)["client"]["train"]["step"] == step
+    assert (
+        torch.load(complete_checkpoints(run_dir)[0] / "state.pt", weights_only=True)["client"]["train"]["step"] == step
+    )
 
     out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=400).stdout
     assert f"step-{step:08d} at step {step}" in out
@@ -112,8 +139,19 @@ def test_a_warning_signal_to_one_rank_stops_every_rank_at_one_step_and_resume_is
 
 def test_sigterm_to_torchrun_saves_and_does_not_ask_for_a_requeue(tmp_path, shards):
     path, run_dir = run_config(tmp_path, shards)
-    agent = popen(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                   f"--master_port={free_port()}", "-m", "salnet.train", "--config", path])
+    agent = popen(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "salnet.train",
+            "--config",
+            path,
+        ]
+    )
     wait_for_step(run_dir, 2, [agent])
     agent.send_signal(signal.SIGTERM)  # torchrun's agent passes SIGTERM on to its workers
     out, err = agent.communicate(timeout=120)
@@ -131,8 +169,20 @@ def test_torchrun_max_restarts_resumes_from_the_newest_checkpoint(tmp_path, shar
     config["checkpoint"]["every"] = 4
     path.write_text(__import__("yaml").safe_dump(config))
     # The c10d rendezvous (torchrun's choice for elastic jobs): every restart rendezvouses afresh.
-    agent = popen(["-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1", "--rdzv-backend=c10d",
-                   f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "salnet.train", "--config", path])
+    agent = popen(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--max-restarts=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+            "-m",
+            "salnet.train",
+            "--config",
+            path,
+        ]
+    )
     wait_for_step(run_dir, 5, [agent])  # past the step-4 checkpoint
     workers = children(agent.pid)
     assert len(workers) == 2, workers
@@ -145,8 +195,19 @@ def test_torchrun_max_restarts_resumes_from_the_newest_checkpoint(tmp_path, shar
 
 def test_when_the_launcher_dies_the_ranks_save_and_stop_instead_of_training_unsupervised(tmp_path, shards):
     path, run_dir = run_config(tmp_path, shards)
-    agent = popen(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                   f"--master_port={free_port()}", "-m", "salnet.train", "--config", path])
+    agent = popen(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "salnet.train",
+            "--config",
+            path,
+        ]
+    )
     wait_for_step(run_dir, 2, [agent])
     workers = children(agent.pid)
     assert len(workers) == 2, workers
@@ -155,7 +216,9 @@ def test_when_the_launcher_dies_the_ranks_save_and_stop_instead_of_training_unsu
     deadline = time.monotonic() + 120
     while any(os.path.exists(f"/proc/{pid}") and not zombie(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(os.path.exists(f"/proc/{pid}") and not zombie(pid) for pid in workers), "ranks kept running without their launcher"
+    assert not any(os.path.exists(f"/proc/{pid}") and not zombie(pid) for pid in workers), (
+        "ranks kept running without their launcher"
+    )
     checkpoints = complete_checkpoints(run_dir)
     assert len(checkpoints) == 1  # saved at the step where the ranks learnt of it, then left
     saved = int(checkpoints[0].name.split("-")[1])
@@ -183,10 +246,25 @@ def test_kill_9_at_random_moments_including_saves_then_resume_ends_bitwise_equal
     path.write_text(__import__("yaml").safe_dump(config))
     rng = random.Random(1234)
     for attempt in range(3):
-        agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                                  f"--master_port={free_port()}", "-m", "salnet.train", "--config", str(path)],
-                                 cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, start_new_session=True)
+        agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}",
+                "-m",
+                "salnet.train",
+                "--config",
+                str(path),
+            ],
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         if attempt == 0:  # inside a save: the moment its temporary directory appears
             deadline = time.monotonic() + 300
             while not list((run_dir / "checkpoints").glob(".step-*.tmp")) and time.monotonic() < deadline:

@@ -1,6 +1,6 @@
 """Named validation sets under torchrun (or one process): rank 0 writes the Validator's scores as JSON.
 
-    torchrun --nproc_per_node N tests/val_sets_probe.py CONFIG.yaml OUT.json
+torchrun --nproc_per_node N tests/val_sets_probe.py CONFIG.yaml OUT.json
 """
 
 import json

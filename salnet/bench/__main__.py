@@ -19,7 +19,9 @@ def main(argv: list[str]) -> None:
         sys.exit(0 if argv else 2)
     name, rest = argv[0], argv[1:]
     if name not in names:
-        print(f"salnet.bench: unknown benchmark '{name}'; available: {', '.join(names) or '(none yet)'}", file=sys.stderr)
+        print(
+            f"salnet.bench: unknown benchmark '{name}'; available: {', '.join(names) or '(none yet)'}", file=sys.stderr
+        )
         sys.exit(2)
     importlib.import_module(f"salnet.bench.{name}").main(rest)
 

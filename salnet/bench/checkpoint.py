@@ -44,7 +44,9 @@ def measure(directory: Path, backbone: str, repeats: int) -> dict:
     from salnet.model import build_model
     from salnet.strategy import build_strategy
 
-    cfg = load_config(None, [f"model.backbone.name={backbone}", "model.backbone.weights=none", "train.channels_last=false"])
+    cfg = load_config(
+        None, [f"model.backbone.name={backbone}", "model.backbone.weights=none", "train.channels_last=false"]
+    )
     strategy = build_strategy(cfg, build_model(cfg.model), total_steps=10)
     for p in strategy.module.parameters():  # one AdamW step, so the moments exist and are saved
         p.grad = torch.zeros_like(p)
@@ -60,6 +62,7 @@ def measure(directory: Path, backbone: str, repeats: int) -> dict:
                 torch.save(state, f)
                 f.flush()
                 os.fsync(f.fileno())
+
         return timed(write)[1]
 
     def hashed_save(_):
@@ -67,23 +70,37 @@ def measure(directory: Path, backbone: str, repeats: int) -> dict:
             save_hashed(state, plain)
             with open(plain, "rb") as f:
                 os.fsync(f.fileno())
+
         return timed(write)[1]
 
     def salnet_save(repeat):
         shutil.rmtree(directory / "checkpoints", ignore_errors=True)
         return timed(lambda: save_checkpoint(directory, 1, strategy, client, keep=1))[1]
 
-    saves = medians(interleaved(repeats, {"plain_save_s": plain_save, "hashed_save_s": hashed_save, "salnet_save_s": salnet_save}))
+    saves = medians(
+        interleaved(repeats, {"plain_save_s": plain_save, "hashed_save_s": hashed_save, "salnet_save_s": salnet_save})
+    )
     checkpoint = directory / "checkpoints" / "step-00000001"
-    loads = medians(interleaved(repeats, {
-        "load_s": lambda _: timed(lambda: torch.load(checkpoint / "state.pt", weights_only=True))[1],
-        "verify_s": lambda _: timed(lambda: verify(checkpoint))[1],
-    }))
+    loads = medians(
+        interleaved(
+            repeats,
+            {
+                "load_s": lambda _: timed(lambda: torch.load(checkpoint / "state.pt", weights_only=True))[1],
+                "verify_s": lambda _: timed(lambda: verify(checkpoint))[1],
+            },
+        )
+    )
     size = (checkpoint / "state.pt").stat().st_size
-    out = {"checkpoint_mib": round(size / 2**20, 1), **{k: round(v, 4) for k, v in {**saves, **loads}.items()},
-           "hashed_over_plain": ratio(saves["hashed_save_s"], saves["plain_save_s"]),
-           "save_over_plain": ratio(saves["salnet_save_s"], saves["plain_save_s"]),
-           "verify_over_load": ratio(loads["verify_s"], loads["load_s"])}
-    print(f"{backbone}: {out['checkpoint_mib']} MiB; plain write {out['plain_save_s']:.3f} s, hashed {out['hashed_save_s']:.3f} s "
-          f"({out['hashed_over_plain']}x), save_checkpoint {out['salnet_save_s']:.3f} s ({out['save_over_plain']}x); verify {out['verify_s']:.3f} s vs load {out['load_s']:.3f} s", flush=True)
+    out = {
+        "checkpoint_mib": round(size / 2**20, 1),
+        **{k: round(v, 4) for k, v in {**saves, **loads}.items()},
+        "hashed_over_plain": ratio(saves["hashed_save_s"], saves["plain_save_s"]),
+        "save_over_plain": ratio(saves["salnet_save_s"], saves["plain_save_s"]),
+        "verify_over_load": ratio(loads["verify_s"], loads["load_s"]),
+    }
+    print(
+        f"{backbone}: {out['checkpoint_mib']} MiB; plain write {out['plain_save_s']:.3f} s, hashed {out['hashed_save_s']:.3f} s "
+        f"({out['hashed_over_plain']}x), save_checkpoint {out['salnet_save_s']:.3f} s ({out['save_over_plain']}x); verify {out['verify_s']:.3f} s vs load {out['load_s']:.3f} s",
+        flush=True,
+    )
     return out

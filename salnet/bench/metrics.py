@@ -39,23 +39,42 @@ def main(argv: list[str]) -> None:
     gts_u8 = list(gts.numpy())
     preds_dev, gts_dev = preds.to(device), gts.to(device)
 
-    report = {"benchmark": "metrics", "images": args.images, "height": args.height, "width": args.width,
-              "batch": args.batch, "repeats": args.repeats, "threads": torch.get_num_threads(),
-              "device": str(device)}
-    print(f"{args.images} pairs of {args.height}x{args.width}, salnet on {device} in batches of {args.batch}, "
-          f"{torch.get_num_threads()} thread(s), median of {args.repeats}")
+    report = {
+        "benchmark": "metrics",
+        "images": args.images,
+        "height": args.height,
+        "width": args.width,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    print(
+        f"{args.images} pairs of {args.height}x{args.width}, salnet on {device} in batches of {args.batch}, "
+        f"{torch.get_num_threads()} thread(s), median of {args.repeats}"
+    )
     for name, families in WORKLOADS.items():
-        sides = {"salnet": partial(run_salnet, families, preds_dev, gts_dev, args.batch, device),
-                 "reference": partial(run_reference, families, preds_u8, gts_u8)}
-        runs = interleaved(args.repeats, {side: lambda _, run=run: timed(run) for side, run in sides.items()})  # (values, seconds)
+        sides = {
+            "salnet": partial(run_salnet, families, preds_dev, gts_dev, args.batch, device),
+            "reference": partial(run_reference, families, preds_u8, gts_u8),
+        }
+        runs = interleaved(
+            args.repeats, {side: lambda _, run=run: timed(run) for side, run in sides.items()}
+        )  # (values, seconds)
         (ours, _), (theirs, _) = runs["salnet"][-1], runs["reference"][-1]
         seconds = medians({side: [s for _, s in results] for side, results in runs.items()})
         our_s, their_s = seconds["salnet"], seconds["reference"]
-        row = {"salnet_images_per_s": args.images / our_s, "pysodmetrics_images_per_s": args.images / their_s,
-               "speedup": their_s / our_s, "max_abs_diff": max(abs(ours[k] - theirs[k]) for k in theirs)}
+        row = {
+            "salnet_images_per_s": args.images / our_s,
+            "pysodmetrics_images_per_s": args.images / their_s,
+            "speedup": their_s / our_s,
+            "max_abs_diff": max(abs(ours[k] - theirs[k]) for k in theirs),
+        }
         report[name] = row
-        print(f"{name:10s} salnet {row['salnet_images_per_s']:8.1f} img/s   PySODMetrics "
-              f"{row['pysodmetrics_images_per_s']:7.1f} img/s   x{row['speedup']:.1f}   max |diff| {row['max_abs_diff']:.2e}")
+        print(
+            f"{name:10s} salnet {row['salnet_images_per_s']:8.1f} img/s   PySODMetrics "
+            f"{row['pysodmetrics_images_per_s']:7.1f} img/s   x{row['speedup']:.1f}   max |diff| {row['max_abs_diff']:.2e}"
+        )
     emit(report)
 
 
@@ -68,7 +87,9 @@ def random_pairs(count: int, height: int, width: int, seed: int):
     masks = torch.zeros(count, height, width, dtype=torch.bool)
     for i in range(count):
         for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
-            cy, cx, ry, rx = (torch.rand(4, generator=gen) * torch.tensor([height, width, height / 3, width / 3])).tolist()
+            cy, cx, ry, rx = (
+                torch.rand(4, generator=gen) * torch.tensor([height, width, height / 3, width / 3])
+            ).tolist()
             masks[i] |= ((rows - cy) / (ry + 1)) ** 2 + ((cols - cx) / (rx + 1)) ** 2 <= 1
     noise = torch.rand(count, height, width, generator=gen)
     preds = 0.5 * masks.float() + 0.5 * noise
@@ -78,7 +99,7 @@ def random_pairs(count: int, height: int, width: int, seed: int):
 def run_salnet(families, preds: torch.Tensor, gts: torch.Tensor, batch: int, device: torch.device) -> dict:
     metrics = SODMetrics(families, device=device)
     for start in range(0, preds.shape[0], batch):
-        metrics.update(preds[start:start + batch], gts[start:start + batch])
+        metrics.update(preds[start : start + batch], gts[start : start + batch])
     return metrics.compute()  # ends with a device-to-host copy, so GPU time is included
 
 
@@ -101,10 +122,14 @@ def reference_values(results: dict) -> dict:
     for family, key, curve_key in (("F", "fm", "F"), ("E", "em", "E")):
         if family in results:
             curve = results[family][key]
-            out.update({f"max{curve_key}": float(curve["curve"].max()), f"mean{curve_key}": float(curve["curve"].mean()),
-                        f"adp{curve_key}": float(curve["adp"])})
+            out.update(
+                {
+                    f"max{curve_key}": float(curve["curve"].max()),
+                    f"mean{curve_key}": float(curve["curve"].mean()),
+                    f"adp{curve_key}": float(curve["adp"]),
+                }
+            )
     for family, key in (("S", "sm"), ("wF", "wfm"), ("MAE", "mae")):
         if family in results:
             out[family] = float(results[family][key])
     return out
-

@@ -49,8 +49,11 @@ def main(argv: list[str]) -> None:
         started = time.perf_counter()
         _write_loose_files(src, args.samples, args.size, workers=available_cpus())
         images = sorted((src / "images").iterdir())
-        print(f"made {args.samples} pairs of {args.size} px in {time.perf_counter() - started:.1f} s "
-              f"({sum(p.stat().st_size for p in images) / len(images) / 1024:.0f} KiB per JPEG)", file=sys.stderr)
+        print(
+            f"made {args.samples} pairs of {args.size} px in {time.perf_counter() - started:.1f} s "
+            f"({sum(p.stat().st_size for p in images) / len(images) / 1024:.0f} KiB per JPEG)",
+            file=sys.stderr,
+        )
         for path in src.rglob("*"):  # warm the page cache: every contender reads from memory
             if path.is_file():
                 path.read_bytes()
@@ -59,36 +62,52 @@ def main(argv: list[str]) -> None:
             shutil.rmtree(out, ignore_errors=True)  # the previous repeat's output, removed before the clock starts
             return _timed(partial(pack, src, out / "shards", workers=args.workers, log=lambda _: None))
 
-        runs = interleaved(args.repeats, {
-            "pack": run_pack,
-            "tar": lambda _: _timed(partial(subprocess.run, ["tar", "cf", str(out / "plain.tar"), "-C", str(src), "."], check=True)),
-            "decode": lambda _: _timed(partial(_decode_all, images)),
-        }, describe=lambda latest: ", ".join(f"{name} {wall:.2f} s" for name, (wall, _) in latest.items()))
+        runs = interleaved(
+            args.repeats,
+            {
+                "pack": run_pack,
+                "tar": lambda _: _timed(
+                    partial(subprocess.run, ["tar", "cf", str(out / "plain.tar"), "-C", str(src), "."], check=True)
+                ),
+                "decode": lambda _: _timed(partial(_decode_all, images)),
+            },
+            describe=lambda latest: ", ".join(f"{name} {wall:.2f} s" for name, (wall, _) in latest.items()),
+        )
 
     wall = medians({name: [w for w, _ in values] for name, values in runs.items()})
     cpu = medians({name: [c for _, c in values] for name, values in runs.items()})
     rate = {name: args.samples / seconds for name, seconds in wall.items()}
     cpu_ms = {name: 1000 * seconds / args.samples for name, seconds in cpu.items()}
     result = {
-        "benchmark": "pack", "samples": args.samples, "size": args.size, "jpeg_quality": JPEG_QUALITY,
-        "workers": args.workers, "repeats": args.repeats, **machine(),
-        "pack_samples_per_s": round(rate["pack"], 1), "tar_samples_per_s": round(rate["tar"], 1),
+        "benchmark": "pack",
+        "samples": args.samples,
+        "size": args.size,
+        "jpeg_quality": JPEG_QUALITY,
+        "workers": args.workers,
+        "repeats": args.repeats,
+        **machine(),
+        "pack_samples_per_s": round(rate["pack"], 1),
+        "tar_samples_per_s": round(rate["tar"], 1),
         "pil_decode_samples_per_s": round(rate["decode"], 1),
-        "pack_over_decode": ratio(rate["pack"], rate["decode"]), "pack_over_tar": ratio(rate["pack"], rate["tar"]),
+        "pack_over_decode": ratio(rate["pack"], rate["decode"]),
+        "pack_over_tar": ratio(rate["pack"], rate["tar"]),
         "target_pack_over_decode": TARGET_PACK_OVER_DECODE,
         "meets_target": rate["pack"] / rate["decode"] >= TARGET_PACK_OVER_DECODE,
         # CPU time (all processes) per sample, and how many cores pack actually got: on a shared
         # machine the wall-clock ratio says as much about the neighbours as about pack.
-        "pack_cpu_ms_per_sample": round(cpu_ms["pack"], 3), "decode_cpu_ms_per_sample": round(cpu_ms["decode"], 3),
+        "pack_cpu_ms_per_sample": round(cpu_ms["pack"], 3),
+        "decode_cpu_ms_per_sample": round(cpu_ms["decode"], 3),
         "pack_cores_used": round(cpu["pack"] / wall["pack"], 2),
         # The wall-clock ratio pack would reach with one free core per worker.
         "pack_over_decode_if_cores_free": ratio(args.workers * cpu_ms["decode"], cpu_ms["pack"]),
     }
-    print(f"pack {rate['pack']:.0f} samples/s ({args.workers} workers, {result['pack_cores_used']} cores used), "
-          f"tar cf {rate['tar']:.0f} samples/s, PIL decode {rate['decode']:.0f} samples/s (1 process); "
-          f"pack/decode {result['pack_over_decode']:.2f}x (target {TARGET_PACK_OVER_DECODE}x; "
-          f"{result['pack_over_decode_if_cores_free']:.2f}x with {args.workers} free cores, from CPU time: "
-          f"pack {cpu_ms['pack']:.2f} ms/sample, decode {cpu_ms['decode']:.2f} ms/sample), pack/tar {result['pack_over_tar']:.2f}x")
+    print(
+        f"pack {rate['pack']:.0f} samples/s ({args.workers} workers, {result['pack_cores_used']} cores used), "
+        f"tar cf {rate['tar']:.0f} samples/s, PIL decode {rate['decode']:.0f} samples/s (1 process); "
+        f"pack/decode {result['pack_over_decode']:.2f}x (target {TARGET_PACK_OVER_DECODE}x; "
+        f"{result['pack_over_decode_if_cores_free']:.2f}x with {args.workers} free cores, from CPU time: "
+        f"pack {cpu_ms['pack']:.2f} ms/sample, decode {cpu_ms['decode']:.2f} ms/sample), pack/tar {result['pack_over_tar']:.2f}x"
+    )
     emit(result)
 
 
@@ -114,7 +133,9 @@ def _decode_all(paths: list[Path]) -> None:
 def _write_loose_files(src: Path, count: int, size: int, workers: int) -> None:
     (src / "images").mkdir(parents=True)
     (src / "ground_truth_mask").mkdir()
-    for index, (jpeg, png) in enumerate(ordered_map(partial(_encoded_scene, size=size), list(range(count)), workers, desc="bench data")):
+    for index, (jpeg, png) in enumerate(
+        ordered_map(partial(_encoded_scene, size=size), list(range(count)), workers, desc="bench data")
+    ):
         (src / "images" / f"{index:05d}.jpg").write_bytes(jpeg)
         (src / "ground_truth_mask" / f"{index:05d}.png").write_bytes(png)
 

@@ -53,8 +53,12 @@ def parse(argv):
     p.add_argument("--size", type=int, default=None, help="input px (default: 96 on cpu, 352 on cuda)")
     p.add_argument("--batch", type=int, default=None, help="micro-batch (default: 8 on cpu, 32 on cuda)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default: 5 on cpu, 30 on cuda)")
-    p.add_argument("--strategy", choices=["ddp", "deepspeed"], default="ddp",
-                   help="ddp: overhead, scaling and pipeline (the default); deepspeed: DDP against ZeRO-1/2/3")
+    p.add_argument(
+        "--strategy",
+        choices=["ddp", "deepspeed"],
+        default="ddp",
+        help="ddp: overhead, scaling and pipeline (the default); deepspeed: DDP against ZeRO-1/2/3",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one process of a multi-process run
     p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # config overrides of a worker
     args = p.parse_args(argv)
@@ -70,16 +74,31 @@ def bench_config(args, extra=()):
     from salnet.config import load_config
 
     width = 256 if args.backbone != "resnet18" else 64
-    return load_config(None, [f"model.backbone.name={args.backbone}", f"model.ppm_width={width}", f"model.fpn_width={width}",
-                              f"data.size={args.size}", f"data.batch_size={args.batch}", "optim.lr=1e-4",
-                              f"train.amp={'bf16' if args.device == 'cuda' else 'fp32'}", "train.channels_last=true", *extra])
+    return load_config(
+        None,
+        [
+            f"model.backbone.name={args.backbone}",
+            f"model.ppm_width={width}",
+            f"model.fpn_width={width}",
+            f"data.size={args.size}",
+            f"data.batch_size={args.batch}",
+            "optim.lr=1e-4",
+            f"train.amp={'bf16' if args.device == 'cuda' else 'fp32'}",
+            "train.channels_last=true",
+            *extra,
+        ],
+    )
 
 
 def fake_batches(args, n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [{"image": torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8, generator=g),
-             "mask": (torch.rand(args.batch, 1, args.size, args.size, generator=g) > 0.5).to(torch.uint8) * 255}
-            for _ in range(n)]
+    return [
+        {
+            "image": torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8, generator=g),
+            "mask": (torch.rand(args.batch, 1, args.size, args.size, generator=g) > 0.5).to(torch.uint8) * 255,
+        }
+        for _ in range(n)
+    ]
 
 
 def sync():
@@ -147,8 +166,15 @@ def measure_overhead(args) -> dict:
     cfg = bench_config(args)
     salnet_step, bare_step, _, _ = salnet_and_bare_steps(cfg)
     batches = fake_batches(args, 4)
-    seconds = medians(interleaved(args.repeats, {"salnet": lambda _: timed_steps(salnet_step, batches, args.steps),
-                                                 "bare": lambda _: timed_steps(bare_step, batches, args.steps)}))
+    seconds = medians(
+        interleaved(
+            args.repeats,
+            {
+                "salnet": lambda _: timed_steps(salnet_step, batches, args.steps),
+                "bare": lambda _: timed_steps(bare_step, batches, args.steps),
+            },
+        )
+    )
     s, b = seconds["salnet"], seconds["bare"]
     return {"salnet_img_s": args.batch / s, "bare_img_s": args.batch / b, "overhead": s / b - 1}
 
@@ -178,7 +204,9 @@ def worker(args) -> None:
     from salnet.runlog import peak_memory_mib
 
     with dist.distributed(use_cuda=args.device == "cuda"), tempfile.TemporaryDirectory() as run_dirs:
-        cfg = bench_config(args, [*args.set, f"out_dir={run_dirs}"])  # what a strategy writes (DeepSpeed's JSON) goes there
+        cfg = bench_config(
+            args, [*args.set, f"out_dir={run_dirs}"]
+        )  # what a strategy writes (DeepSpeed's JSON) goes there
         if cfg.train.strategy == "deepspeed":
             import salnet.strategy.zero  # noqa: F401  (DeepSpeed's own import belongs to the baseline, not to ZeRO)
         torch.manual_seed(0)
@@ -188,8 +216,12 @@ def worker(args) -> None:
         batches = fake_batches(args, 4, seed=dist.rank())
         per_step = statistics.median(timed_steps(salnet_step, batches, args.steps) for _ in range(args.repeats))
         held, peak = tensor_memory_mib() - baseline_tensors, peak_memory_mib() - baseline_peak
-        result = {"world": dist.world_size(), "per_rank_img_s": args.batch / per_step,
-                  "held_mib": dist.all_reduce_scalar(held, "max"), "peak_growth_mib": dist.all_reduce_scalar(peak, "max")}
+        result = {
+            "world": dist.world_size(),
+            "per_rank_img_s": args.batch / per_step,
+            "held_mib": dist.all_reduce_scalar(held, "max"),
+            "peak_growth_mib": dist.all_reduce_scalar(peak, "max"),
+        }
         if dist.is_main():
             emit(result)  # the line run_workers reads
 
@@ -198,11 +230,36 @@ def run_workers(args, world: int, overrides=()) -> dict:
     """`world` worker processes (torchrun unless 1) with config `overrides`; rank 0's JSON result."""
     from salnet import dist
 
-    command = ["-m", "salnet.bench", "step", "--worker", "--device", args.device, "--backbone", args.backbone,
-               "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps), "--repeats", str(args.repeats),
-               *(f"--set={o}" for o in overrides)]
-    launcher = [] if world == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                                      "--master_addr=127.0.0.1", f"--master_port={dist.free_port()}"]
+    command = [
+        "-m",
+        "salnet.bench",
+        "step",
+        "--worker",
+        "--device",
+        args.device,
+        "--backbone",
+        args.backbone,
+        "--size",
+        str(args.size),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--repeats",
+        str(args.repeats),
+        *(f"--set={o}" for o in overrides),
+    ]
+    launcher = (
+        []
+        if world == 1
+        else [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={world}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={dist.free_port()}",
+        ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, *launcher, *command], env=env, text=True, capture_output=True, timeout=1800)
     if out.returncode != 0:
@@ -212,24 +269,36 @@ def run_workers(args, world: int, overrides=()) -> dict:
 
 def measure_scaling(args) -> dict:
     results = {world: run_workers(args, world)["per_rank_img_s"] for world in (1, 2)}
-    return {"one_rank_img_s": results[1], "two_ranks_per_rank_img_s": results[2], "per_rank_ratio": results[2] / results[1]}
+    return {
+        "one_rank_img_s": results[1],
+        "two_ranks_per_rank_img_s": results[2],
+        "per_rank_ratio": results[2] / results[1],
+    }
 
 
-ZERO_RUNS = {"ddp": [], **{f"zero{stage}": ["train.strategy=deepspeed", f"train.zero_stage={stage}"] for stage in (1, 2, 3)}}
+ZERO_RUNS = {
+    "ddp": [],
+    **{f"zero{stage}": ["train.strategy=deepspeed", f"train.zero_stage={stage}"] for stage in (1, 2, 3)},
+}
 
 
 def measure_zero(args) -> dict:
     world = 2 if args.device == "cpu" else torch.cuda.device_count()
     if world < 2:
-        raise SystemExit(f"--strategy deepspeed compares partitioning across ranks: it needs 2 or more GPUs, found {world}")
+        raise SystemExit(
+            f"--strategy deepspeed compares partitioning across ranks: it needs 2 or more GPUs, found {world}"
+        )
     runs = {name: run_workers(args, world, overrides) for name, overrides in ZERO_RUNS.items()}
     ddp = runs["ddp"]
     for name, run in runs.items():
         run["img_s_vs_ddp"] = run["per_rank_img_s"] / ddp["per_rank_img_s"]
         run["held_vs_ddp"] = run["held_mib"] / ddp["held_mib"]
-        print(f"{name:>5}: {run['per_rank_img_s']:6.2f} img/s per rank ({run['img_s_vs_ddp']:.2f}x DDP); per rank "
-              f"{run['held_mib']:.0f} MiB held between steps ({run['held_vs_ddp']:.2f}x DDP), "
-              f"peak {run['peak_growth_mib']:.0f} MiB", flush=True)
+        print(
+            f"{name:>5}: {run['per_rank_img_s']:6.2f} img/s per rank ({run['img_s_vs_ddp']:.2f}x DDP); per rank "
+            f"{run['held_mib']:.0f} MiB held between steps ({run['held_vs_ddp']:.2f}x DDP), "
+            f"peak {run['peak_growth_mib']:.0f} MiB",
+            flush=True,
+        )
     return {"world": world, "runs": runs}
 
 
@@ -238,9 +307,9 @@ def measure_pipeline(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from salnet.data import TrainStream
+    from salnet.runlog import DataClock
     from salnet.shards.parallel import available_cpus
     from salnet.shards.synth import synthesize
-    from salnet.runlog import DataClock
 
     with tempfile.TemporaryDirectory() as tmp:
         n = args.batch * (args.steps + 1) * 2
@@ -263,8 +332,11 @@ def measure_pipeline(args) -> dict:
             strategy.module(x)
         train_flops_per_image = 3 * counter.get_total_flops() / 2  # backward ~ 2x forward
     img_s = args.steps * args.batch / elapsed
-    result = {"pipeline_img_s": img_s, "data_wait": (clock.waiting - waited) / elapsed,
-              "train_gflops_per_image": train_flops_per_image / 1e9}
+    result = {
+        "pipeline_img_s": img_s,
+        "data_wait": (clock.waiting - waited) / elapsed,
+        "train_gflops_per_image": train_flops_per_image / 1e9,
+    }
     if args.device == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
@@ -282,22 +354,38 @@ def main(argv):
     from salnet import dist
 
     dist.init(use_cuda=args.device == "cuda")
-    report = {"device": args.device, "backbone": args.backbone, "size": args.size, "batch": args.batch,
-              "steps": args.steps, "repeats": args.repeats, "strategy": args.strategy}
+    report = {
+        "device": args.device,
+        "backbone": args.backbone,
+        "size": args.size,
+        "batch": args.batch,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "strategy": args.strategy,
+    }
     if args.strategy == "deepspeed":
         report.update(measure_zero(args))
         emit(report)
         return
     report.update(measure_overhead(args))
-    print(f"overhead: salnet {report['salnet_img_s']:.2f} img/s vs bare {report['bare_img_s']:.2f} img/s "
-          f"-> {report['overhead']:+.1%} (target <= +3%)", flush=True)
+    print(
+        f"overhead: salnet {report['salnet_img_s']:.2f} img/s vs bare {report['bare_img_s']:.2f} img/s "
+        f"-> {report['overhead']:+.1%} (target <= +3%)",
+        flush=True,
+    )
     if args.device == "cpu":
         report.update(measure_scaling(args))
-        print(f"scaling: 2 ranks x 1 thread {report['two_ranks_per_rank_img_s']:.2f} img/s per rank vs 1 rank "
-              f"{report['one_rank_img_s']:.2f} -> {report['per_rank_ratio']:.2f} (target >= 0.85)", flush=True)
+        print(
+            f"scaling: 2 ranks x 1 thread {report['two_ranks_per_rank_img_s']:.2f} img/s per rank vs 1 rank "
+            f"{report['one_rank_img_s']:.2f} -> {report['per_rank_ratio']:.2f} (target >= 0.85)",
+            flush=True,
+        )
     report.update(measure_pipeline(args))
-    print(f"pipeline: {report['pipeline_img_s']:.2f} img/s, data wait {report['data_wait']:.1%}"
-          + (f", MFU {report['mfu']:.1%}" if report.get("mfu") else ""), flush=True)
+    print(
+        f"pipeline: {report['pipeline_img_s']:.2f} img/s, data wait {report['data_wait']:.1%}"
+        + (f", MFU {report['mfu']:.1%}" if report.get("mfu") else ""),
+        flush=True,
+    )
     emit(report)
 
 

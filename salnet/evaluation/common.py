@@ -71,8 +71,10 @@ def load_checkpoint(path: os.PathLike | str) -> Checkpoint:
         raise EvaluationError(f"checkpoint '{path}' cannot be read as a salnet best.pt: {e}") from None
     missing = [key for key in ("model", "config") if not isinstance(best, dict) or key not in best]
     if missing:
-        raise EvaluationError(f"checkpoint '{path}' has no {' and no '.join(repr(k) for k in missing)}: it is not a salnet best.pt "
-                              "(a training checkpoint directory exports to one with `python -m salnet.strategy.convert`)")
+        raise EvaluationError(
+            f"checkpoint '{path}' has no {' and no '.join(repr(k) for k in missing)}: it is not a salnet best.pt "
+            "(a training checkpoint directory exports to one with `python -m salnet.strategy.convert`)"
+        )
     model_section = dict(best["config"].get("model") or {})
     model_section["backbone"] = {**(model_section.get("backbone") or {}), "weights": "none"}  # best.pt holds them all
     try:
@@ -83,7 +85,9 @@ def load_checkpoint(path: os.PathLike | str) -> Checkpoint:
     try:
         model.load_state_dict(best["model"])
     except RuntimeError as e:
-        raise EvaluationError(f"checkpoint '{path}': its weights do not fit the network its config describes: {e}") from None
+        raise EvaluationError(
+            f"checkpoint '{path}': its weights do not fit the network its config describes: {e}"
+        ) from None
     model.eval()
     return Checkpoint(path, model, best["config"], best.get("step"), dict(best.get("metrics") or {}))
 

@@ -31,8 +31,10 @@ def _cv2():
     try:
         import cv2
     except ImportError:
-        raise EvaluationError("scoring folders of maps needs OpenCV (the reader PySODEvalToolkit uses): "
-                              "pip install opencv-python-headless") from None
+        raise EvaluationError(
+            "scoring folders of maps needs OpenCV (the reader PySODEvalToolkit uses): "
+            "pip install opencv-python-headless"
+        ) from None
     return cv2
 
 
@@ -46,15 +48,19 @@ def image_files(folder: Path, what: str) -> dict[str, Path]:
                 by_stem.setdefault(stem, []).append(entry.name)
     twice = sorted(f"{stem} ({', '.join(sorted(names))})" for stem, names in by_stem.items() if len(names) > 1)
     if twice:
-        raise EvaluationError(f"{what} folder '{folder}': {len(twice)} stems belong to several files, which is ambiguous: "
-                              f"{names_listed(twice)}")
+        raise EvaluationError(
+            f"{what} folder '{folder}': {len(twice)} stems belong to several files, which is ambiguous: "
+            f"{names_listed(twice)}"
+        )
     return {stem: folder / names[0] for stem, names in sorted(by_stem.items())}
 
 
 def has_images(folder: Path) -> bool:
     with os.scandir(folder) as entries:
-        return any(not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file()
-                   for e in entries)
+        return any(
+            not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file()
+            for e in entries
+        )
 
 
 def ground_truth(location: Path) -> dict[str, Path]:
@@ -75,9 +81,11 @@ def prediction_dir(method_dir: Path, dataset: str, only_dataset: bool) -> Path:
     if only_dataset and has_images(method_dir):
         return method_dir
     folders = sorted(p.name for p in method_dir.iterdir() if p.is_dir())
-    raise EvaluationError(f"prediction folder '{method_dir}' has no folder '{dataset}' for dataset {dataset}"
-                          + (f" (its folders: {names_listed(folders)})" if folders else "")
-                          + ("; with one dataset it may hold the maps directly" if only_dataset else ""))
+    raise EvaluationError(
+        f"prediction folder '{method_dir}' has no folder '{dataset}' for dataset {dataset}"
+        + (f" (its folders: {names_listed(folders)})" if folders else "")
+        + ("; with one dataset it may hold the maps directly" if only_dataset else "")
+    )
 
 
 @dataclass
@@ -89,16 +97,25 @@ class Matched:
 
 def match(gt: dict[str, Path], pred_dir: Path, label: str, allow_missing: bool) -> Matched:
     preds = image_files(pred_dir, "prediction")
-    matched = Matched([(stem, gt[stem], preds[stem]) for stem in sorted(gt.keys() & preds.keys())],
-                      sorted(gt.keys() - preds.keys()), sorted(preds.keys() - gt.keys()))
+    matched = Matched(
+        [(stem, gt[stem], preds[stem]) for stem in sorted(gt.keys() & preds.keys())],
+        sorted(gt.keys() - preds.keys()),
+        sorted(preds.keys() - gt.keys()),
+    )
     problems = []
     if matched.missing:
-        problems.append(f"{len(matched.missing)} ground truths have no prediction in '{pred_dir}': {names_listed(matched.missing)}")
+        problems.append(
+            f"{len(matched.missing)} ground truths have no prediction in '{pred_dir}': {names_listed(matched.missing)}"
+        )
     if matched.extra:
-        problems.append(f"{len(matched.extra)} predictions in '{pred_dir}' have no ground truth: {names_listed(matched.extra)}")
+        problems.append(
+            f"{len(matched.extra)} predictions in '{pred_dir}' have no ground truth: {names_listed(matched.extra)}"
+        )
     if problems and not allow_missing:
-        raise EvaluationError(f"{label}: " + "; ".join(problems) + "\npass --allow-missing to score the matched pairs only "
-                              "(the missing and extra counts are reported)")
+        raise EvaluationError(
+            f"{label}: " + "; ".join(problems) + "\npass --allow-missing to score the matched pairs only "
+            "(the missing and extra counts are reported)"
+        )
     if not matched.pairs:
         raise EvaluationError(f"{label}: no prediction in '{pred_dir}' matches a ground truth by file stem")
     return matched

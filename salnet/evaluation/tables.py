@@ -45,8 +45,12 @@ def _count_cell(scores: dict[str, float]) -> str:
 
 def _aligned(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
-                     for row in rows)
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    )
 
 
 def console(results: Results, metrics: list[str]) -> str:
@@ -67,23 +71,44 @@ def csv_text(results: Results, metrics: list[str]) -> str:
     writer.writerow(["dataset", "method", *metrics, *counts])
     for dataset, by_method in results.items():
         for method, scores in by_method.items():
-            writer.writerow([dataset, method, *(repr(scores[m]) if m in scores else "" for m in metrics),
-                             *(int(scores.get(c, 0)) for c in counts)])
+            writer.writerow(
+                [
+                    dataset,
+                    method,
+                    *(repr(scores[m]) if m in scores else "" for m in metrics),
+                    *(int(scores.get(c, 0)) for c in counts),
+                ]
+            )
     return out.getvalue()
 
 
 def markdown(results: Results, metrics: list[str]) -> str:
     blocks = []
     for dataset, by_method in results.items():
-        lines = [f"### {dataset}", "", "| method | " + " | ".join(metrics) + " | images |", "|:--|" + "--:|" * (len(metrics) + 1)]
+        lines = [
+            f"### {dataset}",
+            "",
+            "| method | " + " | ".join(metrics) + " | images |",
+            "|:--|" + "--:|" * (len(metrics) + 1),
+        ]
         for row, scores in zip(_cells(by_method, metrics, 4, lambda t: f"**{t}**"), by_method.values(), strict=True):
             lines.append("| " + " | ".join(row + [_count_cell(scores)]) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
 
 
-_TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_TEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def tex_escape(text: str) -> str:
@@ -95,11 +120,20 @@ def latex(results: Results, metrics: list[str]) -> str:
     datasets = list(results)
     methods = list(dict.fromkeys(m for by in results.values() for m in by))
     arrows = {m: r"$\downarrow$" if m in LOWER_IS_BETTER else r"$\uparrow$" for m in metrics}
-    lines = [r"% \usepackage{booktabs}", r"\begin{tabular}{l" + ("|" + "c" * len(metrics)) * len(datasets) + "}", r"\toprule"]
-    lines.append("Method & " + " & ".join(rf"\multicolumn{{{len(metrics)}}}{{c}}{{{tex_escape(d)}}}" for d in datasets) + r" \\")
+    lines = [
+        r"% \usepackage{booktabs}",
+        r"\begin{tabular}{l" + ("|" + "c" * len(metrics)) * len(datasets) + "}",
+        r"\toprule",
+    ]
+    lines.append(
+        "Method & " + " & ".join(rf"\multicolumn{{{len(metrics)}}}{{c}}{{{tex_escape(d)}}}" for d in datasets) + r" \\"
+    )
     lines.append(" & " + " & ".join(f"{tex_escape(m)}{arrows[m]}" for _ in datasets for m in metrics) + r" \\")
     lines.append(r"\midrule")
-    cells = {d: {row[0]: row[1:] for row in _cells(by, metrics, 3, lambda t: rf"\textbf{{{t}}}")} for d, by in results.items()}
+    cells = {
+        d: {row[0]: row[1:] for row in _cells(by, metrics, 3, lambda t: rf"\textbf{{{t}}}")}
+        for d, by in results.items()
+    }
     for method in methods:
         values = [v for d in datasets for v in cells[d].get(method, ["-"] * len(metrics))]
         lines.append(f"{tex_escape(method)} & " + " & ".join(values) + r" \\")

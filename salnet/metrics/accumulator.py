@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
 
 import torch
 
@@ -35,8 +35,7 @@ class SODMetrics:
     the all-reduce needs no copy. The metrics themselves run on the predictions' device.
     """
 
-    def __init__(self, metrics: Iterable[str] = ("F", "E", "S", "MAE"),
-                 device: Optional[Union[str, torch.device]] = None):
+    def __init__(self, metrics: Iterable[str] = ("F", "E", "S", "MAE"), device: str | torch.device | None = None):
         chosen = {metrics} if isinstance(metrics, str) else set(metrics)
         unknown = sorted(chosen - set(FAMILIES))
         if unknown or not chosen:
@@ -112,7 +111,9 @@ class SODMetrics:
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state.get("metrics", ())) != self.metrics:
-            raise ValueError(f"state holds metrics {state.get('metrics')}, this SODMetrics computes {list(self.metrics)}")
+            raise ValueError(
+                f"state holds metrics {state.get('metrics')}, this SODMetrics computes {list(self.metrics)}"
+            )
         sums = state["sums"]
         if sums.shape != self._sums.shape:
             raise ValueError(f"state sums have shape {tuple(sums.shape)}, expected {tuple(self._sums.shape)}")
@@ -136,8 +137,9 @@ class SODMetrics:
             per_image["MAE"] = mae(h)
         if "wF" in self.metrics:
             values = h.values.split([b.levels.shape[0] for b in checked])
-            per_image["wF"] = torch.cat([weighted_f_measure(b.levels, v, b.foreground).to(h.values.device)
-                                         for b, v in zip(checked, values)])
+            per_image["wF"] = torch.cat(
+                [weighted_f_measure(b.levels, v, b.foreground).to(h.values.device) for b, v in zip(checked, values)]
+            )
         sums = torch.zeros(self._sums.shape, dtype=torch.float64, device=h.counts.device)
         sums[0] = h.counts.shape[0]
         for name, where in self._slices.items():

@@ -84,10 +84,14 @@ def combine(parts: list[PixelCounts]) -> Histograms:
     right_top = (top_rows * right_cols) / area
     left_bottom = (bottom_rows * left_cols) / area
     return Histograms(
-        counts=counts, values=normalised_values(counts.sum((1, 2))), pixels=area, widths=widths,
+        counts=counts,
+        values=normalised_values(counts.sum((1, 2))),
+        pixels=area,
+        widths=widths,
         quadrant_rows=torch.stack([top_rows, top_rows, bottom_rows, bottom_rows], 1),
         quadrant_cols=torch.stack([left_cols, right_cols, left_cols, right_cols], 1),
-        quadrant_weights=torch.stack([left_top, right_top, left_bottom, 1 - left_top - right_top - left_bottom], 1))
+        quadrant_weights=torch.stack([left_top, right_top, left_bottom, 1 - left_top - right_top - left_bottom], 1),
+    )
 
 
 def normalised_values(level_counts: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,12 @@ same-size batch (a bad probability must stop the update with a clear message, no
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 import torch
 
-Images = Union[torch.Tensor, Sequence[torch.Tensor]]
+Images = torch.Tensor | Sequence[torch.Tensor]
 
 
 @dataclass
@@ -33,8 +33,10 @@ def batches(preds: Images, gts: Images) -> list[Batch]:
         if not p.is_floating_point():
             raise TypeError(f"predictions have dtype {p.dtype}; they must be float probabilities in [0, 1]")
         if g.is_complex():
-            raise TypeError(f"ground truths have dtype {g.dtype}; expected bool, uint8 (0..255), "
-                            "another integer type (0..255) or float in [0, 1]")
+            raise TypeError(
+                f"ground truths have dtype {g.dtype}; expected bool, uint8 (0..255), "
+                "another integer type (0..255) or float in [0, 1]"
+            )
         _check_range(p, "predictions", 0.0, 1.0)
         if g.dtype not in (torch.bool, torch.uint8):
             _check_range(g, "ground truths", 0, 1 if g.is_floating_point() else 255)
@@ -68,7 +70,9 @@ def _same_size_pairs(preds: Images, gts: Images) -> list[tuple[torch.Tensor, tor
     if isinstance(preds, torch.Tensor) and isinstance(gts, torch.Tensor):
         p, g = _as_batch(preds, "preds"), _as_batch(gts, "gts")
         if p.shape != g.shape:
-            raise ValueError(f"predictions have shape {tuple(preds.shape)} but ground truths have shape {tuple(gts.shape)}")
+            raise ValueError(
+                f"predictions have shape {tuple(preds.shape)} but ground truths have shape {tuple(gts.shape)}"
+            )
         pairs = [(p, g)]
     else:
         pred_list, gt_list = _as_list(preds, "preds"), _as_list(gts, "gts")
@@ -77,10 +81,14 @@ def _same_size_pairs(preds: Images, gts: Images) -> list[tuple[torch.Tensor, tor
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, (p, g) in enumerate(zip(pred_list, gt_list)):
             if p.shape != g.shape:
-                raise ValueError(f"prediction {i} has shape {tuple(p.shape)} but its ground truth has shape {tuple(g.shape)}")
+                raise ValueError(
+                    f"prediction {i} has shape {tuple(p.shape)} but its ground truth has shape {tuple(g.shape)}"
+                )
             by_size.setdefault(tuple(p.shape), []).append(i)
-        pairs = [(torch.stack([pred_list[i] for i in members]), torch.stack([gt_list[i] for i in members]))
-                 for members in by_size.values()]
+        pairs = [
+            (torch.stack([pred_list[i] for i in members]), torch.stack([gt_list[i] for i in members]))
+            for members in by_size.values()
+        ]
     for p, _ in pairs:
         if p.numel() == 0 and p.shape[0] > 0:
             raise ValueError(f"images of shape {tuple(p.shape[1:])} have no pixels")

@@ -65,8 +65,14 @@ def curves_and_adaptive(h: Histograms) -> dict[str, torch.Tensor]:
     threshold = (2 * mean_value(h)).clamp(max=1)
     above = (h.values >= threshold[:, None]).to(torch.float64)  # [B, 256]
     fg_fg, fg_bg = (whole[:, 1] * above).sum(1), (whole[:, 0] * above).sum(1)
-    return dict(precision=precision, recall=recall, F=f_curve, E=e_curve,
-                adpF=f_measure(fg_fg, fg_fg + fg_bg, gt_fg)[2], adpE=e_measure(fg_fg, fg_bg, gt_fg, h.pixels))
+    return dict(
+        precision=precision,
+        recall=recall,
+        F=f_curve,
+        E=e_curve,
+        adpF=f_measure(fg_fg, fg_fg + fg_bg, gt_fg)[2],
+        adpE=e_measure(fg_fg, fg_bg, gt_fg, h.pixels),
+    )
 
 
 def mean_value(h: Histograms) -> torch.Tensor:

@@ -6,7 +6,7 @@ when a config loads, before torch is imported.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 # The families SODMetrics computes, in its order, and the values each one reports.
 FAMILY_METRICS: dict[str, tuple[str, ...]] = {

@@ -67,7 +67,7 @@ def _gaussian_blur(image: np.ndarray) -> np.ndarray:
 def _gaussian_taps() -> np.ndarray:
     # fspecial also zeroes taps below eps * max, which never happens at this size and sigma.
     offsets = np.arange(BLUR_SIZE) - BLUR_SIZE // 2
-    taps = np.exp(-(offsets * offsets) / (2 * BLUR_SIGMA ** 2))
+    taps = np.exp(-(offsets * offsets) / (2 * BLUR_SIGMA**2))
     return taps / taps.sum()
 
 

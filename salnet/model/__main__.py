@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,7 +24,9 @@ def input_size(text: str) -> tuple[int, int]:
     """'352' -> (352, 352); '353x97' -> (353, 97): height x width."""
     parts = text.lower().split("x")
     if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a size: give pixels as H (square) or HxW, e.g. 352 or 353x97")
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a size: give pixels as H (square) or HxW, e.g. 352 or 353x97"
+        )
     return int(parts[0]), int(parts[-1])
 
 
@@ -43,7 +44,9 @@ def record_shapes(model: SalNet, x: torch.Tensor) -> list[tuple[str, torch.Tenso
     hooks = [
         model.backbone.register_forward_hook(lambda m, i, out: seen.extend((k.upper(), v) for k, v in out.items())),
         model.ppm.register_forward_hook(lambda m, i, out: seen.append(("PPM", out))),
-        model.fpn.register_forward_hook(lambda m, i, out: seen.extend((f"P{level}", p) for level, p in enumerate(out, start=2))),
+        model.fpn.register_forward_hook(
+            lambda m, i, out: seen.extend((f"P{level}", p) for level, p in enumerate(out, start=2))
+        ),
     ]
     try:
         model(x)
@@ -57,17 +60,21 @@ def report(model: SalNet, height: int, width: int) -> str:
     total = sum(p.numel() for p in model.parameters())
     backbone = sum(p.numel() for p in model.backbone.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lines = [f"input: 3 x {height} x {width} (shapes below are per image: [C, H, W])",
-             f"parameters: {_millions(total)}; backbone {_millions(backbone)}, decoder {_millions(total - backbone)}; "
-             f"trainable {_millions(trainable)}"]
+    lines = [
+        f"input: 3 x {height} x {width} (shapes below are per image: [C, H, W])",
+        f"parameters: {_millions(total)}; backbone {_millions(backbone)}, decoder {_millions(total - backbone)}; "
+        f"trainable {_millions(trainable)}",
+    ]
 
     model.eval()
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter:
             fused = model(torch.zeros(1, 3, height, width))
         flops = counter.get_total_flops()
-        lines.append(f"forward, eval mode, one image: {flops / 1e9:.2f} GFLOPs = {flops / 2e9:.2f} GMACs "
-                     f"(torch.utils.flop_counter counts a multiply-add as 2 FLOPs)")
+        lines.append(
+            f"forward, eval mode, one image: {flops / 1e9:.2f} GFLOPs = {flops / 2e9:.2f} GMACs "
+            f"(torch.utils.flop_counter counts a multiply-add as 2 FLOPs)"
+        )
         for name, tensor in record_shapes(model, torch.zeros(1, 3, height, width)):
             lines.append(f"  {name:<16}{_shape(tensor)}")
         lines.append(f"  {'output (eval)':<16}{_shape(fused)}  fused logits")
@@ -79,10 +86,12 @@ def report(model: SalNet, height: int, width: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m salnet.model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", choices=sorted(C5_CHANNELS), help="overrides model.backbone.name")
-    parser.add_argument("--size", type=input_size, metavar="H[xW]", help="input size in pixels, e.g. 352 or 353x97 (default: data.size)")
+    parser.add_argument(
+        "--size", type=input_size, metavar="H[xW]", help="input size in pixels, e.g. 352 or 353x97 (default: data.size)"
+    )
     args = add_config_arguments(parser).parse_args(argv)
     try:
         cfg = config_from_args(args)
@@ -90,10 +99,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.exit(2, f"{parser.prog}: {e}\n")
     height, width = args.size or (cfg.data.size, cfg.data.size)
 
-    backbone = cfg.model.backbone.model_copy(update={"weights": NO_WEIGHTS, **({"name": args.backbone} if args.backbone else {})})
+    backbone = cfg.model.backbone.model_copy(
+        update={"weights": NO_WEIGHTS, **({"name": args.backbone} if args.backbone else {})}
+    )
     model_cfg = cfg.model.model_copy(update={"backbone": backbone})
-    print(f"salnet model: {backbone.name}, ppm_bins {model_cfg.ppm_bins}, ppm_width {model_cfg.ppm_width}, "
-          f"fpn_width {model_cfg.fpn_width}, fuse {model_cfg.fuse}, norm {model_cfg.norm}, frozen_bn {backbone.frozen_bn}")
+    print(
+        f"salnet model: {backbone.name}, ppm_bins {model_cfg.ppm_bins}, ppm_width {model_cfg.ppm_width}, "
+        f"fpn_width {model_cfg.fpn_width}, fuse {model_cfg.fuse}, norm {model_cfg.norm}, frozen_bn {backbone.frozen_bn}"
+    )
     print(report(build_model(model_cfg), height, width))
 
 

@@ -6,7 +6,7 @@ stage outputs (strides 4, 8, 16, 32) and drops the pooling and classifier layers
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torchvision
 from torch import nn

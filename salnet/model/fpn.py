@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +19,22 @@ class FeaturePyramid(nn.Module):
     C2..C5 of 89, 45, 23, 12) line up.
     """
 
-    def __init__(self, in_channels: Sequence[int], top_channels: int, width: int, norm_layer: Callable[[int], nn.Module]):
+    def __init__(
+        self, in_channels: Sequence[int], top_channels: int, width: int, norm_layer: Callable[[int], nn.Module]
+    ):
         super().__init__()
         self.width = width
-        self.top = (nn.Identity() if top_channels == width
-                    else Conv2dNormActivation(top_channels, width, kernel_size=1, norm_layer=norm_layer))
-        self.laterals = nn.ModuleList(Conv2dNormActivation(c, width, kernel_size=1, norm_layer=norm_layer) for c in in_channels)
-        self.smooths = nn.ModuleList(Conv2dNormActivation(width, width, kernel_size=3, norm_layer=norm_layer) for _ in in_channels)
+        self.top = (
+            nn.Identity()
+            if top_channels == width
+            else Conv2dNormActivation(top_channels, width, kernel_size=1, norm_layer=norm_layer)
+        )
+        self.laterals = nn.ModuleList(
+            Conv2dNormActivation(c, width, kernel_size=1, norm_layer=norm_layer) for c in in_channels
+        )
+        self.smooths = nn.ModuleList(
+            Conv2dNormActivation(width, width, kernel_size=3, norm_layer=norm_layer) for _ in in_channels
+        )
 
     def forward(self, features: Sequence[torch.Tensor], top: torch.Tensor) -> list[torch.Tensor]:
         inner = self.top(top)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,8 @@ class FusionHead(nn.Module):
 
     def forward(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
         finest = pyramid[0]
-        resized = [finest] + [F.interpolate(p, size=finest.shape[-2:], mode="bilinear", align_corners=False) for p in pyramid[1:]]
+        resized = [finest] + [
+            F.interpolate(p, size=finest.shape[-2:], mode="bilinear", align_corners=False) for p in pyramid[1:]
+        ]
         fused = torch.cat(resized, dim=1) if self.fuse == "concat" else sum(resized[1:], resized[0])
         return self.logit(self.mix(fused))

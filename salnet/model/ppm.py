@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,17 +17,27 @@ class PyramidPooling(nn.Module):
     PSPNet. Bins larger than the feature map still work: adaptive pooling then repeats pixels.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, bins: Sequence[int], branch_channels: int,
-                 norm_layer: Callable[[int], nn.Module]):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        bins: Sequence[int],
+        branch_channels: int,
+        norm_layer: Callable[[int], nn.Module],
+    ):
         super().__init__()
         self.bins = tuple(bins)
         self.branches = nn.ModuleList(
-            Conv2dNormActivation(in_channels, branch_channels, kernel_size=1, norm_layer=norm_layer) for _ in self.bins)
-        self.project = Conv2dNormActivation(in_channels + len(self.bins) * branch_channels, out_channels, kernel_size=1,
-                                            norm_layer=norm_layer)
+            Conv2dNormActivation(in_channels, branch_channels, kernel_size=1, norm_layer=norm_layer) for _ in self.bins
+        )
+        self.project = Conv2dNormActivation(
+            in_channels + len(self.bins) * branch_channels, out_channels, kernel_size=1, norm_layer=norm_layer
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        pooled = [F.interpolate(branch(F.adaptive_avg_pool2d(x, bin_size)), size=size, mode="bilinear", align_corners=False)
-                  for bin_size, branch in zip(self.bins, self.branches)]
+        pooled = [
+            F.interpolate(branch(F.adaptive_avg_pool2d(x, bin_size)), size=size, mode="bilinear", align_corners=False)
+            for bin_size, branch in zip(self.bins, self.branches)
+        ]
         return self.project(torch.cat([x, *pooled], dim=1))

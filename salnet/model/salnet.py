@@ -8,7 +8,7 @@ level assumes a multiple of 32).
 from __future__ import annotations
 
 import functools
-from typing import Callable, Union
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,14 +33,17 @@ class SalNet(nn.Module):
         self.head = head
         self.side_logits = nn.ModuleList(nn.Conv2d(fpn.width, 1, kernel_size=1) for _ in range(len(fpn.laterals) + 1))
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         size = x.shape[-2:]
         c = self.backbone(x)
         pyramid = self.fpn([c["c2"], c["c3"], c["c4"]], self.ppm(c["c5"]))
         fused = F.interpolate(self.head(pyramid), size=size, mode="bilinear", align_corners=False)
         if not self.training:
             return fused
-        sides = [F.interpolate(side(p), size=size, mode="bilinear", align_corners=False) for side, p in zip(self.side_logits, pyramid)]
+        sides = [
+            F.interpolate(side(p), size=size, mode="bilinear", align_corners=False)
+            for side, p in zip(self.side_logits, pyramid)
+        ]
         return [fused, *sides]
 
 
@@ -53,13 +56,19 @@ def _check_group_norm(cfg: ModelConfig, branch_width: int) -> None:
     """GroupNorm needs gn_groups to divide every normalised channel count; checked before any weights are read."""
     if cfg.norm != "group":
         return
-    normalised = {"model.ppm_branch_width": branch_width, "model.ppm_width": cfg.ppm_width, "model.fpn_width": cfg.fpn_width}
+    normalised = {
+        "model.ppm_branch_width": branch_width,
+        "model.ppm_width": cfg.ppm_width,
+        "model.fpn_width": cfg.fpn_width,
+    }
     if not cfg.backbone.frozen_bn:
         normalised[f"{cfg.backbone.name}'s channels (multiples of {NORM_CHANNEL_QUANTUM})"] = NORM_CHANNEL_QUANTUM
     wrong = {key: c for key, c in normalised.items() if c % cfg.gn_groups}
     if wrong:
-        raise ConfigError(f"model.gn_groups={cfg.gn_groups} must divide the channels of every GroupNorm layer; it does not divide "
-                          + ", ".join(f"{key}={c}" for key, c in wrong.items()))
+        raise ConfigError(
+            f"model.gn_groups={cfg.gn_groups} must divide the channels of every GroupNorm layer; it does not divide "
+            + ", ".join(f"{key}={c}" for key, c in wrong.items())
+        )
 
 
 def build_model(cfg: ModelConfig) -> SalNet:

@@ -12,7 +12,6 @@ import os
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Optional
 from urllib.parse import urlparse
 
 import torch
@@ -33,7 +32,7 @@ class BackboneWeightsError(RuntimeError):
     """The requested backbone weights cannot be loaded; the message says which file and how to fix it."""
 
 
-def torchvision_weights(backbone: str, weights: str) -> Optional[WeightsEnum]:
+def torchvision_weights(backbone: str, weights: str) -> WeightsEnum | None:
     """The torchvision weights entry that `weights` names for `backbone`, or None if it names none.
 
     'imagenet' means IMAGENET1K_V1: the file every backbone has, and the one published SOD models
@@ -80,14 +79,20 @@ def _load_state_dict(resnet: nn.Module, path: Path, backbone: str, weights: str,
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types (pickle, zip, weights_only refusals)
-        raise BackboneWeightsError(f"model.backbone.weights={weights!r}: cannot read {path} with torch.load(weights_only=True): {e}") from e
+        raise BackboneWeightsError(
+            f"model.backbone.weights={weights!r}: cannot read {path} with torch.load(weights_only=True): {e}"
+        ) from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BackboneWeightsError(f"model.backbone.weights={weights!r}: {path} holds a {type(state).__name__}, not a state dict "
-                                   f"(a mapping of parameter names such as 'layer1.0.conv1.weight' to tensors)")
+        raise BackboneWeightsError(
+            f"model.backbone.weights={weights!r}: {path} holds a {type(state).__name__}, not a state dict "
+            f"(a mapping of parameter names such as 'layer1.0.conv1.weight' to tensors)"
+        )
     try:
         return resnet.load_state_dict(state, strict=strict)
     except RuntimeError as e:  # shape mismatches always; missing or unexpected keys when strict
-        raise BackboneWeightsError(f"model.backbone.weights={weights!r}: {path} does not fit torchvision's {backbone}: {e}") from None
+        raise BackboneWeightsError(
+            f"model.backbone.weights={weights!r}: {path} does not fit torchvision's {backbone}: {e}"
+        ) from None
 
 
 def _shown(keys: list[str]) -> str:
@@ -111,17 +116,26 @@ def load_backbone_weights(resnet: nn.Module, backbone: str, weights: str) -> Non
     path = Path(weights).expanduser()
     if not path.is_file():
         names = ", ".join(get_model_weights(backbone).__members__)
-        raise BackboneWeightsError(f"model.backbone.weights={weights!r} is not a file; valid values: 'imagenet', 'none', "
-                                   f"a torchvision weights name of {backbone} ({names}), or the path to a torchvision-format state dict")
+        raise BackboneWeightsError(
+            f"model.backbone.weights={weights!r} is not a file; valid values: 'imagenet', 'none', "
+            f"a torchvision weights name of {backbone} ({names}), or the path to a torchvision-format state dict"
+        )
     result = _load_state_dict(resnet, path, backbone, weights, strict=False)
     # The classifier is dropped by the feature extractor, so a file without it is complete.
     missing = [k for k in result.missing_keys if not k.startswith("fc.")]
     if missing:
         # Keys that are all there under a prefix ('module.', 'backbone.') show up as unexpected ones.
         unexpected = f"; its unexpected keys: {_shown(result.unexpected_keys)}" if result.unexpected_keys else ""
-        raise BackboneWeightsError(f"model.backbone.weights={weights!r}: {path} lacks {len(missing)} of {backbone}'s "
-                                   f"tensors, which would stay randomly initialised: {_shown(missing)}{unexpected}")
+        raise BackboneWeightsError(
+            f"model.backbone.weights={weights!r}: {path} lacks {len(missing)} of {backbone}'s "
+            f"tensors, which would stay randomly initialised: {_shown(missing)}{unexpected}"
+        )
     if result.unexpected_keys:
-        log.warning("backbone %s: ignored %d unexpected keys in %s: %s", backbone, len(result.unexpected_keys), path,
-                    _shown(result.unexpected_keys))
+        log.warning(
+            "backbone %s: ignored %d unexpected keys in %s: %s",
+            backbone,
+            len(result.unexpected_keys),
+            path,
+            _shown(result.unexpected_keys),
+        )
     log.info("backbone %s: loaded state dict %s", backbone, path)

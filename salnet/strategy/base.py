@@ -6,9 +6,10 @@ import enum
 import re
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ class SkipReason(enum.Enum):
 @dataclass
 class StepResult:
     grad_norm: float
-    skipped: Optional[SkipReason] = None  # why the optimizer step was skipped, None if it was taken
+    skipped: SkipReason | None = None  # why the optimizer step was skipped, None if it was taken
     stop: int = 0  # the largest stop code any rank asked for (0: none): every rank gets the same answer
 
 
@@ -57,7 +58,7 @@ class Strategy(ABC):
 
     module: nn.Module
     schedule: torch.optim.lr_scheduler.LambdaLR  # salnet's lr schedule, over the optimizer that steps
-    amp_dtype: Optional[torch.dtype] = None  # autocast dtype of train.amp; None for fp32
+    amp_dtype: torch.dtype | None = None  # autocast dtype of train.amp; None for fp32
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -67,8 +68,9 @@ class Strategy(ABC):
         """Put the network, and any wrapper around it, in training mode (before stepping again)."""
 
     @abstractmethod
-    def forward_backward(self, image: torch.Tensor, target: torch.Tensor, loss_fn: Callable,
-                         sync: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_backward(
+        self, image: torch.Tensor, target: torch.Tensor, loss_fn: Callable, sync: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward and backward of one micro-batch; `sync` on the last one of an optimizer step."""
 
     @abstractmethod
@@ -112,14 +114,21 @@ class Strategy(ABC):
         """
 
 
-def autocast(amp_dtype: Optional[torch.dtype], device: Optional[torch.device] = None):
+def autocast(amp_dtype: torch.dtype | None, device: torch.device | None = None):
     """Autocast to `amp_dtype` on this rank's device (None: a disabled context, fp32)."""
-    return torch.autocast((device or dist.device()).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    return torch.autocast(
+        (device or dist.device()).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+    )
 
 
 @torch.no_grad()
-def predict_logits(module: nn.Module, images: torch.Tensor, amp_dtype: Optional[torch.dtype] = None,
-                   channels_last: bool = True, device: Optional[torch.device] = None) -> torch.Tensor:
+def predict_logits(
+    module: nn.Module,
+    images: torch.Tensor,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = True,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """A network's fused float32 logits for a uint8 batch: eval mode, normalised input, autocast.
 
     What validation runs, for a strategy's module or any plain SalNet (evaluation, tests)."""
@@ -137,7 +146,9 @@ def load_file(path: Path, map_location=None, safe_globals: tuple = ()) -> Any:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing from the checkpoint") from None
     except Exception as e:
-        raise RuntimeError(f"{path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        raise RuntimeError(
+            f"{path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
 
 
 def decoder_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -151,15 +162,21 @@ def decoder_lr(optimizer: torch.optim.Optimizer) -> float:
 def fp32_copy(state: dict) -> dict:
     """A float32 CPU snapshot: copied even where .float().cpu() would hand back the live tensor
     (float32 on CPU), so later steps and forward passes cannot change what was taken."""
-    return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype, memory_format=torch.contiguous_format, copy=True)
-            for k, v in state.items()}
+    return {
+        k: v.detach().to(
+            "cpu", torch.float32 if v.is_floating_point() else v.dtype, memory_format=torch.contiguous_format, copy=True
+        )
+        for k, v in state.items()
+    }
 
 
 def with_sync_bn(model: nn.Module, cfg: Config) -> nn.Module:
     """`model` with SyncBatchNorm if train.sync_bn asks for it (and there is more than one rank)."""
     if cfg.train.sync_bn and dist.device().type != "cuda":
-        raise ValueError("train.sync_bn=true needs CUDA: torch's SyncBatchNorm is GPU-only; "
-                         "on CPU use train.sync_bn=false, or model.norm=group for small per-rank batches")
+        raise ValueError(
+            "train.sync_bn=true needs CUDA: torch's SyncBatchNorm is GPU-only; "
+            "on CPU use train.sync_bn=false, or model.norm=group for small per-rank batches"
+        )
     if cfg.train.sync_bn and dist.world_size() > 1:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model

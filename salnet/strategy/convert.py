@@ -17,7 +17,6 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Optional
 
 from salnet.checkpoint import save_best
 from salnet.config import ConfigError, load_config
@@ -32,36 +31,55 @@ def consolidated_weights(checkpoint: Path) -> dict:
     from salnet.strategy import zero  # imports DeepSpeed (seconds): only for its checkpoints
 
     if not (checkpoint / zero.TAG).is_dir():
-        raise FileNotFoundError(f"{checkpoint} is neither a DDP checkpoint ({ddp.STATE_FILE}) nor a DeepSpeed one ({zero.TAG}/); "
-                                f"expected a runs/NAME/checkpoints/step-NNNNNNNN directory")
+        raise FileNotFoundError(
+            f"{checkpoint} is neither a DDP checkpoint ({ddp.STATE_FILE}) nor a DeepSpeed one ({zero.TAG}/); "
+            f"expected a runs/NAME/checkpoints/step-NNNNNNNN directory"
+        )
     return zero.consolidated_weights(checkpoint)
 
 
-def convert(checkpoint: Path, out_dir: Path, config_path: Optional[Path] = None) -> Path:
+def convert(checkpoint: Path, out_dir: Path, config_path: Path | None = None) -> Path:
     weights = consolidated_weights(checkpoint)
     config_path = config_path or checkpoint.parent.parent / "config.yaml"
     cfg = load_config(str(config_path))
     # The network's structure only: its backbone weights would be replaced anyway.
     structure = cfg.model.model_copy(update={"backbone": cfg.model.backbone.model_copy(update={"weights": "none"})})
     expected = build_model(structure).state_dict()
-    wrong = sorted(set(expected) ^ set(weights)) + [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    wrong = sorted(set(expected) ^ set(weights)) + [
+        k for k in expected if k in weights and weights[k].shape != expected[k].shape
+    ]
     if wrong:
-        raise ValueError(f"{checkpoint} does not hold the network of {config_path} (model section); "
-                         f"mismatched keys: {', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}")
+        raise ValueError(
+            f"{checkpoint} does not hold the network of {config_path} (model section); "
+            f"mismatched keys: {', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}"
+        )
     step = re.fullmatch(r"step-(\d+)", checkpoint.name)
-    return save_best(out_dir, {k: weights[k] for k in expected}, cfg.model_dump(mode="json"), {}, int(step[1]) if step else None)
+    return save_best(
+        out_dir, {k: weights[k] for k in expected}, cfg.model_dump(mode="json"), {}, int(step[1]) if step else None
+    )
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m salnet.strategy.convert", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m salnet.strategy.convert",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("checkpoint", type=Path, help="a checkpoints/step-NNNNNNNN directory")
     parser.add_argument("out_dir", type=Path, help="where best.pt is written")
-    parser.add_argument("--config", type=Path, help="the run's config (default: config.yaml two levels above CHECKPOINT)")
+    parser.add_argument(
+        "--config", type=Path, help="the run's config (default: config.yaml two levels above CHECKPOINT)"
+    )
     args = parser.parse_args(argv)
     try:
         path = convert(args.checkpoint, args.out_dir, args.config)
-    except (ConfigError, OSError, ValueError, RuntimeError) as e:  # RuntimeError: a file torch refuses (named by load_file)
+    except (
+        ConfigError,
+        OSError,
+        ValueError,
+        RuntimeError,
+    ) as e:  # RuntimeError: a file torch refuses (named by load_file)
         print(f"{parser.prog}: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {path}")

@@ -18,8 +18,18 @@ from salnet import dist
 from salnet.checksums import FileDigest, save_hashed
 from salnet.config import Config
 from salnet.optim import build_optimizer, build_schedule
-from salnet.strategy.base import (AMP_DTYPES, SkipReason, StepResult, Strategy, broadcast_buffers, decoder_lr, fp32_copy,
-                                  load_file, step_schedule, with_sync_bn)
+from salnet.strategy.base import (
+    AMP_DTYPES,
+    SkipReason,
+    StepResult,
+    Strategy,
+    broadcast_buffers,
+    decoder_lr,
+    fp32_copy,
+    load_file,
+    step_schedule,
+    with_sync_bn,
+)
 
 STATE_FILE = "state.pt"  # a DDP checkpoint is this one file, written by rank 0
 
@@ -40,11 +50,14 @@ class DDPStrategy(Strategy):
         self.schedule = build_schedule(self.optimizer, cfg.optim, total_steps)
         if dist.world_size() > 1:
             model = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                bucket_cap_mb=train.bucket_mb, static_graph=train.static_graph,
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                bucket_cap_mb=train.bucket_mb,
+                static_graph=train.static_graph,
                 # BatchNorm buffers are broadcast once per optimizer step (below) instead of before
                 # every forward, so validation (which bypasses the wrapper) sees rank 0's statistics.
-                forward_sync_buffers=False)
+                forward_sync_buffers=False,
+            )
         self._ddp = model if isinstance(model, DistributedDataParallel) else None
         self._train_model = torch.compile(model) if train.compile else model
         self.amp_dtype = AMP_DTYPES.get(train.amp)
@@ -79,7 +92,8 @@ class DDPStrategy(Strategy):
         # One collective decides for all ranks: [2 = a non-finite loss somewhere, 1 = non-finite
         # gradients; the largest stop code].
         bad, stop_anywhere = dist.all_reduce_values(
-            [2 * (not bool(self._loss_finite)) + (not bool(torch.isfinite(norm))), stop], "max")
+            [2 * (not bool(self._loss_finite)) + (not bool(torch.isfinite(norm))), stop], "max"
+        )
         skipped = None
         if bad >= 2:
             skipped = SkipReason.NON_FINITE_LOSS
@@ -107,8 +121,13 @@ class DDPStrategy(Strategy):
         # DDP keeps identical replicas: rank 0 writes everything.
         if not dist.is_main():
             return {}
-        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                 "scaler": self.scaler.state_dict(), "client": client_state}
+        state = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "client": client_state,
+        }
         return {STATE_FILE: save_hashed(state, directory / STATE_FILE)}
 
     def load(self, directory: Path) -> dict:

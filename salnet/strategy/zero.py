@@ -39,8 +39,18 @@ from salnet.checksums import FileDigest, file_digest, save_hashed
 from salnet.config import Config
 from salnet.fsio import atomic_write
 from salnet.optim import build_schedule, param_groups
-from salnet.strategy.base import (AMP_DTYPES, SkipReason, StepResult, Strategy, broadcast_buffers, decoder_lr, fp32_copy,
-                                  load_file, step_schedule, with_sync_bn)
+from salnet.strategy.base import (
+    AMP_DTYPES,
+    SkipReason,
+    StepResult,
+    Strategy,
+    broadcast_buffers,
+    decoder_lr,
+    fp32_copy,
+    load_file,
+    step_schedule,
+    with_sync_bn,
+)
 from salnet.strategy.zero_config import deepspeed_config
 
 if not torch.cuda.is_available():
@@ -61,11 +71,14 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 # unavailable, training collectives run on the process group (gloo) as they would anyway.
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 # DeepSpeed 0.19 still calls collectives torch has renamed; the warnings are DeepSpeed's, once per rank.
-warnings.filterwarnings("ignore", message=r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
-                        category=FutureWarning)
+warnings.filterwarnings(
+    "ignore",
+    message=r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    category=FutureWarning,
+)
 
-TAG = "deepspeed"                      # DeepSpeed's own files go to <checkpoint>/deepspeed/
-SALNET_STATE = "salnet_state.pt"       # salnet's part of a checkpoint, next to them
+TAG = "deepspeed"  # DeepSpeed's own files go to <checkpoint>/deepspeed/
+SALNET_STATE = "salnet_state.pt"  # salnet's part of a checkpoint, next to them
 CONFIG_FILE = "deepspeed_config.json"  # the generated DeepSpeed config, in the run directory
 _PARTITION_RANK = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank partition files
 
@@ -90,18 +103,26 @@ class DeepSpeedStrategy(Strategy):
         super().__init__(cfg)
         train = cfg.train
         if train.amp == "fp16" and dist.device().type != "cuda":
-            raise ValueError("train.amp=fp16 with train.strategy=deepspeed needs CUDA: DeepSpeed's CPU accelerator has no fp16; "
-                             "use train.amp=bf16 or train.amp=fp32")
+            raise ValueError(
+                "train.amp=fp16 with train.strategy=deepspeed needs CUDA: DeepSpeed's CPU accelerator has no fp16; "
+                "use train.amp=bf16 or train.amp=fp32"
+            )
         if train.compile:
-            raise ValueError("train.compile=true is not supported with train.strategy=deepspeed (ZeRO's parameter hooks "
-                             "and torch.compile are combined by DeepSpeed's own compiler integration, which salnet does "
-                             "not drive); set train.compile=false")
+            raise ValueError(
+                "train.compile=true is not supported with train.strategy=deepspeed (ZeRO's parameter hooks "
+                "and torch.compile are combined by DeepSpeed's own compiler integration, which salnet does "
+                "not drive); set train.compile=false"
+            )
         self.ds_config = deepspeed_config(cfg, world_size=dist.world_size())
         if not dist.is_initialized():
             _one_rank_job_environment()
         model = with_sync_bn(model, cfg)
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim), config=self.ds_config)
-        if type(engine.checkpoint_engine) is TorchCheckpointEngine:  # another engine chosen by pass-through is the user's call
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.optim), config=self.ds_config
+        )
+        if (
+            type(engine.checkpoint_engine) is TorchCheckpointEngine
+        ):  # another engine chosen by pass-through is the user's call
             # Built like DeepSpeed builds its own, from the engine's parsed config (no public accessor).
             engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
         self.engine = engine
@@ -144,7 +165,11 @@ class DeepSpeedStrategy(Strategy):
         broadcast_buffers(self.module)
         self._loss_finite.fill_(True)
         norm = self.engine.get_global_grad_norm()
-        return StepResult(grad_norm=float(norm) if norm is not None else float("nan"), skipped=skipped, stop=int(dist.all_reduce_scalar(stop, "max")))
+        return StepResult(
+            grad_norm=float(norm) if norm is not None else float("nan"),
+            skipped=skipped,
+            stop=int(dist.all_reduce_scalar(stop, "max")),
+        )
 
     def lr(self) -> float:
         return decoder_lr(self.engine.basic_optimizer)
@@ -167,9 +192,11 @@ class DeepSpeedStrategy(Strategy):
     def load(self, directory: Path) -> dict:
         state = load_file(directory / SALNET_STATE, map_location="cpu")
         if state["world_size"] != dist.world_size():
-            raise ValueError(f"{directory} holds the ZeRO partitions of a {state['world_size']}-rank run; DeepSpeed cannot load them into "
-                             f"{dist.world_size()} rank(s). Resume with {state['world_size']} ranks, or start over with "
-                             f"train.resume=none (python -m salnet.strategy.convert {directory} exports its weights)")
+            raise ValueError(
+                f"{directory} holds the ZeRO partitions of a {state['world_size']}-rank run; DeepSpeed cannot load them into "
+                f"{dist.world_size()} rank(s). Resume with {state['world_size']} ranks, or start over with "
+                f"train.resume=none (python -m salnet.strategy.convert {directory} exports its weights)"
+            )
         # The optimizer's state brings back its param groups, and with them the lr of the next step.
         loaded, _ = self.engine.load_checkpoint(str(directory), tag=TAG)
         if loaded is None:
@@ -201,12 +228,19 @@ def consolidated_weights(directory: Path) -> dict:
         except Exception as e:  # a truncated or foreign file: name it instead of a traceback
             raise ValueError(f"{file} is not a readable torch checkpoint file ({type(e).__name__}: {e})") from None
         if unsafe:
-            raise ValueError(f"{file} contains types a weights-only load refuses ({', '.join(sorted(unsafe))}); not loading it")
+            raise ValueError(
+                f"{file} contains types a weights-only load refuses ({', '.join(sorted(unsafe))}); not loading it"
+            )
     return fp32_copy(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG))
 
 
 def _one_rank_job_environment() -> None:
     """DeepSpeed needs a process group even for one process: describe a one-rank torchrun job."""
-    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(dist.free_port())}.items():
+    for name, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(dist.free_port()),
+    }.items():
         os.environ.setdefault(name, value)

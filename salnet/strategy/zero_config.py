@@ -46,18 +46,27 @@ def derived_keys(cfg: Config, world_size: int) -> list[tuple[str, Any, str]]:
     keys = [
         ("train_micro_batch_size_per_gpu", data.batch_size, f"data.batch_size={data.batch_size}"),
         ("gradient_accumulation_steps", train.grad_accum, f"train.grad_accum={train.grad_accum}"),
-        ("train_batch_size", cfg.global_batch(world_size),
-         f"{world_size} ranks x data.batch_size={data.batch_size} x train.grad_accum={train.grad_accum}"),
+        (
+            "train_batch_size",
+            cfg.global_batch(world_size),
+            f"{world_size} ranks x data.batch_size={data.batch_size} x train.grad_accum={train.grad_accum}",
+        ),
         ("gradient_clipping", optim.grad_clip or 0.0, f"optim.grad_clip={optim.grad_clip}"),
         ("zero_optimization.stage", train.zero_stage, f"train.zero_stage={train.zero_stage}"),
         # DeepSpeed's defaults (5e8 elements) suit language models: ZeRO-3 allocates its reduce
         # bucket whole, 1.9 GiB per rank, more than a ResNet-50 SalNet's model states.
         ("zero_optimization.reduce_bucket_size", bucket_elements, f"train.bucket_mb={train.bucket_mb}"),
         ("zero_optimization.allgather_bucket_size", bucket_elements, f"train.bucket_mb={train.bucket_mb}"),
-        ("zero_optimization.offload_optimizer.device", "cpu" if train.offload_optimizer else "none",
-         f"train.offload_optimizer={str(train.offload_optimizer).lower()}"),
-        ("zero_optimization.offload_param.device", "cpu" if train.offload_params else "none",
-         f"train.offload_params={str(train.offload_params).lower()}"),
+        (
+            "zero_optimization.offload_optimizer.device",
+            "cpu" if train.offload_optimizer else "none",
+            f"train.offload_optimizer={str(train.offload_optimizer).lower()}",
+        ),
+        (
+            "zero_optimization.offload_param.device",
+            "cpu" if train.offload_params else "none",
+            f"train.offload_params={str(train.offload_params).lower()}",
+        ),
         ("torch_autocast.enabled", train.amp == "bf16", amp),
         ("bf16.enabled", False, f"{amp} (salnet's bf16 is torch_autocast)"),
         ("fp16.enabled", train.amp == "fp16", amp),
@@ -70,10 +79,18 @@ def derived_keys(cfg: Config, world_size: int) -> list[tuple[str, Any, str]]:
     if train.amp == "fp16":
         keys.append(("fp16.auto_cast", True, f"{amp} (inputs cast to fp16 by DeepSpeed)"))
     if optim.name == "adamw":
-        keys.append(("optimizer.params.betas", [optim.momentum, optim.beta2], f"optim.momentum={optim.momentum}, optim.beta2={optim.beta2}"))
+        keys.append(
+            (
+                "optimizer.params.betas",
+                [optim.momentum, optim.beta2],
+                f"optim.momentum={optim.momentum}, optim.beta2={optim.beta2}",
+            )
+        )
     else:
-        keys += [("optimizer.params.momentum", optim.momentum, f"optim.momentum={optim.momentum}"),
-                 ("optimizer.params.nesterov", True, "optim.name=sgd (Nesterov momentum)")]
+        keys += [
+            ("optimizer.params.momentum", optim.momentum, f"optim.momentum={optim.momentum}"),
+            ("optimizer.params.nesterov", True, "optim.name=sgd (Nesterov momentum)"),
+        ]
     return keys
 
 
@@ -103,13 +120,17 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
 def _check_pass_through(extra: dict, derived: list[tuple[str, Any, str]]) -> None:
     problems = []
     if "scheduler" in extra:
-        problems.append("deepspeed.scheduler is set, but salnet steps its own lr schedule (optim.schedule, optim.warmup_steps, "
-                        "optim.min_lr_ratio), exactly as under DDP; remove deepspeed.scheduler")
+        problems.append(
+            "deepspeed.scheduler is set, but salnet steps its own lr schedule (optim.schedule, optim.warmup_steps, "
+            "optim.min_lr_ratio), exactly as under DDP; remove deepspeed.scheduler"
+        )
     for key, value, source in derived:
         given = _get(extra, key)
         if given is not MISSING and not _same(given, value):
-            problems.append(f"deepspeed.{key}={given!r} contradicts {source} (which sets {key}={value!r}); "
-                            f"remove deepspeed.{key} or change the salnet setting")
+            problems.append(
+                f"deepspeed.{key}={given!r} contradicts {source} (which sets {key}={value!r}); "
+                f"remove deepspeed.{key} or change the salnet setting"
+            )
     if problems:
         raise ConfigError("conflicting DeepSpeed settings:\n  " + "\n  ".join(problems))
 
@@ -157,5 +178,9 @@ def _put(tree: dict, dotted: str, value: Any) -> None:
 def _merged(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+        out[key] = (
+            _merged(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else copy.deepcopy(value)
+        )
     return out
