@@ -117,7 +117,7 @@ class TrainJob:
         if stop.requested:
             say(f"{stop.describe()} arrived during start-up; the training stops at its first step")
 
-        from salnet import train  # torch is imported here, not when the pickle is loaded
+        from salnet import train  # the entry point (it imports torch once the config is read)
 
         code = 0
         try:

@@ -159,3 +159,17 @@ def test_values_that_would_break_the_run_fail_when_the_config_loads(override, ex
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert expected in str(e.value)
+
+
+def test_salnet_train_reports_a_config_error_before_importing_torch():
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['python -m salnet.train', 'optim.lrr=3e-4']\n"
+        "try:\n"
+        "    runpy.run_module('salnet.train', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code, 'torch imported:', 'torch' in sys.modules)\n"
+    )
+    proc = run_py(["-c", probe], check=False)
+    assert "exit 2 torch imported: False" in proc.stdout, proc.stdout + proc.stderr
+    assert "did you mean 'optim.lr'?" in proc.stderr

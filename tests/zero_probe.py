@@ -3,7 +3,7 @@
 usage: zero_probe.py OUT_DIR STEPS NAME:override,override ... (one NAME per strategy setting)
 
 Every case starts from the same weights (seed 0) and trains STEPS optimizer steps of the real loop
-step (salnet.train.train_step) on the same per-rank batches: resnet18 at 64 px from random uint8
+step (salnet.trainer.train_step) on the same per-rank batches: resnet18 at 64 px from random uint8
 images. Rank 0 then writes OUT_DIR/NAME/best.pt (strategy.fp32_state_dict() through save_best,
 as training does) and OUT_DIR/NAME/engine.pt: the mean loss of every step, and the predictions of
 the strategy's own eval model on a fixed batch. DeepSpeed cases then take one more step in which
@@ -22,7 +22,7 @@ from salnet.data import TrainInput, to_model_input
 from salnet.loss import build_loss
 from salnet.model import build_model
 from salnet.strategy import build_strategy
-from salnet.train import train_step
+from salnet.trainer import train_step
 
 BASE = [
     "model.backbone.name=resnet18",

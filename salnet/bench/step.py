@@ -123,7 +123,7 @@ def salnet_step_of(cfg, model):
     from salnet.data import TrainInput
     from salnet.loss import build_loss
     from salnet.strategy import build_strategy
-    from salnet.train import train_step
+    from salnet.trainer import train_step
 
     loss_fn = build_loss(cfg.loss)
     strategy = build_strategy(cfg, model, total_steps=10**6)
