@@ -140,8 +140,6 @@ class DataConfig(Section):
                 raise ValueError(
                     f"data.val set name {name!r} is not valid: use a non-empty name without '/', other than {MEAN_OVER_SETS!r}"
                 )
-            if not sources:
-                raise ValueError(f"data.val set {name!r} lists no shard directories")
 
     @property
     def val_sets(self) -> dict[str, list[str]]:
@@ -396,6 +394,12 @@ class Config(Section):
                     f"{key}={values if key == 'data.multiscale' else values[0]} is below the network's minimum input size "
                     f"{MIN_INPUT_SIZE} (its output stride: C5 must keep at least one pixel)"
                 )
+        for (
+            name,
+            sources,
+        ) in self.data.val_sets.items():  # (a DataConfig alone may have no val data: the loader's tests)
+            if not sources:
+                raise ValueError(f"data.val set {name!r} lists no shard directories: validation needs data")
         best_set, _ = self.eval.best_set_and_metric
         if best_set is not None and best_set not in self.data.val_sets:
             raise ValueError(
