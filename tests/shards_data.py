@@ -85,3 +85,73 @@ def write_png_rgb16(path: Path, rgb16: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
     return path
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 8-bit RGB PNG of width x height black pixels that is small on disk (12000 x 12000:
+    144 megapixels, 0.4 GB decoded, 0.4 MB encoded). Written without ever holding the pixels: one
+    row-block is deflated with a full flush, which makes its compressed bytes independent of what
+    came before, so the same bytes repeat for every block."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows_per_block = next(n for n in (100, 50, 10, 1) if height % n == 0)
+    block = (b"\x00" + bytes(3 * width)) * rows_per_block  # filter byte 0, then the row's pixels
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate; the zlib header and checksum are added below
+    body = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
+    blocks = height // rows_per_block
+    adler = 1
+    for _ in range(blocks):
+        adler = zlib.adler32(block, adler)
+    stream = b"\x78\xda" + body * blocks + deflate.flush(zlib.Z_FINISH) + struct.pack(">I", adler)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+
+
+def encode(im: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    out = io.BytesIO()
+    im.save(out, fmt, **kwargs)
+    return out.getvalue()
+
+
+def write_raw_shards(out_dir: Path, samples: list[tuple[str, str, bytes, bytes]], name: str = "raw",
+                     shard_samples: int | None = None) -> dict:
+    """Shards holding exactly the given (key, image_ext, image_bytes, mask_bytes), unchecked: what
+    another WebDataset writer (or an attacker) could produce. Returns the manifest."""
+    from salnet.imagecheck import image_size
+    from salnet.shards.format import sample_meta
+    from salnet.shards.writer import Sample, ShardWriter
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ShardWriter(out_dir, name, shard_samples, None) as writer:
+        for key, ext, image, mask in samples:
+            size = image_size(image, key)[::-1]
+            meta = sample_meta(key=key, dataset=name, source=f"{key}.{ext}", mask_source=f"{key}.png", orig_size=size,
+                               stored_size=size)
+            writer.add(Sample(key=key, image_ext=ext, image=image, mask=mask, meta=meta, foreground=0.0, soft_mask=False))
+        return writer.finish(layout="test", command="tests/shards_data.write_raw_shards", skipped=[])
+
+
+def edit_manifest(shard_dir: Path, edit) -> dict:
+    """Apply `edit(manifest)` (in place) to shard_dir/manifest.json and write it back as it is (no checks)."""
+    path = shard_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    return manifest
+
+
+def replace_shard(shard_dir: Path, file: str, data: bytes) -> None:
+    """Put `data` in place of a shard and make the manifest agree on its size and hash, so only its content is wrong."""
+    import hashlib
+
+    (shard_dir / file).write_bytes(data)
+
+    def update(manifest):
+        for shard in manifest["shards"]:
+            if shard["file"] == file:
+                shard["bytes"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+        manifest["total_bytes"] = sum(s["bytes"] for s in manifest["shards"])
+
+    edit_manifest(shard_dir, update)

@@ -57,9 +57,7 @@ def test_mask_modes_become_one_8bit_channel_by_the_documented_rules(tmp_path):
     binary = mask > 0
     add(tmp_path, "zero_one.jpg", img, Image.fromarray(binary.astype(np.uint8)))
     add(tmp_path, "mode1.jpg", img, Image.fromarray(binary))
-    red = np.zeros((24, 24, 3), np.uint8)
-    red[binary, 0] = 255
-    add(tmp_path, "red.jpg", img, Image.fromarray(red))
+    add(tmp_path, "grey_rgb.jpg", img, Image.fromarray(np.dstack([mask] * 3)))  # grey stored as RGB
     white_on_clear = np.full((24, 24, 4), 255, np.uint8)
     white_on_clear[~binary, 3] = 0  # transparent background, white colour everywhere
     add(tmp_path, "alpha.jpg", img, Image.fromarray(white_on_clear))
@@ -72,11 +70,13 @@ def test_mask_modes_become_one_8bit_channel_by_the_documented_rules(tmp_path):
     manifest = pack_folder(tmp_path)
     out = by_source(tmp_path / "out")
 
-    for name in ["zero_one.jpg", "mode1.jpg", "red.jpg", "alpha.jpg", "sixteen.jpg", "sixteen_small.jpg", "palette.jpg"]:
+    for name in ["zero_one.jpg", "mode1.jpg", "grey_rgb.jpg", "alpha.jpg", "sixteen.jpg", "sixteen_small.jpg", "palette.jpg"]:
         assert (out[name][1] == mask).all(), name
     assert (out["soft.jpg"][1] == soft).all()  # soft values kept as they are
     assert manifest["stats"]["soft_masks"] == 1
     assert manifest["stats"]["images_kept_original"] == 8  # the masks changed, the JPEGs did not
+    assert manifest["stats"]["mask_conversions"] == {"0/1 scaled to 0/255": 1, "16-bit": 2, "alpha": 1, "grey RGB": 2,
+                                                     "grey palette": 1, "mode 1": 1}
 
 
 def test_source_bytes_are_kept_when_no_change_is_needed(tmp_path):
@@ -126,7 +126,8 @@ def _truncated(path):
     ("corrupt", "img/bad.jpg: not an image file Pillow can read"),
     ("truncated_jpeg", "img/bad.jpg: corrupt or truncated JPEG: truncated"),
     ("truncated_mask", "gt/bad.png: corrupt or truncated image data"),
-    ("size_mismatch", "gt/bad.png: mask is 64x40 (WxH) but its image img/bad.jpg is 64x48"),
+    ("size_mismatch", "gt/bad.png: mask is 64x40 (WxH) but its image img/bad.jpg is 64x48 (after EXIF orientation); they "
+                      "must match: pass --on-mismatch resize"),
     ("float_mask", "gt/bad.tif: unsupported mask mode F; valid modes: 1, I, I;16"),
 ])
 def test_bad_files_stop_the_pack_with_path_and_reason_unless_skipped(tmp_path, problem, expected):

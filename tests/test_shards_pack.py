@@ -8,12 +8,14 @@ import sys
 import tarfile
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_py
-from salnet.shards.manifest import ManifestError, load_manifest
+from salnet.shards.manifest import ManifestError, ShardsError, load_manifest
 from salnet.shards.pack import pack
+
+from conftest import REPO, run_py
 from shards_data import decoded, make_folder_dataset, read_samples, save, scene
 
 
@@ -157,3 +159,65 @@ def test_load_manifest_names_the_problem(tmp_path):
     shard.unlink()
     with pytest.raises(ManifestError, match=f"lists shard '{shard.name}', which is missing"):
         load_manifest(tmp_path / "ds")
+
+
+def duts_te(root, mismatched_image=(308, 400), mask=(266, 400)):
+    """A DUTS-TE-like folder: two sound pairs and one whose image (H, W) differs from its mask's, as in the official set."""
+    src = root / "DUTS-TE"
+    for i in range(3):
+        size = mismatched_image if i == 2 else mask
+        rgb, _ = scene(*size, seed=i)
+        save(Image.fromarray(rgb), src / "DUTS-TE-Image" / f"ILSVRC2012_test_{i:08d}.jpg")
+        save(Image.fromarray(scene(*mask, seed=10 + i)[1]), src / "DUTS-TE-Mask" / f"ILSVRC2012_test_{i:08d}.png")
+    return src
+
+
+MISMATCH = ("DUTS-TE-Mask/ILSVRC2012_test_00000002.png: mask is 400x266 (WxH) but its image "
+            "DUTS-TE-Image/ILSVRC2012_test_00000002.jpg is 400x308 (after EXIF orientation); they must match: "
+            "pass --on-mismatch resize to resize the image to its mask (the mask is the ground truth)")
+
+
+def test_on_mismatch_fail_names_the_pair_and_suggests_resize(tmp_path):
+    src = duts_te(tmp_path)
+    with pytest.raises(ShardsError) as err:
+        pack(src, tmp_path / "out", workers=1)
+    assert MISMATCH in str(err.value)
+    refused = run_py(["-m", "salnet.shards", "pack", src, tmp_path / "cli", "--workers", "1"], check=False)
+    assert refused.returncode == 2 and MISMATCH in refused.stderr and "--on-mismatch skip" in refused.stderr
+
+
+def test_on_mismatch_resize_stores_the_image_at_its_masks_size_and_lists_it(tmp_path):
+    src = duts_te(tmp_path)
+    result = run_py(["-m", "salnet.shards", "pack", src, tmp_path / "out", "--workers", "1", "--on-mismatch", "resize"])
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest["layout"] == "duts" and manifest["total_samples"] == 3 and manifest["skipped"] == []
+    assert manifest["resized"] == [{"image": "DUTS-TE-Image/ILSVRC2012_test_00000002.jpg",
+                                    "mask": "DUTS-TE-Mask/ILSVRC2012_test_00000002.png", "from": [308, 400], "to": [266, 400]}]
+    assert manifest["stats"]["image_conversions"] == {"resized to its mask": 1}
+    assert manifest["options"]["on_mismatch"] == "resize"
+    assert "pack: resized 1 images to their masks' size (--on-mismatch resize" in result.stderr
+    assert "DUTS-TE-Image/ILSVRC2012_test_00000002.jpg: 400x308 -> 400x266 (WxH)" in result.stderr
+    samples = {s["__key__"]: s for s in read_samples(tmp_path / "out")}
+    image, mask, meta = decoded(samples["ILSVRC2012_test_00000002"])
+    assert image.shape == (266, 400, 3) and mask.shape == (266, 400)
+    assert meta["orig_size"] == meta["stored_size"] == [266, 400]
+    expected = Image.open(src / "DUTS-TE-Image" / "ILSVRC2012_test_00000002.jpg").resize((400, 266), Image.Resampling.LANCZOS)
+    assert abs(image.astype(int) - np.asarray(expected, dtype=int)).mean() < 2  # re-encoded as JPEG at quality 95
+    assert samples["ILSVRC2012_test_00000002"]["mask.png"] == (src / "DUTS-TE-Mask" / "ILSVRC2012_test_00000002.png").read_bytes()
+    for key in ("ILSVRC2012_test_00000000", "ILSVRC2012_test_00000001"):  # sound pairs are untouched, bytes and all
+        assert samples[key]["jpg"] == (src / "DUTS-TE-Image" / f"{key}.jpg").read_bytes()
+    assert "resized      1 images to their masks' size" in run_py(["-m", "salnet.shards", "info", tmp_path / "out"]).stdout
+    # with --max-side the resized image is then downscaled like any other
+    small = pack(src, tmp_path / "small", workers=1, on_mismatch="resize", max_side=200)
+    assert small["resized"][0]["to"] == [266, 400] and small["stats"]["stored_height"]["max"] == 133
+
+
+def test_on_mismatch_skip_leaves_the_pair_out_and_lists_it(tmp_path):
+    lines = []
+    manifest = pack(duts_te(tmp_path), tmp_path / "out", workers=1, on_mismatch="skip", log=lines.append)
+    assert manifest["total_samples"] == 2 and manifest["resized"] == []
+    assert len(manifest["skipped"]) == 1 and f"{manifest['skipped'][0]['path']}: {manifest['skipped'][0]['reason']}".startswith(MISMATCH)
+    assert any(line.startswith("pack: skipped 1 files") and "ILSVRC2012_test_00000002.png: mask is 400x266" in line for line in lines)
+    assert sorted(s["__key__"] for s in read_samples(tmp_path / "out")) == ["ILSVRC2012_test_00000000", "ILSVRC2012_test_00000001"]
+    with pytest.raises(ShardsError, match="--on-mismatch must be one of fail, resize, skip, got 'crop'"):
+        pack(tmp_path / "DUTS-TE", tmp_path / "other", workers=1, on_mismatch="crop")

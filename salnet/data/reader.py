@@ -1,9 +1,14 @@
 """Read a reader's planned samples from tar shards as raw bytes, skipping the others unread.
 
-webdataset's tar iterator does the member-level work; its `select_files` hook is where samples
-that are not wanted (another reader's, or consumed before a resume) are passed over without
-their data being read, let alone decoded. Once the last wanted sample of a piece is complete the
-shard is closed, so a reader that needs the start of a shard never streams the rest of it.
+Shards are read forward once (salnet.shards.tario): a compressed shard is refused from its first
+bytes, a member above the source's `max_member_bytes` from its header, before its data is read.
+Samples that are not wanted (another reader's, or consumed before a resume) are passed over
+without their data being read, let alone decoded. Once the last wanted sample of a piece is
+complete the shard is closed, so a reader that needs the start of a shard never streams the rest.
+
+The reader counts the samples it passes: a shard that holds more samples than its manifest says
+(the reader sees sample #N of a shard listed with N) or fewer (it ends before a planned sample)
+stops the run naming the shard and both counts, rather than silently dropping or repeating data.
 """
 
 from __future__ import annotations
@@ -11,13 +16,13 @@ from __future__ import annotations
 import bisect
 import tarfile
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
-
-from webdataset.tariterators import tar_file_iterator
+from typing import Iterable, Iterator, Optional, Sequence
 
 from salnet.data.plan import Piece, piece_starts
 from salnet.data.sources import DataError, Shard, open_shard
+from salnet.imagecheck import DEFAULT_MAX_PIXELS
 from salnet.shards.format import split_member_name
+from salnet.shards.tario import ShardTar, TarRefused
 
 
 @dataclass
@@ -26,57 +31,61 @@ class RawSample:
     index: int  # the sample's number within its shard
     key: str
     members: dict[str, bytes]  # extension after the key (salnet.shards.format: "jpg", "mask.png", ...) -> bytes
+    max_pixels: int = DEFAULT_MAX_PIXELS  # the source's limit (Limits.max_pixels), checked from each image header before decoding
 
     def where(self) -> str:
         return f"shard {self.shard}, sample '{self.key}' (#{self.index})"
 
 
-class _PastLastWanted(Exception):
-    """Raised from the select hook to end the tar iteration early (nothing is wrong)."""
-
-
 class _MemberSelector:
-    """The `select_files` hook: numbers samples as their keys change and passes members of wanted ones.
+    """Numbers samples as their keys change and says which members to read.
 
     A member's key is its name up to the first dot, as the shard format (and webdataset) splits it.
     """
 
-    def __init__(self, wanted: Sequence[int]):
-        self.wanted, self.next_wanted = wanted, 0
+    def __init__(self, shard: Shard, wanted: Sequence[int]):
+        self.shard, self.wanted, self.next_wanted = shard, wanted, 0
         self.index, self.key = -1, None
 
-    def __call__(self, name: str) -> bool:
+    def __call__(self, name: str) -> Optional[bool]:
+        """True: read the member; False: skip it unread; None: past the last wanted sample (stop reading)."""
         key, _ = split_member_name(name)
         if key != self.key:
             self.key, self.index = key, self.index + 1
+            if self.index >= self.shard.samples:
+                raise DataError(f"shard {self.shard.name} holds more samples than its manifest says: sample #{self.index} "
+                                f"('{key}') follows the {self.shard.samples} it lists (the shard has at least {self.index + 1}, "
+                                f"the manifest says {self.shard.samples}); the shard was replaced or the manifest does not "
+                                "belong to it: repack, and run `python -m salnet.shards verify`")
             while self.next_wanted < len(self.wanted) and self.wanted[self.next_wanted] < self.index:
                 self.next_wanted += 1
             if self.next_wanted == len(self.wanted):
-                raise _PastLastWanted()
+                return None
         return self.wanted[self.next_wanted] == self.index
-
-
-def _stop_quietly(exn: Exception) -> bool:
-    # webdataset's error handler protocol: False ends the iteration, raising propagates.
-    if isinstance(exn, _PastLastWanted):
-        return False
-    raise exn
 
 
 def read_shard(shard: Shard, wanted: Sequence[int]) -> Iterator[RawSample]:
     """The samples numbered `wanted` (ascending) of `shard`, in that order; a shard that ends early stops the run."""
-    selector = _MemberSelector(wanted)
+    selector = _MemberSelector(shard, wanted)
     stream = open_shard(shard)
     sample, got, hang_up_quietly = None, 0, False
     try:
-        for member in tar_file_iterator(stream, handler=_stop_quietly, select_files=selector):
-            key, ext = split_member_name(member["fname"])
+        tar = ShardTar(stream, shard.limits.max_member_bytes)
+        for info in tar:
+            if not info.isreg():
+                continue
+            select = selector(info.name)
+            if select is None:
+                break
+            if not select:
+                continue
+            key, ext = split_member_name(info.name)
             if sample is None or sample.index != selector.index:
                 if sample is not None:
                     yield sample
                     got += 1
-                sample = RawSample(shard.name, selector.index, key, {})
-            sample.members[ext] = member["data"]
+                sample = RawSample(shard.name, selector.index, key, {}, shard.limits.max_pixels)
+            sample.members[ext] = tar.read(info)
         if sample is not None:
             yield sample
             got += 1
@@ -84,6 +93,12 @@ def read_shard(shard: Shard, wanted: Sequence[int]) -> Iterator[RawSample]:
     except GeneratorExit:
         hang_up_quietly = True  # the consumer stopped early (an epoch cut short); nothing is wrong with the shard
         raise
+    except DataError:
+        hang_up_quietly = True  # the content is at fault, said by the error; a cut-short reading process is not news
+        raise
+    except TarRefused as e:
+        hang_up_quietly = True
+        raise DataError(f"shard {shard.name} refused after {selector.index + 1} samples: {e}") from None
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"shard {shard.name} is unreadable after {selector.index + 1} samples: {e}") from None
     finally:

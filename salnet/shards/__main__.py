@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from salnet.imagecheck import DEFAULT_MAX_PIXELS, parse_pixels
 from salnet.shards.info import describe
 from salnet.shards.layouts import LAYOUTS
 from salnet.shards.manifest import ShardsError
-from salnet.shards.pack import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, pack
+from salnet.shards.pack import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, ON_MISMATCH, pack
 from salnet.shards.parallel import available_cpus
 from salnet.shards.synth import synthesize
+from salnet.shards.tario import DEFAULT_MAX_MEMBER_BYTES
 from salnet.shards.verify import verify
 
 PROG = "python -m salnet.shards"
@@ -27,6 +29,22 @@ def parse_size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"size {text!r} is not a number of bytes with an optional K, M, G or T (e.g. 512M, 1G)")
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+
+
+def pixels(text: str) -> int:
+    try:
+        return parse_pixels(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-pixels", type=pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help=f"refuse an image or mask whose header declares more pixels, before decoding it; e.g. 100M "
+                             f"(default {DEFAULT_MAX_PIXELS // 10**6}M; training and predict: data.max_pixels)")
+    parser.add_argument("--max-member-bytes", type=parse_size, default=DEFAULT_MAX_MEMBER_BYTES, metavar="SIZE",
+                        help=f"refuse a file or shard member above this size, before reading it; e.g. 1G "
+                             f"(default {DEFAULT_MAX_MEMBER_BYTES // 2**20}M; training: data.max_member_bytes)")
 
 
 def parse_seed(text: str) -> Optional[int]:
@@ -62,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--max-side", type=int, metavar="PX", help="downscale images and masks whose longer side exceeds PX")
     pack.add_argument("--workers", type=int, default=cpus, metavar="N", help=f"worker processes (default: the CPUs available, {cpus})")
     pack.add_argument("--skip-bad", action="store_true", help="skip corrupt, truncated or mismatched pairs (listed in the manifest) instead of stopping")
+    pack.add_argument("--on-mismatch", choices=ON_MISMATCH, default="fail",
+                      help="an image whose size differs from its mask's: fail (a bad pair: stop, or skip with --skip-bad), "
+                           "resize the image to its mask (the ground truth; listed under \"resized\" in the manifest), or skip it "
+                           "(listed under \"skipped\") (default: fail)")
+    add_limits(pack)
     pack.add_argument("--skip-unpaired", action="store_true", help="skip files without a partner (listed in the manifest) instead of stopping")
     pack.add_argument("--overwrite", action="store_true", help="replace a previous pack in OUT")
 
@@ -69,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Check every shard against the manifest (size, sha256) and every sample (members, decoding, sizes).")
     verify.add_argument("out", type=Path, metavar="OUT", help="shard directory")
     verify.add_argument("--workers", type=int, default=cpus, metavar="N", help=f"worker processes (default {cpus})")
+    add_limits(verify)
 
     info = commands.add_parser("info", help="counts, sizes, statistics and how the shards were packed")
     info.add_argument("out", type=Path, metavar="OUT", help="shard directory")
@@ -93,9 +117,10 @@ def main(argv: list[str]) -> int:
             pack(args.src, args.out, layout=args.layout, images=args.images, masks=args.masks, name=args.name,
                  shard_samples=args.shard_samples, shard_bytes=args.shard_bytes, shuffle_seed=args.shuffle_seed,
                  max_side=args.max_side, workers=args.workers, skip_bad=args.skip_bad, skip_unpaired=args.skip_unpaired,
-                 overwrite=args.overwrite, command=command)
+                 overwrite=args.overwrite, on_mismatch=args.on_mismatch, max_pixels=args.max_pixels,
+                 max_member_bytes=args.max_member_bytes, command=command)
         elif args.command == "verify":
-            return _verify(args.out, args.workers)
+            return _verify(args.out, args.workers, args.max_pixels, args.max_member_bytes)
         elif args.command == "info":
             print(describe(args.out))
         else:
@@ -108,8 +133,8 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _verify(out: Path, workers: int) -> int:
-    report = verify(out, workers=workers)
+def _verify(out: Path, workers: int, max_pixels: int, max_member_bytes: int) -> int:
+    report = verify(out, workers=workers, max_pixels=max_pixels, max_member_bytes=max_member_bytes)
     for note in report.notes:
         print(f"verify: note: {note}")
     if report.ok:

@@ -6,6 +6,11 @@ an image (.jpg or .png), a .mask.png and a .json; the image decodes to 8-bit RGB
 8-bit gray of the same size; the json names the key and the stored size. Then the counts and
 the uniqueness of keys across shards. Every problem is reported with its shard and sample;
 nothing stops at the first one.
+
+Verify reads a shard as the loader does (salnet.shards.tario, salnet.imagecheck): a compressed
+shard or a member above --max-member-bytes is reported and not read; an image or mask whose
+header declares more than --max-pixels is reported and not decoded; a 16-bit image or a mask
+that is not an 8-bit grey PNG is reported (the loader would refuse it).
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from typing import Any
 
 from PIL import Image
 
+from salnet.imagecheck import DEFAULT_MAX_PIXELS, ImageError, check_shard_member, pillow_limit
 from salnet.shards.format import IMAGE_EXTS, MASK_EXT, META_EXT, split_member_name
 from salnet.shards.manifest import MANIFEST_NAME, read_manifest
 from salnet.shards.parallel import ordered_map
+from salnet.shards.tario import DEFAULT_MAX_MEMBER_BYTES, ShardTar, TarRefused
 
 HASH_CHUNK = 1 << 20
 
@@ -50,11 +57,12 @@ class Report:
         return not self.problems
 
 
-def verify(shard_dir: Path, workers: int = 1) -> Report:
+def verify(shard_dir: Path, workers: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
+           max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Report:
     """Check every shard and sample of `shard_dir`; raises ManifestError only if the manifest is unusable."""
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
-    check = partial(verify_shard, shard_dir)
+    check = partial(verify_shard, shard_dir, max_pixels=max_pixels, max_member_bytes=max_member_bytes)
     reports = list(ordered_map(check, manifest["shards"], workers, desc="verify", unit="shard"))
     problems = [p for r in reports for p in r.problems]
     counts = Counter(key for r in reports for key in r.keys)
@@ -70,7 +78,8 @@ def verify(shard_dir: Path, workers: int = 1) -> Report:
     return Report(shard_dir, len(reports), samples, problems, notes)
 
 
-def verify_shard(shard_dir: Path, shard: dict[str, Any]) -> ShardReport:
+def verify_shard(shard_dir: Path, shard: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> ShardReport:
     report = ShardReport(shard["file"])
     path = shard_dir / shard["file"]
     if not path.is_file():
@@ -82,16 +91,19 @@ def verify_shard(shard_dir: Path, shard: dict[str, Any]) -> ShardReport:
     if digest != shard["sha256"]:
         report.problems.append(f"{shard['file']}: sha256 differs from the manifest (the file changed after packing)")
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open(path, "rb") as f:
+            tar = ShardTar(f, max_member_bytes)
             for key, members in _samples(tar, report):
                 report.samples += 1
                 report.keys.append(key)
-                report.problems.extend(f"{shard['file']}: sample '{key}': {p}" for p in check_sample(key, members))
+                report.problems.extend(f"{shard['file']}: sample '{key}': {p}" for p in check_sample(key, members, max_pixels))
             end = tar.offset
         # tarfile stops quietly at a corrupt header; only zero blocks may follow the last member.
         if _nonzero_after(path, end):
             report.problems.append(f"{shard['file']}: tar structure broken at byte {end} of {size} (corrupt header?); "
                                    "nothing after it could be read")
+    except TarRefused as e:
+        report.problems.append(f"{shard['file']}: refused after {report.samples} samples: {e}")
     except (tarfile.TarError, OSError, EOFError) as e:
         report.problems.append(f"{shard['file']}: unreadable as tar after {report.samples} samples: {e}")
     if report.samples != shard["samples"]:
@@ -117,7 +129,7 @@ def _nonzero_after(path: Path, offset: int) -> bool:
     return False
 
 
-def _samples(tar: tarfile.TarFile, report: ShardReport):
+def _samples(tar: ShardTar, report: ShardReport):
     """Yield (key, {extension: bytes}) for each run of consecutive members sharing a key."""
     key, members = None, {}
     for info in tar:
@@ -132,20 +144,20 @@ def _samples(tar: tarfile.TarFile, report: ShardReport):
             key, members = member_key, {}
         if ext in members:
             report.problems.append(f"{report.file}: sample '{key}' has '{ext}' twice")
-        members[ext] = tar.extractfile(info).read()
+        members[ext] = tar.read(info)
     if key is not None:
         yield key, members
 
 
-def check_sample(key: str, members: dict[str, bytes]) -> list[str]:
+def check_sample(key: str, members: dict[str, bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[str]:
     problems = []
     images = [ext for ext in IMAGE_EXTS if ext in members]
     expected = {MASK_EXT, META_EXT, *images[:1]}
     if len(images) != 1 or set(members) != expected:
         problems.append(f"has members {sorted(members)}; a sample needs an image ({' or '.join(IMAGE_EXTS)}), "
                         f"'{MASK_EXT}' and '{META_EXT}'")
-    image = _decoded(members, images[0], "RGB", problems) if len(images) == 1 else None
-    mask = _decoded(members, MASK_EXT, "L", problems)
+    image = _decoded(members, images[0], "RGB", problems, max_pixels) if len(images) == 1 else None
+    mask = _decoded(members, MASK_EXT, "L", problems, max_pixels)
     if image is not None and mask is not None and image.size != mask.size:
         problems.append(f"mask is {mask.size[0]}x{mask.size[1]} (WxH) but the image is {image.size[0]}x{image.size[1]}")
     if META_EXT in members:
@@ -160,12 +172,18 @@ def check_sample(key: str, members: dict[str, bytes]) -> list[str]:
     return problems
 
 
-def _decoded(members: dict[str, bytes], ext: str, mode: str, problems: list[str]):
+def _decoded(members: dict[str, bytes], ext: str, mode: str, problems: list[str], max_pixels: int):
     if ext not in members:
         return None
     try:
-        im = Image.open(io.BytesIO(members[ext]))
-        im.load()
+        check_shard_member(members[ext], ext, max_pixels, mask=ext == MASK_EXT)  # the header, before decoding
+    except ImageError as e:
+        problems.append(str(e))
+        return None
+    try:
+        with pillow_limit(max_pixels):
+            im = Image.open(io.BytesIO(members[ext]))
+            im.load()
     except Exception as e:  # noqa: BLE001 - any decoder failure is the finding we report
         problems.append(f"{ext} does not decode: {e}")
         return None

@@ -43,6 +43,8 @@ class Sample:
     foreground: float  # fraction of mask pixels >= 128
     soft_mask: bool  # the mask has values other than 0 and 255
     conversions: tuple[str, ...] = ()  # why the image was re-encoded; empty when the source bytes were kept
+    mask_conversions: tuple[str, ...] = ()  # how the mask was converted (salnet.shards.images); empty when kept as it was
+    resized_from: Optional[tuple[int, int]] = None  # (H, W) of an image resized to its mask (pack --on-mismatch resize)
 
     def members(self) -> list[tuple[str, bytes]]:
         meta = json.dumps(self.meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
@@ -58,7 +60,8 @@ class Sample:
         for name, data in self.members():
             parts += [_tar_info(name, len(data)).tobuf(TAR_FORMAT, "utf-8", "surrogateescape"), data,
                       bytes(-len(data) % tarfile.BLOCKSIZE)]
-        return EncodedSample(self.key, b"".join(parts), self.meta, self.foreground, self.soft_mask, self.conversions)
+        return EncodedSample(self.key, b"".join(parts), self.meta, self.foreground, self.soft_mask, self.conversions,
+                             self.mask_conversions, self.resized_from)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class EncodedSample:
     foreground: float
     soft_mask: bool
     conversions: tuple[str, ...]
+    mask_conversions: tuple[str, ...] = ()
+    resized_from: Optional[tuple[int, int]] = None
 
     def encoded(self) -> "EncodedSample":
         return self
@@ -150,6 +155,7 @@ class _Stats:
     soft_masks: int = 0
     kept_original: int = 0
     conversions: Counter = field(default_factory=Counter)
+    mask_conversions: Counter = field(default_factory=Counter)
 
     def add(self, sample: EncodedSample) -> None:
         (oh, ow), (sh, sw) = sample.meta["orig_size"], sample.meta["stored_size"]
@@ -161,6 +167,7 @@ class _Stats:
         self.soft_masks += sample.soft_mask
         self.kept_original += not sample.conversions
         self.conversions.update(sample.conversions)
+        self.mask_conversions.update(sample.mask_conversions)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -170,6 +177,7 @@ class _Stats:
             "soft_masks": self.soft_masks,
             "images_kept_original": self.kept_original,
             "image_conversions": dict(sorted(self.conversions.items())),
+            "mask_conversions": dict(sorted(self.mask_conversions.items())),
         }
 
 
