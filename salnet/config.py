@@ -117,6 +117,18 @@ class DataConfig(Section):
         description="a corrupt sample (bad image bytes, missing mask) stops the run naming shard and key "
         "(error), or is logged, counted and replaced by another sample of its batch (skip)",
     )
+    max_pixels: int = Field(
+        64_000_000,
+        gt=0,
+        description="an image or mask whose header declares more pixels is refused before it is decoded "
+        "(data.on_error decides), naming the shard, sample and size (salnet.imagecheck)",
+    )
+    max_member_bytes: int = Field(
+        256 * 2**20,
+        gt=0,
+        description="a shard member (tar entry) above this many bytes is refused from its header before "
+        "it is read, naming shard and member; compressed shards are always refused",
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="joint image/mask augmentation")
     augment_on: Literal["worker", "device"] | None = Field(
         None,

@@ -49,7 +49,7 @@ from salnet import dist
 from salnet.data import DataError, default_workers
 from salnet.data.plan import Piece, split_blocks
 from salnet.data.reader import read_positions
-from salnet.data.sources import ShardSet, local_dir, open_shard_set
+from salnet.data.sources import Limits, ShardSet, local_dir, open_shard_set
 from salnet.data.transforms import SampleError, decode_sample, resize_for_eval
 from salnet.evaluation.common import (
     PRECISIONS,
@@ -64,6 +64,7 @@ from salnet.evaluation.common import (
     split_name,
 )
 from salnet.fsio import atomic_write
+from salnet.imagecheck import parse_pixels
 from salnet.metrics.inputs import to_levels
 from salnet.shards.images import BadFileError, prepare_image
 from salnet.shards.layouts import IMAGE_EXTENSIONS, find_pairs
@@ -87,11 +88,11 @@ class Source:
         return self.shards.samples if self.shards is not None else len(self.files)
 
 
-def resolve(text: str) -> Source:
+def resolve(text: str, limits: Limits) -> Source:
     name, location = split_name(text)
     path = Path(location)
     if local_dir(location) is None or (path / "manifest.json").is_file():  # a URL, pipe: or a local shard directory
-        shards = open_shard_set(location)
+        shards = open_shard_set(location, limits)
         return Source(check_name(name or shards.name, "dataset"), text, "shards", shards=shards)
     if not path.exists():
         raise EvaluationError(f"input '{location}' does not exist")
@@ -139,8 +140,8 @@ def _list_file(path: Path) -> list[tuple[str, str]]:
 class _Images(IterableDataset):
     """This rank's items (source index, index in source) -> dicts with the network inputs per scale."""
 
-    def __init__(self, sources: list[Source], items: list[tuple[int, int]], sizes: list[int]):
-        self.sources, self.items, self.sizes = sources, items, sizes
+    def __init__(self, sources: list[Source], items: list[tuple[int, int]], sizes: list[int], max_pixels: int):
+        self.sources, self.items, self.sizes, self.max_pixels = sources, items, sizes, max_pixels
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -169,9 +170,8 @@ class _Images(IterableDataset):
         stem, path = source.files[index]
         try:
             with open(path, "rb") as f:
-                prepared = prepare_image(
-                    f.read(), path, max_side=None
-                )  # upright 8-bit RGB JPEG/PNG bytes, as pack stores
+                # upright 8-bit RGB JPEG/PNG bytes, as pack stores; the header is checked before decoding
+                prepared = prepare_image(f.read(), path, max_side=None, max_pixels=self.max_pixels)
             image = decode_image(torch.frombuffer(bytearray(prepared.data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except BadFileError as e:
             return {"dataset": source.name, "stem": stem, "where": path, "error": e.reason}
@@ -221,6 +221,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "inputs", nargs="+", metavar="[NAME=]INPUT", help="shard directory, image folder, dataset folder or list file"
     )
     parser.add_argument("--checkpoint", required=True, help="a best.pt")
+    parser.add_argument(
+        "--max-pixels",
+        type=parse_pixels,
+        help="refuse an image whose header declares more pixels, before "
+        "decoding it, e.g. 100M (default: the checkpoint's data.max_pixels)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="maps go to OUT/<dataset>/<stem>.png")
     parser.add_argument("--size", type=int, help="network input size (default: the checkpoint's data.eval_size)")
     parser.add_argument("--tta-flip", action="store_true", help="also predict the mirrored image and average")
@@ -261,7 +267,11 @@ def predict_main(args: argparse.Namespace) -> dict:
     sizes = [max(1, round(size * s)) for s in args.scales]
     precision = args.precision or default_precision(checkpoint)
     predict = make_predict(checkpoint.model, precision, bool(checkpoint.setting("train", "channels_last", True)))
-    sources = [resolve(text) for text in args.inputs]
+    limits = Limits(
+        int(checkpoint.setting("data", "max_member_bytes", Limits().max_member_bytes)),
+        args.max_pixels or int(checkpoint.setting("data", "max_pixels", Limits().max_pixels)),
+    )
+    sources = [resolve(text, limits) for text in args.inputs]
     names = Counter(s.name for s in sources)
     if any(n > 1 for n in names.values()):
         raise EvaluationError(
@@ -275,7 +285,7 @@ def predict_main(args: argparse.Namespace) -> dict:
         (args.out / source.name).mkdir(parents=True, exist_ok=True)
 
     workers = min(default_workers() if args.workers is None else args.workers, len(mine))
-    loader = DataLoader(_Images(sources, mine, sizes), batch_size=None, num_workers=workers)
+    loader = DataLoader(_Images(sources, mine, sizes, limits.max_pixels), batch_size=None, num_workers=workers)
     progress = tqdm(total=len(mine), desc="predict", unit="img", disable=not (dist.is_main() and sys.stderr.isatty()))
     written, skipped, error, batch = [], [], None, []
 
