@@ -151,15 +151,29 @@ def init(timeout_s: float = 1800, use_cuda: bool | None = None) -> DistEnv:
             MASTER_ADDR=found.master_addr,
             MASTER_PORT=str(found.master_port),
         )
+        timeout = datetime.timedelta(seconds=timeout_s)
         tdist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            init_method="env://",
             rank=found.rank,
             world_size=found.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=_DEVICE if use_cuda else None,
+            **_rendezvous(found, timeout),
         )
     return found
+
+
+def _rendezvous(found: DistEnv, timeout: datetime.timedelta) -> dict:
+    """env:// normally; after a torchrun restart, the agent's store under a prefix of this attempt.
+
+    torchrun keeps its key-value store across restarts, and the restarted ranks would read the
+    gloo addresses the dead attempt published there (connections refused, the restart fails).
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {"init_method": "env://"}
+    store = tdist.TCPStore(found.master_addr, found.master_port, found.world_size, is_master=False, timeout=timeout)
+    return {"store": tdist.PrefixStore(f"salnet/attempt-{restart}/", store)}
 
 
 def shutdown() -> None:
