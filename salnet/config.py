@@ -147,7 +147,7 @@ class DataConfig(Section):
             raise ValueError(f"data.train_weights must all be > 0, got {self.train_weights}")
         if self.multiscale and min(self.multiscale) <= 0:
             raise ValueError(f"data.multiscale sizes must all be > 0, got {self.multiscale}")
-        for name, sources in self.val_sets.items():
+        for name in self.val_sets:
             if not name or "/" in name or name == MEAN_OVER_SETS:
                 raise ValueError(
                     f"data.val set name {name!r} is not valid: use a non-empty name without '/', other than {MEAN_OVER_SETS!r}"

@@ -21,9 +21,9 @@ tools and the loader's workers both import it.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 from PIL import Image, UnidentifiedImageError
 
@@ -33,7 +33,21 @@ RAISE_HINT = "if the image is genuine, raise the limit (pack/verify --max-pixels
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COLOURS = {0: "grey", 2: "RGB", 3: "palette", 4: "grey+alpha", 6: "RGBA"}  # IHDR colour type -> name
 JPEG_SOI = b"\xff\xd8"
-JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # frame headers (not DHT C4, JPG C8, DAC CC)
+JPEG_SOF = {
+    0xC0,
+    0xC1,
+    0xC2,
+    0xC3,
+    0xC5,
+    0xC6,
+    0xC7,
+    0xC9,
+    0xCA,
+    0xCB,
+    0xCD,
+    0xCE,
+    0xCF,
+}  # frame headers (not DHT C4, JPG C8, DAC CC)
 JPEG_STANDALONE = set(range(0xD0, 0xD8)) | {0x01}  # RST0-7 and TEM carry no length
 JPEG_EOI, JPEG_SOS = 0xD9, 0xDA
 JPEG_COLOURS = {1: "grey", 3: "YCbCr", 4: "CMYK"}  # by component count
@@ -53,8 +67,11 @@ class TooManyPixels(ImageError):
     def __init__(self, where: str, size: tuple[int, int], limit: int, channels: int):
         width, height = size
         gib = width * height * channels / 2**30
-        super().__init__(where, f"{width}x{height} pixels ({_mp(width * height)}) is above the limit of {_mp(limit)} "
-                                f"({limit} pixels), checked before decoding (decoded it would take {gib:.1f} GiB); {RAISE_HINT}")
+        super().__init__(
+            where,
+            f"{width}x{height} pixels ({_mp(width * height)}) is above the limit of {_mp(limit)} "
+            f"({limit} pixels), checked before decoding (decoded it would take {gib:.1f} GiB); {RAISE_HINT}",
+        )
         self.size, self.limit = size, limit
 
 
@@ -63,8 +80,8 @@ class Header:
     format: str  # "PNG", "JPEG", or Pillow's format name
     width: int
     height: int
-    bit_depth: Optional[int] = None  # PNG: bits per sample; JPEG: sample precision; None: not read (other formats)
-    colour: Optional[str] = None  # PNG: PNG_COLOURS; JPEG: JPEG_COLOURS; other formats: Pillow's mode
+    bit_depth: int | None = None  # PNG: bits per sample; JPEG: sample precision; None: not read (other formats)
+    colour: str | None = None  # PNG: PNG_COLOURS; JPEG: JPEG_COLOURS; other formats: Pillow's mode
 
     @property
     def pixels(self) -> int:
@@ -115,13 +132,18 @@ def check_shard_member(data: bytes, where: str, limit: int = DEFAULT_MAX_PIXELS,
     or PNG image, or an 8-bit grey PNG mask. Anything else would decode to other dtypes or
     channels (a 16-bit PNG to uint16, an RGB mask through a grey conversion to 0.3 for red)."""
     header = check_pixels(data, where, limit)
-    repack = ("repack the source with `python -m salnet.shards pack`, which converts 16-bit, grey-as-RGB and grey "
-              "palette masks to 8-bit grey and refuses colour ones")
+    repack = (
+        "repack the source with `python -m salnet.shards pack`, which converts 16-bit, grey-as-RGB and grey "
+        "palette masks to 8-bit grey and refuses colour ones"
+    )
     if mask and (header.format != "PNG" or header.bit_depth != 8 or header.colour != "grey"):
         raise ImageError(where, f"the mask is {_a(header.describe())}; a shard's mask is an 8-bit grey PNG: {repack}")
     if not mask and (header.format not in ("PNG", "JPEG") or (header.bit_depth or 8) > 8):
-        raise ImageError(where, f"the image is {_a(header.describe())}; a shard's image is an 8-bit JPEG or PNG: "
-                                "repack the source with `python -m salnet.shards pack`, which converts it")
+        raise ImageError(
+            where,
+            f"the image is {_a(header.describe())}; a shard's image is an 8-bit JPEG or PNG: "
+            "repack the source with `python -m salnet.shards pack`, which converts it",
+        )
     return header
 
 
@@ -148,7 +170,9 @@ def parse_pixels(text: str) -> int:
     try:
         value = int(float(number) * scale)
     except ValueError:
-        raise ValueError(f"pixel count {text!r} is not a number with an optional K, M or G (e.g. 64M, 100000000)") from None
+        raise ValueError(
+            f"pixel count {text!r} is not a number with an optional K, M or G (e.g. 64M, 100000000)"
+        ) from None
     if value < 1:
         raise ValueError(f"pixel count {text!r} must be at least 1")
     return value
@@ -179,16 +203,24 @@ def _jpeg_header(data: bytes, where: str) -> Header:
             continue
         if marker in (JPEG_SOS, JPEG_EOI):
             break
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         if marker in JPEG_SOF:
             if length < 8 or pos + 2 + length > size:
                 break
             precision = data[pos + 4]
-            height, width = int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
+            height, width = (
+                int.from_bytes(data[pos + 5 : pos + 7], "big"),
+                int.from_bytes(data[pos + 7 : pos + 9], "big"),
+            )
             if width == 0 or height == 0:
-                raise ImageError(where, f"JPEG frame header declares {width}x{height} pixels (a height set later by a DNL "
-                                        "marker is not supported)")
-            return Header("JPEG", width, height, precision, JPEG_COLOURS.get(data[pos + 9], f"{data[pos + 9]}-component"))
+                raise ImageError(
+                    where,
+                    f"JPEG frame header declares {width}x{height} pixels (a height set later by a DNL "
+                    "marker is not supported)",
+                )
+            return Header(
+                "JPEG", width, height, precision, JPEG_COLOURS.get(data[pos + 9], f"{data[pos + 9]}-component")
+            )
         if length < 2:
             break
         pos += 2 + length
@@ -196,7 +228,7 @@ def _jpeg_header(data: bytes, where: str) -> Header:
 
 
 @contextmanager
-def pillow_limit(limit: Optional[int]) -> Iterator[None]:
+def pillow_limit(limit: int | None) -> Iterator[None]:
     """Pillow's own decompression-bomb check (a warning above its MAX_IMAGE_PIXELS, an error above twice
     that) set to `limit` (None: off) for the block: images within this module's limit then pass
     Pillow's check without a warning, whatever the limit was raised to. Process-wide while it lasts."""

@@ -115,7 +115,9 @@ class Trainer:
         self.lock = RunLock(self.run_dir)
         # ---- prepare data ------------------------------------------------------------------
         self.train_data = TrainStream(cfg.data, seed=cfg.train.seed, rank=dist.rank(), world_size=self.world)
-        self.adjust_input = TrainInput(cfg.data, dist.device(), cfg.train.channels_last)
+        self.adjust_input = TrainInput(
+            cfg.data, dist.device(), cfg.train.channels_last, seed=cfg.train.seed, rank=dist.rank()
+        )
         self.steps_per_epoch = self.train_data.steps_per_epoch // cfg.train.grad_accum
         if self.steps_per_epoch == 0:
             raise ValueError(

@@ -23,7 +23,7 @@ def scene(h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rgb = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), np.full((h, w), 60)], -1).astype(np.uint8)
     top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
     mask = np.zeros((h, w), np.uint8)
-    mask[top:top + h // 3, left:left + w // 3] = 255
+    mask[top : top + h // 3, left : left + w // 3] = 255
     rgb[mask > 0] = rng.integers(0, 256, 3)
     return rgb, mask
 
@@ -36,14 +36,18 @@ def write_pair(image_path: Path, mask_path: Path, h: int = 48, w: int = 64, seed
 
 def save(im: Image.Image, path: Path, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}[path.suffix.lower()]
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}[
+        path.suffix.lower()
+    ]
     if fmt == "JPEG":
         kwargs.setdefault("quality", 95)
     im.save(path, fmt, **kwargs)
     return path
 
 
-def make_folder_dataset(image_dir: Path, mask_dir: Path, stems: list[str], image_ext: str = ".jpg", h: int = 48, w: int = 64) -> None:
+def make_folder_dataset(
+    image_dir: Path, mask_dir: Path, stems: list[str], image_ext: str = ".jpg", h: int = 48, w: int = 64
+) -> None:
     for i, stem in enumerate(stems):
         write_pair(image_dir / f"{stem}{image_ext}", mask_dir / f"{stem}.png", h, w, seed=i)
 
@@ -83,7 +87,9 @@ def write_png_rgb16(path: Path, rgb16: np.ndarray) -> Path:
     rows = b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(h))  # filter type 0 per row
     header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -115,8 +121,9 @@ def encode(im: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     return out.getvalue()
 
 
-def write_raw_shards(out_dir: Path, samples: list[tuple[str, str, bytes, bytes]], name: str = "raw",
-                     shard_samples: int | None = None) -> dict:
+def write_raw_shards(
+    out_dir: Path, samples: list[tuple[str, str, bytes, bytes]], name: str = "raw", shard_samples: int | None = None
+) -> dict:
     """Shards holding exactly the given (key, image_ext, image_bytes, mask_bytes), unchecked: what
     another WebDataset writer (or an attacker) could produce. Returns the manifest."""
     from salnet.imagecheck import image_size
@@ -127,9 +134,12 @@ def write_raw_shards(out_dir: Path, samples: list[tuple[str, str, bytes, bytes]]
     with ShardWriter(out_dir, name, shard_samples, None) as writer:
         for key, ext, image, mask in samples:
             size = image_size(image, key)[::-1]
-            meta = sample_meta(key=key, dataset=name, source=f"{key}.{ext}", mask_source=f"{key}.png", orig_size=size,
-                               stored_size=size)
-            writer.add(Sample(key=key, image_ext=ext, image=image, mask=mask, meta=meta, foreground=0.0, soft_mask=False))
+            meta = sample_meta(
+                key=key, dataset=name, source=f"{key}.{ext}", mask_source=f"{key}.png", orig_size=size, stored_size=size
+            )
+            writer.add(
+                Sample(key=key, image_ext=ext, image=image, mask=mask, meta=meta, foreground=0.0, soft_mask=False)
+            )
         return writer.finish(layout="test", command="tests/shards_data.write_raw_shards", skipped=[])
 
 

@@ -7,23 +7,36 @@ Run by torchrun, this file is also the job's script (see the bottom).
 import json
 import sys
 
-from conftest import torchrun
 from salnet.config import DataConfig
 from salnet.data import TrainStream, ValStream
 from salnet.shards.synth import synthesize
 
+from conftest import torchrun
+
 
 def loader_cfg(data_dir: str) -> DataConfig:
-    return DataConfig(train=[f"{data_dir}/train"], val=[f"{data_dir}/val"], size=32, eval_size=32, batch_size=2,
-                      eval_batch_size=3, workers=2, shuffle_buffer=4)
+    return DataConfig(
+        train=[f"{data_dir}/train"],
+        val=[f"{data_dir}/val"],
+        size=32,
+        eval_size=32,
+        batch_size=2,
+        eval_batch_size=3,
+        workers=2,
+        shuffle_buffer=4,
+    )
 
 
 def rank_report(cfg: DataConfig, rank: int, world: int) -> dict:
     train = TrainStream(cfg, seed=5, rank=rank, world_size=world)
     val = ValStream(cfg, rank=rank, world_size=world, pad_to_equal=True)
     val_batches = list(val)
-    return {"steps": train.steps_per_epoch, "train": [b["key"] for b in train.epoch_batches(0)],
-            "val": [k for b in val_batches for k in b["key"]], "val_batches": len(val_batches)}
+    return {
+        "steps": train.steps_per_epoch,
+        "train": [b["key"] for b in train.epoch_batches(0)],
+        "val": [k for b in val_batches for k in b["key"]],
+        "val_batches": len(val_batches),
+    }
 
 
 def test_two_gloo_ranks_split_the_data_as_planned(tmp_path):

@@ -16,7 +16,7 @@ def planned_samples(plan: TrainPlan, epoch: int, rank: int) -> list[list[tuple[i
         emitted = [stream[pos] for pos in todo.order]
         assert sorted(todo.order) == list(range(len(stream))), "the emission order is a permutation of what is read"
         for k, batch in enumerate(todo.batches):
-            batches[batch] = emitted[k * plan.batch_size:(k + 1) * plan.batch_size]
+            batches[batch] = emitted[k * plan.batch_size : (k + 1) * plan.batch_size]
     assert sorted(batches) == list(range(plan.steps_per_epoch))
     return [batches[j] for j in range(plan.steps_per_epoch)]
 
@@ -88,8 +88,8 @@ def test_val_batches_cover_every_sample_exactly_once(world):
         assert all(0 < hi - lo <= batch for lo, hi in batches)
         positions += [p for lo, hi in batches for p in range(lo, hi)]
         padded = val_batches(total, world, rank, batch, pad_to=val_batch_count(total, world, batch))
-        assert len(padded) == val_batch_count(total, world, batch) and padded[:len(batches)] == batches
-        assert all(b is None for b in padded[len(batches):])
+        assert len(padded) == val_batch_count(total, world, batch) and padded[: len(batches)] == batches
+        assert all(b is None for b in padded[len(batches) :])
     assert sorted(positions) == list(range(total))
 
 

@@ -40,7 +40,9 @@ def test_file_and_pipe_sources_read_the_same_samples_as_a_local_directory(shards
     assert epoch_keys(f"pipe:cat {shards / 'train'}/{{}}") == local
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http(s) through curl, which is not installed")
+@pytest.mark.skipif(
+    shutil.which("curl") is None, reason="webdataset reads http(s) through curl, which is not installed"
+)
 def test_http_source_reads_the_same_samples(shards):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
     handler.log_message = lambda *args: None
@@ -58,7 +60,10 @@ def test_http_source_reads_the_same_samples(shards):
 
 
 def test_s3_and_pipe_urls():
-    assert file_url("s3://bucket/duts/train/", "duts-000001.tar") == "pipe:aws s3 cp s3://bucket/duts/train/duts-000001.tar -"
+    assert (
+        file_url("s3://bucket/duts/train/", "duts-000001.tar")
+        == "pipe:aws s3 cp s3://bucket/duts/train/duts-000001.tar -"
+    )
     assert file_url("pipe:ssh host cat '/data/a b/{}'", "x-000000.tar") == "pipe:ssh host cat '/data/a b/x-000000.tar'"
     with pytest.raises(DataError, match=r"needs \{\} where the file name goes"):
         file_url("pipe:cat /data/train", "manifest.json")
@@ -81,7 +86,7 @@ def test_a_missing_shard_stops_with_its_name(shards, tmp_path):
 def truncate(directory, fraction=0.5):
     shard = directory / "synth-train-000002.tar"
     data = shard.read_bytes()
-    shard.write_bytes(data[:int(len(data) * fraction)])
+    shard.write_bytes(data[: int(len(data) * fraction)])
 
 
 def test_a_truncated_shard_stops_with_its_name(shards, tmp_path):
@@ -90,5 +95,7 @@ def test_a_truncated_shard_stops_with_its_name(shards, tmp_path):
         epoch_keys(location)
     # Through a pipe there is no size to check up front: the reader finds the damage (a cut inside a
     # member is unreadable; a cut at a member boundary looks like an early end of the archive).
-    with pytest.raises(DataError, match=r"shard synth-train-000002\.tar \(via pipe:cat .*\) (is unreadable|ended) after \d+ samples"):
+    with pytest.raises(
+        DataError, match=r"shard synth-train-000002\.tar \(via pipe:cat .*\) (is unreadable|ended) after \d+ samples"
+    ):
         epoch_keys(f"pipe:cat {location}/{{}}")

@@ -26,8 +26,16 @@ def synth(tmp_path_factory):
 
 def data_cfg(synth, **overrides) -> DataConfig:
     train, val = synth
-    values = dict(train=[str(train)], val=[str(val)], size=40, eval_size=48, batch_size=2, eval_batch_size=3,
-                  workers=2, shuffle_buffer=4)
+    values = dict(
+        train=[str(train)],
+        val=[str(val)],
+        size=40,
+        eval_size=48,
+        batch_size=2,
+        eval_batch_size=3,
+        workers=2,
+        shuffle_buffer=4,
+    )
     return DataConfig(**{**values, **overrides})
 
 
@@ -90,8 +98,10 @@ def test_resume_mid_epoch_gives_exactly_the_uninterrupted_batches(synth, stop_af
     resumed.load_state_dict(state)
     rest = epoch(resumed, 1)
     assert keys_of(rest) == keys_of(uninterrupted[stop_after:])
-    assert all(torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
-               for x, y in zip(rest, uninterrupted[stop_after:])), "augmentation differs after the resume"
+    assert all(
+        torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
+        for x, y in zip(rest, uninterrupted[stop_after:])
+    ), "augmentation differs after the resume"
     assert resumed.state_dict()["batches"] == resumed.steps_per_epoch
     assert keys_of(epoch(resumed, 2)) == keys_of(epoch(reference, 2)), "the epoch after a resume is a normal epoch"
 
@@ -123,7 +133,9 @@ def test_weighted_sets_are_mixed_in_one_epoch(synth):
 
 
 def test_too_few_samples_for_a_batch_on_every_rank_stops_with_the_numbers(synth):
-    with pytest.raises(DataError, match=r"30 train samples per epoch .* less than one batch of data.batch_size=10 on each of 4 ranks"):
+    with pytest.raises(
+        DataError, match=r"30 train samples per epoch .* less than one batch of data.batch_size=10 on each of 4 ranks"
+    ):
         TrainStream(data_cfg(synth, batch_size=10), seed=0, rank=0, world_size=4)
 
 

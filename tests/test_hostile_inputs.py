@@ -37,8 +37,9 @@ from shards_data import (
 )
 
 # The loader decodes in salnet/data/transforms.py, which checks headers once it uses salnet.imagecheck.
-loader_checks_headers = pytest.mark.skipif(not hasattr(transforms, "check_shard_member"),
-                                           reason="salnet/data/transforms.py does not check image headers yet")
+loader_checks_headers = pytest.mark.skipif(
+    not hasattr(transforms, "check_shard_member"), reason="salnet/data/transforms.py does not check image headers yet"
+)
 
 # The peak resident memory of this process's own address space: VmHWM. (getrusage's ru_maxrss would
 # do in a shell, but Linux carries it over a fork and exec, so a child of pytest reports pytest's peak.)
@@ -50,7 +51,9 @@ with open("/proc/self/status") as f:
     print("PEAK_KB", re.search(r"VmHWM:\\s*(\\d+) kB", f.read()).group(1), file=sys.stderr)
 sys.exit(code)
 """
-needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory is read from /proc/self/status (Linux)")
+needs_proc = pytest.mark.skipif(
+    not os.path.exists("/proc/self/status"), reason="peak memory is read from /proc/self/status (Linux)"
+)
 
 
 def shards_command_peak(args) -> tuple[int, str, str, int]:
@@ -112,15 +115,51 @@ def test_pack_checks_masks_too_and_max_pixels_moves_the_limit(tmp_path, bomb):
     write_pair(tmp_path / "src" / "img" / "a.jpg", tmp_path / "src" / "gt" / "a.png")  # 64 x 48 = 3072 pixels
     (tmp_path / "src" / "img" / "b.jpg").write_bytes((tmp_path / "src" / "img" / "a.jpg").read_bytes())
     (tmp_path / "src" / "gt" / "b.png").write_bytes(bomb)
-    refused = run_py(["-m", "salnet.shards", "pack", tmp_path / "src", tmp_path / "out", "--images", "img", "--masks", "gt",
-                      "--workers", "1"], check=False)
+    refused = run_py(
+        [
+            "-m",
+            "salnet.shards",
+            "pack",
+            tmp_path / "src",
+            tmp_path / "out",
+            "--images",
+            "img",
+            "--masks",
+            "gt",
+            "--workers",
+            "1",
+        ],
+        check=False,
+    )
     assert refused.returncode == 2 and "gt/b.png: 12000x12000 pixels (144.0 MP)" in refused.stderr
     (tmp_path / "src" / "gt" / "b.png").unlink()
     (tmp_path / "src" / "img" / "b.jpg").unlink()
-    low = run_py(["-m", "salnet.shards", "pack", tmp_path / "src", tmp_path / "out", "--images", "img", "--masks", "gt",
-                  "--workers", "1", "--max-pixels", "3K", "--overwrite"], check=False)
-    assert low.returncode == 2 and "img/a.jpg: 64x48 pixels (0.0 MP) is above the limit of 0.0 MP (3000 pixels)" in low.stderr
-    manifest = pack(tmp_path / "src", tmp_path / "out", images="img", masks="gt", workers=1, max_pixels=3072, overwrite=True)
+    low = run_py(
+        [
+            "-m",
+            "salnet.shards",
+            "pack",
+            tmp_path / "src",
+            tmp_path / "out",
+            "--images",
+            "img",
+            "--masks",
+            "gt",
+            "--workers",
+            "1",
+            "--max-pixels",
+            "3K",
+            "--overwrite",
+        ],
+        check=False,
+    )
+    assert (
+        low.returncode == 2
+        and "img/a.jpg: 64x48 pixels (0.0 MP) is above the limit of 0.0 MP (3000 pixels)" in low.stderr
+    )
+    manifest = pack(
+        tmp_path / "src", tmp_path / "out", images="img", masks="gt", workers=1, max_pixels=3072, overwrite=True
+    )
     assert manifest["total_samples"] == 1 and manifest["options"]["max_pixels"] == 3072
 
 
@@ -151,7 +190,9 @@ def test_predicts_image_files_go_through_the_same_refusal(bomb):
 def test_the_loader_refuses_a_144_megapixel_png_naming_the_sample(tmp_path, bomb):
     _, mask = scene(48, 64, 0)
     raw = RawSample("s-000000.tar", 3, "huge", {"png": bomb, "mask.png": encode(Image.fromarray(mask))})
-    with pytest.raises(transforms.SampleError, match=r"shard s-000000.tar, sample 'huge' \(#3\).*12000x12000 pixels \(144.0 MP\)"):
+    with pytest.raises(
+        transforms.SampleError, match=r"shard s-000000.tar, sample 'huge' \(#3\).*12000x12000 pixels \(144.0 MP\)"
+    ):
         transforms.decode_sample(raw)
 
 
@@ -162,8 +203,11 @@ def test_a_gzip_compressed_shard_is_refused_before_anything_is_decompressed(synt
     copy = copy_of(synth, tmp_path)
     plain = (copy / "synth-train-000001.tar").read_bytes()
     replace_shard(copy, "synth-train-000001.tar", gzip.compress(plain))
-    with pytest.raises(DataError, match=r"synth-train-000001\.tar refused after 0 samples: it is gzip-compressed; "
-                                        r"shards are plain, uncompressed tar"):
+    with pytest.raises(
+        DataError,
+        match=r"synth-train-000001\.tar refused after 0 samples: it is gzip-compressed; "
+        r"shards are plain, uncompressed tar",
+    ):
         epoch_keys(str(copy))
     result = verify(copy)
     assert result.returncode == 1
@@ -180,12 +224,17 @@ def huge_member_shard(claimed: int) -> bytes:
 def test_a_member_claiming_2_gib_is_refused_from_its_header(synth, tmp_path):
     copy = copy_of(synth, tmp_path)
     replace_shard(copy, "synth-train-000002.tar", huge_member_shard(2 * 2**30))
-    expected = (r"synth-train-000002\.tar refused after 0 samples: member 'big\.png' is 2147483648 bytes \(2048\.0 MiB\), "
-                r"above the limit of 268435456 bytes \(256 MiB\) for one member; it was not read")
+    expected = (
+        r"synth-train-000002\.tar refused after 0 samples: member 'big\.png' is 2147483648 bytes \(2048\.0 MiB\), "
+        r"above the limit of 268435456 bytes \(256 MiB\) for one member; it was not read"
+    )
     with pytest.raises(DataError, match=expected):
         epoch_keys(str(copy))
     result = verify(copy)
-    assert result.returncode == 1 and "synth-train-000002.tar: refused after 0 samples: member 'big.png' is 2147483648 bytes" in result.stdout
+    assert (
+        result.returncode == 1
+        and "synth-train-000002.tar: refused after 0 samples: member 'big.png' is 2147483648 bytes" in result.stdout
+    )
     # the limit is the source's: lowered, a real member is refused too
     shard = open_shard_set(str(synth), Limits(max_member_bytes=100)).shards[0]
     with pytest.raises(DataError, match=r"member 'train_\d+\.jpg' is \d+ bytes .* above the limit of 100 bytes"):
@@ -229,16 +278,24 @@ def test_colour_masks_are_refused_naming_the_file_and_the_way_out(tmp_path, kind
     rgb, mask = scene(24, 32, 2)
     colour = np.zeros((24, 32, 3), np.uint8)
     colour[mask > 0] = (255, 0, 0)  # red on black: read by one channel it is 1.0, as grey 0.3
-    m = {"rgb": Image.fromarray(colour), "palette": Image.fromarray(colour).quantize(4),
-         "rgba": Image.fromarray(np.dstack([colour, np.full((24, 32), 255, np.uint8)]))}[kind]
+    m = {
+        "rgb": Image.fromarray(colour),
+        "palette": Image.fromarray(colour).quantize(4),
+        "rgba": Image.fromarray(np.dstack([colour, np.full((24, 32), 255, np.uint8)])),
+    }[kind]
     write_pair(tmp_path / "src" / "img" / "ok.jpg", tmp_path / "src" / "gt" / "ok.png")
     Image.fromarray(rgb).save(tmp_path / "src" / "img" / "red.jpg")
     m.save(tmp_path / "src" / "gt" / "red.png")
-    with pytest.raises(Exception, match=r"gt/red\.png: the mask is in colour \((RGB|palette): \d+ of 768 pixels are not grey, "
-                                        r"the first at x=\d+, y=\d+ is RGB\(255, 0, 0\)\).*convert it to grey with the reading "
-                                        r"you intend.*or pass --skip-bad"):
+    with pytest.raises(
+        Exception,
+        match=r"gt/red\.png: the mask is in colour \((RGB|palette): \d+ of 768 pixels are not grey, "
+        r"the first at x=\d+, y=\d+ is RGB\(255, 0, 0\)\).*convert it to grey with the reading "
+        r"you intend.*or pass --skip-bad",
+    ):
         pack(tmp_path / "src", tmp_path / "out", images="img", masks="gt", workers=1)
-    manifest = pack(tmp_path / "src", tmp_path / "out", images="img", masks="gt", workers=1, skip_bad=True, overwrite=True)
+    manifest = pack(
+        tmp_path / "src", tmp_path / "out", images="img", masks="gt", workers=1, skip_bad=True, overwrite=True
+    )
     assert manifest["total_samples"] == 1 and manifest["skipped"][0]["path"] == "gt/red.png"
 
 
@@ -263,22 +320,28 @@ def raw_mask_shards(tmp_path, mask_bytes):
 
 def test_verify_reports_a_16_bit_or_colour_mask_in_a_shard_with_the_way_out(tmp_path):
     _, mask = scene(24, 32, 0)
-    for name, data, described in [("sixteen", encode(Image.fromarray(mask.astype(np.uint16) * 257)), "a 16-bit grey PNG"),
-                                  ("rgb", encode(Image.fromarray(np.dstack([mask, mask // 3, mask // 3]))), "an 8-bit RGB PNG")]:
+    for name, data, described in [
+        ("sixteen", encode(Image.fromarray(mask.astype(np.uint16) * 257)), "a 16-bit grey PNG"),
+        ("rgb", encode(Image.fromarray(np.dstack([mask, mask // 3, mask // 3]))), "an 8-bit RGB PNG"),
+    ]:
         shutil.rmtree(tmp_path / "raw", ignore_errors=True)
         raw_mask_shards(tmp_path, data)
         result = verify(tmp_path / "raw")
         assert result.returncode == 1, name
-        assert (f"raw-000000.tar: sample 'odd': mask.png: the mask is {described}; a shard's mask is an 8-bit grey PNG: "
-                "repack the source with `python -m salnet.shards pack`") in result.stdout, result.stdout
+        assert (
+            f"raw-000000.tar: sample 'odd': mask.png: the mask is {described}; a shard's mask is an 8-bit grey PNG: "
+            "repack the source with `python -m salnet.shards pack`"
+        ) in result.stdout, result.stdout
 
 
 @loader_checks_headers
 def test_the_loader_refuses_16_bit_and_colour_masks_instead_of_crashing_or_misreading(tmp_path):
     rgb, mask = scene(24, 32, 0)
     image = encode(Image.fromarray(rgb))
-    for data, described in [(encode(Image.fromarray(mask.astype(np.uint16) * 257)), "a 16-bit grey PNG"),
-                            (encode(Image.fromarray(np.dstack([mask, mask // 3, mask // 3]))), "an 8-bit RGB PNG")]:
+    for data, described in [
+        (encode(Image.fromarray(mask.astype(np.uint16) * 257)), "a 16-bit grey PNG"),
+        (encode(Image.fromarray(np.dstack([mask, mask // 3, mask // 3]))), "an 8-bit RGB PNG"),
+    ]:
         raw = RawSample("s-000000.tar", 0, "odd", {"png": image, "mask.png": data})
         with pytest.raises(transforms.SampleError, match=f"sample 'odd' .*the mask is {described}"):
             transforms.decode_sample(raw)
@@ -296,7 +359,9 @@ def test_a_shard_listed_twice_is_refused(synth, tmp_path):
         m["total_bytes"] += m["shards"][0]["bytes"]
 
     edit_manifest(copy, twice)
-    with pytest.raises(ManifestError, match=r"lists shard 'synth-train-000000\.tar' twice \(shards\[0\] and shards\[3\]\)"):
+    with pytest.raises(
+        ManifestError, match=r"lists shard 'synth-train-000000\.tar' twice \(shards\[0\] and shards\[3\]\)"
+    ):
         load_manifest(copy)
     with pytest.raises(DataError, match="twice"):
         epoch_keys(str(copy))
@@ -311,8 +376,10 @@ def test_a_manifest_counting_fewer_samples_than_the_shard_holds_stops_the_reader
 
     edit_manifest(copy, fewer)
     load_manifest(copy)  # consistent in itself: only reading the shard can tell
-    expected = (r"shard .*synth-train-000001\.tar holds more samples than its manifest says: sample #3 \('\w+'\) follows the 3 "
-                r"it lists \(the shard has at least 4, the manifest says 3\)")
+    expected = (
+        r"shard .*synth-train-000001\.tar holds more samples than its manifest says: sample #3 \('\w+'\) follows the 3 "
+        r"it lists \(the shard has at least 4, the manifest says 3\)"
+    )
     with pytest.raises(DataError, match=expected):
         epoch_keys(str(copy))  # batch 1: every sample is read
     shard = open_shard_set(str(copy)).shards[1]
@@ -331,12 +398,29 @@ def test_a_manifest_without_shards_fails_verify_and_load(synth, tmp_path):
         epoch_keys(str(copy))
 
 
-@pytest.mark.parametrize("name", ["../synth-train-000000.tar", "/tmp/x.tar", "a;touch PWNED;.tar", "-rf.tar", ".hidden.tar",
-                                  "a b.tar", "a\nb.tar", "$(id).tar", "x.tar/", "sub/x.tar", "x'y.tar", "x.zip"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../synth-train-000000.tar",
+        "/tmp/x.tar",
+        "a;touch PWNED;.tar",
+        "-rf.tar",
+        ".hidden.tar",
+        "a b.tar",
+        "a\nb.tar",
+        "$(id).tar",
+        "x.tar/",
+        "sub/x.tar",
+        "x'y.tar",
+        "x.zip",
+    ],
+)
 def test_shard_names_must_be_plain_file_names(synth, tmp_path, name):
     copy = copy_of(synth, tmp_path)
     edit_manifest(copy, lambda m: m["shards"][0].update(file=name))
-    with pytest.raises(ManifestError, match=r"shards\[0\]\.file must be a plain \.tar file name in the shard directory"):
+    with pytest.raises(
+        ManifestError, match=r"shards\[0\]\.file must be a plain \.tar file name in the shard directory"
+    ):
         load_manifest(copy)
     if not name.endswith(".zip"):
         with pytest.raises(DataError, match="not a plain file name"):
@@ -350,7 +434,9 @@ def test_a_remote_manifest_cannot_put_a_command_into_a_pipe_source(synth, tmp_pa
     (copy / evil).write_bytes((copy / "synth-train-000000.tar").read_bytes())
     edit_manifest(copy, lambda m: m["shards"][0].update(file=evil))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match=r"shards\[0\]\.file must be a plain \.tar file name .* got 'x;touch PWNED;\.tar'"):
+    with pytest.raises(
+        DataError, match=r"shards\[0\]\.file must be a plain \.tar file name .* got 'x;touch PWNED;\.tar'"
+    ):
         epoch_keys(f"pipe:sh -c 'cd {copy} && cat {{}}'")
     assert not list(tmp_path.rglob("PWNED"))
 
@@ -362,13 +448,36 @@ def test_info_reports_or_refuses_every_degenerate_manifest(synth, tmp_path):
     edits = [
         {"shards": [], "total_samples": 0, "total_bytes": 0},
         {"stats": {}},
-        {"stats": {"stored_height": {"min": 1}, "stored_width": "wide", "foreground_ratio": {"min": nan, "max": nan, "median": nan,
-                                                                                              "mean": nan}}},
-        {"stats": {"soft_masks": "many", "images_kept_original": True, "image_conversions": ["x"], "mask_conversions": 3}},
-        {"options": "fast"}, {"options": [1, 2]}, {"source": "disk"}, {"source": {}}, {"source": None},
-        {"resized": "all"}, {"resized": [{"image": 1}, 5]}, {"pillow_version": None},
-        {"skipped": [{"path": "a"}]}, {"skipped": ["x"]}, {"skipped": {"a": 1}},
-        {"total_bytes": 1}, {"total_samples": -12}, {"name": 5}, {"command": None},
+        {
+            "stats": {
+                "stored_height": {"min": 1},
+                "stored_width": "wide",
+                "foreground_ratio": {"min": nan, "max": nan, "median": nan, "mean": nan},
+            }
+        },
+        {
+            "stats": {
+                "soft_masks": "many",
+                "images_kept_original": True,
+                "image_conversions": ["x"],
+                "mask_conversions": 3,
+            }
+        },
+        {"options": "fast"},
+        {"options": [1, 2]},
+        {"source": "disk"},
+        {"source": {}},
+        {"source": None},
+        {"resized": "all"},
+        {"resized": [{"image": 1}, 5]},
+        {"pillow_version": None},
+        {"skipped": [{"path": "a"}]},
+        {"skipped": ["x"]},
+        {"skipped": {"a": 1}},
+        {"total_bytes": 1},
+        {"total_samples": -12},
+        {"name": 5},
+        {"command": None},
     ]
     shard_edits = [{"samples": 0}, {"samples": -4}, {"bytes": -1}, {"sha256": "zz"}, {"samples": 4.0}, {"file": 7}]
     outcomes = []

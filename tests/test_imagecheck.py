@@ -44,7 +44,7 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     """A real small JPEG whose frame header (SOF0) is patched to claim another size."""
     data = bytearray(encoded(Image.new("RGB", (16, 8)), "JPEG"))
     sof = data.find(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
@@ -86,7 +86,9 @@ def test_the_144_megapixel_png_of_half_a_megabyte_is_refused_naming_it_and_its_s
     with pytest.raises(TooManyPixels) as err:
         check_pixels(bomb, "img/huge.png")
     message = str(err.value)
-    assert message.startswith("img/huge.png: 12000x12000 pixels (144.0 MP) is above the limit of 64.0 MP (64000000 pixels)")
+    assert message.startswith(
+        "img/huge.png: 12000x12000 pixels (144.0 MP) is above the limit of 64.0 MP (64000000 pixels)"
+    )
     assert "--max-pixels" in message and "data.max_pixels" in message
     assert err.value.size == (12000, 12000) and err.value.limit == DEFAULT_MAX_PIXELS
     assert check_pixels(bomb, "img/huge.png", limit=144_000_000).pixels == 144_000_000  # the limit can be raised

@@ -18,7 +18,13 @@ def test_the_loader_reads_every_image_extension_pack_writes():
 
 
 def test_a_written_sample_is_image_mask_meta_under_one_key():
-    meta = fmt.sample_meta(key="k", dataset="d", source="a.jpg", mask_source="a.png", orig_size=(4, 6), stored_size=(2, 3))
+    meta = fmt.sample_meta(
+        key="k", dataset="d", source="a.jpg", mask_source="a.png", orig_size=(4, 6), stored_size=(2, 3)
+    )
     assert meta["orig_size"] == [4, 6] and meta["stored_size"] == [2, 3]
     sample = Sample(key="k", image_ext=fmt.JPEG_EXT, image=b"i", mask=b"m", meta=meta, foreground=0.0, soft_mask=False)
-    assert [fmt.split_member_name(name) for name, _ in sample.members()] == [("k", "jpg"), ("k", "mask.png"), ("k", "json")]
+    assert [fmt.split_member_name(name) for name, _ in sample.members()] == [
+        ("k", "jpg"),
+        ("k", "mask.png"),
+        ("k", "json"),
+    ]

@@ -8,6 +8,7 @@ from PIL import Image, ImageOps
 
 from salnet.shards.manifest import ShardsError
 from salnet.shards.pack import pack
+
 from shards_data import EXIF_ORIENTATION, by_source, read_samples, save, scene, write_pair, write_png_rgb16
 
 
@@ -48,7 +49,14 @@ def test_image_modes_become_8bit_rgb_by_the_documented_rules(tmp_path):
     assert (out["sixteen.png"][0][:, 30:] == 128).all()
     assert (out["deep.png"][0] == rgb).all()
     assert manifest["stats"]["images_kept_original"] == 0
-    assert set(manifest["stats"]["image_conversions"]) == {"mode L", "mode CMYK", "mode P", "mode RGBA", "mode I;16", "16-bit RGB"}
+    assert set(manifest["stats"]["image_conversions"]) == {
+        "mode L",
+        "mode CMYK",
+        "mode P",
+        "mode RGBA",
+        "mode I;16",
+        "16-bit RGB",
+    }
 
 
 def test_mask_modes_become_one_8bit_channel_by_the_documented_rules(tmp_path):
@@ -70,13 +78,27 @@ def test_mask_modes_become_one_8bit_channel_by_the_documented_rules(tmp_path):
     manifest = pack_folder(tmp_path)
     out = by_source(tmp_path / "out")
 
-    for name in ["zero_one.jpg", "mode1.jpg", "grey_rgb.jpg", "alpha.jpg", "sixteen.jpg", "sixteen_small.jpg", "palette.jpg"]:
+    for name in [
+        "zero_one.jpg",
+        "mode1.jpg",
+        "grey_rgb.jpg",
+        "alpha.jpg",
+        "sixteen.jpg",
+        "sixteen_small.jpg",
+        "palette.jpg",
+    ]:
         assert (out[name][1] == mask).all(), name
     assert (out["soft.jpg"][1] == soft).all()  # soft values kept as they are
     assert manifest["stats"]["soft_masks"] == 1
     assert manifest["stats"]["images_kept_original"] == 8  # the masks changed, the JPEGs did not
-    assert manifest["stats"]["mask_conversions"] == {"0/1 scaled to 0/255": 1, "16-bit": 2, "alpha": 1, "grey RGB": 2,
-                                                     "grey palette": 1, "mode 1": 1}
+    assert manifest["stats"]["mask_conversions"] == {
+        "0/1 scaled to 0/255": 1,
+        "16-bit": 2,
+        "alpha": 1,
+        "grey RGB": 2,
+        "grey palette": 1,
+        "mode 1": 1,
+    }
 
 
 def test_source_bytes_are_kept_when_no_change_is_needed(tmp_path):
@@ -122,14 +144,20 @@ def _truncated(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.parametrize("problem, expected", [
-    ("corrupt", "img/bad.jpg: not an image file Pillow can read"),
-    ("truncated_jpeg", "img/bad.jpg: corrupt or truncated JPEG: truncated"),
-    ("truncated_mask", "gt/bad.png: corrupt or truncated image data"),
-    ("size_mismatch", "gt/bad.png: mask is 64x40 (WxH) but its image img/bad.jpg is 64x48 (after EXIF orientation); they "
-                      "must match: pass --on-mismatch resize"),
-    ("float_mask", "gt/bad.tif: unsupported mask mode F; valid modes: 1, I, I;16"),
-])
+@pytest.mark.parametrize(
+    "problem, expected",
+    [
+        ("corrupt", "img/bad.jpg: not an image file Pillow can read"),
+        ("truncated_jpeg", "img/bad.jpg: corrupt or truncated JPEG: truncated"),
+        ("truncated_mask", "gt/bad.png: corrupt or truncated image data"),
+        (
+            "size_mismatch",
+            "gt/bad.png: mask is 64x40 (WxH) but its image img/bad.jpg is 64x48 (after EXIF orientation); they "
+            "must match: pass --on-mismatch resize",
+        ),
+        ("float_mask", "gt/bad.tif: unsupported mask mode F; valid modes: 1, I, I;16"),
+    ],
+)
 def test_bad_files_stop_the_pack_with_path_and_reason_unless_skipped(tmp_path, problem, expected):
     write_pair(tmp_path / "src" / "img" / "good.jpg", tmp_path / "src" / "gt" / "good.png")
     bad_image, bad_mask = tmp_path / "src" / "img" / "bad.jpg", tmp_path / "src" / "gt" / "bad.png"
@@ -167,9 +195,9 @@ def _damaged(data: bytes, rng: np.random.Generator) -> bytes:
     elif kind == 1:
         b[pos] ^= 1 << int(rng.integers(8))
     elif kind == 2:
-        b[pos:pos + 32] = rng.bytes(32)
+        b[pos : pos + 32] = rng.bytes(32)
     elif kind == 3:
-        b[pos:pos + 32] = bytes(32)
+        b[pos : pos + 32] = bytes(32)
     else:
         del b[pos:]
     return bytes(b)
@@ -181,7 +209,9 @@ def test_jpeg_check_without_decoding_rejects_every_file_a_full_decode_rejects():
 
     rng = np.random.default_rng(0)
     originals = []
-    for seed, options in enumerate([{}, {"progressive": True}, {"restart_marker_blocks": 2}, {"subsampling": 0, "quality": 70}]):
+    for seed, options in enumerate(
+        [{}, {"progressive": True}, {"restart_marker_blocks": 2}, {"subsampling": 0, "quality": 70}]
+    ):
         rgb, _ = scene(64, 80, seed)
         noisy = np.clip(rgb + rng.normal(0, 20, rgb.shape), 0, 255).astype(np.uint8)  # dense scan data
         buffer = io.BytesIO()

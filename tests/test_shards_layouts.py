@@ -7,6 +7,7 @@ import pytest
 from salnet.shards.layouts import find_pairs, make_key
 from salnet.shards.manifest import ShardsError, load_manifest
 from salnet.shards.pack import pack
+
 from shards_data import make_folder_dataset, read_samples, write_pair
 
 STEMS = ["b_002", "a_001", "c-003"]
@@ -38,8 +39,12 @@ def test_standard_layout_is_detected_and_packed(tmp_path, layout, capsys):
 
 
 def test_auto_refuses_to_guess_between_two_datasets(tmp_path):
-    make_folder_dataset(tmp_path / "DUTS" / "DUTS-TR" / "DUTS-TR-Image", tmp_path / "DUTS" / "DUTS-TR" / "DUTS-TR-Mask", ["a"])
-    make_folder_dataset(tmp_path / "DUTS" / "DUTS-TE" / "DUTS-TE-Image", tmp_path / "DUTS" / "DUTS-TE" / "DUTS-TE-Mask", ["b"])
+    make_folder_dataset(
+        tmp_path / "DUTS" / "DUTS-TR" / "DUTS-TR-Image", tmp_path / "DUTS" / "DUTS-TR" / "DUTS-TR-Mask", ["a"]
+    )
+    make_folder_dataset(
+        tmp_path / "DUTS" / "DUTS-TE" / "DUTS-TE-Image", tmp_path / "DUTS" / "DUTS-TE" / "DUTS-TE-Mask", ["b"]
+    )
     with pytest.raises(ShardsError, match="refusing to guess") as err:
         find_pairs(tmp_path / "DUTS")
     assert "DUTS-TR/DUTS-TR-Image" in str(err.value) and "DUTS-TE/DUTS-TE-Image" in str(err.value)
@@ -84,7 +89,9 @@ def test_list_layout_errors_name_the_line(tmp_path):
 
 
 def test_unpaired_files_stop_the_pack_with_a_list_unless_skipped(tmp_path):
-    make_folder_dataset(tmp_path / "src" / "images", tmp_path / "src" / "ground_truth_mask", [f"p{i:02d}" for i in range(3)])
+    make_folder_dataset(
+        tmp_path / "src" / "images", tmp_path / "src" / "ground_truth_mask", [f"p{i:02d}" for i in range(3)]
+    )
     for i in range(25):
         write_pair(tmp_path / "src" / "images" / f"lonely{i:02d}.jpg", tmp_path / "elsewhere" / f"{i}.png")
     write_pair(tmp_path / "elsewhere" / "x.jpg", tmp_path / "src" / "ground_truth_mask" / "orphan.png")
@@ -97,7 +104,9 @@ def test_unpaired_files_stop_the_pack_with_a_list_unless_skipped(tmp_path):
 
     manifest = pack(tmp_path / "src", tmp_path / "out", workers=1, skip_unpaired=True)
     assert manifest["total_samples"] == 3 and len(manifest["skipped"]) == 26
-    assert {"path": "ground_truth_mask/orphan.png", "reason": "no image with the stem 'orphan' in images/"} in manifest["skipped"]
+    assert {"path": "ground_truth_mask/orphan.png", "reason": "no image with the stem 'orphan' in images/"} in manifest[
+        "skipped"
+    ]
 
 
 def test_duplicate_stems_are_ambiguous_not_guessed(tmp_path):
@@ -107,8 +116,15 @@ def test_duplicate_stems_are_ambiguous_not_guessed(tmp_path):
         pack(tmp_path, tmp_path / "out", workers=1)
     manifest = pack(tmp_path, tmp_path / "out", workers=1, skip_unpaired=True)
     assert manifest["total_samples"] == 1
-    assert sorted(s["path"] for s in manifest["skipped"]) == ["ground_truth_mask/dup.png", "images/dup.jpg", "images/dup.png"]
-    assert {"path": "ground_truth_mask/dup.png", "reason": "its image is ambiguous: 2 images share the stem 'dup'"} in manifest["skipped"]
+    assert sorted(s["path"] for s in manifest["skipped"]) == [
+        "ground_truth_mask/dup.png",
+        "images/dup.jpg",
+        "images/dup.png",
+    ]
+    assert {
+        "path": "ground_truth_mask/dup.png",
+        "reason": "its image is ambiguous: 2 images share the stem 'dup'",
+    } in manifest["skipped"]
 
 
 def test_dotted_and_unicode_names_become_safe_unique_keys(tmp_path):

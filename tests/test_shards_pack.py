@@ -56,12 +56,14 @@ def test_shards_are_plain_tar_and_webdataset_with_consecutive_members(tmp_path):
     manifest = pack(dataset(tmp_path / "src"), out, workers=1, shard_samples=5)
     names = []
     for shard in manifest["shards"]:
-        listing = subprocess.run(["tar", "-tf", out / shard["file"]], capture_output=True, text=True, check=True).stdout.split()
+        listing = subprocess.run(
+            ["tar", "-tf", out / shard["file"]], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert len(listing) == 3 * shard["samples"]
         names += listing
     for i in range(0, len(names), 3):
         key = names[i].split(".")[0]
-        assert names[i] in (f"{key}.jpg", f"{key}.png") and names[i + 1:i + 3] == [f"{key}.mask.png", f"{key}.json"]
+        assert names[i] in (f"{key}.jpg", f"{key}.png") and names[i + 1 : i + 3] == [f"{key}.mask.png", f"{key}.json"]
     with tarfile.open(out / manifest["shards"][0]["file"]) as tar:
         assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in tar} == {(0, 0, 0, "", "", 0o644)}
 
@@ -69,14 +71,20 @@ def test_shards_are_plain_tar_and_webdataset_with_consecutive_members(tmp_path):
     assert sorted(s["__key__"] for s in samples) == [f"s{i:03d}" for i in range(12)]
     for s in samples:
         image, mask, meta = decoded(s)
-        assert image.shape == (48, 64, 3) and mask.shape == (48, 64) and meta["stored_size"] == meta["orig_size"] == [48, 64]
+        assert (
+            image.shape == (48, 64, 3)
+            and mask.shape == (48, 64)
+            and meta["stored_size"] == meta["orig_size"] == [48, 64]
+        )
         assert meta["key"] == s["__key__"] and meta["source"] == f"images/{s['__key__']}.jpg"
 
 
 def test_shard_bytes_limit_holds_and_the_manifest_matches_the_files(tmp_path):
     out = tmp_path / "out"
     limit = 40 * 1024
-    manifest = pack(dataset(tmp_path / "src", count=20, h=96, w=128), out, workers=1, shard_samples=None, shard_bytes=limit)
+    manifest = pack(
+        dataset(tmp_path / "src", count=20, h=96, w=128), out, workers=1, shard_samples=None, shard_bytes=limit
+    )
     assert len(manifest["shards"]) > 2
     for shard in manifest["shards"]:
         assert (out / shard["file"]).stat().st_size == shard["bytes"] <= limit
@@ -110,9 +118,13 @@ def test_interrupted_pack_leaves_nothing_that_looks_complete(tmp_path):
         save(Image.fromarray(rgb), src / "images" / f"s{i:03d}.bmp")
         save(Image.fromarray(mask), src / "ground_truth_mask" / f"s{i:03d}.png")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "salnet.shards", "pack", str(src), str(out), "--workers", "2",
-                             "--shard-samples", "20"], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "salnet.shards", "pack", str(src), str(out), "--workers", "2", "--shard-samples", "20"],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None and len(list(out.glob("*.partial"))) < 2:
         time.sleep(0.005)
@@ -143,7 +155,7 @@ def test_load_manifest_names_the_problem(tmp_path):
     cases = [
         ("{not json", "is not valid JSON"),
         (json.dumps({**good, "format": "other"}), "\"format\" is 'other', expected 'salnet-shards'"),
-        (json.dumps({k: v for k, v in good.items() if k != "stats"}), "lacks the field \"stats\""),
+        (json.dumps({k: v for k, v in good.items() if k != "stats"}), 'lacks the field "stats"'),
         (json.dumps({**good, "total_samples": 13}), "total_samples is 13 but the shards hold 12"),
         (json.dumps({**good, "shards": [{**good["shards"][0], "file": "../x.tar"}]}), "must be a plain .tar file name"),
     ]
@@ -172,9 +184,11 @@ def duts_te(root, mismatched_image=(308, 400), mask=(266, 400)):
     return src
 
 
-MISMATCH = ("DUTS-TE-Mask/ILSVRC2012_test_00000002.png: mask is 400x266 (WxH) but its image "
-            "DUTS-TE-Image/ILSVRC2012_test_00000002.jpg is 400x308 (after EXIF orientation); they must match: "
-            "pass --on-mismatch resize to resize the image to its mask (the mask is the ground truth)")
+MISMATCH = (
+    "DUTS-TE-Mask/ILSVRC2012_test_00000002.png: mask is 400x266 (WxH) but its image "
+    "DUTS-TE-Image/ILSVRC2012_test_00000002.jpg is 400x308 (after EXIF orientation); they must match: "
+    "pass --on-mismatch resize to resize the image to its mask (the mask is the ground truth)"
+)
 
 
 def test_on_mismatch_fail_names_the_pair_and_suggests_resize(tmp_path):
@@ -191,8 +205,14 @@ def test_on_mismatch_resize_stores_the_image_at_its_masks_size_and_lists_it(tmp_
     result = run_py(["-m", "salnet.shards", "pack", src, tmp_path / "out", "--workers", "1", "--on-mismatch", "resize"])
     manifest = load_manifest(tmp_path / "out")
     assert manifest["layout"] == "duts" and manifest["total_samples"] == 3 and manifest["skipped"] == []
-    assert manifest["resized"] == [{"image": "DUTS-TE-Image/ILSVRC2012_test_00000002.jpg",
-                                    "mask": "DUTS-TE-Mask/ILSVRC2012_test_00000002.png", "from": [308, 400], "to": [266, 400]}]
+    assert manifest["resized"] == [
+        {
+            "image": "DUTS-TE-Image/ILSVRC2012_test_00000002.jpg",
+            "mask": "DUTS-TE-Mask/ILSVRC2012_test_00000002.png",
+            "from": [308, 400],
+            "to": [266, 400],
+        }
+    ]
     assert manifest["stats"]["image_conversions"] == {"resized to its mask": 1}
     assert manifest["options"]["on_mismatch"] == "resize"
     assert "pack: resized 1 images to their masks' size (--on-mismatch resize" in result.stderr
@@ -201,12 +221,19 @@ def test_on_mismatch_resize_stores_the_image_at_its_masks_size_and_lists_it(tmp_
     image, mask, meta = decoded(samples["ILSVRC2012_test_00000002"])
     assert image.shape == (266, 400, 3) and mask.shape == (266, 400)
     assert meta["orig_size"] == meta["stored_size"] == [266, 400]
-    expected = Image.open(src / "DUTS-TE-Image" / "ILSVRC2012_test_00000002.jpg").resize((400, 266), Image.Resampling.LANCZOS)
+    expected = Image.open(src / "DUTS-TE-Image" / "ILSVRC2012_test_00000002.jpg").resize(
+        (400, 266), Image.Resampling.LANCZOS
+    )
     assert abs(image.astype(int) - np.asarray(expected, dtype=int)).mean() < 2  # re-encoded as JPEG at quality 95
-    assert samples["ILSVRC2012_test_00000002"]["mask.png"] == (src / "DUTS-TE-Mask" / "ILSVRC2012_test_00000002.png").read_bytes()
+    assert (
+        samples["ILSVRC2012_test_00000002"]["mask.png"]
+        == (src / "DUTS-TE-Mask" / "ILSVRC2012_test_00000002.png").read_bytes()
+    )
     for key in ("ILSVRC2012_test_00000000", "ILSVRC2012_test_00000001"):  # sound pairs are untouched, bytes and all
         assert samples[key]["jpg"] == (src / "DUTS-TE-Image" / f"{key}.jpg").read_bytes()
-    assert "resized      1 images to their masks' size" in run_py(["-m", "salnet.shards", "info", tmp_path / "out"]).stdout
+    assert (
+        "resized      1 images to their masks' size" in run_py(["-m", "salnet.shards", "info", tmp_path / "out"]).stdout
+    )
     # with --max-side the resized image is then downscaled like any other
     small = pack(src, tmp_path / "small", workers=1, on_mismatch="resize", max_side=200)
     assert small["resized"][0]["to"] == [266, 400] and small["stats"]["stored_height"]["max"] == 133
@@ -216,8 +243,16 @@ def test_on_mismatch_skip_leaves_the_pair_out_and_lists_it(tmp_path):
     lines = []
     manifest = pack(duts_te(tmp_path), tmp_path / "out", workers=1, on_mismatch="skip", log=lines.append)
     assert manifest["total_samples"] == 2 and manifest["resized"] == []
-    assert len(manifest["skipped"]) == 1 and f"{manifest['skipped'][0]['path']}: {manifest['skipped'][0]['reason']}".startswith(MISMATCH)
-    assert any(line.startswith("pack: skipped 1 files") and "ILSVRC2012_test_00000002.png: mask is 400x266" in line for line in lines)
-    assert sorted(s["__key__"] for s in read_samples(tmp_path / "out")) == ["ILSVRC2012_test_00000000", "ILSVRC2012_test_00000001"]
+    assert len(
+        manifest["skipped"]
+    ) == 1 and f"{manifest['skipped'][0]['path']}: {manifest['skipped'][0]['reason']}".startswith(MISMATCH)
+    assert any(
+        line.startswith("pack: skipped 1 files") and "ILSVRC2012_test_00000002.png: mask is 400x266" in line
+        for line in lines
+    )
+    assert sorted(s["__key__"] for s in read_samples(tmp_path / "out")) == [
+        "ILSVRC2012_test_00000000",
+        "ILSVRC2012_test_00000001",
+    ]
     with pytest.raises(ShardsError, match="--on-mismatch must be one of fail, resize, skip, got 'crop'"):
         pack(tmp_path / "DUTS-TE", tmp_path / "other", workers=1, on_mismatch="crop")

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_py
 from salnet.shards.manifest import ShardsError, load_manifest
 from salnet.shards.synth import synthesize
+
+from conftest import run_py
 from shards_data import decoded, read_samples
 
 
@@ -75,11 +76,15 @@ def test_synth_is_deterministic_per_seed_and_independent_of_workers(tmp_path):
 
 
 def test_synth_cli_writes_the_same_as_the_api_and_refuses_to_overwrite(tmp_path):
-    run_py(["-m", "salnet.shards", "synth", tmp_path / "cli", "--train", "6", "--val", "3", "--size", "40", "--seed", "1"])
+    run_py(
+        ["-m", "salnet.shards", "synth", tmp_path / "cli", "--train", "6", "--val", "3", "--size", "40", "--seed", "1"]
+    )
     synthesize(tmp_path / "api", train=6, val=3, size=40, seed=1)
     for split in ("train", "val"):
         assert shard_bytes(tmp_path / "cli" / split) == shard_bytes(tmp_path / "api" / split)
-    assert load_manifest(tmp_path / "cli" / "val")["command"].endswith("synth " + str(tmp_path / "cli") + " --train 6 --val 3 --size 40 --seed 1")
+    assert load_manifest(tmp_path / "cli" / "val")["command"].endswith(
+        "synth " + str(tmp_path / "cli") + " --train 6 --val 3 --size 40 --seed 1"
+    )
     refused = run_py(["-m", "salnet.shards", "synth", tmp_path / "cli", "--train", "6", "--val", "3"], check=False)
     assert refused.returncode == 2 and "is not empty" in refused.stderr and "--overwrite" in refused.stderr
     with pytest.raises(ShardsError, match="at least one train and one val scene"):

@@ -4,8 +4,9 @@ import tarfile
 
 import pytest
 
-from conftest import run_py
 from salnet.shards.synth import synthesize
+
+from conftest import run_py
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_verify_catches_a_flipped_byte_and_names_shard_and_sample(shard_dir, tmp
     offset, size, _ = member_offset(shard, ".jpg", 3)
     data[offset + size // 2] ^= 0x01  # one bit inside the JPEG scan: may still decode, but the hash changes
     offset, size, bad_key = member_offset(shard, ".mask.png", 5)
-    data[offset + 40:offset + size - 12] = bytes(size - 52)  # the mask's compressed data zeroed: cannot decode
+    data[offset + 40 : offset + size - 12] = bytes(size - 52)  # the mask's compressed data zeroed: cannot decode
     shard.write_bytes(bytes(data))
     result = verify(copy)
     assert result.returncode == 1

@@ -19,23 +19,30 @@ from salnet.shards.parallel import available_cpus
 T = TypeVar("T")
 
 
-def parser(name: str, description: str, *, repeats: int = 3, samples: tuple[int, str] | None = None,
-           workers: str | None = None) -> argparse.ArgumentParser:
+def parser(
+    name: str, description: str, *, repeats: int = 3, samples: tuple[int, str] | None = None, workers: str | None = None
+) -> argparse.ArgumentParser:
     """The parser of `python -m salnet.bench NAME`, with --repeats; `samples=(default, what they are)`
     adds --samples and `workers="what they do"` adds --workers (default 2), for the benchmarks that
     make a data set and run it through worker processes."""
-    p = argparse.ArgumentParser(prog=f"python -m salnet.bench {name}", description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=f"python -m salnet.bench {name}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     if samples is not None:
         p.add_argument("--samples", type=int, default=samples[0], help=f"{samples[1]} (default {samples[0]})")
     if workers is not None:
         p.add_argument("--workers", type=int, default=2, help=f"{workers} (default 2)")
-    p.add_argument("--repeats", type=int, default=repeats, help=f"timed repeats; medians are reported (default {repeats})")
+    p.add_argument(
+        "--repeats", type=int, default=repeats, help=f"timed repeats; medians are reported (default {repeats})"
+    )
     return p
 
 
-def interleaved(repeats: int, contenders: Mapping[str, Callable[[int], T]],
-                describe: Callable[[dict[str, T]], str] | None = None) -> dict[str, list[T]]:
+def interleaved(
+    repeats: int, contenders: Mapping[str, Callable[[int], T]], describe: Callable[[dict[str, T]], str] | None = None
+) -> dict[str, list[T]]:
     """Every contender's results, one per repeat: each is called with the repeat's number, and the
     contenders alternate within a repeat, so a drift in the machine's load hits all of them alike.
     With `describe`, each repeat's results are also printed to stderr as they come."""
@@ -44,8 +51,11 @@ def interleaved(repeats: int, contenders: Mapping[str, Callable[[int], T]],
         for name, run in contenders.items():
             results[name].append(run(repeat))
         if describe is not None:
-            print(f"repeat {repeat + 1}/{repeats}: " + describe({name: values[-1] for name, values in results.items()}),
-                  file=sys.stderr, flush=True)
+            print(
+                f"repeat {repeat + 1}/{repeats}: " + describe({name: values[-1] for name, values in results.items()}),
+                file=sys.stderr,
+                flush=True,
+            )
     return results
 
 

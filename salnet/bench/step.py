@@ -226,6 +226,19 @@ def worker(args) -> None:
             emit(result)  # the line run_workers reads
 
 
+def shape_argv(args) -> list[str]:
+    """The flags that fix what a measurement runs (device, model, sizes, steps), as this tool parses them."""
+    shape = {
+        "device": args.device,
+        "backbone": args.backbone,
+        "size": args.size,
+        "batch": args.batch,
+        "steps": args.steps,
+        "repeats": args.repeats,
+    }
+    return [item for name, value in shape.items() for item in (f"--{name}", str(value))]
+
+
 def run_workers(args, world: int, overrides=()) -> dict:
     """`world` worker processes (torchrun unless 1) with config `overrides`; rank 0's JSON result."""
     from salnet import dist
@@ -235,18 +248,7 @@ def run_workers(args, world: int, overrides=()) -> dict:
         "salnet.bench",
         "step",
         "--worker",
-        "--device",
-        args.device,
-        "--backbone",
-        args.backbone,
-        "--size",
-        str(args.size),
-        "--batch",
-        str(args.batch),
-        "--steps",
-        str(args.steps),
-        "--repeats",
-        str(args.repeats),
+        *shape_argv(args),
         *(f"--set={o}" for o in overrides),
     ]
     launcher = (

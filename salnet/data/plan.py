@@ -31,13 +31,13 @@ cut into batches (the last one short), so every sample is seen exactly once acro
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
 # Distinct first words keep the random streams for the different decisions independent.
-_PIECES, _SHUFFLE, _SCALE, _AUGMENT = 1, 2, 3, 4
+_PIECES, _SHUFFLE, _SCALE, _AUGMENT, _DEVICE_AUGMENT = 1, 2, 3, 4, 5
 _WORD = 2**64 - 1
 
 
@@ -58,7 +58,7 @@ class Piece:
         return self.stop - self.start
 
 
-def set_quotas(set_sizes: Sequence[int], weights: Optional[Sequence[float]]) -> list[int]:
+def set_quotas(set_sizes: Sequence[int], weights: Sequence[float] | None) -> list[int]:
     """Samples each set contributes per epoch: all of them, or the weighted share of the total."""
     if weights is None:
         return list(set_sizes)
@@ -114,8 +114,17 @@ class ReaderPlan:
 class TrainPlan:
     """Which samples each (rank, reader) turns into which batches in each epoch."""
 
-    def __init__(self, shard_sizes: Sequence[Sequence[int]], weights: Optional[Sequence[float]], *, batch_size: int,
-                 world_size: int, readers: int, seed: int, shuffle_buffer: int):
+    def __init__(
+        self,
+        shard_sizes: Sequence[Sequence[int]],
+        weights: Sequence[float] | None,
+        *,
+        batch_size: int,
+        world_size: int,
+        readers: int,
+        seed: int,
+        shuffle_buffer: int,
+    ):
         if not 1 <= readers:
             raise ValueError(f"a rank needs at least one reader, got {readers}")
         self.shard_sizes = [list(sizes) for sizes in shard_sizes]
@@ -153,7 +162,9 @@ class TrainPlan:
 
     def reader(self, epoch: int, rank: int, reader: int) -> ReaderPlan:
         if not (0 <= rank < self.world_size and 0 <= reader < self.readers):
-            raise ValueError(f"rank {rank} / reader {reader} outside world size {self.world_size} x {self.readers} readers")
+            raise ValueError(
+                f"rank {rank} / reader {reader} outside world size {self.world_size} x {self.readers} readers"
+            )
         batches = self.reader_batches(reader)
         before = sum(len(self.reader_batches(w)) for w in range(reader)) * self.batch_size
         lo = rank * self.epoch_samples // self.world_size + before
@@ -175,10 +186,18 @@ class TrainPlan:
         return int(rng_for(_AUGMENT, self.seed, epoch, rank, batch).integers(2**63))
 
 
-def val_batches(total: int, world_size: int, rank: int, batch_size: int, pad_to: Optional[int] = None) -> list[Optional[tuple[int, int]]]:
+def device_augment_seed(seed: int, rank: int) -> int:
+    """The seed of a rank's device-side augmentation generator (data.augment_on=device), which then
+    runs on from batch to batch (its state is checkpointed)."""
+    return int(rng_for(_DEVICE_AUGMENT, seed, rank).integers(2**63))
+
+
+def val_batches(
+    total: int, world_size: int, rank: int, batch_size: int, pad_to: int | None = None
+) -> list[tuple[int, int] | None]:
     """This rank's val batches as position ranges [lo, hi); None marks a padding batch up to `pad_to`."""
     lo, hi = rank * total // world_size, (rank + 1) * total // world_size
-    batches: list[Optional[tuple[int, int]]] = [(b, min(b + batch_size, hi)) for b in range(lo, hi, batch_size)]
+    batches: list[tuple[int, int] | None] = [(b, min(b + batch_size, hi)) for b in range(lo, hi, batch_size)]
     return batches + [None] * max((pad_to or 0) - len(batches), 0)
 
 
@@ -189,4 +208,4 @@ def val_batch_count(total: int, world_size: int, batch_size: int) -> int:
 
 def split_blocks(items: Sequence, parts: int) -> list[list]:
     """`items` cut into `parts` contiguous blocks whose lengths differ by at most one."""
-    return [list(items[p * len(items) // parts:(p + 1) * len(items) // parts]) for p in range(parts)]
+    return [list(items[p * len(items) // parts : (p + 1) * len(items) // parts]) for p in range(parts)]

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import bisect
 import tarfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence
 
 from salnet.data.plan import Piece, piece_starts
 from salnet.data.sources import DataError, Shard, open_shard
@@ -31,7 +31,9 @@ class RawSample:
     index: int  # the sample's number within its shard
     key: str
     members: dict[str, bytes]  # extension after the key (salnet.shards.format: "jpg", "mask.png", ...) -> bytes
-    max_pixels: int = DEFAULT_MAX_PIXELS  # the source's limit (Limits.max_pixels), checked from each image header before decoding
+    max_pixels: int = (
+        DEFAULT_MAX_PIXELS  # the source's limit (Limits.max_pixels), checked from each image header before decoding
+    )
 
     def where(self) -> str:
         return f"shard {self.shard}, sample '{self.key}' (#{self.index})"
@@ -47,16 +49,18 @@ class _MemberSelector:
         self.shard, self.wanted, self.next_wanted = shard, wanted, 0
         self.index, self.key = -1, None
 
-    def __call__(self, name: str) -> Optional[bool]:
+    def __call__(self, name: str) -> bool | None:
         """True: read the member; False: skip it unread; None: past the last wanted sample (stop reading)."""
         key, _ = split_member_name(name)
         if key != self.key:
             self.key, self.index = key, self.index + 1
             if self.index >= self.shard.samples:
-                raise DataError(f"shard {self.shard.name} holds more samples than its manifest says: sample #{self.index} "
-                                f"('{key}') follows the {self.shard.samples} it lists (the shard has at least {self.index + 1}, "
-                                f"the manifest says {self.shard.samples}); the shard was replaced or the manifest does not "
-                                "belong to it: repack, and run `python -m salnet.shards verify`")
+                raise DataError(
+                    f"shard {self.shard.name} holds more samples than its manifest says: sample #{self.index} "
+                    f"('{key}') follows the {self.shard.samples} it lists (the shard has at least {self.index + 1}, "
+                    f"the manifest says {self.shard.samples}); the shard was replaced or the manifest does not "
+                    "belong to it: repack, and run `python -m salnet.shards verify`"
+                )
             while self.next_wanted < len(self.wanted) and self.wanted[self.next_wanted] < self.index:
                 self.next_wanted += 1
             if self.next_wanted == len(self.wanted):
@@ -104,9 +108,11 @@ def read_shard(shard: Shard, wanted: Sequence[int]) -> Iterator[RawSample]:
     finally:
         _close(stream, shard, quiet=hang_up_quietly)
     if got < len(wanted):
-        raise DataError(f"shard {shard.name} ended after {selector.index + 1} samples, but the plan needs sample "
-                        f"#{wanted[got]} (its manifest says {shard.samples}): the shard is truncated or was replaced; "
-                        "run `python -m salnet.shards verify`")
+        raise DataError(
+            f"shard {shard.name} ended after {selector.index + 1} samples, but the plan needs sample "
+            f"#{wanted[got]} (its manifest says {shard.samples}): the shard is truncated or was replaced; "
+            "run `python -m salnet.shards verify`"
+        )
 
 
 def _close(stream, shard: Shard, quiet: bool) -> None:
@@ -119,7 +125,9 @@ def _close(stream, shard: Shard, quiet: bool) -> None:
             raise DataError(f"shard {shard.name}: the reading process failed: {e}") from None
 
 
-def read_positions(shards: Sequence[Shard], pieces: Sequence[Piece], positions: Iterable[int]) -> Iterator[tuple[int, RawSample]]:
+def read_positions(
+    shards: Sequence[Shard], pieces: Sequence[Piece], positions: Iterable[int]
+) -> Iterator[tuple[int, RawSample]]:
     """(position, sample) for the given ascending positions of the sequence laid out by `pieces`."""
     starts = piece_starts(pieces)
     wanted_by_piece: dict[int, list[int]] = {}

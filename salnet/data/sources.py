@@ -92,8 +92,10 @@ def file_url(location: str, file: str) -> str:
         raise DataError(f"source '{location}': {file!r} is not a plain file name ({PLAIN_FILE_NAME_RULE}); refused")
     if location.startswith("pipe:"):
         if "{}" not in location:
-            raise DataError(f"source '{location}': a pipe: source needs {{}} where the file name goes, "
-                            "e.g. 'pipe:ssh host cat /data/train/{}'")
+            raise DataError(
+                f"source '{location}': a pipe: source needs {{}} where the file name goes, "
+                "e.g. 'pipe:ssh host cat /data/train/{}'"
+            )
         return location.replace("{}", shlex.quote(file))
     if location.startswith("s3://"):
         return f"pipe:aws s3 cp {shlex.quote(location.rstrip('/') + '/' + file)} -"
@@ -101,7 +103,9 @@ def file_url(location: str, file: str) -> str:
     if directory is not None:
         return str(directory / file)
     if not location.startswith(("http://", "https://")):
-        raise DataError(f"source '{location}': unsupported scheme; use a local directory, http(s)://, s3:// or pipe:CMD")
+        raise DataError(
+            f"source '{location}': unsupported scheme; use a local directory, http(s)://, s3:// or pipe:CMD"
+        )
     return location.rstrip("/") + "/" + file
 
 
@@ -119,8 +123,12 @@ def open_shard_set(location: str, limits: Limits = Limits()) -> ShardSet:
             manifest = _remote_manifest(location)
     except ShardsError as e:
         raise DataError(f"data source '{location}': {e}") from None
-    shards = tuple(Shard(name=shard_name(location, s["file"]), url=file_url(location, s["file"]), samples=s["samples"],
-                         limits=limits) for s in manifest["shards"])
+    shards = tuple(
+        Shard(
+            name=shard_name(location, s["file"]), url=file_url(location, s["file"]), samples=s["samples"], limits=limits
+        )
+        for s in manifest["shards"]
+    )
     return ShardSet(location=location, name=manifest["name"], shards=shards)
 
 
@@ -130,8 +138,10 @@ def _remote_manifest(location: str) -> dict:
         stream = webdataset.gopen(url, "rb")
         text = stream.read(MAX_MANIFEST_BYTES + 1)
     except OSError as e:
-        raise DataError(f"data source '{location}': cannot read its {MANIFEST_NAME} ({url}): {e}; a source without a "
-                        "manifest is an unfinished pack or a wrong address") from None
+        raise DataError(
+            f"data source '{location}': cannot read its {MANIFEST_NAME} ({url}): {e}; a source without a "
+            "manifest is an unfinished pack or a wrong address"
+        ) from None
     too_big = len(text) > MAX_MANIFEST_BYTES
     try:
         stream.close()  # a curl or pipe: process cut short by a refusal exits non-zero; that is not the problem then
@@ -139,12 +149,16 @@ def _remote_manifest(location: str) -> dict:
         if not too_big:
             raise DataError(f"data source '{location}': cannot read its {MANIFEST_NAME} ({url}): {e}") from None
     if too_big:
-        raise DataError(f"data source '{location}': {MANIFEST_NAME} ({url}) is larger than {MAX_MANIFEST_BYTES} bytes; "
-                        "not a salnet manifest (refused without reading the rest)")
+        raise DataError(
+            f"data source '{location}': {MANIFEST_NAME} ({url}) is larger than {MAX_MANIFEST_BYTES} bytes; "
+            "not a salnet manifest (refused without reading the rest)"
+        )
     try:
         manifest = json.loads(text)
     except ValueError as e:
-        raise DataError(f"data source '{location}': {MANIFEST_NAME} ({url}) is not JSON ({e}); got {len(text)} bytes") from None
+        raise DataError(
+            f"data source '{location}': {MANIFEST_NAME} ({url}) is not JSON ({e}); got {len(text)} bytes"
+        ) from None
     check_manifest(manifest, url)
     return manifest
 

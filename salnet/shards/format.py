@@ -41,8 +41,15 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, ext
 
 
-def sample_meta(*, key: str, dataset: str, source: str, mask_source: str, orig_size: Sequence[int],
-                stored_size: Sequence[int]) -> dict[str, Any]:
+def sample_meta(
+    *, key: str, dataset: str, source: str, mask_source: str, orig_size: Sequence[int], stored_size: Sequence[int]
+) -> dict[str, Any]:
     """The content of KEY.json; sizes are (H, W): orig_size upright as found, stored_size as stored."""
-    return {"key": key, "dataset": dataset, "source": source, "mask_source": mask_source,
-            "orig_size": list(orig_size), "stored_size": list(stored_size)}
+    return {
+        "key": key,
+        "dataset": dataset,
+        "source": source,
+        "mask_source": mask_source,
+        "orig_size": list(orig_size),
+        "stored_size": list(stored_size),
+    }

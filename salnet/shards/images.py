@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -77,7 +76,7 @@ class PreparedImage:
     orig_size: tuple[int, int]  # (H, W), upright (the mask's size if resized to it)
     stored_size: tuple[int, int]  # (H, W) after --max-side
     conversions: tuple[str, ...]  # empty: the source bytes were kept
-    resized_from: Optional[tuple[int, int]] = None  # (H, W) upright, when resized to its mask
+    resized_from: tuple[int, int] | None = None  # (H, W) upright, when resized to its mask
 
 
 @dataclass
@@ -93,17 +92,28 @@ def upright_size(data: bytes, path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
     return _upright(_open(data, path, max_pixels), path, max_pixels)
 
 
-def prepare_image(data: bytes, path: str, max_side: Optional[int], max_pixels: int = DEFAULT_MAX_PIXELS,
-                  resize_to: Optional[tuple[int, int]] = None) -> PreparedImage:
+def prepare_image(
+    data: bytes,
+    path: str,
+    max_side: int | None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    resize_to: tuple[int, int] | None = None,
+) -> PreparedImage:
     """The image as a shard stores it; `resize_to` (H, W): resize the upright image to that size if it differs."""
     im = _open(data, path, max_pixels)
-    rotated = _orientation(im, path, max_pixels) in range(2, 9)  # 1 is upright; others are invalid and ignored, as exif_transpose does
+    rotated = _orientation(im, path, max_pixels) in range(
+        2, 9
+    )  # 1 is upright; others are invalid and ignored, as exif_transpose does
     upright = _upright(im, path, max_pixels)
     resize = resize_to is not None and tuple(resize_to) != upright
     orig_size = tuple(resize_to) if resize else upright
     downscale = max_side is not None and max(orig_size) > max_side
-    header = read_header(data, path)  # the bit depth Pillow does not expose (already read once by _open: it cannot fail)
-    keep = (im.format == "JPEG" and im.mode == "RGB") or (header.format == "PNG" and (header.bit_depth, header.colour) == (8, "RGB"))
+    header = read_header(
+        data, path
+    )  # the bit depth Pillow does not expose (already read once by _open: it cannot fail)
+    keep = (im.format == "JPEG" and im.mode == "RGB") or (
+        header.format == "PNG" and (header.bit_depth, header.colour) == (8, "RGB")
+    )
     ext = JPEG_EXT if im.format == "JPEG" else PNG_EXT  # kept or re-encoded, a JPEG stays a JPEG; all else is PNG
     if keep and not rotated and not resize and not downscale:
         _check_decodes(im, data, path, max_pixels)
@@ -135,19 +145,30 @@ def prepare_image(data: bytes, path: str, max_side: Optional[int], max_pixels: i
         rgb.save(out, "JPEG", **REENCODE_JPEG)
     else:
         rgb.save(out, "PNG")
-    return PreparedImage(ext, out.getvalue(), orig_size, rgb.size[::-1], tuple(conversions), upright if resize else None)
+    return PreparedImage(
+        ext, out.getvalue(), orig_size, rgb.size[::-1], tuple(conversions), upright if resize else None
+    )
 
 
-def prepare_mask(data: bytes, path: str, orig_size: tuple[int, int], stored_size: tuple[int, int], image_path: str,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedMask:
+def prepare_mask(
+    data: bytes,
+    path: str,
+    orig_size: tuple[int, int],
+    stored_size: tuple[int, int],
+    image_path: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> PreparedMask:
     im = _open(data, path, max_pixels)
     if im.mode not in MASK_MODES:
         raise BadFileError(path, f"unsupported mask mode {im.mode}; valid modes: {', '.join(sorted(MASK_MODES))}")
     height, width = _upright(im, path, max_pixels)
     if (height, width) != tuple(orig_size):
-        raise SizeMismatch(path, f"mask is {width}x{height} (WxH) but its image {image_path} is {orig_size[1]}x{orig_size[0]} "
-                                 "(after EXIF orientation); they must match: pass --on-mismatch resize to resize the image "
-                                 "to its mask (the mask is the ground truth), or --on-mismatch skip to leave such pairs out")
+        raise SizeMismatch(
+            path,
+            f"mask is {width}x{height} (WxH) but its image {image_path} is {orig_size[1]}x{orig_size[0]} "
+            "(after EXIF orientation); they must match: pass --on-mismatch resize to resize the image "
+            "to its mask (the mask is the ground truth), or --on-mismatch skip to leave such pairs out",
+        )
     source_format = im.format
     _load(im, path, max_pixels)
     conversions = []
@@ -257,7 +278,7 @@ def _mask_values(im: Image.Image, path: str) -> tuple[np.ndarray, list[str]]:
     return ((grey.astype(np.uint16) * opacity + 127) // 255).astype(np.uint8), how + ["alpha"]
 
 
-def _refuse_colour(rgb: np.ndarray, opacity: Optional[np.ndarray], path: str, kind: str) -> None:
+def _refuse_colour(rgb: np.ndarray, opacity: np.ndarray | None, path: str, kind: str) -> None:
     """BadFileError unless every visible pixel is grey (R == G == B): colour has no one reading as a mask."""
     coloured = (rgb[..., 0] != rgb[..., 1]) | (rgb[..., 1] != rgb[..., 2])
     if opacity is not None:
@@ -266,7 +287,10 @@ def _refuse_colour(rgb: np.ndarray, opacity: Optional[np.ndarray], path: str, ki
     if not count:
         return
     y, x = divmod(int(np.flatnonzero(coloured)[0]), coloured.shape[1])
-    raise BadFileError(path, f"the mask is in colour ({kind}: {count} of {coloured.size} pixels are not grey, the first "
-                             f"at x={x}, y={y} is RGB{tuple(int(v) for v in rgb[y, x])}); a colour mask has no one reading "
-                             "(which channel? any colour on black?), so it is refused: convert it to grey with the reading "
-                             "you intend (e.g. PIL's Image.convert('L'), or one channel), or pass --skip-bad to leave it out")
+    raise BadFileError(
+        path,
+        f"the mask is in colour ({kind}: {count} of {coloured.size} pixels are not grey, the first "
+        f"at x={x}, y={y} is RGB{tuple(int(v) for v in rgb[y, x])}); a colour mask has no one reading "
+        "(which channel? any colour on black?), so it is refused: convert it to grey with the reading "
+        "you intend (e.g. PIL's Image.convert('L'), or one channel), or pass --skip-bad to leave it out",
+    )

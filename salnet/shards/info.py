@@ -27,13 +27,20 @@ def describe(shard_dir: Path) -> str:
         f"samples      {m['total_samples']} in {len(m['shards'])} shards, {_bytes(m['total_bytes'])} "
         f"(shards {_bytes(shard_sizes[0])} .. {_bytes(shard_sizes[-1])})",
         f"layout       {m['layout']}{found}",
-        f"packed by    salnet {m['salnet_version']}" + (f", Pillow {m['pillow_version']}" if "pillow_version" in m else ""),
+        f"packed by    salnet {m['salnet_version']}"
+        + (f", Pillow {m['pillow_version']}" if "pillow_version" in m else ""),
         f"command      {m['command']}",
     ]
     options = m.get("options")
     if options:
-        lines.append("options      " + (", ".join(f"{k}={v}" for k, v in options.items()) if isinstance(options, dict)
-                                       else f"(malformed: {_short(options)})"))
+        lines.append(
+            "options      "
+            + (
+                ", ".join(f"{k}={v}" for k, v in options.items())
+                if isinstance(options, dict)
+                else f"(malformed: {_short(options)})"
+            )
+        )
     lines += [
         f"stored H x W {_range(stats.get('stored_height'))} x {_range(stats.get('stored_width'))}",
         f"original     {_range(stats.get('orig_height'))} x {_range(stats.get('orig_width'))}",
@@ -102,4 +109,4 @@ def _num(value: float) -> str:
 def _bytes(n: int) -> str:
     units = ["B", "KiB", "MiB", "GiB", "TiB"]
     power = min(len(units) - 1, max(0, (n.bit_length() - 1) // 10))
-    return f"{n / 1024 ** power:.1f} {units[power]}" if power else f"{n} B"
+    return f"{n / 1024**power:.1f} {units[power]}" if power else f"{n} B"

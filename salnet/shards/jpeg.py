@@ -63,10 +63,12 @@ def _segments_without_scan_data(data: bytes) -> bytes:
             continue
         if marker is None or pos + 2 > size:
             raise JpegStructureError(f"truncated: the file ends at byte {size} inside a marker")
-        length = int.from_bytes(data[pos:pos + 2], "big")
+        length = int.from_bytes(data[pos : pos + 2], "big")
         if length < 2 or pos + length > size:
-            raise JpegStructureError(f"truncated or corrupt: segment 0x{marker:02x} at byte {start} claims {length} bytes, "
-                                     f"the file has {size - pos} left")
+            raise JpegStructureError(
+                f"truncated or corrupt: segment 0x{marker:02x} at byte {start} claims {length} bytes, "
+                f"the file has {size - pos} left"
+            )
         pos += length
         segments.append(data[start:pos])
         if marker == SOS:
@@ -89,4 +91,6 @@ def _end_of_scan(data: bytes, pos: int) -> int:
             pos += 2
         else:
             return pos
-    raise JpegStructureError(f"truncated: the scan data runs to the end of the file (byte {size}) without an end-of-image marker")
+    raise JpegStructureError(
+        f"truncated: the scan data runs to the end of the file (byte {size}) without an end-of-image marker"
+    )

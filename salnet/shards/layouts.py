@@ -25,7 +25,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from salnet.shards.manifest import ShardsError
 
@@ -60,21 +60,25 @@ class Found:
     ignored: list[str] = field(default_factory=list)  # files that are not images (Thumbs.db, ...)
 
 
-def find_pairs(src: Path, layout: str = "auto", images: Optional[str] = None, masks: Optional[str] = None) -> Found:
+def find_pairs(src: Path, layout: str = "auto", images: str | None = None, masks: str | None = None) -> Found:
     if layout not in LAYOUTS:
         raise ShardsError(f"unknown layout '{layout}'; valid: {', '.join(LAYOUTS)}")
     if (images is None) != (masks is None):
         raise ShardsError("--images and --masks go together (the two folders of the 'folders' layout)")
     if images is not None:
         if layout not in ("auto", "folders"):
-            raise ShardsError(f"--images/--masks select the 'folders' layout; they cannot be combined with --layout {layout}")
+            raise ShardsError(
+                f"--images/--masks select the 'folders' layout; they cannot be combined with --layout {layout}"
+            )
         layout = "folders"
     if not src.exists():
         raise ShardsError(f"source '{src}' does not exist")
     if layout == "list" or (layout == "auto" and src.is_file()):
         return _from_list(src)
     if not src.is_dir():
-        raise ShardsError(f"source '{src}' is a file; only the 'list' layout reads a file (lines of 'image_path mask_path')")
+        raise ShardsError(
+            f"source '{src}' is a file; only the 'list' layout reads a file (lines of 'image_path mask_path')"
+        )
     if layout == "folders":
         if images is None:
             raise ShardsError("the 'folders' layout needs --images DIR and --masks DIR (relative to SRC or absolute)")
@@ -85,18 +89,26 @@ def find_pairs(src: Path, layout: str = "auto", images: Optional[str] = None, ma
         return _from_folders(src, *found[0])
     looked = "; ".join(f"{name}: {i}/ + {m}/" for name in wanted for i, m in STANDARD_LAYOUTS[name])
     if not found:
-        raise ShardsError(f"no {'known' if layout == 'auto' else layout} layout found in '{src}' or the folders directly inside it "
-                          f"(looked for {looked}); for other folders use --images DIR --masks DIR, or --layout list with a file of "
-                          "'image_path mask_path' lines")
+        raise ShardsError(
+            f"no {'known' if layout == 'auto' else layout} layout found in '{src}' or the folders directly inside it "
+            f"(looked for {looked}); for other folders use --images DIR --masks DIR, or --layout list with a file of "
+            "'image_path mask_path' lines"
+        )
     options = "\n  ".join(f"{name}: {_rel(img, src)}/ + {_rel(msk, src)}/" for name, img, msk in found)
-    raise ShardsError(f"'{src}' holds several datasets, refusing to guess which to pack:\n  {options}\n"
-                      "point SRC at the folder of one of them, or name the folders with --images/--masks")
+    raise ShardsError(
+        f"'{src}' holds several datasets, refusing to guess which to pack:\n  {options}\n"
+        "point SRC at the folder of one of them, or name the folders with --images/--masks"
+    )
 
 
 def _candidates(src: Path, layout: str) -> list[tuple[Path, Path]]:
     roots = [src] + sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return [(root / img, root / msk) for root in roots for img, msk in STANDARD_LAYOUTS[layout]
-            if (root / img).is_dir() and (root / msk).is_dir()]
+    return [
+        (root / img, root / msk)
+        for root in roots
+        for img, msk in STANDARD_LAYOUTS[layout]
+        if (root / img).is_dir() and (root / msk).is_dir()
+    ]
 
 
 def _rel(path: Path, src: Path) -> str:
@@ -126,7 +138,9 @@ def _from_folders(src: Path, layout: str, image_dir: Path, mask_dir: Path) -> Fo
             other_role, other_dir = ("mask", mask_dir) if role == "image" else ("image", image_dir)
             for f in files:
                 if len(files) > 1:
-                    reason = f"ambiguous: {len(files)} {role}s share the stem '{stem}' ({', '.join(f.name for f in files)})"
+                    reason = (
+                        f"ambiguous: {len(files)} {role}s share the stem '{stem}' ({', '.join(f.name for f in files)})"
+                    )
                 elif others:
                     reason = f"its {other_role} is ambiguous: {len(others)} {other_role}s share the stem '{stem}'"
                 else:
@@ -164,8 +178,10 @@ def _from_list(list_file: Path) -> Found:
         if not fields:
             continue
         if len(fields) != 2:
-            raise ShardsError(f"{list_file}:{number}: expected 'image_path mask_path', got {len(fields)} fields "
-                              f"in {line!r} (quote paths that contain spaces)")
+            raise ShardsError(
+                f"{list_file}:{number}: expected 'image_path mask_path', got {len(fields)} fields "
+                f"in {line!r} (quote paths that contain spaces)"
+            )
         image, mask = fields
         if image in seen:
             unpaired.append({"path": image, "reason": f"listed again on line {number} (first on line {seen[image]})"})
@@ -178,8 +194,13 @@ def _from_list(list_file: Path) -> Found:
 def _unique_keys(pairs: list[Pair]) -> list[Pair]:
     """Sorted by key. Equal keys (one stem in two listed folders) get a hash of their distinct paths."""
     counts = Counter(p.key for p in pairs)
-    return sorted((p if counts[p.key] == 1 else dataclasses.replace(p, key=f"{p.key}-{_short_hash(p.image_source)}") for p in pairs),
-                  key=lambda p: p.key)
+    return sorted(
+        (
+            p if counts[p.key] == 1 else dataclasses.replace(p, key=f"{p.key}-{_short_hash(p.image_source)}")
+            for p in pairs
+        ),
+        key=lambda p: p.key,
+    )
 
 
 def make_key(stem: str) -> str:

@@ -27,8 +27,17 @@ MANIFEST_NAME = "manifest.json"
 
 # key -> type of every top-level field a reader may rely on.
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "format": str, "version": int, "name": str, "layout": str, "command": str, "salnet_version": str,
-    "shards": list, "total_samples": int, "total_bytes": int, "stats": dict, "skipped": list,
+    "format": str,
+    "version": int,
+    "name": str,
+    "layout": str,
+    "command": str,
+    "salnet_version": str,
+    "shards": list,
+    "total_samples": int,
+    "total_bytes": int,
+    "stats": dict,
+    "skipped": list,
 }
 SHARD_FIELDS: dict[str, type] = {"file": str, "samples": int, "bytes": int, "sha256": str}
 SKIPPED_FIELDS: dict[str, type] = {"path": str, "reason": str}
@@ -56,10 +65,14 @@ def load_manifest(shard_dir: os.PathLike | str) -> dict[str, Any]:
     for shard in manifest["shards"]:
         file = shard_dir / shard["file"]
         if not file.is_file():
-            raise ManifestError(f"'{shard_dir / MANIFEST_NAME}' lists shard '{shard['file']}', which is missing from '{shard_dir}'")
+            raise ManifestError(
+                f"'{shard_dir / MANIFEST_NAME}' lists shard '{shard['file']}', which is missing from '{shard_dir}'"
+            )
         if file.stat().st_size != shard["bytes"]:
-            raise ManifestError(f"shard '{file}' has {file.stat().st_size} bytes, the manifest says {shard['bytes']} "
-                                "(truncated or replaced; run `python -m salnet.shards verify`)")
+            raise ManifestError(
+                f"shard '{file}' has {file.stat().st_size} bytes, the manifest says {shard['bytes']} "
+                "(truncated or replaced; run `python -m salnet.shards verify`)"
+            )
     return manifest
 
 
@@ -67,14 +80,20 @@ def read_manifest(shard_dir: Path) -> dict[str, Any]:
     """The manifest, structurally checked; the shard files themselves are not looked at."""
     path = shard_dir / MANIFEST_NAME
     if not shard_dir.is_dir():
-        raise ManifestError(f"shard directory '{shard_dir}' does not exist (make one with `python -m salnet.shards pack` or `synth`)")
+        raise ManifestError(
+            f"shard directory '{shard_dir}' does not exist (make one with `python -m salnet.shards pack` or `synth`)"
+        )
     if not path.is_file():
-        raise ManifestError(f"'{shard_dir}' is not a complete shard directory: it has no {MANIFEST_NAME} "
-                            "(a pack writes it last, so the pack there failed, was interrupted, or never ran; "
-                            "re-run `python -m salnet.shards pack ... --overwrite`)")
+        raise ManifestError(
+            f"'{shard_dir}' is not a complete shard directory: it has no {MANIFEST_NAME} "
+            "(a pack writes it last, so the pack there failed, was interrupted, or never ran; "
+            "re-run `python -m salnet.shards pack ... --overwrite`)"
+        )
     if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"'{path}' is {path.stat().st_size} bytes, larger than any salnet manifest "
-                            f"({MAX_MANIFEST_BYTES} bytes at most); not read")
+        raise ManifestError(
+            f"'{path}' is {path.stat().st_size} bytes, larger than any salnet manifest "
+            f"({MAX_MANIFEST_BYTES} bytes at most); not read"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -93,9 +112,13 @@ def check_manifest(manifest: Any, where: os.PathLike | str) -> None:
     if not isinstance(manifest, dict):
         raise ManifestError(f"'{where}' must hold a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
-        raise ManifestError(f"'{where}' is not a salnet shard manifest: \"format\" is {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise ManifestError(
+            f"'{where}' is not a salnet shard manifest: \"format\" is {manifest.get('format')!r}, expected {FORMAT!r}"
+        )
     if manifest.get("version") != VERSION:
-        raise ManifestError(f"'{where}' has manifest version {manifest.get('version')!r}; this salnet reads version {VERSION}")
+        raise ManifestError(
+            f"'{where}' has manifest version {manifest.get('version')!r}; this salnet reads version {VERSION}"
+        )
     _check_fields(manifest, REQUIRED_FIELDS, f"'{where}'")
     if not manifest["shards"]:
         raise ManifestError(f"'{where}' lists no shards; a shard set holds at least one (re-run the pack)")
@@ -104,23 +127,33 @@ def check_manifest(manifest: Any, where: os.PathLike | str) -> None:
         _check_fields(shard, SHARD_FIELDS, f"'{where}' shards[{i}]")
         file = shard["file"]
         if not is_plain_file_name(file) or not file.endswith(".tar"):
-            raise ManifestError(f"'{where}' shards[{i}].file must be a plain .tar file name in the shard directory "
-                                f"({PLAIN_FILE_NAME_RULE}), got {file!r}")
+            raise ManifestError(
+                f"'{where}' shards[{i}].file must be a plain .tar file name in the shard directory "
+                f"({PLAIN_FILE_NAME_RULE}), got {file!r}"
+            )
         if file in first_listed:
-            raise ManifestError(f"'{where}' lists shard '{file}' twice (shards[{first_listed[file]}] and shards[{i}]); "
-                                "each shard is read once per epoch, so it must be listed once")
+            raise ManifestError(
+                f"'{where}' lists shard '{file}' twice (shards[{first_listed[file]}] and shards[{i}]); "
+                "each shard is read once per epoch, so it must be listed once"
+            )
         first_listed[file] = i
         if shard["samples"] < 1 or shard["bytes"] < 0:
-            raise ManifestError(f"'{where}' shards[{i}] ('{file}'): \"samples\" must be at least 1 and \"bytes\" at least 0, "
-                                f"got {shard['samples']} and {shard['bytes']}")
+            raise ManifestError(
+                f"'{where}' shards[{i}] ('{file}'): \"samples\" must be at least 1 and \"bytes\" at least 0, "
+                f"got {shard['samples']} and {shard['bytes']}"
+            )
         if not SHA256_HEX.fullmatch(shard["sha256"]):
-            raise ManifestError(f"'{where}' shards[{i}] ('{file}'): \"sha256\" must be 64 lowercase hex digits, got {shard['sha256']!r}")
+            raise ManifestError(
+                f"'{where}' shards[{i}] ('{file}'): \"sha256\" must be 64 lowercase hex digits, got {shard['sha256']!r}"
+            )
     samples = sum(s["samples"] for s in manifest["shards"])
     if samples != manifest["total_samples"]:
         raise ManifestError(f"'{where}': total_samples is {manifest['total_samples']} but the shards hold {samples}")
     total_bytes = sum(s["bytes"] for s in manifest["shards"])
     if total_bytes != manifest["total_bytes"]:
-        raise ManifestError(f"'{where}': total_bytes is {manifest['total_bytes']} but the shards' bytes add up to {total_bytes}")
+        raise ManifestError(
+            f"'{where}': total_bytes is {manifest['total_bytes']} but the shards' bytes add up to {total_bytes}"
+        )
     for i, entry in enumerate(manifest["skipped"]):
         _check_fields(entry, SKIPPED_FIELDS, f"'{where}' skipped[{i}]")
 
@@ -130,10 +163,10 @@ def _check_fields(obj: Any, fields: dict, where: str) -> None:
         raise ManifestError(f"{where} must be a JSON object, got {type(obj).__name__}")
     for key, kind in fields.items():
         if key not in obj:
-            raise ManifestError(f"{where} lacks the field \"{key}\"")
+            raise ManifestError(f'{where} lacks the field "{key}"')
         # bool is an int in Python; a count of true is still a broken manifest.
         if not isinstance(obj[key], kind) or isinstance(obj[key], bool):
-            raise ManifestError(f"{where}: \"{key}\" must be {getattr(kind, '__name__', kind)}, got {obj[key]!r}")
+            raise ManifestError(f'{where}: "{key}" must be {getattr(kind, "__name__", kind)}, got {obj[key]!r}')
 
 
 def write_manifest(shard_dir: Path, manifest: dict[str, Any]) -> Path:

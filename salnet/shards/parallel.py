@@ -9,7 +9,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-from typing import Callable, Iterable, Iterator, Optional, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 from tqdm import tqdm
 
@@ -26,14 +27,21 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def ordered_map(fn: Callable[[T], R], items: list[T], workers: int, desc: str, unit: str = "sample",
-                progress: Optional[bool] = None) -> Iterator[R]:
+def ordered_map(
+    fn: Callable[[T], R], items: list[T], workers: int, desc: str, unit: str = "sample", progress: bool | None = None
+) -> Iterator[R]:
     """Yield fn(item) for each item, in order, on `workers` processes (1: in this process).
 
     `progress=None` shows the bar only on a terminal, so logs and tests stay clean.
     """
-    bar = tqdm(total=len(items), desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-               disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    bar = tqdm(
+        total=len(items),
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=(not sys.stderr.isatty()) if progress is None else not progress,
+    )
     with bar:
         if workers <= 1 or len(items) <= 1:
             yield from _counted(map(fn, items), bar)

@@ -25,7 +25,6 @@ import os
 import shlex
 from functools import partial
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -40,15 +39,27 @@ JPEG_QUALITY = 92
 DEFAULT_SHARD_SAMPLES = 256
 
 
-def synthesize(out_dir: os.PathLike | str, train: int, val: int, size: int = 128, seed: int = 0, *,
-               workers: int = 1, shard_samples: int = DEFAULT_SHARD_SAMPLES, overwrite: bool = False,
-               command: Optional[str] = None) -> tuple[Path, Path]:
+def synthesize(
+    out_dir: os.PathLike | str,
+    train: int,
+    val: int,
+    size: int = 128,
+    seed: int = 0,
+    *,
+    workers: int = 1,
+    shard_samples: int = DEFAULT_SHARD_SAMPLES,
+    overwrite: bool = False,
+    command: str | None = None,
+) -> tuple[Path, Path]:
     """Write complete shard directories `out_dir/train` and `out_dir/val`; return their paths."""
     if train < 1 or val < 1:
         raise ShardsError(f"synth needs at least one train and one val scene, got train={train}, val={val}")
     if size < 32:
         raise ShardsError(f"synth size must be at least 32 px (objects need room for limbs and holes), got {size}")
-    command = command or f"salnet.shards.synth.synthesize({shlex.quote(str(out_dir))}, train={train}, val={val}, size={size}, seed={seed})"
+    command = (
+        command
+        or f"salnet.shards.synth.synthesize({shlex.quote(str(out_dir))}, train={train}, val={val}, size={size}, seed={seed})"
+    )
     paths = []
     for split, count in (("train", train), ("val", val)):
         split_dir = Path(out_dir) / split
@@ -57,8 +68,12 @@ def synthesize(out_dir: os.PathLike | str, train: int, val: int, size: int = 128
         with ShardWriter(split_dir, f"synth-{split}", shard_samples=shard_samples, shard_bytes=None) as writer:
             for sample in ordered_map(render, list(range(count)), workers, desc=f"synth {split}"):
                 writer.add(sample)
-            writer.finish(layout="synth", command=command, skipped=[],
-                          synth={"split": split, "size": size, "seed": seed, "scenes": count})
+            writer.finish(
+                layout="synth",
+                command=command,
+                skipped=[],
+                synth={"split": split, "size": size, "seed": seed, "scenes": count},
+            )
         paths.append(split_dir)
     return paths[0], paths[1]
 
@@ -72,10 +87,23 @@ def _scene_sample(index: int, size: int, seed: int, split: str) -> EncodedSample
     Image.fromarray(mask).save(mask_png, "PNG")
     key = f"{split}_{index:06d}"
     source = f"synth:seed={seed}:{split}:{index}"
-    meta = sample_meta(key=key, dataset=f"synth-{split}", source=source, mask_source=source,
-                       orig_size=(size, size), stored_size=(size, size))
-    return Sample(key=key, image_ext=JPEG_EXT, image=image.getvalue(), mask=mask_png.getvalue(), meta=meta,
-                  foreground=float((mask >= 128).mean()), soft_mask=False).encoded()
+    meta = sample_meta(
+        key=key,
+        dataset=f"synth-{split}",
+        source=source,
+        mask_source=source,
+        orig_size=(size, size),
+        stored_size=(size, size),
+    )
+    return Sample(
+        key=key,
+        image_ext=JPEG_EXT,
+        image=image.getvalue(),
+        mask=mask_png.getvalue(),
+        meta=meta,
+        foreground=float((mask >= 128).mean()),
+        soft_mask=False,
+    ).encoded()
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +192,9 @@ def _shape(rng: np.random.Generator, size: int, area: float, parts: bool = False
             draw.line([(cx, cy), (cx + length * math.cos(a), cy + length * math.sin(a))], fill=1, width=width)
     if parts and radius > 0.12 * size and rng.random() < 0.3:
         inner = radius * rng.uniform(0.25, 0.45)
-        draw.polygon(_outline(rng, cx + rng.uniform(-0.2, 0.2) * radius, cy + rng.uniform(-0.2, 0.2) * radius, inner), fill=0)
+        draw.polygon(
+            _outline(rng, cx + rng.uniform(-0.2, 0.2) * radius, cy + rng.uniform(-0.2, 0.2) * radius, inner), fill=0
+        )
     return np.asarray(canvas, bool)
 
 
@@ -194,4 +224,3 @@ def _ycbcr_to_rgb(luma: np.ndarray, hue: np.ndarray, chroma: np.ndarray) -> np.n
     cb, cr = chroma * np.cos(hue), chroma * np.sin(hue)
     rgb = np.stack([luma + 1.402 * cr, luma - 0.344136 * cb - 0.714136 * cr, luma + 1.772 * cb], axis=-1)
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-

@@ -15,12 +15,17 @@ above `max_member_bytes` is refused. Used by the loader's reader (salnet.data.re
 from __future__ import annotations
 
 import tarfile
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20
 # First bytes of a compressed stream -> its name. tar itself has no magic at offset 0.
-COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
-                    b"\x04\x22\x4d\x18": "lz4"}
+COMPRESSED_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"\x04\x22\x4d\x18": "lz4",
+}
 _HEAD = max(len(magic) for magic in COMPRESSED_MAGIC)
 
 
@@ -28,20 +33,24 @@ class TarRefused(ValueError):
     """The shard is compressed, or a member is larger than the limit; nothing of it was decompressed or read."""
 
 
-def compression(head: bytes) -> Optional[str]:
+def compression(head: bytes) -> str | None:
     """The compression whose magic number `head` starts with, or None (plain tar, or not an archive at all)."""
     return next((name for magic, name in COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
 
 
 def compressed_refusal(kind: str) -> str:
-    return (f"it is {kind}-compressed; shards are plain, uncompressed tar (as `python -m salnet.shards pack` writes "
-            "them), so that no member is larger in memory than on disk: decompress it (e.g. `gunzip`) or repack")
+    return (
+        f"it is {kind}-compressed; shards are plain, uncompressed tar (as `python -m salnet.shards pack` writes "
+        "them), so that no member is larger in memory than on disk: decompress it (e.g. `gunzip`) or repack"
+    )
 
 
 def member_refusal(name: str, size: int, limit: int) -> str:
-    return (f"member '{name}' is {size} bytes ({size / 2**20:.1f} MiB), above the limit of {limit} bytes "
-            f"({limit / 2**20:.0f} MiB) for one member; it was not read. If the data is genuine, raise the limit "
-            "(verify --max-member-bytes, data.max_member_bytes)")
+    return (
+        f"member '{name}' is {size} bytes ({size / 2**20:.1f} MiB), above the limit of {limit} bytes "
+        f"({limit / 2**20:.0f} MiB) for one member; it was not read. If the data is genuine, raise the limit "
+        "(verify --max-member-bytes, data.max_member_bytes)"
+    )
 
 
 class ShardTar:
@@ -52,7 +61,9 @@ class ShardTar:
         kind = compression(head)
         if kind is not None:
             raise TarRefused(compressed_refusal(kind))
-        self._tar = tarfile.open(fileobj=_Prefixed(head, fileobj), mode="r|", tarinfo=_bounded_tarinfo(max_member_bytes))
+        self._tar = tarfile.open(
+            fileobj=_Prefixed(head, fileobj), mode="r|", tarinfo=_bounded_tarinfo(max_member_bytes)
+        )
 
     def __iter__(self) -> Iterator[tarfile.TarInfo]:
         for info in self._tar:

@@ -57,8 +57,12 @@ class Report:
         return not self.problems
 
 
-def verify(shard_dir: Path, workers: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
-           max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Report:
+def verify(
+    shard_dir: Path,
+    workers: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+) -> Report:
     """Check every shard and sample of `shard_dir`; raises ManifestError only if the manifest is unusable."""
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
@@ -71,15 +75,21 @@ def verify(shard_dir: Path, workers: int = 1, max_pixels: int = DEFAULT_MAX_PIXE
         problems.append(f"{len(duplicates)} keys occur more than once across shards: {', '.join(duplicates[:20])}")
     samples = sum(r.samples for r in reports)
     if samples != manifest["total_samples"]:
-        problems.append(f"the shards hold {samples} samples, the manifest's total_samples is {manifest['total_samples']}")
+        problems.append(
+            f"the shards hold {samples} samples, the manifest's total_samples is {manifest['total_samples']}"
+        )
     listed = {s["file"] for s in manifest["shards"]} | {MANIFEST_NAME}
     stray = sorted(p.name for p in shard_dir.iterdir() if p.name not in listed)
     notes = [f"files not in the manifest (ignored by readers): {', '.join(stray)}"] if stray else []
     return Report(shard_dir, len(reports), samples, problems, notes)
 
 
-def verify_shard(shard_dir: Path, shard: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> ShardReport:
+def verify_shard(
+    shard_dir: Path,
+    shard: dict[str, Any],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+) -> ShardReport:
     report = ShardReport(shard["file"])
     path = shard_dir / shard["file"]
     if not path.is_file():
@@ -96,12 +106,16 @@ def verify_shard(shard_dir: Path, shard: dict[str, Any], max_pixels: int = DEFAU
             for key, members in _samples(tar, report):
                 report.samples += 1
                 report.keys.append(key)
-                report.problems.extend(f"{shard['file']}: sample '{key}': {p}" for p in check_sample(key, members, max_pixels))
+                report.problems.extend(
+                    f"{shard['file']}: sample '{key}': {p}" for p in check_sample(key, members, max_pixels)
+                )
             end = tar.offset
         # tarfile stops quietly at a corrupt header; only zero blocks may follow the last member.
         if _nonzero_after(path, end):
-            report.problems.append(f"{shard['file']}: tar structure broken at byte {end} of {size} (corrupt header?); "
-                                   "nothing after it could be read")
+            report.problems.append(
+                f"{shard['file']}: tar structure broken at byte {end} of {size} (corrupt header?); "
+                "nothing after it could be read"
+            )
     except TarRefused as e:
         report.problems.append(f"{shard['file']}: refused after {report.samples} samples: {e}")
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -154,8 +168,10 @@ def check_sample(key: str, members: dict[str, bytes], max_pixels: int = DEFAULT_
     images = [ext for ext in IMAGE_EXTS if ext in members]
     expected = {MASK_EXT, META_EXT, *images[:1]}
     if len(images) != 1 or set(members) != expected:
-        problems.append(f"has members {sorted(members)}; a sample needs an image ({' or '.join(IMAGE_EXTS)}), "
-                        f"'{MASK_EXT}' and '{META_EXT}'")
+        problems.append(
+            f"has members {sorted(members)}; a sample needs an image ({' or '.join(IMAGE_EXTS)}), "
+            f"'{MASK_EXT}' and '{META_EXT}'"
+        )
     image = _decoded(members, images[0], "RGB", problems, max_pixels) if len(images) == 1 else None
     mask = _decoded(members, MASK_EXT, "L", problems, max_pixels)
     if image is not None and mask is not None and image.size != mask.size:
@@ -168,7 +184,9 @@ def check_sample(key: str, members: dict[str, bytes], max_pixels: int = DEFAULT_
         if not isinstance(meta, dict) or meta.get("key") != key:
             problems.append(f"{META_EXT} 'key' is {meta.get('key') if isinstance(meta, dict) else meta!r}, not '{key}'")
         elif image is not None and meta.get("stored_size") != [image.size[1], image.size[0]]:
-            problems.append(f"{META_EXT} stored_size {meta.get('stored_size')} differs from the image's [H, W] {[image.size[1], image.size[0]]}")
+            problems.append(
+                f"{META_EXT} stored_size {meta.get('stored_size')} differs from the image's [H, W] {[image.size[1], image.size[0]]}"
+            )
     return problems
 
 

@@ -18,7 +18,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import PIL
 
@@ -43,25 +43,41 @@ class Sample:
     foreground: float  # fraction of mask pixels >= 128
     soft_mask: bool  # the mask has values other than 0 and 255
     conversions: tuple[str, ...] = ()  # why the image was re-encoded; empty when the source bytes were kept
-    mask_conversions: tuple[str, ...] = ()  # how the mask was converted (salnet.shards.images); empty when kept as it was
-    resized_from: Optional[tuple[int, int]] = None  # (H, W) of an image resized to its mask (pack --on-mismatch resize)
+    mask_conversions: tuple[
+        str, ...
+    ] = ()  # how the mask was converted (salnet.shards.images); empty when kept as it was
+    resized_from: tuple[int, int] | None = None  # (H, W) of an image resized to its mask (pack --on-mismatch resize)
 
     def members(self) -> list[tuple[str, bytes]]:
         meta = json.dumps(self.meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
-        return [(member_name(self.key, self.image_ext), self.image), (member_name(self.key, MASK_EXT), self.mask),
-                (member_name(self.key, META_EXT), meta)]
+        return [
+            (member_name(self.key, self.image_ext), self.image),
+            (member_name(self.key, MASK_EXT), self.mask),
+            (member_name(self.key, META_EXT), meta),
+        ]
 
-    def encoded(self) -> "EncodedSample":
+    def encoded(self) -> EncodedSample:
         """The members as they appear in the archive (header(s), data, padding to 512 bytes), with
         the numbers the statistics need. tarfile encodes the headers; the bytes are joined here
         rather than by TarFile.addfile so that a pack's workers can do it: the writer, the one
         serial step, then only appends, and half as many bytes cross between processes."""
         parts = []
         for name, data in self.members():
-            parts += [_tar_info(name, len(data)).tobuf(TAR_FORMAT, "utf-8", "surrogateescape"), data,
-                      bytes(-len(data) % tarfile.BLOCKSIZE)]
-        return EncodedSample(self.key, b"".join(parts), self.meta, self.foreground, self.soft_mask, self.conversions,
-                             self.mask_conversions, self.resized_from)
+            parts += [
+                _tar_info(name, len(data)).tobuf(TAR_FORMAT, "utf-8", "surrogateescape"),
+                data,
+                bytes(-len(data) % tarfile.BLOCKSIZE),
+            ]
+        return EncodedSample(
+            self.key,
+            b"".join(parts),
+            self.meta,
+            self.foreground,
+            self.soft_mask,
+            self.conversions,
+            self.mask_conversions,
+            self.resized_from,
+        )
 
 
 @dataclass(frozen=True)
@@ -75,9 +91,9 @@ class EncodedSample:
     soft_mask: bool
     conversions: tuple[str, ...]
     mask_conversions: tuple[str, ...] = ()
-    resized_from: Optional[tuple[int, int]] = None
+    resized_from: tuple[int, int] | None = None
 
-    def encoded(self) -> "EncodedSample":
+    def encoded(self) -> EncodedSample:
         return self
 
 
@@ -94,18 +110,29 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     if not present:
         return
     if not overwrite:
-        what = ("a complete dataset" if (out_dir / MANIFEST_NAME).exists()
-                else f"{len(present)} entries but no {MANIFEST_NAME} (an interrupted pack?)")
-        raise ShardsError(f"output directory '{out_dir}' is not empty: it holds {what}; "
-                          "pass --overwrite to replace it, or choose an empty or new directory")
+        what = (
+            "a complete dataset"
+            if (out_dir / MANIFEST_NAME).exists()
+            else f"{len(present)} entries but no {MANIFEST_NAME} (an interrupted pack?)"
+        )
+        raise ShardsError(
+            f"output directory '{out_dir}' is not empty: it holds {what}; "
+            "pass --overwrite to replace it, or choose an empty or new directory"
+        )
     # Only a previous pack's own files are removed: --overwrite on the wrong directory must not
     # delete someone's data.
-    ours = [p for p in present if p.is_file() and (p.name.endswith(".tar") or p.name.endswith(PARTIAL_SUFFIX) or p.name == MANIFEST_NAME)]
+    ours = [
+        p
+        for p in present
+        if p.is_file() and (p.name.endswith(".tar") or p.name.endswith(PARTIAL_SUFFIX) or p.name == MANIFEST_NAME)
+    ]
     foreign = [p.name for p in present if p not in ours]
     if foreign:
-        raise ShardsError(f"--overwrite only removes a previous pack's files (*.tar, *{PARTIAL_SUFFIX}, {MANIFEST_NAME}), "
-                          f"but '{out_dir}' also holds {', '.join(foreign[:10])}{' ...' if len(foreign) > 10 else ''}; "
-                          "move them away or choose another output directory")
+        raise ShardsError(
+            f"--overwrite only removes a previous pack's files (*.tar, *{PARTIAL_SUFFIX}, {MANIFEST_NAME}), "
+            f"but '{out_dir}' also holds {', '.join(foreign[:10])}{' ...' if len(foreign) > 10 else ''}; "
+            "move them away or choose another output directory"
+        )
     # The manifest goes first: from then on the directory no longer claims to be complete.
     for p in sorted(ours, key=lambda p: p.name != MANIFEST_NAME):
         p.unlink()
@@ -171,8 +198,10 @@ class _Stats:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "orig_height": _summary(self.orig_h), "orig_width": _summary(self.orig_w),
-            "stored_height": _summary(self.stored_h), "stored_width": _summary(self.stored_w),
+            "orig_height": _summary(self.orig_h),
+            "orig_width": _summary(self.orig_w),
+            "stored_height": _summary(self.stored_h),
+            "stored_width": _summary(self.stored_w),
             "foreground_ratio": _summary(self.foreground),
             "soft_masks": self.soft_masks,
             "images_kept_original": self.kept_original,
@@ -181,27 +210,31 @@ class _Stats:
         }
 
 
-def _summary(values: list) -> Optional[dict[str, float]]:
+def _summary(values: list) -> dict[str, float] | None:
     if not values:
         return None
-    return {"min": min(values), "mean": round(statistics.fmean(values), 4),
-            "median": statistics.median(values), "max": max(values)}
+    return {
+        "min": min(values),
+        "mean": round(statistics.fmean(values), 4),
+        "median": statistics.median(values),
+        "max": max(values),
+    }
 
 
 class ShardWriter:
     """`with ShardWriter(...) as w: w.add(sample) ...; w.finish(...)`; an exception removes the partial shards."""
 
-    def __init__(self, out_dir: Path, name: str, shard_samples: Optional[int], shard_bytes: Optional[int]):
+    def __init__(self, out_dir: Path, name: str, shard_samples: int | None, shard_bytes: int | None):
         self.out_dir, self.name = Path(out_dir), name
         self.shard_samples, self.shard_bytes = shard_samples, shard_bytes
         self.shards: list[dict[str, Any]] = []
         self.stats = _Stats()
         self._partials: list[Path] = []
-        self._file: Optional[_HashingFile] = None
+        self._file: _HashingFile | None = None
         self._samples_in_shard = 0
         self._keys: set[str] = set()
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -237,8 +270,14 @@ class ShardWriter:
         self._file.write(bytes(_closed_size(self._file.bytes) - self._file.bytes))  # end-of-archive blocks
         self._file.close()
         final = self._partials[-1].name.removesuffix(PARTIAL_SUFFIX)
-        self.shards.append({"file": final, "samples": self._samples_in_shard, "bytes": self._file.bytes,
-                            "sha256": self._file.sha256.hexdigest()})
+        self.shards.append(
+            {
+                "file": final,
+                "samples": self._samples_in_shard,
+                "bytes": self._file.bytes,
+                "sha256": self._file.sha256.hexdigest(),
+            }
+        )
         self._file = None
 
     def finish(self, *, layout: str, command: str, skipped: list[dict[str, str]], **extra: Any) -> dict[str, Any]:
@@ -246,10 +285,18 @@ class ShardWriter:
         if self._file is not None:
             self._close_shard()
         if not self.shards:
-            raise ShardsError(f"no samples to write to '{self.out_dir}'" + (f" ({len(skipped)} skipped)" if skipped else ""))
+            raise ShardsError(
+                f"no samples to write to '{self.out_dir}'" + (f" ({len(skipped)} skipped)" if skipped else "")
+            )
         manifest = {
-            "format": FORMAT, "version": VERSION, "name": self.name, "layout": layout, "command": command,
-            "salnet_version": salnet.__version__, "pillow_version": PIL.__version__, **extra,
+            "format": FORMAT,
+            "version": VERSION,
+            "name": self.name,
+            "layout": layout,
+            "command": command,
+            "salnet_version": salnet.__version__,
+            "pillow_version": PIL.__version__,
+            **extra,
             "shards": self.shards,
             "total_samples": sum(s["samples"] for s in self.shards),
             "total_bytes": sum(s["bytes"] for s in self.shards),
@@ -271,4 +318,3 @@ class ShardWriter:
         for partial in self._partials:
             partial.unlink(missing_ok=True)
         self._partials = []
-
