@@ -1,10 +1,10 @@
 """The training augmentation (salnet.data.augment) in both places it runs (data.augment_on):
 its geometry against torchvision's, the same parameter distributions in a worker and on the
 device (measured from what comes out of the real streams), and the device side's determinism and
-exact resume (per rank, through a checkpoint of a real 2-rank DDP run)."""
+exact resume (per rank; through a checkpoint of a real 2-rank DDP run in
+test_train.py's bitwise resume test)."""
 
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -27,7 +27,6 @@ from salnet.data.augment import (
     resolve_augment_on,
     warp_batch,
 )
-from salnet.data.plan import device_augment_seed
 from salnet.shards.writer import Sample
 
 
@@ -307,33 +306,3 @@ def test_draws_come_from_the_generator_given_or_the_global_one():
         and box.left + box.width <= 80
     )
     assert draw_warp(4, AugmentConfig(hflip=False, rotate_deg=0, color_jitter=0)).colour is None
-
-
-def test_ddp_two_ranks_resume_with_device_augmentation_is_bitwise_identical(tmp_path):
-    from test_train import tiny_config
-
-    from salnet.shards.synth import synthesize
-
-    from conftest import torchrun
-
-    train, val = synthesize(tmp_path / "demo", train=64, val=8, size=64, seed=3)
-    path, run_dir = tiny_config(tmp_path, {"train": train, "val": val}, data={"augment_on": "device"})
-    torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300)
-    uninterrupted = torch.load(run_dir / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)
-    inputs = uninterrupted["client"]["inputs"]
-    assert len(inputs) == 2 and not torch.equal(inputs[0]["generator"], inputs[1]["generator"]), (
-        "one generator per rank"
-    )
-    for rank, state in enumerate(inputs):  # and each has drawn: the device augmented
-        assert not torch.equal(
-            state["generator"], torch.Generator().manual_seed(device_augment_seed(0, rank)).get_state()
-        )
-
-    shutil.rmtree(run_dir / "checkpoints" / "step-00000006")
-    out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300).stdout
-    assert "step-00000003 at step 3" in out
-    resumed = torch.load(run_dir / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)
-    for key, value in uninterrupted["model"].items():
-        assert torch.equal(value, resumed["model"][key]), key
-    for a, b in zip(uninterrupted["client"]["inputs"], resumed["client"]["inputs"]):
-        assert torch.equal(a["generator"], b["generator"])

@@ -12,6 +12,7 @@ import yaml
 from salnet.checkpoint import complete_checkpoints, load_best
 from salnet.config import load_config
 from salnet.data import ValStream
+from salnet.data.plan import device_augment_seed
 from salnet.model import build_model
 from salnet.shards.synth import synthesize
 from salnet.validate import probabilities_at
@@ -124,7 +125,10 @@ def test_one_process_trains_validates_and_keeps_best(tmp_path, shards):
 
 
 def test_ddp_two_ranks_resume_is_bitwise_identical(tmp_path, shards):
-    path, run_dir = tiny_config(tmp_path, shards)
+    # With the augmentation on the device (data.augment_on=device), whose per-rank generator must
+    # come back from the checkpoint too. (augment_on=worker, the CPU default, draws from seeds of the
+    # plan: the resume tests of test_train_stop and test_slurm run it.)
+    path, run_dir = tiny_config(tmp_path, shards, data={"augment_on": "device"})
     out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300).stdout
     assert "global batch 16 = 2 ranks x 8 micro-batch x 1 accumulation" in out
     assert out.count("validation @ step") == 2  # rank 0 only
@@ -145,6 +149,14 @@ def test_ddp_two_ranks_resume_is_bitwise_identical(tmp_path, shards):
     assert uninterrupted["client"]["train"] == resumed["client"]["train"]
     for a, b in zip(uninterrupted["client"]["rng"], resumed["client"]["rng"]):  # every rank's RNG streams
         assert torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"]
+    inputs = uninterrupted["client"]["inputs"]  # the device-side augmentation: one generator per rank ...
+    assert len(inputs) == 2 and not torch.equal(inputs[0]["generator"], inputs[1]["generator"])
+    for rank, state in enumerate(inputs):  # ... that has drawn (the device augmented) ...
+        assert not torch.equal(
+            state["generator"], torch.Generator().manual_seed(device_augment_seed(0, rank)).get_state()
+        )
+    for a, b in zip(inputs, resumed["client"]["inputs"]):  # ... and resumed exactly
+        assert torch.equal(a["generator"], b["generator"])
     # metrics.jsonl reads as one run: the interrupted run's lines after step 3 were replaced.
     steps = [(r["kind"], r["step"]) for r in records(run_dir, "train") + records(run_dir, "val")]
     assert len(steps) == len(set(steps)) and ("val", 6) in steps
