@@ -20,7 +20,6 @@ parts are exercised, at toy sizes, by tests/test_bench_gpu.py.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -98,10 +97,7 @@ def peak_bf16(name: str) -> tuple[float, str] | None:
 
 def step_args(args, device: str):
     """The arguments salnet.bench.step's helpers take, for this run's model and sizes."""
-    shape = argparse.Namespace(
-        device=device, backbone=args.backbone, size=args.size, batch=args.batch, steps=args.steps, repeats=args.repeats
-    )
-    return step_bench.parse(step_bench.shape_argv(shape))
+    return step_bench.parse(step_bench.shape_argv(step_bench.shape_of(args, device=device)))
 
 
 def train_flops_per_image(module: torch.nn.Module, size: int, device: torch.device) -> float:

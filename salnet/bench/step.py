@@ -226,16 +226,16 @@ def worker(args) -> None:
             emit(result)  # the line run_workers reads
 
 
-def shape_argv(args) -> list[str]:
-    """The flags that fix what a measurement runs (device, model, sizes, steps), as this tool parses them."""
-    shape = {
-        "device": args.device,
-        "backbone": args.backbone,
-        "size": args.size,
-        "batch": args.batch,
-        "steps": args.steps,
-        "repeats": args.repeats,
-    }
+SHAPE = ("device", "backbone", "size", "batch", "steps", "repeats")  # what fixes a measurement
+
+
+def shape_of(args, **overrides) -> dict:
+    """The flags that fix what a measurement runs (device, model, sizes, steps), from parsed `args`."""
+    return {name: overrides[name] if name in overrides else getattr(args, name) for name in SHAPE}
+
+
+def shape_argv(shape: dict) -> list[str]:
+    """`shape_of`'s dict as this tool's command-line flags."""
     return [item for name, value in shape.items() for item in (f"--{name}", str(value))]
 
 
@@ -248,7 +248,7 @@ def run_workers(args, world: int, overrides=()) -> dict:
         "salnet.bench",
         "step",
         "--worker",
-        *shape_argv(args),
+        *shape_argv(shape_of(args)),
         *(f"--set={o}" for o in overrides),
     ]
     launcher = (
@@ -356,15 +356,7 @@ def main(argv):
     from salnet import dist
 
     dist.init(use_cuda=args.device == "cuda")
-    report = {
-        "device": args.device,
-        "backbone": args.backbone,
-        "size": args.size,
-        "batch": args.batch,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "strategy": args.strategy,
-    }
+    report = {**shape_of(args), "strategy": args.strategy}
     if args.strategy == "deepspeed":
         report.update(measure_zero(args))
         emit(report)
