@@ -328,7 +328,7 @@ def check(cfg: Config) -> list[str]:
 
 
 def resume_plan(cfg: Config) -> str:
-    from salnet.rundir import complete_checkpoints
+    from salnet.run.rundir import complete_checkpoints
 
     run_dir = cfg.run_dir
     found = complete_checkpoints(run_dir)

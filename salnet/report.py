@@ -3,7 +3,7 @@
     python -m salnet.report runs/demo              # draw runs/demo/plots/ again, print the summary
     python -m salnet.report runs/demo --no-plots   # the summary only
 
-It reads only the run directory: metrics.jsonl (salnet.rundir.read_records), config.yaml,
+It reads only the run directory: metrics.jsonl (salnet.run.rundir.read_records), config.yaml,
 plots/latest.npz (the newest validation's curves and prediction panels, written by the run) and
 the names of the checkpoints. The summary: steps done, training time over all attempts,
 throughput, the best validation of each val set, the latest validation, where best.pt and the
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from salnet.config import MEAN_OVER_SETS, Config, ConfigError, load_config
 from salnet.metrics import is_better
-from salnet.rundir import METRICS, read_records
-from salnet.runlog import format_duration, format_metrics_table
+from salnet.run.rundir import METRICS, read_records
+from salnet.run.runlog import format_duration, format_metrics_table
 
 PROG = "python -m salnet.report"
 
@@ -57,7 +57,7 @@ def _config(run_dir: Path) -> Config | None:
 
 
 def summary(run_dir: Path) -> str:
-    from salnet.rundir import complete_checkpoints
+    from salnet.run.rundir import complete_checkpoints
     from salnet.validate import best_key
 
     records = read_records(run_dir / METRICS)
@@ -138,7 +138,7 @@ def summary(run_dir: Path) -> str:
 
 def redraw(run_dir: Path) -> list[Path]:
     """Draw runs/NAME/plots/ again from metrics.jsonl and plots/latest.npz."""
-    from salnet import plots
+    from salnet.run import plots
 
     latest_path = run_dir / "plots" / plots.LATEST
     latest = plots.load_latest(latest_path) if latest_path.exists() else None

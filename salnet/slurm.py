@@ -8,7 +8,7 @@ only when the training starts.
     TrainJob(["--config", "runs/NAME/slurm/config-....yaml"], max_requeues=10, wandb_id="1a2b3c4d")()
 
 A call:
-1. installs salnet's own stop handlers at once (salnet.preemption.StopRequest), replacing Submitit's
+1. installs salnet's own stop handlers at once (salnet.run.preemption.StopRequest), replacing Submitit's
    USR2 handler, which on rank 0 would requeue the job and exit from inside the handler while the
    other ranks keep computing; the training loop's own StopRequest takes over any signal seen here;
 2. runs `salnet.train`'s main in this process with the argv, adding `train.resume=auto` on a
@@ -27,9 +27,9 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
-from salnet.preemption import EXIT_REQUEUE, EXIT_STOPPED, StopRequest
+from salnet.run.preemption import EXIT_REQUEUE, EXIT_STOPPED, StopRequest
 
-WANDB_ID_ENV = "SALNET_WANDB_ID"  # the W&B run id the launcher pre-assigned (salnet.runlog reads it)
+WANDB_ID_ENV = "SALNET_WANDB_ID"  # the W&B run id the launcher pre-assigned (salnet.run.runlog reads it)
 
 
 def job_id(environ: Mapping[str, str] = os.environ) -> str:

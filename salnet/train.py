@@ -13,7 +13,7 @@ import sys
 import traceback
 
 from salnet.config import parse_config
-from salnet.preemption import StopRequest
+from salnet.run.preemption import StopRequest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     stop.install()  # before anything slow: a signal during start-up is kept and acted on at the first step
 
     from salnet import dist  # torch from here on
-    from salnet.runlog import setup_logging
+    from salnet.run.runlog import setup_logging
     from salnet.trainer import train
 
     with dist.distributed(timeout_s=cfg.train.timeout_s):

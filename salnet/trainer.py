@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 
 from salnet import dist
-from salnet.checkpoint import (
+from salnet.config import Config, ConfigError, resume_changes, save_config, to_yaml
+from salnet.data import TrainBatch, TrainInput, TrainStream
+from salnet.loss import build_loss
+from salnet.metrics import is_better
+from salnet.model import build_model
+from salnet.optim import apply_settings
+from salnet.run.checkpoint import (
     ClientState,
     checkpoint_config,
     choose_checkpoint,
@@ -26,15 +32,9 @@ from salnet.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from salnet.config import Config, ConfigError, resume_changes, save_config, to_yaml
-from salnet.data import TrainBatch, TrainInput, TrainStream
-from salnet.loss import build_loss
-from salnet.metrics import is_better
-from salnet.model import build_model
-from salnet.optim import apply_settings
-from salnet.preemption import StopRequest
-from salnet.rundir import RunLock, free_bytes, remove_leftovers, start_over, tree_bytes
-from salnet.runlog import DataClock, LogWindow, RunLog, format_metrics_table, format_train_line
+from salnet.run.preemption import StopRequest
+from salnet.run.rundir import RunLock, free_bytes, remove_leftovers, start_over, tree_bytes
+from salnet.run.runlog import DataClock, LogWindow, RunLog, format_metrics_table, format_train_line
 from salnet.strategy import StepResult, Strategy, build_strategy
 from salnet.validate import NonFinitePredictions, Validator
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from salnet.checkpoint import save_best
 from salnet.config import load_config
 from salnet.model import build_model
+from salnet.run.checkpoint import save_best
 
 from shards_data import write_pair
 

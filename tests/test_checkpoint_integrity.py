@@ -8,7 +8,8 @@ import uuid
 import pytest
 import torch
 
-from salnet.checkpoint import (
+from salnet.config import load_config
+from salnet.run.checkpoint import (
     CheckpointSaveError,
     ClientState,
     choose_checkpoint,
@@ -18,8 +19,7 @@ from salnet.checkpoint import (
     save_best,
     save_checkpoint,
 )
-from salnet.checksums import MANIFEST, CheckpointCorrupt, file_digest, verify
-from salnet.config import load_config
+from salnet.run.checksums import MANIFEST, CheckpointCorrupt, file_digest, verify
 from salnet.strategy import build_strategy
 
 from strategy_probe import TinyNet
@@ -156,7 +156,7 @@ def test_every_file_of_a_run_honours_the_umask(tmp_path):
     import stat
 
     from salnet.config import save_config
-    from salnet.rundir import MetricsFile
+    from salnet.run.rundir import MetricsFile
 
     old = os.umask(0o027)
     try:

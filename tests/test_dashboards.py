@@ -27,12 +27,12 @@ from PIL import Image
 from test_train import records, tiny_config
 from test_train_stop import children, popen, wait_for_step
 
-from salnet.checkpoint import load_best
 from salnet.config import load_config
 from salnet.data import ValStream, to_model_input
 from salnet.metrics import is_better
 from salnet.model import build_model
-from salnet.runlog import transaction_log_records
+from salnet.run.checkpoint import load_best
+from salnet.run.runlog import transaction_log_records
 from salnet.shards.synth import synthesize
 from salnet.validate import MAX_CELL_SIDE, best_key, cell_size, panel_rank, probabilities_at
 

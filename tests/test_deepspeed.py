@@ -7,11 +7,11 @@ import pytest
 import torch
 from test_train import records, tiny_config
 
-from salnet.checkpoint import complete_checkpoints, load_best
 from salnet.config import Config, ConfigError, load_config
 from salnet.data import ValStream
 from salnet.metrics import SODMetrics
 from salnet.model import build_model
+from salnet.run.checkpoint import complete_checkpoints, load_best
 from salnet.shards.synth import synthesize
 from salnet.strategy.base import predict_logits
 from salnet.strategy.zero_config import deepspeed_config

@@ -14,10 +14,9 @@ import torch
 from evaluation_data import SIZES, ecssd_folder, tiny_checkpoint
 from PIL import Image
 
-from salnet import evaluate
 from salnet.config import DataConfig
 from salnet.data import ValStream
-from salnet.evaluation import plots
+from salnet.evaluation import evaluate, plots
 from salnet.evaluation.common import load_checkpoint, make_predict
 from salnet.metrics import SODMetrics
 from salnet.validate import validate

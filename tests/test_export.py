@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from evaluation_data import tiny_checkpoint
 
-from salnet import export
+from salnet.evaluation import export
 from salnet.evaluation.common import load_checkpoint
-from salnet.export import Saliency, adaptive_avg_pool2d
+from salnet.evaluation.export import Saliency, adaptive_avg_pool2d
 
 from conftest import run_py
 

@@ -8,8 +8,8 @@ import torch
 from evaluation_data import SIZES, ecssd_folder, tiny_checkpoint
 from PIL import Image
 
-from salnet import predict as salnet_predict
 from salnet.data.transforms import resize_for_eval
+from salnet.evaluation import predict as salnet_predict
 from salnet.evaluation.common import load_checkpoint, make_predict
 from salnet.metrics.inputs import to_levels
 from salnet.validate import probabilities_at

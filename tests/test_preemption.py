@@ -1,4 +1,4 @@
-"""salnet.preemption with real signals: os.kill to this process, to subprocesses, and a real torchrun
+"""salnet.run.preemption with real signals: os.kill to this process, to subprocesses, and a real torchrun
 whose agent dies (its workers must learn of it through the parent-death signal)."""
 
 import os
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from salnet.preemption import EXIT_REQUEUE, EXIT_STOPPED, StopRequest, _process_gone, parent_death_signal
+from salnet.run.preemption import EXIT_REQUEUE, EXIT_STOPPED, StopRequest, _process_gone, parent_death_signal
 
 from conftest import REPO, free_port
 
@@ -104,7 +104,7 @@ def test_parent_death_signal_is_armed_and_disarmed(stop):
 
 SURVIVOR = textwrap.dedent("""
     import os, signal, sys, time
-    from salnet.preemption import ignore_stop_signals
+    from salnet.run.preemption import ignore_stop_signals
     if sys.argv[1] == "ignore":
         ignore_stop_signals()
     for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
@@ -127,7 +127,7 @@ def test_ignore_stop_signals_keeps_a_helper_process_alive(mode):
 # the exit code, after writing what it saw to OUT.<rank>.
 WORKER = textwrap.dedent("""
     import os, sys, time
-    from salnet.preemption import StopRequest
+    from salnet.run.preemption import StopRequest
     stop = StopRequest().install()
     rank = os.environ.get("RANK", "0")
     print(f"ready {os.getpid()} armed={stop.parent_death_armed}", flush=True)
@@ -217,7 +217,7 @@ def test_torchrun_workers_stop_when_usr2_kills_the_agent(tmp_path):
 # StopRequest (which kills such children first).
 CRASHING_PARENT = textwrap.dedent("""
     import multiprocessing, sys, time
-    from salnet.preemption import StopRequest, ignore_stop_signals
+    from salnet.run.preemption import StopRequest, ignore_stop_signals
 
     def worker():
         ignore_stop_signals()

@@ -8,12 +8,12 @@ import pytest
 from PIL import Image
 from test_train import tiny_config
 
-from salnet import plots
 from salnet.config import load_config
 from salnet.data import ValStream
 from salnet.report import training_time
-from salnet.rundir import MetricsFile, read_records
-from salnet.runlog import format_duration
+from salnet.run import plots
+from salnet.run.rundir import MetricsFile, read_records
+from salnet.run.runlog import format_duration
 from salnet.shards.synth import synthesize
 from salnet.validate import panel_rank
 
@@ -28,7 +28,7 @@ FIGURES = {
     "pr_B.png": (750, 630),
     "fm_B.png": (750, 630),
 }
-# The colour of each figure's first line: matplotlib's first (tab:blue); salnet.evaluation.plots starts with tab:red.
+# The colour of each figure's first line: matplotlib's first (tab:blue); salnet.evaluation.curve_plots starts with tab:red.
 FIRST_LINE = {name: (0xD6, 0x27, 0x28) if name.startswith(("pr_", "fm_")) else (0x1F, 0x77, 0xB4) for name in FIGURES}
 
 

@@ -1,4 +1,4 @@
-"""salnet.rundir: the run directory's rules (metrics.jsonl, the lock, leftovers, start-over)."""
+"""salnet.run.rundir: the run directory's rules (metrics.jsonl, the lock, leftovers, start-over)."""
 
 import json
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from salnet.rundir import MetricsFile, RunDirLocked, RunLock, read_records, remove_leftovers, start_over
+from salnet.run.rundir import MetricsFile, RunDirLocked, RunLock, read_records, remove_leftovers, start_over
 
 
 def write_rows(path, steps, tail=b""):
@@ -44,7 +44,7 @@ def test_a_bad_line_in_the_middle_is_an_error_naming_file_and_line(tmp_path):
 
 HOLD = """
 import sys, time
-from salnet.rundir import RunLock
+from salnet.run.rundir import RunLock
 RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(60)

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from salnet.checkpoint import ClientState, complete_checkpoints, load_checkpoint, resume_path, save_checkpoint
 from salnet.config import load_config
 from salnet.optim import build_optimizer, lr_factor, param_groups
-from salnet.rundir import start_over
+from salnet.run.checkpoint import ClientState, complete_checkpoints, load_checkpoint, resume_path, save_checkpoint
+from salnet.run.rundir import start_over
 from salnet.strategy import SkipReason, build_strategy
 
 from conftest import REPO, run_py, torchrun

@@ -9,11 +9,11 @@ import pytest
 import torch
 import yaml
 
-from salnet.checkpoint import complete_checkpoints, load_best
 from salnet.config import load_config
 from salnet.data import ValStream
 from salnet.data.plan import device_augment_seed
 from salnet.model import build_model
+from salnet.run.checkpoint import complete_checkpoints, load_best
 from salnet.shards.synth import synthesize
 from salnet.validate import probabilities_at
 

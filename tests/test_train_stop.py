@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_train import records, tiny_config
 
-from salnet.checkpoint import complete_checkpoints
-from salnet.preemption import EXIT_REQUEUE
+from salnet.run.checkpoint import complete_checkpoints
+from salnet.run.preemption import EXIT_REQUEUE
 from salnet.shards.synth import synthesize
 
 from conftest import REPO, free_port, torchrun

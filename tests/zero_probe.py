@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from salnet import dist
-from salnet.checkpoint import save_best
 from salnet.config import load_config
 from salnet.data import TrainInput, to_model_input
 from salnet.loss import build_loss
 from salnet.model import build_model
+from salnet.run.checkpoint import save_best
 from salnet.strategy import build_strategy
 from salnet.trainer import train_step
 

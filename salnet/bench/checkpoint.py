@@ -38,10 +38,10 @@ def main(argv: list[str]) -> None:
 
 
 def measure(directory: Path, backbone: str, repeats: int) -> dict:
-    from salnet.checkpoint import ClientState, save_checkpoint
-    from salnet.checksums import save_hashed, verify
     from salnet.config import load_config
     from salnet.model import build_model
+    from salnet.run.checkpoint import ClientState, save_checkpoint
+    from salnet.run.checksums import save_hashed, verify
     from salnet.strategy import build_strategy
 
     cfg = load_config(

@@ -119,7 +119,7 @@ def measure_step(args, device: str, compile: bool, peak_tflops: float | None) ->
     """salnet's train_step on in-memory batches: images/s (median of repeats), MFU, peak memory."""
     from salnet import dist
     from salnet.model import build_model
-    from salnet.runlog import peak_memory_mib
+    from salnet.run.runlog import peak_memory_mib
 
     sargs = step_args(args, device)
     cfg = step_bench.bench_config(sargs, ["train.compile=true"] if compile else [])
@@ -148,7 +148,7 @@ def measure_feed(args, device: str, train_dir: Path, mode: str) -> dict:
     from salnet import dist
     from salnet.data import TrainInput, TrainStream
     from salnet.model import build_model
-    from salnet.runlog import DataClock
+    from salnet.run.runlog import DataClock
 
     sargs = step_args(args, device)
     cfg = step_bench.bench_config(

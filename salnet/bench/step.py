@@ -201,7 +201,7 @@ def worker(args) -> None:
     """One rank of a multi-process run: per-rank images/s and memory through the configured strategy."""
     from salnet import dist
     from salnet.model import build_model
-    from salnet.runlog import peak_memory_mib
+    from salnet.run.runlog import peak_memory_mib
 
     with dist.distributed(use_cuda=args.device == "cuda"), tempfile.TemporaryDirectory() as run_dirs:
         cfg = bench_config(
@@ -309,7 +309,7 @@ def measure_pipeline(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from salnet.data import TrainStream
-    from salnet.runlog import DataClock
+    from salnet.run.runlog import DataClock
     from salnet.shards.parallel import available_cpus
     from salnet.shards.synth import synthesize
 

@@ -34,7 +34,7 @@ from salnet.data.plan import Piece, TrainPlan, split_blocks, val_batch_count, va
 from salnet.data.reader import RawSample, in_order, read_positions
 from salnet.data.sources import DataError, Limits, Shard, open_shard_set
 from salnet.data.transforms import SampleError, decode_sample, resize_for_eval
-from salnet.preemption import ignore_stop_signals, kill_daemonic_children_at_exit
+from salnet.run.preemption import ignore_stop_signals, kill_daemonic_children_at_exit
 from salnet.shards.parallel import available_cpus
 
 log = logging.getLogger("salnet.data")
@@ -98,7 +98,7 @@ def _loader(dataset: IterableDataset, workers: int, cfg: DataConfig, device: tor
     # RNG, and a resumed run (one iterator fewer) would continue one draw behind. Augmentation is
     # seeded per batch from the plan, so this seed decides nothing.
     # Workers ignore the stop signals Slurm sends to every process of a job: the training process
-    # decides when to stop (salnet.preemption), and its workers go when it does. So SIGTERM cannot
+    # decides when to stop (salnet.run.preemption), and its workers go when it does. So SIGTERM cannot
     # end them at exit either: whatever process holds this loader (a test, a benchmark, not only
     # the trainer) kills them then, or a loader still referenced at exit would hang it.
     if workers:

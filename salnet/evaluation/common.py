@@ -24,10 +24,10 @@ import torch
 from pydantic import ValidationError
 
 from salnet import dist
-from salnet.checkpoint import load_best
 from salnet.config import ConfigError, ModelConfig
 from salnet.data import DataError, to_model_input
 from salnet.model import build_model
+from salnet.run.checkpoint import load_best
 from salnet.shards.manifest import ShardsError
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from salnet import dist
-from salnet.checksums import FileDigest
 from salnet.config import Config
 from salnet.data import to_model_input
+from salnet.run.checksums import FileDigest
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -18,9 +18,9 @@ import re
 import sys
 from pathlib import Path
 
-from salnet.checkpoint import save_best
 from salnet.config import ConfigError, load_config
 from salnet.model import build_model
+from salnet.run.checkpoint import save_best
 from salnet.strategy import ddp
 
 

@@ -15,9 +15,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from salnet import dist
-from salnet.checksums import FileDigest, save_hashed
 from salnet.config import Config
 from salnet.optim import build_optimizer, build_schedule
+from salnet.run.checksums import FileDigest, save_hashed
 from salnet.strategy.base import (
     AMP_DTYPES,
     SkipReason,

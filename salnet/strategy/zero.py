@@ -12,7 +12,7 @@ How the engine maps onto the Strategy interface:
   The stop request (a preemption signal) is agreed in one extra small all-reduce: the engine's
   own collectives cannot carry it.
 - save/load: engine.save_checkpoint/load_checkpoint write into and read from the directory
-  salnet.checkpoint hands over (its hidden temporary directory while saving, so an interrupted save
+  salnet.run.checkpoint hands over (its hidden temporary directory while saving, so an interrupted save
   is never resumed from), next to salnet_state.pt (schedule, client state, world size). Every file,
   DeepSpeed's included, is read with weights_only=True (see WeightsOnlyCheckpointEngine).
 - fp32_state_dict: the fp32 master weights gathered from ZeRO's partitions, with the buffers, in
@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from salnet import dist
-from salnet.checksums import FileDigest, file_digest, save_hashed
 from salnet.config import Config
 from salnet.fsio import atomic_write
 from salnet.optim import build_schedule, param_groups
+from salnet.run.checksums import FileDigest, file_digest, save_hashed
 from salnet.strategy.base import (
     AMP_DTYPES,
     SkipReason,

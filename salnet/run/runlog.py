@@ -1,7 +1,7 @@
 """What a run tells the world: console lines, metrics.jsonl, W&B (optional) and runs/NAME/plots/. Rank 0 only.
 
 metrics.jsonl is always written, whether or not W&B is on: it is the record a run can be
-audited from (salnet.rundir.MetricsFile: each step once, a torn tail cut on resume). W&B and the
+audited from (salnet.run.rundir.MetricsFile: each step once, a torn tail cut on resume). W&B and the
 plots show the same things: losses, lr, every validation metric, and per val set at each
 validation the PR and F-threshold curves, a fixed panel of predictions and the worst images.
 """
@@ -27,12 +27,12 @@ from tqdm import tqdm
 
 from salnet import dist
 from salnet.config import Config
-from salnet.rundir import MetricsFile, read_records
+from salnet.run.rundir import MetricsFile, read_records
 from salnet.slurm import WANDB_ID_ENV
 from salnet.validate import PER_IMAGE_METRICS, SetDetails
 
 T = TypeVar("T")
-log = logging.getLogger("salnet.runlog")
+log = logging.getLogger("salnet.run.runlog")
 
 
 def setup_logging() -> None:
@@ -317,7 +317,7 @@ class RunLog:
 
     def _draw(self, step: int, details: dict[str, SetDetails], records: list[dict]) -> None:
         try:
-            from salnet import plots  # matplotlib: imported at the first validation, not at start-up
+            from salnet.run import plots  # matplotlib: imported at the first validation, not at start-up
 
             plots.save_latest(self.plots_dir / plots.LATEST, step, details)
             plots.render(self.plots_dir, records, (step, details))
@@ -422,7 +422,7 @@ def wandb_media(details: dict[str, SetDetails], step: int) -> dict:
     and the PR and F-measure-vs-threshold curves (one table, two line charts)."""
     import wandb
 
-    from salnet.plots import panel_grid
+    from salnet.run.plots import panel_grid
 
     media = {}
     for name, d in details.items():

@@ -15,7 +15,7 @@ then rank 0 fsyncs and renames it into place (a directory rename is atomic), and
 deletes checkpoints beyond the newest K. A crash at any point leaves the previous complete
 checkpoint as the newest `step-*` directory. Everything is loaded with `weights_only=True`.
 
-Verification: each checkpoint lists the size and hash of its files (salnet.checksums). Resume
+Verification: each checkpoint lists the size and hash of its files (salnet.run.checksums). Resume
 verifies before loading; `auto` sets a bad checkpoint aside and tries the next newest, an explicit
 path that is bad is an error. A save that fails (disk full, I/O error) removes its temporary
 directory on every rank, keeps the earlier checkpoints and stops with the space it needed.
@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from salnet import __version__, dist
-from salnet.checksums import CheckpointCorrupt, file_digest, tensor_digest, verify, write_manifest
 from salnet.fsio import atomic_write, fsync_dir
-from salnet.rundir import COMPLETE_CHECKPOINT as _COMPLETE
-from salnet.rundir import checkpoint_dir, complete_checkpoints, free_bytes, tree_bytes
+from salnet.run.checksums import CheckpointCorrupt, file_digest, tensor_digest, verify, write_manifest
+from salnet.run.rundir import COMPLETE_CHECKPOINT as _COMPLETE
+from salnet.run.rundir import checkpoint_dir, complete_checkpoints, free_bytes, tree_bytes
 from salnet.strategy.base import load_file
 
 CONFIG = "config.json"  # the run's resolved config, inside each checkpoint

@@ -6,7 +6,7 @@ whole, nothing outside it touched.
       config.yaml               the resolved config of the newest attempt
       metrics.jsonl             every logged value, one JSON object per line, each step once
       metrics.replaced.jsonl    rows a resume replaced (the attempt that did not continue)
-      checkpoints/step-N/       complete checkpoints (salnet.checkpoint), with checksums.json
+      checkpoints/step-N/       complete checkpoints (salnet.run.checkpoint), with checksums.json
       checkpoints/corrupt-step-N/, checkpoints/abandoned-step-N/   set aside, never deleted
       best.pt                   the best validation's weights (with a digest of its tensors)
 
@@ -35,7 +35,7 @@ from typing import Any
 
 from salnet.fsio import atomic_write
 
-log = logging.getLogger("salnet.rundir")
+log = logging.getLogger("salnet.run.rundir")
 
 METRICS = "metrics.jsonl"
 REPLACED_METRICS = "metrics.replaced.jsonl"

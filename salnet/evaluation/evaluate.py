@@ -1,0 +1,252 @@
+"""`python -m salnet.evaluate`: SOD metrics per dataset and method, as tables, curves and plots.
+
+    # a checkpoint on packed test sets (every rank scores its share, as in validation)
+    torchrun --nproc_per_node 8 -m salnet.evaluate --checkpoint runs/NAME/best.pt \\
+        --data DUTS-TE=shards/duts-te --data ECSSD=shards/ecssd --out results/NAME
+    # folders of saliency maps of any method against ground-truth folders
+    python -m salnet.evaluate --pred salnet=maps/NAME --pred F3Net=~/maps/F3Net \\
+        --gt DUTS-TE=~/data/DUTS-TE/DUTS-TE-Mask --gt ECSSD=~/data/ECSSD --out results/all
+
+Both kinds can be given together; the table then compares them all. Metrics (every family by
+default, --metrics to choose): maxF, meanF, adpF, maxE, meanE, adpE, S, wF, MAE, equal to
+PySODMetrics 1.6.2 on the same 8-bit maps.
+
+- --checkpoint [METHOD=]best.pt (METHOD defaults to the run's name) with --data [NAME=]SHARDS
+  (NAME defaults to the manifest's): the network runs as validation runs it, on
+  data.eval_size inputs (--size), at train.amp precision (--precision), and each map is scored
+  at its mask's size, so a checkpoint scores what validation logged for it.
+- --pred [METHOD=]DIR with --gt [NAME=]GT: DIR/NAME/ holds the maps of dataset NAME (with one
+  dataset, DIR itself may hold them); GT is a folder of masks or a dataset folder in a layout
+  `salnet.shards pack` knows. Maps and masks are matched by file stem and read as
+  PySODEvalToolkit reads them (OpenCV grayscale; a map of another size is resized to its mask's
+  with bilinear cv2.resize). A mask without a map or a map without a mask is an error listing
+  them; --allow-missing scores the matched pairs and reports the counts.
+
+--out DIR writes results.json ({dataset: {method: {metric: value, "images": n}}}), results.csv,
+results.md, results.tex, curves.json ({dataset: {method: {threshold, precision, recall, F, E}}},
+256 points, point i at threshold 255 - i) and plots/pr_DATASET.png and plots/fm_DATASET.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from salnet import dist
+from salnet.config import DataConfig
+from salnet.data import ValStream
+from salnet.data.sources import open_shard_set
+from salnet.evaluation import curve_plots, folders, tables
+from salnet.evaluation.common import (
+    PRECISIONS,
+    EvaluationError,
+    check_name,
+    default_precision,
+    load_checkpoint,
+    make_predict,
+    raise_if_any,
+    run_main,
+    split_name,
+)
+from salnet.fsio import atomic_write
+from salnet.metrics import FAMILIES, SODMetrics, metric_names
+from salnet.validate import validate
+
+PROG = "python -m salnet.evaluate"
+CHUNK = 16  # map/mask pairs per SODMetrics.update in folder mode
+
+
+class Report:
+    """{dataset: {method: scores}} and the curves, in the order datasets and methods were given."""
+
+    def __init__(self, datasets: list[str]):
+        self.results: dict[str, dict[str, dict]] = {d: {} for d in datasets}
+        self.curves: dict[str, dict[str, dict]] = {d: {} for d in datasets}
+
+    def add(self, dataset: str, method: str, metrics: SODMetrics, **counts: int) -> None:
+        if method in self.results[dataset]:
+            raise EvaluationError(
+                f"method {method!r} is given twice for dataset {dataset}: name them apart with METHOD=PATH"
+            )
+        self.results[dataset][method] = {**metrics.compute(), "images": metrics.num_images, **counts}
+        self.curves[dataset][method] = metrics.curves()
+
+
+def _named(texts: list[str], what: str, default) -> list[tuple[str, str]]:
+    """[NAME=]VALUE arguments -> [(name, value)], names defaulting to default(value); a name given twice is an error."""
+    out = []
+    for text in texts:
+        name, value = split_name(text)
+        out.append((check_name(name or default(value), what), value))
+    seen = [n for n, _ in out]
+    twice = sorted({n for n in seen if seen.count(n) > 1})
+    if twice:
+        raise EvaluationError(f"{what} name(s) {', '.join(twice)} given twice: name them apart with NAME=PATH")
+    return out
+
+
+def score_checkpoints(args: argparse.Namespace, report: Report, families: list[str]) -> None:
+    for text in args.checkpoint:
+        name, path = split_name(text)
+        checkpoint = load_checkpoint(path)
+        method = check_name(name or checkpoint.run_name, "method")  # a method given twice: Report.add says so
+        precision = args.precision or default_precision(checkpoint)
+        predict = make_predict(checkpoint.model, precision, bool(checkpoint.setting("train", "channels_last", True)))
+        for dataset, location in args.data_sets:
+            overrides = {"val": [location]}
+            for key, value in (
+                ("eval_size", args.size),
+                ("eval_batch_size", args.batch_size),
+                ("workers", args.workers),
+            ):
+                if value is not None:
+                    overrides[key] = value
+            try:
+                data_cfg = DataConfig.model_validate({**(checkpoint.config.get("data") or {}), **overrides})
+            except ValidationError as e:
+                raise EvaluationError(
+                    f"checkpoint '{path}': its 'data' config with {overrides} is not valid: {e}"
+                ) from None
+            metrics = SODMetrics(families, device=dist.device())
+            validate(predict, ValStream(data_cfg, dist.rank(), dist.world_size()), metrics)
+            report.add(dataset, method, metrics)
+
+
+def score_folders(args: argparse.Namespace, report: Report, families: list[str]) -> None:
+    truths = [(name, folders.ground_truth(Path(location))) for name, location in args.gt_sets]
+    device, rank, world = dist.device(), dist.rank(), dist.world_size()
+    for method, location in _named(args.pred, "method", lambda p: Path(p).resolve().name):
+        for dataset, gt in truths:
+            pred_dir = folders.prediction_dir(Path(location), dataset, only_dataset=len(truths) == 1)
+            matched = folders.match(gt, pred_dir, f"{method} on {dataset}", args.allow_missing)
+            metrics, error = SODMetrics(families, device=device), None
+            mine = matched.pairs[rank::world]
+            try:
+                for start in range(0, len(mine), CHUNK):
+                    read = [
+                        folders.read_pair(gt_path, pred_path) for _, gt_path, pred_path in mine[start : start + CHUNK]
+                    ]
+                    metrics.update([p.to(device) for p, _ in read], [g.to(device) for _, g in read])
+            except (EvaluationError, ValueError) as e:  # ValueError: SODMetrics' checks, naming the shapes
+                error = f"{method} on {dataset}: {e}"
+            raise_if_any(error)
+            metrics.all_reduce()
+            report.add(dataset, method, metrics, missing=len(matched.missing), extra=len(matched.extra))
+
+
+def write_outputs(report: Report, metrics: list[str], out: Path, plot_format: str) -> None:
+    results = {d: by for d, by in report.results.items() if by}
+    curves = {d: by for d, by in report.curves.items() if by}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (
+        ("results.json", json.dumps(results, indent=2) + "\n"),
+        ("results.csv", tables.csv_text(results, metrics)),
+        ("results.md", tables.markdown(results, metrics)),
+        ("results.tex", tables.latex(results, metrics)),
+        ("curves.json", json.dumps(curves) + "\n"),
+    ):
+        with atomic_write(out / name) as f:
+            f.write(text)
+    curve_plots.save(curves, out / "plots", plot_format)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    head, _, rest = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="[METHOD=]BEST_PT",
+        help="a best.pt to score on every --data set",
+    )
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="[NAME=]SHARDS",
+        help="a shard directory (or URL) for --checkpoint",
+    )
+    parser.add_argument(
+        "--pred", action="append", default=[], metavar="[METHOD=]DIR", help="a method's maps: DIR/<dataset>/<stem>.png"
+    )
+    parser.add_argument(
+        "--gt",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a ground-truth folder (or dataset folder) for --pred",
+    )
+    parser.add_argument(
+        "--metrics", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="metric families (default: all)"
+    )
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="score only the maps that have a mask and vice versa; report the counts",
+    )
+    parser.add_argument("--out", type=Path, help="write results.{json,csv,md,tex}, curves.json and plots/ here")
+    parser.add_argument(
+        "--plot-format", choices=curve_plots.FORMATS, default="png", help="format of the plots (default: png)"
+    )
+    parser.add_argument("--size", type=int, help="--checkpoint: network input size (default: its data.eval_size)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="--checkpoint: images per forward pass and rank (default: its data.eval_batch_size)",
+    )
+    parser.add_argument(
+        "--precision", choices=list(PRECISIONS), help="--checkpoint: autocast precision (default: its train.amp)"
+    )
+    parser.add_argument(
+        "--workers", type=int, help="--checkpoint: loader processes per rank (default: its data.workers)"
+    )
+    args = parser.parse_args(argv)
+    if bool(args.checkpoint) != bool(args.data):
+        parser.error("--checkpoint and --data go together (a checkpoint is scored on shard sets)")
+    if bool(args.pred) != bool(args.gt):
+        parser.error("--pred and --gt go together (maps are scored against ground-truth folders)")
+    if not args.checkpoint and not args.pred:
+        parser.error("nothing to score: give --checkpoint with --data, and/or --pred with --gt")
+    for flag, value in (("--size", args.size), ("--batch-size", args.batch_size)):
+        if value is not None and value <= 0:
+            parser.error(f"{flag} must be positive, got {value}")
+    return args
+
+
+def evaluate_main(args: argparse.Namespace) -> Report:
+    args.data_sets = _named(args.data, "dataset", lambda location: open_shard_set(location).name)
+    args.gt_sets = _named(args.gt, "dataset", lambda location: Path(location).resolve().name)
+    families = [f for f in FAMILIES if f in args.metrics]
+    report = Report(list(dict.fromkeys([n for n, _ in args.data_sets] + [n for n, _ in args.gt_sets])))
+    if args.checkpoint:
+        score_checkpoints(args, report, families)
+    if args.pred:
+        score_folders(args, report, families)
+    if dist.is_main():
+        metrics = metric_names(families)
+        print(tables.console({d: by for d, by in report.results.items() if by}, metrics), flush=True)
+        if args.out is not None:
+            write_outputs(report, metrics, args.out, args.plot_format)
+            print(
+                f"evaluate: wrote results.json, results.csv, results.md, results.tex, curves.json and plots/ to {args.out}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+
+    def run() -> None:
+        with dist.distributed():
+            evaluate_main(args)
+
+    run_main(PROG, run)

@@ -1,0 +1,205 @@
+"""`python -m salnet.export`: a checkpoint as a TorchScript or ONNX model for deployment.
+
+    python -m salnet.export --checkpoint runs/NAME/best.pt --format torchscript --out salnet.pt
+    python -m salnet.export --checkpoint runs/NAME/best.pt --format onnx --out salnet.onnx
+
+The exported model takes `image`, float32 [B, 3, H, W], RGB scaled to [0, 1] and then normalised
+with the ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), i.e.
+(pixel / 255 - mean) / std, at any batch size, height and width (the network was validated at
+the checkpoint's data.eval_size, printed on export; ONNX: at least 33 px), and returns `saliency`, float32
+[B, 1, H, W]: the probabilities sigmoid(fused logit) of the network in eval mode.
+
+    # TorchScript (traced; the sizes stay dynamic)
+    model = torch.jit.load("salnet.pt")
+    saliency = model(image)
+    # ONNX (opset 18, one self-contained file), e.g. with onnxruntime
+    session = onnxruntime.InferenceSession("salnet.onnx", providers=["CPUExecutionProvider"])
+    saliency = session.run(["saliency"], {"image": image.numpy()})[0]
+
+Both files carry the metadata as JSON (TorchScript: extra file `salnet.json`; ONNX: metadata
+property `salnet`): checkpoint, step, input size, mean, std. After writing, the file is loaded
+back and compared with eager PyTorch on random inputs at two sizes (--check-sizes), printing the
+largest absolute difference; a difference above --tolerance fails the export.
+
+ONNX: torch.export's adaptive average pooling (the pyramid pooling module's) is only right for
+input sizes it saw; it is decomposed here into two matrix products that hold for any size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from salnet.data import IMAGENET_MEAN, IMAGENET_STD
+from salnet.evaluation.common import Checkpoint, EvaluationError, load_checkpoint, run_main
+
+PROG = "python -m salnet.export"
+FORMATS = ("torchscript", "onnx")
+ONNX_OPSET = 18
+MIN_SIDE = 33  # the smallest height and width torch.export accepts as dynamic for this network (C5 at least 2 px)
+
+
+class Saliency(nn.Module):
+    """image (ImageNet-normalised float32 [B, 3, H, W]) -> saliency probabilities [B, 1, H, W]."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(image))
+
+
+def pooling_matrix(length: torch.SymInt | int, bins: int, like: torch.Tensor) -> torch.Tensor:
+    """[bins, length]: row i averages [floor(i L / b), ceil((i + 1) L / b)), adaptive pooling's windows."""
+    i = torch.arange(bins, device=like.device)
+    start = (i * length) // bins
+    end = ((i + 1) * length + bins - 1) // bins
+    j = torch.arange(length, device=like.device)
+    inside = (j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])
+    return inside.to(like.dtype) / (end - start).to(like.dtype)[:, None]
+
+
+def adaptive_avg_pool2d(x: torch.Tensor, output_size) -> torch.Tensor:
+    """F.adaptive_avg_pool2d for any input size, from operations every exporter keeps dynamic."""
+    bins_h, bins_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+    rows, cols = pooling_matrix(x.shape[-2], bins_h, x), pooling_matrix(x.shape[-1], bins_w, x)
+    return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+
+
+def metadata(checkpoint: Checkpoint, size: int) -> str:
+    return json.dumps(
+        {
+            "checkpoint": str(checkpoint.path),
+            "step": checkpoint.step,
+            "run": checkpoint.run_name,
+            "eval_size": size,
+            "input": "image: float32 [B, 3, H, W], (rgb / 255 - mean) / std",
+            "output": "saliency: float32 [B, 1, H, W] probabilities",
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+        }
+    )
+
+
+def export_torchscript(module: Saliency, example: torch.Tensor, out: Path, meta: str):
+    traced = torch.jit.trace(module, example, check_trace=False)
+    torch.jit.save(traced, str(out), _extra_files={"salnet.json": meta})
+    loaded = torch.jit.load(str(out), map_location="cpu")
+    return lambda x: loaded(x)
+
+
+def export_onnx(module: Saliency, example: torch.Tensor, out: Path, meta: str):
+    import onnx
+    import onnxruntime
+    from torch.export import Dim
+
+    dims = {
+        0: Dim("batch", min=1, max=4096),
+        2: Dim("height", min=MIN_SIDE, max=8192),
+        3: Dim("width", min=MIN_SIDE, max=8192),
+    }
+    program = torch.export.export(module, (example,), dynamic_shapes={"image": dims})
+    table = torch.export.default_decompositions()
+    for op in (torch.ops.aten.adaptive_avg_pool2d.default, torch.ops.aten._adaptive_avg_pool2d.default):
+        table[op] = adaptive_avg_pool2d
+    program = program.run_decompositions(table)
+    torch.onnx.export(
+        program,
+        f=str(out),
+        input_names=["image"],
+        output_names=["saliency"],
+        opset_version=ONNX_OPSET,
+        external_data=False,
+        verbose=False,
+    )
+    proto = onnx.load(str(out))
+    onnx.helper.set_model_props(proto, {"salnet": meta})
+    onnx.save(proto, str(out))
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(["saliency"], {"image": x.numpy()})[0])
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    height, sep, width = text.lower().partition("x")
+    try:
+        size = (int(height), int(width) if sep else int(height))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected HxW or S, e.g. 352x352") from None
+    if min(size) < MIN_SIDE:
+        raise argparse.ArgumentTypeError(f"size {text!r}: height and width must be at least {MIN_SIDE}")
+    return size
+
+
+def export(
+    checkpoint_path: Path, fmt: str, out: Path, check_sizes: list[tuple[int, int]], tolerance: float, batch: int = 2
+) -> dict:
+    if fmt not in FORMATS:
+        raise EvaluationError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    checkpoint = load_checkpoint(checkpoint_path)
+    size = int(checkpoint.setting("data", "eval_size", 352))
+    module = Saliency(checkpoint.model.float().cpu())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(batch, 3, size, size, generator=gen)
+    with torch.no_grad():
+        run = (export_torchscript if fmt == "torchscript" else export_onnx)(
+            module, example, out, metadata(checkpoint, size)
+        )
+        parity = {}
+        for height, width in check_sizes:
+            x = torch.randn(batch, 3, height, width, generator=gen)
+            expected, got = module(x), run(x)
+            if got.shape != expected.shape:
+                raise EvaluationError(
+                    f"{out}: output shape {tuple(got.shape)} for input {tuple(x.shape)}; eager PyTorch gives {tuple(expected.shape)}"
+                )
+            parity[f"{batch}x3x{height}x{width}"] = (got - expected).abs().max().item()
+    for shape, diff in parity.items():
+        print(f"export: {fmt} vs eager PyTorch at {shape}: max |diff| {diff:.3e}", flush=True)
+    worst = max(parity.values())
+    if not worst <= tolerance:
+        raise EvaluationError(
+            f"{out}: the exported model differs from eager PyTorch by up to {worst:.3e} (> --tolerance {tolerance:g})"
+        )
+    print(
+        f"export: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; input 'image' float32 [B, 3, H, W] ImageNet-normalised, "
+        f"validated at {size} px; output 'saliency' [B, 1, H, W] probabilities)",
+        flush=True,
+    )
+    return {"format": fmt, "out": str(out), "parity": parity, "eval_size": size}
+
+
+def main(argv: list[str] | None = None) -> None:
+    head, _, rest = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a best.pt")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, type=Path, help="the file to write")
+    parser.add_argument(
+        "--check-sizes",
+        nargs="+",
+        type=parse_size,
+        metavar="HxW",
+        help="input sizes of the parity check (default: the eval size, and an odd non-square size)",
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-4, help="largest max |diff| accepted in the parity check (default: 1e-4)"
+    )
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        torch.set_num_threads(torch.get_num_threads())  # no process group: export is one process
+        sizes = args.check_sizes
+        if sizes is None:
+            size = int(load_checkpoint(args.checkpoint).setting("data", "eval_size", 352))
+            sizes = [(size, size), (size + 37, max(MIN_SIDE, size - 29))]
+        export(args.checkpoint, args.format, args.out, sizes, args.tolerance)
+
+    run_main(PROG, run)

@@ -1,0 +1,380 @@
+"""`python -m salnet.predict`: a checkpoint's saliency maps, as the 8-bit PNGs SOD papers publish.
+
+    python -m salnet.predict --checkpoint runs/NAME/best.pt ~/data/DUTS-TE ~/data/ECSSD --out maps/NAME
+    torchrun --nproc_per_node 8 -m salnet.predict --checkpoint runs/NAME/best.pt shards/duts-te --out maps/NAME
+
+Each INPUT ([NAME=]PATH) is one dataset, whose maps go to OUT/NAME/STEM.png:
+
+- a shard directory (it holds manifest.json; or a URL / pipe: source as in data.val): every sample,
+  named by its source file's stem (KEY.json), at its original size (`orig_size`, i.e. before any
+  `pack --max-side`); NAME defaults to the manifest's dataset name;
+- a folder with image files directly in it: every image;
+- a dataset folder in a layout `salnet.shards pack` knows (DUTS, ECSSD, HKU-IS, PASCAL-S,
+  DUT-OMRON): the images of its pairs;
+- a list file: the first path on each line (a pack list of 'image mask' lines works), relative
+  to the file's folder.
+
+NAME defaults to the folder's (or list file's) name. A map is one 8-bit grayscale PNG at the
+image's upright size, holding floor(255 p) (what salnet.metrics scores). An image file is
+prepared exactly as `pack` would store it (EXIF orientation applied, converted to 8-bit RGB) and
+decoded by torchvision as the loader decodes shards, so a folder and its packed shards give
+identical maps. The network sees the image resized to SIZE x SIZE (default: the checkpoint's
+data.eval_size), as in validation. Test-time augmentation averages the probabilities of every
+scale (SIZE x s) and, with --tta-flip, of each one's horizontal mirror.
+
+Under torchrun every rank predicts one contiguous share of the images: each exactly once.
+OUT/predict.json records the inputs, settings, per-rank counts and skipped images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from tqdm import tqdm
+
+from salnet import dist
+from salnet.data import DataError, default_workers
+from salnet.data.plan import Piece, split_blocks
+from salnet.data.reader import read_positions
+from salnet.data.sources import Limits, ShardSet, local_dir, open_shard_set
+from salnet.data.transforms import SampleError, decode_sample, resize_for_eval
+from salnet.evaluation.common import (
+    PRECISIONS,
+    EvaluationError,
+    check_name,
+    default_precision,
+    load_checkpoint,
+    make_predict,
+    names_listed,
+    raise_if_any,
+    run_main,
+    split_name,
+)
+from salnet.fsio import atomic_write
+from salnet.imagecheck import parse_pixels
+from salnet.metrics.inputs import to_levels
+from salnet.shards.images import BadFileError, prepare_image
+from salnet.shards.layouts import IMAGE_EXTENSIONS, find_pairs
+from salnet.validate import probabilities_at
+
+PROG = "python -m salnet.predict"
+
+
+@dataclass
+class Source:
+    """One INPUT: a dataset whose maps go to OUT/name/."""
+
+    name: str
+    given: str  # the INPUT as given
+    kind: str  # "shards" | "images" | "dataset" | "list"
+    files: list[tuple[str, str]] = field(default_factory=list)  # (stem, path) of an image file source
+    shards: ShardSet | None = None
+
+    @property
+    def count(self) -> int:
+        return self.shards.samples if self.shards is not None else len(self.files)
+
+
+def resolve(text: str, limits: Limits) -> Source:
+    name, location = split_name(text)
+    path = Path(location)
+    if local_dir(location) is None or (path / "manifest.json").is_file():  # a URL, pipe: or a local shard directory
+        shards = open_shard_set(location, limits)
+        return Source(check_name(name or shards.name, "dataset"), text, "shards", shards=shards)
+    if not path.exists():
+        raise EvaluationError(f"input '{location}' does not exist")
+    default = path.resolve().stem if path.is_file() else path.resolve().name
+    if path.is_file():
+        kind, files = "list", _list_file(path)
+    elif _images_in(path):
+        kind, files = "images", [(Path(p).stem, p) for p in _images_in(path)]
+    else:
+        found = find_pairs(path)  # a known dataset layout, or a ShardsError saying what was looked for
+        kind, files = "dataset", [(Path(p.image).stem, p.image) for p in found.pairs]
+    stems = Counter(stem for stem, _ in files)
+    twice = sorted(s for s, n in stems.items() if n > 1)
+    if twice:
+        paths = [p for stem, p in files if stem in set(twice)]
+        raise EvaluationError(
+            f"input '{location}': {len(twice)} file stems are used more than once, so their maps would "
+            f"overwrite each other: {names_listed(paths)}"
+        )
+    if not files:
+        raise EvaluationError(f"input '{location}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return Source(check_name(name or default, "dataset"), text, kind, files=files)
+
+
+def _images_in(folder: Path) -> list[str]:
+    return sorted(
+        str(p)
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _list_file(path: Path) -> list[tuple[str, str]]:
+    files = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            fields = shlex.split(line, comments=True)
+        except ValueError as e:
+            raise EvaluationError(f"{path}:{number}: cannot parse {line!r} ({e})") from None
+        if fields:
+            files.append((Path(fields[0]).stem, str(path.parent / fields[0])))
+    return files
+
+
+class _Images(IterableDataset):
+    """This rank's items (source index, index in source) -> dicts with the network inputs per scale."""
+
+    def __init__(self, sources: list[Source], items: list[tuple[int, int]], sizes: list[int], max_pixels: int):
+        self.sources, self.items, self.sizes, self.max_pixels = sources, items, sizes, max_pixels
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        mine = split_blocks(self.items, info.num_workers)[info.id] if info else self.items
+        try:
+            for s, group in itertools.groupby(mine, key=lambda item: item[0]):
+                source, indices = self.sources[s], [i for _, i in group]
+                if source.kind == "shards":
+                    yield from self._from_shards(source, indices)
+                else:
+                    yield from (self._from_file(source, i) for i in indices)
+        except DataError as e:  # a shard that cannot be read (not one image): --skip-bad does not skip it
+            yield {"fatal": str(e)}
+
+    def _ready(self, source: Source, stem: str, where: str, image: torch.Tensor, size) -> dict:
+        return {
+            "dataset": source.name,
+            "stem": stem,
+            "where": where,
+            "size": tuple(int(v) for v in size),
+            "inputs": [resize_for_eval(image, s) for s in self.sizes],
+            "error": None,
+        }
+
+    def _from_file(self, source: Source, index: int) -> dict:
+        stem, path = source.files[index]
+        try:
+            with open(path, "rb") as f:
+                # upright 8-bit RGB JPEG/PNG bytes, as pack stores; the header is checked before decoding
+                prepared = prepare_image(f.read(), path, max_side=None, max_pixels=self.max_pixels)
+            image = decode_image(torch.frombuffer(bytearray(prepared.data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except BadFileError as e:
+            return {"dataset": source.name, "stem": stem, "where": path, "error": e.reason}
+        except (OSError, RuntimeError) as e:
+            return {"dataset": source.name, "stem": stem, "where": path, "error": f"cannot read or decode it: {e}"}
+        return self._ready(source, stem, path, image, prepared.orig_size)
+
+    def _from_shards(self, source: Source, indices: list[int]) -> Iterator[dict]:
+        shards = list(source.shards.shards)
+        pieces = [Piece(i, 0, shard.samples) for i, shard in enumerate(shards)]
+        for _, raw in read_positions(shards, pieces, indices):
+            try:
+                image, _ = decode_sample(raw)  # the loader's decoder
+                meta = json.loads(raw.members["json"]) if "json" in raw.members else {}
+            except (SampleError, ValueError) as e:
+                yield {"dataset": source.name, "stem": raw.key, "where": raw.where(), "error": str(e)}
+                continue
+            stem = Path(meta["source"]).stem if meta.get("source") else raw.key
+            yield self._ready(source, stem, raw.where(), image, meta.get("orig_size") or image.shape[-2:])
+
+
+def average_probabilities(predict, batch: list[dict], flip: bool) -> list[torch.Tensor]:
+    """Mean probability map per image over the scales (and their mirrors), at each image's output size."""
+    sizes = [item["size"] for item in batch]
+    total, count = None, 0
+    for k in range(len(batch[0]["inputs"])):
+        images = torch.stack([item["inputs"][k] for item in batch])
+        views = [(images, False)] + ([(images.flip(-1), True)] if flip else [])
+        for view, mirrored in views:
+            logits = predict(view)
+            probs = probabilities_at(logits.flip(-1) if mirrored else logits, sizes)
+            total = probs if total is None else [t + p for t, p in zip(total, probs, strict=True)]
+            count += 1
+    return total if count == 1 else [t / count for t in total]
+
+
+def write_map(prob: torch.Tensor, path: Path) -> None:
+    Image.fromarray(to_levels(prob).to(torch.uint8).cpu().numpy()).save(path, "PNG")  # 2-D uint8: mode L
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    head, _, rest = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "inputs", nargs="+", metavar="[NAME=]INPUT", help="shard directory, image folder, dataset folder or list file"
+    )
+    parser.add_argument("--checkpoint", required=True, help="a best.pt")
+    parser.add_argument(
+        "--max-pixels",
+        type=parse_pixels,
+        help="refuse an image whose header declares more pixels, before "
+        "decoding it, e.g. 100M (default: the checkpoint's data.max_pixels)",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="maps go to OUT/<dataset>/<stem>.png")
+    parser.add_argument("--size", type=int, help="network input size (default: the checkpoint's data.eval_size)")
+    parser.add_argument("--tta-flip", action="store_true", help="also predict the mirrored image and average")
+    parser.add_argument(
+        "--tta-scales",
+        default="1",
+        help="comma-separated multiples of --size whose predictions are averaged (default: 1)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass on each rank (default: 16)")
+    parser.add_argument(
+        "--precision", choices=list(PRECISIONS), help="autocast precision (default: the checkpoint's train.amp)"
+    )
+    parser.add_argument(
+        "--workers", type=int, help="decoding processes per rank (default: CPUs per rank - 1, at most 8)"
+    )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable images (listed in OUT/predict.json) instead of stopping",
+    )
+    args = parser.parse_args(argv)
+    try:
+        args.scales = [float(s) for s in args.tta_scales.split(",")]
+    except ValueError:
+        parser.error(f"--tta-scales {args.tta_scales!r}: expected comma-separated numbers, e.g. 0.75,1,1.25")
+    for flag, value in (("--size", args.size), ("--batch-size", args.batch_size), ("--tta-scales", min(args.scales))):
+        if value is not None and value <= 0:
+            parser.error(f"{flag} must be positive, got {value}")
+    if args.workers is not None and args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    return args
+
+
+def predict_main(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    checkpoint = load_checkpoint(args.checkpoint)
+    size = args.size or int(checkpoint.setting("data", "eval_size", 352))
+    sizes = [max(1, round(size * s)) for s in args.scales]
+    precision = args.precision or default_precision(checkpoint)
+    predict = make_predict(checkpoint.model, precision, bool(checkpoint.setting("train", "channels_last", True)))
+    limits = Limits(
+        int(checkpoint.setting("data", "max_member_bytes", Limits().max_member_bytes)),
+        args.max_pixels or int(checkpoint.setting("data", "max_pixels", Limits().max_pixels)),
+    )
+    sources = [resolve(text, limits) for text in args.inputs]
+    names = Counter(s.name for s in sources)
+    if any(n > 1 for n in names.values()):
+        raise EvaluationError(
+            f"two inputs have the dataset name {', '.join(n for n, c in names.items() if c > 1)}: "
+            "name them apart with NAME=INPUT"
+        )
+    rank, world = dist.rank(), dist.world_size()
+    items = [(s, i) for s, source in enumerate(sources) for i in range(source.count)]
+    mine = split_blocks(items, world)[rank]
+    for source in sources:
+        (args.out / source.name).mkdir(parents=True, exist_ok=True)
+
+    workers = min(default_workers() if args.workers is None else args.workers, len(mine))
+    loader = DataLoader(_Images(sources, mine, sizes, limits.max_pixels), batch_size=None, num_workers=workers)
+    progress = tqdm(total=len(mine), desc="predict", unit="img", disable=not (dist.is_main() and sys.stderr.isatty()))
+    written, skipped, error, batch = [], [], None, []
+
+    def flush() -> None:
+        for item, prob in zip(batch, average_probabilities(predict, batch, args.tta_flip), strict=True):
+            write_map(prob, args.out / item["dataset"] / f"{item['stem']}.png")
+            written.append((item["dataset"], item["stem"], item["where"]))
+        progress.update(len(batch))
+        batch.clear()
+
+    try:
+        for item in loader:
+            if "fatal" in item:
+                error = item["fatal"]
+                break
+            if item["error"] is not None:
+                if not args.skip_bad:
+                    error = (
+                        f"{item['where']}: {item['error']}\npass --skip-bad to skip unreadable images "
+                        f"(they are listed in {args.out / 'predict.json'})"
+                    )
+                    break
+                skipped.append({"dataset": item["dataset"], "path": item["where"], "reason": item["error"]})
+                progress.update(1)
+                continue
+            batch.append(item)
+            if len(batch) == args.batch_size:
+                flush()
+        if batch and error is None:
+            flush()
+    except (EvaluationError, SampleError, OSError, RuntimeError) as e:  # a shard that ends early, a failed write, ...
+        error = str(e)
+    progress.close()
+    raise_if_any(error)
+    return summarise(args, checkpoint, sources, size, sizes, precision, written, skipped, time.perf_counter() - started)
+
+
+def summarise(args, checkpoint, sources, size, sizes, precision, written, skipped, seconds) -> dict:
+    """Gather what every rank wrote; rank 0 checks that no two images shared a map and writes predict.json."""
+    per_rank = dist.all_gather_object({"written": written, "skipped": skipped})
+    everything = [w for r in per_rank for w in r["written"]]
+    by_map = Counter((dataset, stem) for dataset, stem, _ in everything)
+    clashes = sorted(f"{dataset}/{stem}.png" for (dataset, stem), n in by_map.items() if n > 1)
+    if clashes:
+        raise_if_any(
+            f"several images have the same source stem, so their maps overwrote each other: {names_listed(clashes)}"
+        )
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "step": checkpoint.step,
+        "size": size,
+        "input_sizes": sizes,
+        "tta_flip": args.tta_flip,
+        "precision": precision,
+        "world_size": dist.world_size(),
+        "datasets": {
+            s.name: {
+                "input": s.given,
+                "kind": s.kind,
+                "images": s.count,
+                "written": sum(1 for w in everything if w[0] == s.name),
+                "skipped": [k for r in per_rank for k in r["skipped"] if k["dataset"] == s.name],
+            }
+            for s in sources
+        },
+        "per_rank": [len(r["written"]) + len(r["skipped"]) for r in per_rank],
+    }
+    if dist.is_main():
+        with atomic_write(args.out / "predict.json") as f:
+            json.dump(report, f, indent=2)
+        total = len(everything)
+        print(
+            f"predict: wrote {total} maps of {len(sources)} dataset(s) to {args.out} in {seconds:.1f} s "
+            f"({total / max(seconds, 1e-9):.1f} img/s on {dist.world_size()} rank(s))",
+            flush=True,
+        )
+        for name, entry in report["datasets"].items():
+            line = f"  {name}: {entry['written']} maps"
+            if entry["skipped"]:
+                line += f", {len(entry['skipped'])} skipped: " + names_listed([k["path"] for k in entry["skipped"]])
+            print(line, flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+
+    def run() -> None:
+        with dist.distributed():
+            predict_main(args)
+
+    run_main(PROG, run)
