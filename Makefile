@@ -14,11 +14,13 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-# The linter and the formatter (ruff, configured in pyproject.toml): `make test` runs them first, so
-# CI keeps the tree clean. `ruff format . && ruff check --fix .` mends most findings.
+# The linter, the formatter (ruff) and the layering contracts (import-linter), all configured in
+# pyproject.toml: `make test` runs them first, so CI keeps the tree clean and the layers true.
+# `ruff format . && ruff check --fix .` mends most ruff findings.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # The Slurm tests (tests/test_slurm.py) run on a real two-node cluster on this machine, from Debian's
 # Slurm packages (.ci/run installs them; up.sh needs root). `make test` brings it up first and stops

@@ -28,7 +28,7 @@ FIGURES = {
     "pr_B.png": (750, 630),
     "fm_B.png": (750, 630),
 }
-# The colour of each figure's first line: matplotlib's first (tab:blue); salnet.evaluation.curve_plots starts with tab:red.
+# The colour of each figure's first line: matplotlib's first (tab:blue); salnet.metrics.curve_plots starts with tab:red.
 FIRST_LINE = {name: (0xD6, 0x27, 0x28) if name.startswith(("pr_", "fm_")) else (0x1F, 0x77, 0xB4) for name in FIGURES}
 
 

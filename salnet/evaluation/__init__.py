@@ -4,6 +4,5 @@
   every rank raises together, the command-line error exit.
 - `folders`: saliency-map and ground-truth folders matched by file stem, read as PySODEvalToolkit reads them.
 - `tables`: the results as console, CSV, Markdown and LaTeX tables.
-- `curve_plots`: PR and F-measure-vs-threshold figures (matplotlib, Agg).
 - `predict`, `evaluate`, `export`: the code of the commands `python -m salnet.predict|evaluate|export`.
 """

@@ -40,7 +40,7 @@ from salnet import dist
 from salnet.config import DataConfig
 from salnet.data import ValStream
 from salnet.data.sources import open_shard_set
-from salnet.evaluation import curve_plots, folders, tables
+from salnet.evaluation import folders, tables
 from salnet.evaluation.common import (
     PRECISIONS,
     EvaluationError,
@@ -53,7 +53,7 @@ from salnet.evaluation.common import (
     split_name,
 )
 from salnet.fsio import atomic_write
-from salnet.metrics import FAMILIES, SODMetrics, metric_names
+from salnet.metrics import FAMILIES, SODMetrics, curve_plots, metric_names
 from salnet.validate import validate
 
 PROG = "python -m salnet.evaluate"

@@ -43,6 +43,9 @@ Per image, with p the predicted probabilities and g the ground truth:
 Every reported value is a mean over images of per-image values, so the state is a vector of sums
 (the image count, the F/P/R/E curves, and one sum per scalar) that an all-reduce can merge:
 sharding the images over ranks gives the single-process result up to float64 summation order.
+
+`curve_plots` draws the PR and F-measure-vs-threshold curves (matplotlib, imported only there), for
+`salnet.evaluate` and for a run's plots/.
 """
 
 from salnet.metrics.names import FAMILIES, LOWER_IS_BETTER, METRICS, is_better, metric_names

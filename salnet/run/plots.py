@@ -3,7 +3,7 @@
     loss.png           every loss component against the step
     lr.png             the learning rate against the step
     val_metrics.png    each validation metric against the step, one line per val set
-    pr_SET.png         the latest validation's PR curve (salnet.evaluation.curve_plots draws it)
+    pr_SET.png         the latest validation's PR curve (salnet.metrics.curve_plots draws it)
     fm_SET.png         the latest validation's F-measure against the threshold
     panel_SET.png      the fixed panel: one row per image, image | ground truth | prediction
     worst_SET.png      the K images with the highest MAE, worst first, the same three columns
@@ -26,8 +26,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from salnet.evaluation import curve_plots
 from salnet.fsio import atomic_write
+from salnet.metrics import curve_plots
 from salnet.validate import PER_IMAGE_METRICS, Sample, SetDetails
 
 LATEST = "latest.npz"
