@@ -16,9 +16,9 @@ from PIL import Image
 
 from salnet.config import DataConfig
 from salnet.data import ValStream
-from salnet.evaluation import evaluate, plots
+from salnet.evaluation import evaluate
 from salnet.evaluation.common import load_checkpoint, make_predict
-from salnet.metrics import SODMetrics
+from salnet.metrics import SODMetrics, curve_plots
 from salnet.validate import validate
 
 from conftest import run_py, torchrun
@@ -168,7 +168,7 @@ def test_plots_are_real_pngs_with_one_line_per_method(evaluated):
                 colours = len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0))
             assert colours > 50, "an empty plot"
     curves = json.loads((out / "curves.json").read_text())
-    figures = plots.figures(curves)
+    figures = curve_plots.figures(curves)
     assert sorted(figures) == ["fm_DS-A", "fm_ECSSD", "pr_DS-A", "pr_ECSSD"]
     for name, fig in figures.items():
         (ax,) = fig.axes
