@@ -32,7 +32,6 @@ import shlex
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,9 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from salnet.config import Config, ConfigError, add_config_arguments, load_config, to_yaml  # noqa: E402
 from salnet.fsio import atomic_write  # noqa: E402
-from salnet.slurm import WANDB_ID_ENV, TrainJob  # noqa: E402
+from salnet.run.rundir import RunDir  # noqa: E402
+from salnet.run.wandb_run import new_run_id  # noqa: E402
+from salnet.slurm import DEFAULT_MAX_REQUEUES, TrainJob  # noqa: E402
 
 PROG = "python launch/submit.py"
 EXIT_USAGE = 2
@@ -185,7 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="USR2 reaches every task this long before the time limit (default 180; Slurm may send it up to 60 s early); "
         "the training saves at the next step and requeues the job",
     )
-    p.add_argument("--max-requeues", type=positive_int, default=10, help="requeues the job may ask for (default 10)")
+    p.add_argument(
+        "--max-requeues",
+        type=positive_int,
+        default=DEFAULT_MAX_REQUEUES,
+        help=f"requeues the job may ask for (default {DEFAULT_MAX_REQUEUES})",
+    )
     p.add_argument(
         "--srun-wait",
         type=positive_int,
@@ -258,9 +264,9 @@ def resolve(cfg: Config, base: Path, fresh: bool) -> Config:
 
 
 def with_wandb_id(cfg: Config, wandb_id: str) -> Config:
-    """The config with log.wandb_id preset (where the schema has that key), so the job's first
-    attempt creates the W&B run the launcher printed; the checkpoint keeps it from then on."""
-    if "wandb_id" not in type(cfg.log).model_fields or cfg.log.wandb_id:
+    """The config with log.wandb_id preset, so the job's first attempt creates the W&B run the
+    launcher printed; its checkpoints keep it from then on (salnet.run.wandb_run.choose_run_id)."""
+    if cfg.log.wandb_id:
         return cfg
     tree = cfg.model_dump(mode="json")
     tree["log"]["wandb_id"] = wandb_id
@@ -328,36 +334,36 @@ def check(cfg: Config) -> list[str]:
 
 
 def resume_plan(cfg: Config) -> str:
-    from salnet.run.rundir import complete_checkpoints
-
-    run_dir = cfg.run_dir
-    found = complete_checkpoints(run_dir)
-    newest = f"step {int(found[-1].name.split('-')[1])} ({found[-1]})" if found else None
+    run = RunDir(cfg.run_dir)
+    found = run.complete_checkpoints()
+    newest = f"step {run.checkpoint_step(found[-1])} ({found[-1]})" if found else None
     if cfg.train.resume == "none":
-        if found or (run_dir / "best.pt").exists():
+        if found or run.best.exists():
             return (
                 f"starts over (train.resume=none): the job removes {len(found)} checkpoint(s) (newest {newest}) and best.pt "
-                f"of {run_dir} when it starts"
+                f"of {run} when it starts"
             )
         return "starts from step 0 (train.resume=none; nothing to remove)"
     if cfg.train.resume == "auto":
-        return f"resumes from {newest}" if found else f"starts from step 0 (no checkpoint in {run_dir / 'checkpoints'})"
+        return f"resumes from {newest}" if found else f"starts from step 0 (no checkpoint in {run.checkpoints})"
     path = Path(cfg.train.resume)
-    if not path.is_dir() or not re.fullmatch(r"step-\d{8}", path.name):
+    step = run.checkpoint_step(path)
+    if not path.is_dir() or step is None:
         raise SubmitError(
             f"train.resume={cfg.train.resume!r} is not a complete checkpoint directory "
             f"(expected .../checkpoints/step-NNNNNNNN); valid values: 'auto', 'none' or such a path"
         )
-    return f"resumes from step {int(path.name.split('-')[1])} ({path})"
+    return f"resumes from step {step} ({path})"
 
 
-def wandb_plan(cfg: Config, slurm_dir: Path, fresh: bool) -> tuple[str, str, bool]:
-    """(run id, what to print, whether the id is new). The id is kept in runs/NAME/slurm/wandb_id,
-    so every job of the run continues one W&B run; --fresh starts a new one."""
-    id_file = slurm_dir / "wandb_id"
+def wandb_plan(cfg: Config, run: RunDir, fresh: bool) -> tuple[str, str, bool]:
+    """(run id, what to print, whether the id is new). The launcher remembers the id it wrote into
+    the run's configs (RunDir.launcher_wandb_id), so every submit of the run names the same W&B run,
+    also before the first checkpoint keeps it; --fresh starts a new one. The job reads only log.wandb_id."""
+    id_file = run.launcher_wandb_id
     known = id_file.read_text().strip() if id_file.is_file() and not fresh else ""
-    preset = getattr(cfg.log, "wandb_id", None)  # set by the user in the config: that id, always
-    wandb_id = preset or known or uuid.uuid4().hex[:8]
+    preset = cfg.log.wandb_id  # set by the user in the config: that id, always
+    wandb_id = preset or known or new_run_id()
     known = known if not preset else preset
     if not cfg.log.wandb:
         return wandb_id, "off (log.wandb=false)", not known
@@ -520,17 +526,17 @@ def main(argv: list[str] | None = None) -> int:
     except SubmitError as e:
         fail(str(e))
 
-    run_dir = cfg.run_dir
-    slurm_dir = run_dir / "slurm"
+    run_dir = RunDir(cfg.run_dir)
+    slurm_dir = run_dir.slurm
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    config_path = slurm_dir / f"config-{stamp}.yaml"
+    config_path = run_dir.submitted_config(stamp)
     n = 1
     while config_path.exists():  # two submits within a second
         n += 1
-        config_path = slurm_dir / f"config-{stamp}-{n}.yaml"
-    wandb_id, wandb_line, new_id = wandb_plan(cfg, slurm_dir, args.fresh)
+        config_path = run_dir.submitted_config(f"{stamp}-{n}")
+    wandb_id, wandb_line, new_id = wandb_plan(cfg, run_dir, args.fresh)
     cfg = with_wandb_id(cfg, wandb_id)
-    job = TrainJob(["--config", str(config_path)], max_requeues=args.max_requeues, wandb_id=wandb_id)
+    job = TrainJob(["--config", str(config_path)], max_requeues=args.max_requeues)
     tasks = params["ntasks_per_node"] * params["nodes"]
     shape = f"{params['nodes']} node(s) x {params['ntasks_per_node']} task(s) = {tasks} rank(s), " + (
         f"{args.gpus_per_node} GPU(s) per node (nccl)" if args.gpus_per_node else "CPU (gloo)"
@@ -560,18 +566,15 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_write(config_path) as f:
         f.write(to_yaml(cfg))
     if new_id:
-        with atomic_write(slurm_dir / "wandb_id") as f:
+        with atomic_write(run_dir.launcher_wandb_id) as f:
             f.write(wandb_id + "\n")
     executor = submitit.SlurmExecutor(folder=slurm_dir)
     executor.update_parameters(**params)
     with clean_environment():
-        os.environ[WANDB_ID_ENV] = wandb_id
         try:
             submitted = executor.submit(job)
         except Exception as e:  # sbatch's own message says what the cluster refused
             fail(f"sbatch refused the job: {e}")
-        finally:
-            os.environ.pop(WANDB_ID_ENV, None)
     jid = submitted.job_id
     log = slurm_dir / f"{jid}_0_log.out"
     print(f"submitted job {jid} ({params['job_name']}): {shape}")

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from salnet.config import MEAN_OVER_SETS, Config, ConfigError, load_config
 from salnet.metrics import is_better
-from salnet.run.rundir import METRICS, read_records
+from salnet.run.rundir import RunDir, read_records
 from salnet.run.runlog import format_duration, format_metrics_table
+from salnet.run.state import Best
 
 PROG = "python -m salnet.report"
 
@@ -49,19 +50,19 @@ def best_per_set(vals: list[dict], metric: str) -> dict[str, dict]:
     return best
 
 
-def _config(run_dir: Path) -> Config | None:
+def _config(run: RunDir) -> Config | None:
     try:
-        return load_config(str(run_dir / "config.yaml"))
+        return load_config(str(run.config))
     except ConfigError:
         return None  # an older or foreign config: the summary makes do with the records
 
 
 def summary(run_dir: Path) -> str:
-    from salnet.run.rundir import complete_checkpoints
     from salnet.validate import best_key
 
-    records = read_records(run_dir / METRICS)
-    cfg = _config(run_dir)
+    run = RunDir(run_dir)
+    records = read_records(run.metrics)
+    cfg = _config(run)
     trains = [r for r in records if r.get("kind") == "train"]
     vals = [r for r in records if r.get("kind") == "val"]
     step = max((r["step"] for r in records), default=0)
@@ -89,7 +90,7 @@ def summary(run_dir: Path) -> str:
             f"  throughput  {statistics.median(speeds):.1f} img/s (median of {len(speeds)} train lines, all ranks), "
             f"data wait {statistics.median(waits):.0%}, peak memory {memory:.0f} MiB"
         )
-    checkpoints = complete_checkpoints(run_dir)
+    checkpoints = run.complete_checkpoints()
     lines.append(f"  checkpoint  {checkpoints[-1] if checkpoints else 'none'}")
     if vals:
         # Without a readable config: eval.best_metric's default, maxF of the mean over sets (of the
@@ -102,9 +103,8 @@ def summary(run_dir: Path) -> str:
         metric = key.rpartition("/")[2]
         best = best_per_set(vals, metric)
         overall = best.get(key.rpartition("/")[0])
-        best_pt = run_dir / "best.pt"
         lines.append(
-            f"  best.pt     {best_pt if best_pt.exists() else 'missing'}"
+            f"  best.pt     {run.best if run.best.exists() else 'missing'}"
             + (f": {key}={overall[key]:.4f} @ step {overall['step']}" if overall else "")
         )
         lines.append("")
@@ -123,16 +123,12 @@ def summary(run_dir: Path) -> str:
             )
         lines.append("")
         latest = {k: v for k, v in vals[-1].items() if k not in ("kind", "step")}
-        lines.append(
-            format_metrics_table(
-                vals[-1]["step"], latest, {"metric": key, "value": overall[key], "step": overall["step"]}
-            )
-        )
+        lines.append(format_metrics_table(vals[-1]["step"], latest, Best(key, overall[key], overall["step"])))
     else:
         lines.append("  no validation yet")
-    wandb_runs = sorted({p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("*run-*")})
+    wandb_runs = sorted({p.name.rsplit("-", 1)[-1] for p in run.wandb.glob("*run-*")})
     if wandb_runs:
-        lines.append(f"W&B: run id {', '.join(wandb_runs)}, local files in {run_dir / 'wandb'}")
+        lines.append(f"W&B: run id {', '.join(wandb_runs)}, local files in {run.wandb}")
     return "\n".join(lines)
 
 
@@ -140,9 +136,10 @@ def redraw(run_dir: Path) -> list[Path]:
     """Draw runs/NAME/plots/ again from metrics.jsonl and plots/latest.npz."""
     from salnet.run import plots
 
-    latest_path = run_dir / "plots" / plots.LATEST
+    run = RunDir(run_dir)
+    latest_path = run.plots / plots.LATEST
     latest = plots.load_latest(latest_path) if latest_path.exists() else None
-    return plots.render(run_dir / "plots", read_records(run_dir / METRICS), latest)
+    return plots.render(run.plots, read_records(run.metrics), latest)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,15 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path, help="a run directory (runs/NAME)")
     parser.add_argument("--no-plots", action="store_true", help="print the summary only; leave plots/ as it is")
     args = parser.parse_args(argv)
-    if not (args.run_dir / METRICS).is_file():
-        print(
-            f"{PROG}: {args.run_dir / METRICS} not found: not a salnet run directory, or nothing logged yet",
-            file=sys.stderr,
-        )
+    run = RunDir(args.run_dir)
+    if not run.metrics.is_file():
+        print(f"{PROG}: {run.metrics} not found: not a salnet run directory, or nothing logged yet", file=sys.stderr)
         sys.exit(2)
     if not args.no_plots:
         written = redraw(args.run_dir)
-        print(f"plots: drew {len(written)} files in {args.run_dir / 'plots'}")
+        print(f"plots: drew {len(written)} files in {run.plots}")
     print(summary(args.run_dir))
 
 

@@ -1,11 +1,14 @@
-"""What a Slurm task runs when the job was submitted with `launch/submit.py` (Submitit).
+"""One Slurm task of a training job: the requeue protocol, in one place for both ways of submitting.
 
-Submitit pickles a `TrainJob` and every task of the job (one per GPU, started by srun, no torchrun)
-unpickles and calls it. The object holds only argv-like data (the training command line, the
-requeue budget, the W&B run id), so an old pickle never carries stale code, and torch is imported
-only when the training starts.
+    python -m salnet.slurm [--max-requeues N] -- --config FILE [key=value ...]
 
-    TrainJob(["--config", "runs/NAME/slurm/config-....yaml"], max_requeues=10, wandb_id="1a2b3c4d")()
+Every task of the job (one per GPU, started by srun, no torchrun) runs this, with the training's
+own command line after `--`. slurm/train.sbatch runs it through srun; launch/submit.py (Submitit)
+pickles a `TrainJob`, which each task unpickles and calls. It holds only argv-like data (the
+training command line and the requeue budget), so an old pickle never carries stale code, and
+torch is imported only when the training starts.
+
+    TrainJob(["--config", "runs/NAME/slurm/config-....yaml"], max_requeues=10)()
 
 A call:
 1. installs salnet's own stop handlers at once (salnet.run.preemption.StopRequest), replacing Submitit's
@@ -22,6 +25,7 @@ The task exits with the training's exit code.
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -29,7 +33,12 @@ from collections.abc import Mapping, Sequence
 
 from salnet.run.preemption import EXIT_REQUEUE, EXIT_STOPPED, StopRequest
 
-WANDB_ID_ENV = "SALNET_WANDB_ID"  # the W&B run id the launcher pre-assigned (salnet.run.runlog reads it)
+PROG = "python -m salnet.slurm"
+DEFAULT_MAX_REQUEUES = 10  # launch/submit.py --max-requeues, slurm/train.sbatch's SALNET_MAX_REQUEUES
+
+
+class NotInSlurmJob(RuntimeError):
+    """Run outside a Slurm job (no SLURM_JOB_ID)."""
 
 
 def job_id(environ: Mapping[str, str] = os.environ) -> str:
@@ -39,8 +48,9 @@ def job_id(environ: Mapping[str, str] = os.environ) -> str:
     try:
         return environ["SLURM_JOB_ID"]
     except KeyError:
-        raise RuntimeError(
-            "SLURM_JOB_ID is not set: salnet.slurm.TrainJob runs inside a Slurm job (submit it with launch/submit.py)"
+        raise NotInSlurmJob(
+            f"SLURM_JOB_ID is not set: {PROG} runs as a task of a Slurm job "
+            f"(submit it with launch/submit.py or slurm/train.sbatch)"
         ) from None
 
 
@@ -81,15 +91,14 @@ def requeue(jid: str, timeout_s: float = 60) -> tuple[bool, str]:
 
 
 class TrainJob:
-    """The callable Submitit pickles: argv-like data only (see the module docstring)."""
+    """One task of the job (see the module docstring); what Submitit pickles: argv-like data only."""
 
-    def __init__(self, argv: Sequence[str], max_requeues: int, wandb_id: str | None = None):
+    def __init__(self, argv: Sequence[str], max_requeues: int = DEFAULT_MAX_REQUEUES):
         self.argv = [str(a) for a in argv]
         self.max_requeues = int(max_requeues)
-        self.wandb_id = wandb_id
 
     def __repr__(self) -> str:
-        return f"TrainJob(argv={self.argv!r}, max_requeues={self.max_requeues}, wandb_id={self.wandb_id!r})"
+        return f"TrainJob(argv={self.argv!r}, max_requeues={self.max_requeues})"
 
     def __call__(self) -> int:
         # First, before anything slow: Submitit's USR2 handler must never run (see the module docstring).
@@ -99,8 +108,6 @@ class TrainJob:
         rank = int(env.get("SLURM_PROCID", "0") or 0)
         restarts = restart_count(env)
         jid = job_id(env)
-        if self.wandb_id:
-            env.setdefault(WANDB_ID_ENV, self.wandb_id)
         # One intra-op thread per CPU Slurm gave the task (torch would otherwise use every core of the node).
         env.setdefault("OMP_NUM_THREADS", env.get("SLURM_CPUS_PER_TASK") or "1")
         argv = attempt_argv(self.argv, env)
@@ -146,10 +153,38 @@ class TrainJob:
             else:
                 say(
                     f"stopped on the warning signal, checkpoint saved; not requeued: {restarts} restart(s) reached "
-                    f"--max-requeues={self.max_requeues} (resubmit with launch/submit.py to continue)"
+                    f"--max-requeues={self.max_requeues} (submit the run again to continue)"
                 )
         elif code == EXIT_STOPPED:
             say("stopped on SIGTERM, checkpoint saved; not requeued (scancel or the end of the job)")
         if code != 0:
             sys.exit(code)
         return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        usage=f"{PROG} [--max-requeues N] -- --config FILE [key=value ...]",
+        description=__doc__.split("\n\n")[0],
+        epilog="Everything after `--` is salnet.train's command line (python -m salnet.train --help).",
+    )
+    parser.add_argument(
+        "--max-requeues",
+        type=int,
+        default=DEFAULT_MAX_REQUEUES,
+        metavar="N",
+        help=f"rank 0 requeues the job on exit 75 while Slurm's restart count is below N (default {DEFAULT_MAX_REQUEUES})",
+    )
+    parser.add_argument("train_argv", nargs="*", metavar="TRAIN_ARG", help="salnet.train's arguments, after `--`")
+    args = parser.parse_args(argv)
+    if args.max_requeues < 0:
+        parser.error(f"--max-requeues {args.max_requeues}: expected an integer >= 0")
+    try:
+        TrainJob(args.train_argv, max_requeues=args.max_requeues)()
+    except NotInSlurmJob as e:
+        parser.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

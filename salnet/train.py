@@ -22,24 +22,25 @@ def main(argv: list[str] | None = None) -> None:
     stop.install()  # before anything slow: a signal during start-up is kept and acted on at the first step
 
     from salnet import dist  # torch from here on
+    from salnet.run.rundir import RunDir
     from salnet.run.runlog import setup_logging
     from salnet.trainer import train
 
     with dist.distributed(timeout_s=cfg.train.timeout_s):
         setup_logging()
         try:
-            summary = train(cfg, stop)
+            result = train(cfg, stop)
         except Exception as e:
             # Errors name their rank: in a multi-rank job the first failure is what matters.
             print(f"[rank {dist.rank()}] {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             traceback.print_exc()
             sys.exit(1)
-        if summary["stopped"]:
-            sys.exit(summary["stopped"])  # "requeue me" after the warning signal, "stopped" after SIGTERM
-        if summary["best"]:
+        if result.stopped:
+            sys.exit(result.stopped)  # "requeue me" after the warning signal, "stopped" after SIGTERM
+        if result.best:
             dist.print0(
-                f"done: {summary['step']} steps; best {summary['best']['metric']}="
-                f"{summary['best']['value']:.4f} at step {summary['best']['step']} -> {cfg.run_dir / 'best.pt'}"
+                f"done: {result.step} steps; best {result.best.metric}={result.best.value:.4f} "
+                f"at step {result.best.step} -> {RunDir(cfg.run_dir).best}"
             )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,8 +33,9 @@ from salnet.run.checkpoint import (
     set_rng_state,
 )
 from salnet.run.preemption import StopRequest
-from salnet.run.rundir import RunLock, free_bytes, remove_leftovers, start_over, tree_bytes
+from salnet.run.rundir import RunDir, RunLock, free_bytes, tree_bytes
 from salnet.run.runlog import DataClock, LogWindow, RunLog, format_metrics_table, format_train_line
+from salnet.run.state import Best, TrainState
 from salnet.strategy import StepResult, Strategy, build_strategy
 from salnet.validate import NonFinitePredictions, Validator
 
@@ -44,16 +45,13 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass
-class TrainState:
-    """Everything the loop itself carries across a checkpoint (the strategy saves the rest)."""
+class TrainResult:
+    """How `train()` ended."""
 
-    step: int = 0
-    epoch: int = 0
-    best: dict = field(default_factory=dict)  # {"metric", "value", "step"} once validated
-    bad_streak: int = 0
-    skipped_steps: int = 0
-    wandb_id: str | None = None
-    saved_step: int | None = None  # the step of the newest checkpoint (not saved in it: restored by resume)
+    step: int  # the last step taken
+    best: Best | None  # the best validation (None if there was none)
+    skipped_steps: int
+    stopped: int  # the exit code the ranks agreed on after a stop signal (75 or 76), 0 if not stopped
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -111,7 +109,7 @@ class Trainer:
     """The run's parts, built in pipeline order; `train()` below is the loop over them."""
 
     def __init__(self, cfg: Config):
-        self.cfg, self.run_dir, self.world = cfg, cfg.run_dir, dist.world_size()
+        self.cfg, self.run_dir, self.world = cfg, RunDir(cfg.run_dir), dist.world_size()
         self.lock = RunLock(self.run_dir)
         # ---- prepare data ------------------------------------------------------------------
         self.train_data = TrainStream(cfg.data, seed=cfg.train.seed, rank=dist.rank(), world_size=self.world)
@@ -142,10 +140,10 @@ class Trainer:
         cfg = self.cfg
         if dist.is_main():
             self.lock.acquire()  # one writer per run directory, for this process's life
-            for removed in remove_leftovers(self.run_dir):
+            for removed in self.run_dir.remove_leftovers():
                 print(f"removed {removed}, left behind by an interrupted write", flush=True)
             if cfg.train.resume == "none":
-                for removed in start_over(self.run_dir):
+                for removed in self.run_dir.start_over():
                     print(f"train.resume=none: removed {removed} of an earlier run", flush=True)
         dist.barrier()
         checkpoint = choose_checkpoint(self.run_dir, cfg.train.resume)
@@ -158,7 +156,7 @@ class Trainer:
         client = load_checkpoint(checkpoint, self.strategy)
         if optim_changed:  # the checkpoint brought back the old learning rates: the config's win
             apply_settings(self.strategy.schedule, self.cfg.optim)
-        state = TrainState(**client.train)
+        state = client.train
         state.saved_step = state.step
         if client.world_size == self.world:
             self.train_data.load_state_dict(client.loader[dist.rank()])
@@ -198,12 +196,12 @@ class Trainer:
             newest = state.saved_step if state.saved_step is not None else "none yet"
             raise TrainingDiverged(
                 f"validation at step {state.step}: {e}; the network has diverged (the newest good checkpoint "
-                f"is step {newest} under {self.run_dir / 'checkpoints'}); lower optim.lr or set optim.grad_clip"
+                f"is step {newest} under {self.run_dir.checkpoints}); lower optim.lr or set optim.grad_clip"
             ) from None
         metric, value = self.cfg.eval.best_metric, self.validator.best_value(scores)
-        improved = is_better(metric.rpartition("/")[2], value, state.best.get("value"))
+        improved = is_better(metric.rpartition("/")[2], value, state.best.value if state.best else None)
         if improved:
-            state.best = {"metric": metric, "value": value, "step": state.step}
+            state.best = Best(metric, value, state.step)
             weights = self.strategy.fp32_state_dict()
             if dist.is_main():
                 save_best(self.run_dir, weights, self.cfg.model_dump(mode="json"), scores, state.step)
@@ -214,8 +212,7 @@ class Trainer:
 
     def save(self, state: TrainState) -> None:
         """The full training state at this step: every rank's part, written atomically."""
-        train = {k: v for k, v in asdict(state).items() if k != "saved_step"}
-        client = ClientState.gather(train, self.train_data.state_dict(), self.adjust_input.state_dict())
+        client = ClientState.gather(state, self.train_data.state_dict(), self.adjust_input.state_dict())
         save_checkpoint(
             self.run_dir,
             state.step,
@@ -238,14 +235,14 @@ class Trainer:
             raise TrainingDiverged(
                 f"{state.bad_streak} consecutive steps skipped ({result.skipped}) at step {state.step} "
                 f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); the last good checkpoint is the newest "
-                f"under {self.run_dir / 'checkpoints'}; lower optim.lr or set optim.grad_clip"
+                f"under {self.run_dir.checkpoints}; lower optim.lr or set optim.grad_clip"
             )
 
     def announce(self, state: TrainState, checkpoint: Path | None, log: RunLog) -> None:
         cfg, world = self.cfg, self.world
         if dist.is_main():
             log.print(to_yaml(cfg))
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.run_dir.config)
         log.print(
             f"salnet: {world} rank(s) on {dist.device().type} ({dist.backend() or 'single process'}), "
             f"global batch {cfg.global_batch(world)} = {world} ranks x {cfg.data.batch_size} micro-batch x "
@@ -255,10 +252,11 @@ class Trainer:
         if dist.is_main():
             self.warn_if_disk_is_short(checkpoint)
         if state.step >= self.total_steps:
+            best = state.best
             log.print(
                 f"nothing to do: the run is complete at step {state.step} (train.steps={self.total_steps}); "
-                f"best {state.best.get('metric')}={state.best.get('value')} at step {state.best.get('step')}; "
-                f"set train.resume=none to start over or raise train.steps to continue"
+                + (f"best {best.metric}={best.value} at step {best.step}; " if best else "no validation; ")
+                + "set train.resume=none to start over or raise train.steps to continue"
             )
 
     def warn_if_disk_is_short(self, checkpoint: Path | None) -> None:
@@ -277,7 +275,7 @@ class Trainer:
             )
 
 
-def train(cfg: Config, stop: StopRequest | None = None) -> dict:
+def train(cfg: Config, stop: StopRequest | None = None) -> TrainResult:
     """Run the job to `train.steps`, or until `stop` is requested on any rank (then save and return)."""
     stop = stop or StopRequest()
     trainer = Trainer(cfg)
@@ -334,4 +332,4 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict:
             )
             break
     log.close()
-    return {"step": state.step, "best": state.best, "skipped_steps": state.skipped_steps, "stopped": stopped}
+    return TrainResult(step=state.step, best=state.best, skipped_steps=state.skipped_steps, stopped=stopped)

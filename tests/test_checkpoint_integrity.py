@@ -13,20 +13,21 @@ from salnet.run.checkpoint import (
     CheckpointSaveError,
     ClientState,
     choose_checkpoint,
-    complete_checkpoints,
     load_best,
     load_checkpoint,
     save_best,
     save_checkpoint,
 )
 from salnet.run.checksums import MANIFEST, CheckpointCorrupt, file_digest, verify
+from salnet.run.rundir import RunDir
+from salnet.run.state import TrainState
 from salnet.strategy import build_strategy
 
 from strategy_probe import TinyNet
 
 
 def client(step):
-    return ClientState(train={"step": step}, world_size=1, loader=[{}], rng=[{}])
+    return ClientState(train=TrainState(step=step), world_size=1, loader=[{}], rng=[{}])
 
 
 def saved_run(run_dir, steps=(2, 4, 6), net=None):
@@ -45,7 +46,7 @@ def flip_byte(path, fraction=0.75):
 
 def test_every_file_is_listed_with_size_and_checksum(tmp_path):
     saved_run(tmp_path, steps=(2,))
-    checkpoint = complete_checkpoints(tmp_path)[0]
+    checkpoint = RunDir(tmp_path).complete_checkpoints()[0]
     files = json.loads((checkpoint / MANIFEST).read_text())["files"]
     digest = file_digest(checkpoint / "state.pt")  # computed while writing: the same as reading it back
     assert files["state.pt"] == {"size": digest.size, "xxh3_128": digest.xxh3_128}
@@ -80,7 +81,11 @@ def test_an_explicit_bad_checkpoint_is_an_error_not_a_fallback(tmp_path):
     flip_byte(bad / "state.pt")
     with pytest.raises(CheckpointCorrupt, match=f"{bad / 'state.pt'}: checksum mismatch"):
         choose_checkpoint(tmp_path, str(bad))
-    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000002", "step-00000004", "step-00000006"]
+    assert [p.name for p in RunDir(tmp_path).complete_checkpoints()] == [
+        "step-00000002",
+        "step-00000004",
+        "step-00000006",
+    ]
 
 
 def test_rolling_back_moves_the_newer_checkpoints_aside_so_auto_continues_the_chosen_branch(tmp_path):
@@ -97,7 +102,7 @@ def test_rolling_back_moves_the_newer_checkpoints_aside_so_auto_continues_the_ch
 
 def test_a_load_error_names_its_file(tmp_path):
     strategy = saved_run(tmp_path, steps=(2,))
-    checkpoint = complete_checkpoints(tmp_path)[0]
+    checkpoint = RunDir(tmp_path).complete_checkpoints()[0]
     (checkpoint / "state.pt").write_bytes(b"not a torch file at all")
     with pytest.raises(RuntimeError, match=f"{checkpoint / 'state.pt'}: cannot be loaded"):
         load_checkpoint(checkpoint, strategy)
@@ -146,9 +151,9 @@ def test_a_full_disk_stops_the_save_cleanly_and_keeps_the_earlier_checkpoints(sm
     assert f"into {run_dir / 'checkpoints'} failed" in msg and "No space left on device" in msg, msg
     assert "bytes are free there" in msg and "A checkpoint takes about" in msg
     assert not list((run_dir / "checkpoints").glob(".*.tmp")), "the failed save's temporary directory is gone"
-    for checkpoint in complete_checkpoints(run_dir):
+    for checkpoint in RunDir(run_dir).complete_checkpoints():
         verify(checkpoint)  # everything saved before is intact
-    assert complete_checkpoints(run_dir)
+    assert RunDir(run_dir).complete_checkpoints()
 
 
 def test_every_file_of_a_run_honours_the_umask(tmp_path):
@@ -167,5 +172,5 @@ def test_every_file_of_a_run_honours_the_umask(tmp_path):
     finally:
         os.umask(old)
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert {p.name for p in files} >= {"best.pt", "config.yaml", "state.pt", MANIFEST, "metrics.jsonl"}
+    assert {p.name for p in files} >= {RunDir(tmp_path).best.name, "config.yaml", "state.pt", MANIFEST, "metrics.jsonl"}
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(0o640) for p in files}

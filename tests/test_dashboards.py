@@ -32,7 +32,8 @@ from salnet.data import ValStream, to_model_input
 from salnet.metrics import is_better
 from salnet.model import build_model
 from salnet.run.checkpoint import load_best
-from salnet.run.runlog import transaction_log_records
+from salnet.run.rundir import RunDir
+from salnet.run.wandb_run import transaction_log_records
 from salnet.shards.synth import synthesize
 from salnet.validate import MAX_CELL_SIDE, best_key, cell_size, panel_rank, probabilities_at
 
@@ -229,7 +230,7 @@ def test_offline_wandb_run_holds_panels_worst_tables_curves_summary_and_config(t
     )
     assert secret not in proc.stdout + proc.stderr
     [run] = offline_runs(run_dir)
-    best = load_best(run_dir / "best.pt")
+    best = load_best(RunDir(run_dir).best)
     cfg = load_config(str(run_dir / "config.yaml"))
     vals = records(run_dir, "val")
 
@@ -250,7 +251,7 @@ def test_offline_wandb_run_holds_panels_worst_tables_curves_summary_and_config(t
     # The summary: the best value, its step, the checkpoint.
     assert run.summary["best/metric"] == "maxF" and run.summary["best/step"] == best["step"]
     assert run.summary["best/value"] == best["metrics"][best_key(cfg)] == max(v["mean/maxF"] for v in vals)
-    assert run.summary["best/checkpoint"] == str((run_dir / "best.pt").resolve())
+    assert run.summary["best/checkpoint"] == str(RunDir(run_dir).best.resolve())
 
     # At best.pt's step the logged pictures, tables and curves are best.pt's, computed here.
     reference = reference_predictions(run_dir, best)
@@ -300,7 +301,7 @@ def test_offline_wandb_run_holds_panels_worst_tables_curves_summary_and_config(t
     [entry] = models[-1].manifest.contents
     assert (
         hashlib.sha256(Path(entry.local_path).read_bytes()).digest()
-        == hashlib.sha256((run_dir / "best.pt").read_bytes()).digest()
+        == hashlib.sha256(RunDir(run_dir).best.read_bytes()).digest()
     )
 
     # plots/: the latest validation's panel is the one W&B got at step 6, row for row.

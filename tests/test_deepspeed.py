@@ -11,7 +11,8 @@ from salnet.config import Config, ConfigError, load_config
 from salnet.data import ValStream
 from salnet.metrics import SODMetrics
 from salnet.model import build_model
-from salnet.run.checkpoint import complete_checkpoints, load_best
+from salnet.run.checkpoint import load_best
+from salnet.run.rundir import RunDir
 from salnet.shards.synth import synthesize
 from salnet.strategy.base import predict_logits
 from salnet.strategy.zero_config import deepspeed_config
@@ -48,7 +49,7 @@ def probe(tmp_path_factory):
     cases = [f"{name}:{SAME_LAYOUT},{overrides}".rstrip(",") for name, overrides in PROBE_CASES.items()]
     torchrun(2, [PROBE, out, 3, *cases], timeout=300)
     return {
-        name: (load_best(out / name / "best.pt"), torch.load(out / name / "engine.pt", weights_only=True))
+        name: (load_best(RunDir(out / name).best), torch.load(out / name / "engine.pt", weights_only=True))
         for name in PROBE_CASES
     }
 
@@ -72,7 +73,7 @@ def single_process_scores(run_dir, best: dict, amp_dtype=None) -> dict:
 
 def assert_best_is_what_validation_saw(run_dir, amp_dtype=None):
     torch.set_num_threads(1)  # the run used one thread per rank: same kernels, same floats
-    best = load_best(run_dir / "best.pt")
+    best = load_best(RunDir(run_dir).best)
     assert all(v.dtype == torch.float32 for v in best["model"].values() if v.is_floating_point())
     logged = next(r for r in records(run_dir, "val") if r["step"] == best["step"])
     assert best["metrics"] == {k: logged[k] for k in best["metrics"]}
@@ -194,9 +195,9 @@ def test_zero3_with_uneven_val_shares_finishes_and_matches_one_process(tmp_path,
     best = assert_best_is_what_validation_saw(run_dir)
     # The documented converter merges the final checkpoint's ZeRO-3 partitions into best.pt's
     # format; best.pt was taken at the same (last) step, so the two agree bitwise.
-    checkpoint = complete_checkpoints(run_dir)[-1]
+    checkpoint = RunDir(run_dir).complete_checkpoints()[-1]
     run_py(["-m", "salnet.strategy.convert", checkpoint, tmp_path / "exported"], timeout=120)
-    exported = load_best(tmp_path / "exported" / "best.pt")
+    exported = load_best(RunDir(tmp_path / "exported").best)
     assert best["step"] == exported["step"] == 4 and exported["config"] == best["config"]
     assert list(exported["model"]) == list(best["model"])
     assert all(torch.equal(exported["model"][k], v) for k, v in best["model"].items())

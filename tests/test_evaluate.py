@@ -17,7 +17,7 @@ from PIL import Image
 from salnet.config import DataConfig
 from salnet.data import ValStream
 from salnet.evaluation import evaluate
-from salnet.evaluation.common import load_checkpoint, make_predict
+from salnet.evaluation.common import load_best_weights, make_predict
 from salnet.metrics import SODMetrics, curve_plots
 from salnet.validate import validate
 
@@ -234,7 +234,7 @@ def test_a_checkpoint_on_shards_scores_what_validation_and_its_predicted_maps_sc
 
     # validate() in this process, one rank, on the same set: what training would have logged
     torch.set_num_threads(1)  # as the ranks ran (OMP_NUM_THREADS=1): same kernels, same floats
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_best_weights(checkpoint)
     data = DataConfig.model_validate({**ckpt.config["data"], "val": [str(shards)], "eval_batch_size": 1, "workers": 0})
     metrics = SODMetrics(["F", "E", "S", "wF", "MAE"])
     validated = validate(make_predict(ckpt.model, "fp32", channels_last=True), ValStream(data, 0, 1), metrics)

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from evaluation_data import tiny_checkpoint
 
 from salnet.evaluation import export
-from salnet.evaluation.common import load_checkpoint
+from salnet.evaluation.common import load_best_weights
 from salnet.evaluation.export import Saliency, adaptive_avg_pool2d
+from salnet.run.rundir import RunDir
 
 from conftest import run_py
 
@@ -23,7 +24,7 @@ TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def eager(tmp_path_factory):
     path = tiny_checkpoint(tmp_path_factory.mktemp("run"))
-    return path, Saliency(load_checkpoint(path).model)
+    return path, Saliency(load_best_weights(path).model)
 
 
 def printed_parity(stdout: str) -> dict[str, float]:
@@ -122,9 +123,9 @@ def test_the_exportable_adaptive_pooling_equals_torch(bins):
 
 
 def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, capsys):
-    bad = tmp_path / "best.pt"
+    bad = RunDir(tmp_path).best
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as exit_:
         export.main(["--checkpoint", str(bad), "--format", "onnx", "--out", str(tmp_path / "x.onnx")])
     err = capsys.readouterr().err
-    assert exit_.value.code == 1 and str(bad) in err and "best.pt" in err and "Traceback" not in err
+    assert exit_.value.code == 1 and str(bad) in err and "as a salnet best.pt:" in err and "Traceback" not in err

@@ -10,7 +10,7 @@ from PIL import Image
 
 from salnet.data.transforms import resize_for_eval
 from salnet.evaluation import predict as salnet_predict
-from salnet.evaluation.common import load_checkpoint, make_predict
+from salnet.evaluation.common import load_best_weights, make_predict
 from salnet.metrics.inputs import to_levels
 from salnet.validate import probabilities_at
 
@@ -61,7 +61,7 @@ def test_maps_have_the_original_size_for_odd_sizes_formats_and_exif_rotated_sour
     assert all(m.std() > 0 for m in written.values()), "a map is constant: the network saw no image"
 
     # The map of a plain RGB JPEG is floor(255 p) of the network's probabilities at the image's size.
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_best_weights(checkpoint)
     net = make_predict(ckpt.model, "fp32", channels_last=True)
     with Image.open(folder / "odd0.jpg") as im:
         image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from salnet.run.rundir import MetricsFile, RunDirLocked, RunLock, read_records, remove_leftovers, start_over
+from salnet.run.rundir import MetricsFile, RunDir, RunDirLocked, RunLock, read_records
 
 
 def write_rows(path, steps, tail=b""):
@@ -82,14 +82,14 @@ def test_leftovers_of_crashes_go_and_start_over_stays_inside_the_run(tmp_path):
     (run / "checkpoints" / ".step-00000005.tmp").mkdir(parents=True)
     (run / ".best.pt.abc123.tmp").write_bytes(b"half")
     (run / "checkpoints" / "step-00000004").mkdir()
-    assert sorted(p.name for p in remove_leftovers(run)) == [".best.pt.abc123.tmp", ".step-00000005.tmp"]
+    assert sorted(p.name for p in RunDir(run).remove_leftovers()) == [".best.pt.abc123.tmp", ".step-00000005.tmp"]
     assert (run / "checkpoints" / "step-00000004").is_dir()
     # a symlink to data elsewhere: start-over removes the link, never what it points at
     outside = tmp_path / "precious"
     outside.mkdir()
     (outside / "keep.txt").write_text("keep")
-    (run / "best.pt").symlink_to(outside / "keep.txt")
+    RunDir(run).best.symlink_to(outside / "keep.txt")
     (run / "config.yaml").write_text("kept: the new attempt overwrites it")
-    removed = sorted(p.name for p in start_over(run))
-    assert removed == ["best.pt", "checkpoints"]
+    removed = sorted(RunDir(run).start_over())
+    assert removed == [RunDir(run).best, RunDir(run).checkpoints]
     assert (outside / "keep.txt").read_text() == "keep" and (run / "config.yaml").exists()

@@ -22,6 +22,8 @@ import pytest
 import slurm_cluster as sc
 import yaml
 
+from salnet.run.rundir import RunDir
+
 from conftest import REPO
 
 SUBMIT = REPO / "launch" / "submit.py"
@@ -461,7 +463,7 @@ def test_a_submitted_job_trains_validates_and_writes_best(reference):
     log = rank0_log(run_dir, job)
     assert f"python -m salnet.train --config {config_copy}" in log
     assert "salnet: 2 rank(s) on cpu (gloo)" in log and f"done: {STEPS} steps" in log
-    assert (run_dir / "best.pt").is_file() and checkpoint_steps(run_dir) == [8, STEPS]
+    assert RunDir(run_dir).best.is_file() and checkpoint_steps(run_dir) == [8, STEPS]
     assert [r["step"] for r in records(run_dir, "val")] == [8, STEPS]
     assert_every_step_once(run_dir, STEPS)
     # Submitting the run again: it would resume from its newest checkpoint, with the same W&B run;
@@ -472,13 +474,14 @@ def test_a_submitted_job_trains_validates_and_writes_best(reference):
     assert f"resume:    resumes from step {STEPS} ({run_dir}/checkpoints/step-{STEPS:08d})" in again.stdout, (
         again.stdout + again.stderr
     )
-    assert f"wandb_id='{wandb_id}'" in again.stdout
+    resolved_id = rf"^  wandb_id: '?{wandb_id}'?$"  # the id the launcher writes into the config it submits
+    assert re.search(resolved_id, again.stdout, re.M)
     _, fresh = submit(run_dir.parent.parent, config, *CPU_JOB, "--dry-run", "--fresh", check=False)
     assert (
         f"resume:    starts over (train.resume=none): the job removes 2 checkpoint(s) (newest step {STEPS}"
         in fresh.stdout
         and "resume: none" in fresh.stdout
-        and f"wandb_id='{wandb_id}'" not in fresh.stdout
+        and not re.search(resolved_id, fresh.stdout, re.M)
     ), fresh.stdout + fresh.stderr
     assert checkpoint_steps(run_dir) == [8, STEPS]  # a dry run removes nothing
 
@@ -526,7 +529,7 @@ def test_sbatch_script_passes_the_usr2_scenario(reference, work):
     step = stopped_step(log, "SIGUSR2")
     assert "task 0: Exited with exit code 75" in log and "task 1: Exited with exit code 75" in log, log  # srun says so
     assert_both_ranks_saved_at(run_dir, step)
-    assert f"requeueing job {job} (restart 1 of at most 2)" in log
+    assert f"requeued job {job} (restart 1 of at most 2)" in log
     assert [r["JobState"] for r in sc.jobcomp(job)] == ["PENDING", "COMPLETED"], log
     assert f"step-{step:08d} at step {step}" in log and f"done: {STEPS} steps" in log
     assert_every_step_once(run_dir, STEPS)
@@ -633,7 +636,7 @@ def test_preemption_by_a_higher_priority_partition_saves_requeues_and_finishes(c
     ran = sc.jobcomp(urgent)
     assert ran and ran[-1]["JobState"] == "COMPLETED"
     assert ran[-1]["StartTime"] <= sc.jobcomp(job)[-1]["StartTime"]  # it ran while ours waited
-    assert steps in checkpoint_steps(run_dir) and (run_dir / "best.pt").is_file()
+    assert steps in checkpoint_steps(run_dir) and RunDir(run_dir).best.is_file()
     assert_every_step_once(run_dir, steps)
 
 

@@ -5,8 +5,9 @@ import torch
 
 from salnet.config import load_config
 from salnet.optim import build_optimizer, lr_factor, param_groups
-from salnet.run.checkpoint import ClientState, complete_checkpoints, load_checkpoint, resume_path, save_checkpoint
-from salnet.run.rundir import start_over
+from salnet.run.checkpoint import ClientState, load_checkpoint, resume_path, save_checkpoint
+from salnet.run.rundir import RunDir
+from salnet.run.state import TrainState
 from salnet.strategy import SkipReason, build_strategy
 
 from conftest import REPO, run_py, torchrun
@@ -90,7 +91,7 @@ def test_nonfinite_loss_is_skipped_and_weights_untouched():
 
 
 def client(step):
-    return ClientState(train={"step": step}, world_size=1, loader=[{"batches": step}], rng=[{}])
+    return ClientState(train=TrainState(step=step), world_size=1, loader=[{"batches": step}], rng=[{}])
 
 
 def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path):
@@ -98,7 +99,7 @@ def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path):
     strategy = build_strategy(cfg, TinyNet(), total_steps=10)
     for step in (2, 4, 6):
         save_checkpoint(tmp_path, step, strategy, client(step), keep=2)
-    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000004", "step-00000006"]
+    assert [p.name for p in RunDir(tmp_path).complete_checkpoints()] == ["step-00000004", "step-00000006"]
     # An interrupted save leaves only a hidden temporary directory: never picked for resume.
     debris = tmp_path / "checkpoints" / ".step-00000008.tmp"
     debris.mkdir()
@@ -112,6 +113,7 @@ def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path):
     with pytest.raises(FileNotFoundError, match="train.resume='nope'.*valid values"):
         resume_path(tmp_path, "nope")
     # train.resume=none starts over: the earlier run's checkpoints and best.pt go.
-    (tmp_path / "best.pt").write_bytes(b"old best")
-    assert sorted(p.name for p in start_over(tmp_path)) == ["best.pt", "checkpoints"]
-    assert resume_path(tmp_path, "auto") is None and not (tmp_path / "best.pt").exists()
+    run = RunDir(tmp_path)
+    run.best.write_bytes(b"old best")
+    assert sorted(run.start_over()) == [run.best, run.checkpoints]
+    assert resume_path(tmp_path, "auto") is None and not run.best.exists()

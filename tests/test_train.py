@@ -13,7 +13,8 @@ from salnet.config import load_config
 from salnet.data import ValStream
 from salnet.data.plan import device_augment_seed
 from salnet.model import build_model
-from salnet.run.checkpoint import complete_checkpoints, load_best
+from salnet.run.checkpoint import load_best
+from salnet.run.rundir import RunDir
 from salnet.shards.synth import synthesize
 from salnet.validate import probabilities_at
 
@@ -115,11 +116,11 @@ def test_one_process_trains_validates_and_keeps_best(tmp_path, shards):
     vals = records(run_dir, "val")
     assert [v["step"] for v in vals] == [3, 6] and all(v["val/images"] == 20 for v in vals)
     assert [r["step"] for r in records(run_dir, "train")] == [2, 4, 6]
-    best = load_best(run_dir / "best.pt")
+    best = load_best(RunDir(run_dir).best)
     best_val = max(vals, key=lambda v: v["val/maxF"])
     assert best["step"] == best_val["step"] and best["metrics"]["val/maxF"] == best_val["val/maxF"]
     assert all(v.dtype == torch.float32 for v in best["model"].values() if v.is_floating_point())
-    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-00000003", "step-00000006"]
+    assert [p.name for p in RunDir(run_dir).complete_checkpoints()] == ["step-00000003", "step-00000006"]
 
     assert_metrics_are_those_of_best_pt(run_dir, best)
 
@@ -134,7 +135,7 @@ def test_ddp_two_ranks_resume_is_bitwise_identical(tmp_path, shards):
     assert out.count("validation @ step") == 2  # rank 0 only
     # Every rank validated its share with rank 0's BatchNorm statistics: the all-reduced metrics
     # are exactly those of best.pt evaluated in one process.
-    assert_metrics_are_those_of_best_pt(run_dir, load_best(run_dir / "best.pt"))
+    assert_metrics_are_those_of_best_pt(run_dir, load_best(RunDir(run_dir).best))
     uninterrupted = torch.load(run_dir / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)
 
     # Stop after step 3: drop everything the run did after its step-3 checkpoint, then resume.
@@ -215,7 +216,7 @@ def test_diverging_run_stops_after_max_bad_steps_keeping_the_last_good_checkpoin
     assert "TrainingDiverged: 3 consecutive steps skipped (non-finite loss)" in proc.stderr
     assert "[rank 0]" in proc.stderr
     assert proc.stdout.count("skipped (non-finite loss)") == 3
-    newest = complete_checkpoints(run_dir)[-1]
+    newest = RunDir(run_dir).complete_checkpoints()[-1]
     stopped_at = int(proc.stderr.split(" at step ")[1].split()[0])
     # The checkpoints end before the streak: nothing written during the bad steps.
     assert int(newest.name.split("-")[1]) == stopped_at - 3
@@ -261,7 +262,7 @@ def test_training_with_named_val_sets_keeps_the_best_of_the_named_metric(tmp_pat
     vals = records(run_dir, "val")
     assert [v["step"] for v in vals] == [2, 4] and all(v["A/images"] == 20 and v["B/images"] == 8 for v in vals)
     best_val = min(vals, key=lambda v: v["B/MAE"])  # MAE: lower is better
-    best = load_best(run_dir / "best.pt")
+    best = load_best(RunDir(run_dir).best)
     assert best["step"] == best_val["step"]
     assert best["metrics"] == {k: v for k, v in best_val.items() if k not in ("kind", "step")}
     assert f"best B/MAE={best_val['B/MAE']:.4f} @ step {best_val['step']}" in out

@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_train import records, tiny_config
 
-from salnet.run.checkpoint import complete_checkpoints
 from salnet.run.preemption import EXIT_REQUEUE
+from salnet.run.rundir import RunDir
 from salnet.shards.synth import synthesize
 
 from conftest import REPO, free_port, torchrun
@@ -127,9 +127,10 @@ def test_a_warning_signal_to_one_rank_stops_every_rank_at_one_step_and_resume_is
     step = int(stopped[0].split()[3])
     assert 3 <= step < STEPS
     # one checkpoint, at the agreed step, written by both ranks together
-    assert [p.name for p in complete_checkpoints(run_dir)] == [f"step-{step:08d}"]
+    assert [p.name for p in RunDir(run_dir).complete_checkpoints()] == [f"step-{step:08d}"]
     assert (
-        torch.load(complete_checkpoints(run_dir)[0] / "state.pt", weights_only=True)["client"]["train"]["step"] == step
+        torch.load(RunDir(run_dir).complete_checkpoints()[0] / "state.pt", weights_only=True)["client"]["train"]["step"]
+        == step
     )
 
     out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=400).stdout
@@ -158,7 +159,7 @@ def test_sigterm_to_torchrun_saves_and_does_not_ask_for_a_requeue(tmp_path, shar
     assert agent.returncode != 0
     assert "stopped at step" in out and "SIGTERM" in out, out + err
     step = int(out.split("stopped at step ")[1].split()[0])
-    assert [p.name for p in complete_checkpoints(run_dir)] == [f"step-{step:08d}"]
+    assert [p.name for p in RunDir(run_dir).complete_checkpoints()] == [f"step-{step:08d}"]
     # (torchrun's agent reports only its own SignalException, not the ranks' exit code 76: that
     # mapping is tested in test_preemption.py)
 
@@ -219,7 +220,7 @@ def test_when_the_launcher_dies_the_ranks_save_and_stop_instead_of_training_unsu
     assert not any(os.path.exists(f"/proc/{pid}") and not zombie(pid) for pid in workers), (
         "ranks kept running without their launcher"
     )
-    checkpoints = complete_checkpoints(run_dir)
+    checkpoints = RunDir(run_dir).complete_checkpoints()
     assert len(checkpoints) == 1  # saved at the step where the ranks learnt of it, then left
     saved = int(checkpoints[0].name.split("-")[1])
     assert 2 <= saved < STEPS

@@ -1,8 +1,10 @@
 """A best.pt as a network ready to predict, and the plumbing the entry points share.
 
-- `load_checkpoint`: best.pt's network (float32, eval mode, on the CPU), built from its own config.
-  The backbone's pretrained file is never read (best.pt holds every weight), so a checkpoint of
-  an ImageNet-initialised run loads on a machine without network or TORCH_HOME cache.
+- `load_best_weights`: best.pt's network (float32, eval mode, on the CPU), built from its own config.
+  The backbone's pretrained file is never read (best.pt holds every weight), so the best.pt of
+  an ImageNet-initialised run loads on a machine without network or TORCH_HOME cache. (A
+  "checkpoint" is always a training checkpoint, `checkpoints/step-N/`; the commands' --checkpoint
+  flag takes a best.pt, or one exported from such a checkpoint by `python -m salnet.strategy.convert`.)
 - `make_predict`: uint8 images -> fused logits, exactly as validation runs the network (ImageNet
   normalisation on the device, channels_last and autocast as chosen).
 - `raise_if_any`: every rank calls it after its share of the work; an error on any rank is raised
@@ -44,7 +46,9 @@ class EvaluationError(RuntimeError):
 
 
 @dataclass
-class Checkpoint:
+class BestWeights:
+    """A best.pt, loaded: its network and what it says about itself."""
+
     path: Path
     model: torch.nn.Module  # float32, eval mode, on the CPU
     config: dict[str, Any]  # the run's resolved config, as best.pt keeps it
@@ -60,7 +64,7 @@ class Checkpoint:
         return (self.config.get(section) or {}).get(key, default)
 
 
-def load_checkpoint(path: os.PathLike | str) -> Checkpoint:
+def load_best_weights(path: os.PathLike | str) -> BestWeights:
     path = Path(path)
     if not path.is_file():
         hint = " (it is a directory: pass the best.pt inside it)" if path.is_dir() else ""
@@ -89,12 +93,12 @@ def load_checkpoint(path: os.PathLike | str) -> Checkpoint:
             f"checkpoint '{path}': its weights do not fit the network its config describes: {e}"
         ) from None
     model.eval()
-    return Checkpoint(path, model, best["config"], best.get("step"), dict(best.get("metrics") or {}))
+    return BestWeights(path, model, best["config"], best.get("step"), dict(best.get("metrics") or {}))
 
 
-def default_precision(checkpoint: Checkpoint) -> str:
+def default_precision(best: BestWeights) -> str:
     """The precision the run validated with (train.amp), so that scores match the logged ones."""
-    amp = checkpoint.setting("train", "amp", "fp32")
+    amp = best.setting("train", "amp", "fp32")
     return amp if amp in PRECISIONS else "fp32"
 
 

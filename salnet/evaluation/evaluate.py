@@ -46,7 +46,7 @@ from salnet.evaluation.common import (
     EvaluationError,
     check_name,
     default_precision,
-    load_checkpoint,
+    load_best_weights,
     make_predict,
     raise_if_any,
     run_main,
@@ -92,7 +92,7 @@ def _named(texts: list[str], what: str, default) -> list[tuple[str, str]]:
 def score_checkpoints(args: argparse.Namespace, report: Report, families: list[str]) -> None:
     for text in args.checkpoint:
         name, path = split_name(text)
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_best_weights(path)
         method = check_name(name or checkpoint.run_name, "method")  # a method given twice: Report.add says so
         precision = args.precision or default_precision(checkpoint)
         predict = make_predict(checkpoint.model, precision, bool(checkpoint.setting("train", "channels_last", True)))

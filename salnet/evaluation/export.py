@@ -1,4 +1,4 @@
-"""`python -m salnet.export`: a checkpoint as a TorchScript or ONNX model for deployment.
+"""`python -m salnet.export`: a best.pt as a TorchScript or ONNX model for deployment.
 
     python -m salnet.export --checkpoint runs/NAME/best.pt --format torchscript --out salnet.pt
     python -m salnet.export --checkpoint runs/NAME/best.pt --format onnx --out salnet.onnx
@@ -6,7 +6,7 @@
 The exported model takes `image`, float32 [B, 3, H, W], RGB scaled to [0, 1] and then normalised
 with the ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), i.e.
 (pixel / 255 - mean) / std, at any batch size, height and width (the network was validated at
-the checkpoint's data.eval_size, printed on export; ONNX: at least 33 px), and returns `saliency`, float32
+best.pt's data.eval_size, printed on export; ONNX: at least 33 px), and returns `saliency`, float32
 [B, 1, H, W]: the probabilities sigmoid(fused logit) of the network in eval mode.
 
     # TorchScript (traced; the sizes stay dynamic)
@@ -17,7 +17,7 @@ the checkpoint's data.eval_size, printed on export; ONNX: at least 33 px), and r
     saliency = session.run(["saliency"], {"image": image.numpy()})[0]
 
 Both files carry the metadata as JSON (TorchScript: extra file `salnet.json`; ONNX: metadata
-property `salnet`): checkpoint, step, input size, mean, std. After writing, the file is loaded
+property `salnet`): checkpoint (the best.pt's path), step, input size, mean, std. After writing, the file is loaded
 back and compared with eager PyTorch on random inputs at two sizes (--check-sizes), printing the
 largest absolute difference; a difference above --tolerance fails the export.
 
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from salnet.data import IMAGENET_MEAN, IMAGENET_STD
-from salnet.evaluation.common import Checkpoint, EvaluationError, load_checkpoint, run_main
+from salnet.evaluation.common import BestWeights, EvaluationError, load_best_weights, run_main
 
 PROG = "python -m salnet.export"
 FORMATS = ("torchscript", "onnx")
@@ -71,12 +71,12 @@ def adaptive_avg_pool2d(x: torch.Tensor, output_size) -> torch.Tensor:
     return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
 
 
-def metadata(checkpoint: Checkpoint, size: int) -> str:
+def metadata(best: BestWeights, size: int) -> str:
     return json.dumps(
         {
-            "checkpoint": str(checkpoint.path),
-            "step": checkpoint.step,
-            "run": checkpoint.run_name,
+            "checkpoint": str(best.path),
+            "step": best.step,
+            "run": best.run_name,
             "eval_size": size,
             "input": "image: float32 [B, 3, H, W], (rgb / 255 - mean) / std",
             "output": "saliency: float32 [B, 1, H, W] probabilities",
@@ -140,16 +140,14 @@ def export(
 ) -> dict:
     if fmt not in FORMATS:
         raise EvaluationError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    checkpoint = load_checkpoint(checkpoint_path)
-    size = int(checkpoint.setting("data", "eval_size", 352))
-    module = Saliency(checkpoint.model.float().cpu())
+    best = load_best_weights(checkpoint_path)
+    size = int(best.setting("data", "eval_size", 352))
+    module = Saliency(best.model.float().cpu())
     out.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(batch, 3, size, size, generator=gen)
     with torch.no_grad():
-        run = (export_torchscript if fmt == "torchscript" else export_onnx)(
-            module, example, out, metadata(checkpoint, size)
-        )
+        run = (export_torchscript if fmt == "torchscript" else export_onnx)(module, example, out, metadata(best, size))
         parity = {}
         for height, width in check_sizes:
             x = torch.randn(batch, 3, height, width, generator=gen)
@@ -179,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog=PROG, description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a best.pt")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a run's best.pt (or one exported by convert)")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, type=Path, help="the file to write")
     parser.add_argument(
@@ -198,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(torch.get_num_threads())  # no process group: export is one process
         sizes = args.check_sizes
         if sizes is None:
-            size = int(load_checkpoint(args.checkpoint).setting("data", "eval_size", 352))
+            size = int(load_best_weights(args.checkpoint).setting("data", "eval_size", 352))
             sizes = [(size, size), (size + 37, max(MIN_SIDE, size - 29))]
         export(args.checkpoint, args.format, args.out, sizes, args.tolerance)
 

@@ -56,7 +56,7 @@ from salnet.evaluation.common import (
     EvaluationError,
     check_name,
     default_precision,
-    load_checkpoint,
+    load_best_weights,
     make_predict,
     names_listed,
     raise_if_any,
@@ -220,7 +220,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "inputs", nargs="+", metavar="[NAME=]INPUT", help="shard directory, image folder, dataset folder or list file"
     )
-    parser.add_argument("--checkpoint", required=True, help="a best.pt")
+    parser.add_argument("--checkpoint", required=True, help="a run's best.pt (or one exported by convert)")
     parser.add_argument(
         "--max-pixels",
         type=parse_pixels,
@@ -262,7 +262,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def predict_main(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint = load_best_weights(args.checkpoint)
     size = args.size or int(checkpoint.setting("data", "eval_size", 352))
     sizes = [max(1, round(size * s)) for s in args.scales]
     precision = args.precision or default_precision(checkpoint)

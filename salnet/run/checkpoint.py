@@ -1,14 +1,5 @@
-"""Save and resume: the run directory's checkpoint scheme, RNG capture, best.pt.
-
-    runs/NAME/
-      config.yaml               the resolved config
-      metrics.jsonl             every logged value
-      checkpoints/
-        step-00000400/          a complete checkpoint (the strategy's files + checksums.json)
-        .step-00000500.tmp/     a save in progress: never picked for resume
-        corrupt-step-00000300/  failed verification at resume: set aside, never deleted
-        abandoned-step-00000600/  newer than a checkpoint the user rolled back to
-      best.pt                   fp32 weights + config + metrics of the best validation
+"""Save and resume: the run's checkpoints (`checkpoints/step-N/`, laid out by salnet.run.rundir.RunDir),
+what they hold besides the strategy's state (`ClientState`), RNG capture, best.pt.
 
 Atomicity: every rank writes into the hidden temporary directory, all ranks meet at a barrier,
 then rank 0 fsyncs and renames it into place (a directory rename is atomic), and only then
@@ -29,16 +20,16 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from salnet import __version__, dist
 from salnet.fsio import atomic_write, fsync_dir
-from salnet.run.checksums import CheckpointCorrupt, file_digest, tensor_digest, verify, write_manifest
-from salnet.run.rundir import COMPLETE_CHECKPOINT as _COMPLETE
-from salnet.run.rundir import checkpoint_dir, complete_checkpoints, free_bytes, tree_bytes
-from salnet.strategy.base import load_file
+from salnet.run.checksums import CheckpointCorrupt, file_digest, load_file, tensor_digest, verify, write_manifest
+from salnet.run.rundir import RunDir, free_bytes, tree_bytes
+from salnet.run.state import TrainState
 
 CONFIG = "config.json"  # the run's resolved config, inside each checkpoint
 
@@ -47,14 +38,14 @@ CONFIG = "config.json"  # the run's resolved config, inside each checkpoint
 class ClientState:
     """salnet's part of a checkpoint, saved beside the strategy's model and optimizer state."""
 
-    train: dict  # the training loop's TrainState, as a dict
+    train: TrainState
     world_size: int  # the loader positions and RNG streams below are per rank of this many
     loader: list[dict]  # every rank's TrainStream.state_dict()
     rng: list[dict]  # every rank's rng_state()
     inputs: list[dict] = field(default_factory=list)  # every rank's TrainInput.state_dict() (device-side draws)
 
     @classmethod
-    def gather(cls, train: dict, loader: dict, inputs: dict) -> ClientState:
+    def gather(cls, train: TrainState, loader: dict, inputs: dict) -> ClientState:
         """All ranks call this: the loop state, and from each rank its loader position, input stage and RNG."""
         return cls(
             train=train,
@@ -64,17 +55,25 @@ class ClientState:
             inputs=dist.all_gather_object(inputs),
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """What the strategy saves."""
+        return {**asdict(self), "train": self.train.to_dict()}
 
-def resume_path(run_dir: Path, resume: str) -> Path | None:
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> ClientState:
+        return cls(**{**saved, "train": TrainState.from_dict(saved["train"])})
+
+
+def resume_path(run_dir: os.PathLike | str, resume: str) -> Path | None:
     """What `train.resume` points at: 'auto' -> newest complete checkpoint (or None), 'none' -> None,
     a path -> that checkpoint directory (an error if it is not one). Nothing is verified here."""
     if resume == "none":
         return None
     if resume == "auto":
-        found = complete_checkpoints(run_dir)
+        found = RunDir(run_dir).complete_checkpoints()
         return found[-1] if found else None
     path = Path(resume)
-    if not path.is_dir() or not _COMPLETE.match(path.name):
+    if not path.is_dir() or RunDir.checkpoint_step(path) is None:
         raise FileNotFoundError(
             f"train.resume={resume!r} is not a complete checkpoint directory (expected .../checkpoints/step-NNNNNNNN); "
             f"valid values: 'auto', 'none' or such a path"
@@ -82,7 +81,7 @@ def resume_path(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def choose_checkpoint(run_dir: Path, resume: str) -> Path | None:
+def choose_checkpoint(run_dir: os.PathLike | str, resume: str) -> Path | None:
     """The verified checkpoint to resume from (all ranks call this; rank 0 decides, everyone gets its answer).
 
     auto: the newest good one; each bad one is reported and moved to corrupt-step-N/. A path: that
@@ -91,38 +90,38 @@ def choose_checkpoint(run_dir: Path, resume: str) -> Path | None:
     """
     choice, error = None, ""
     if dist.is_main():
-        choice, error = _attempt(lambda: _choose(Path(run_dir), resume))
+        choice, error = _attempt(lambda: _choose(RunDir(run_dir), resume))
     choice, error = dist.all_gather_object((choice, error))[0]
     if error:
         raise CheckpointCorrupt(error.split(": ", 1)[1] if error.startswith("CheckpointCorrupt") else error)
     return choice
 
 
-def _choose(run_dir: Path, resume: str) -> Path | None:
-    chosen = resume_path(run_dir, resume)
+def _choose(run: RunDir, resume: str) -> Path | None:
+    chosen = resume_path(run, resume)
     if chosen is None:
         return None
     if resume != "auto":
         verify(chosen)
-        for newer in [c for c in complete_checkpoints(chosen.parent.parent) if c.name > chosen.name]:
-            aside = newer.with_name("abandoned-" + newer.name)
+        for newer in [c for c in RunDir(chosen.parent.parent).complete_checkpoints() if c.name > chosen.name]:
+            aside = RunDir.set_aside(newer, "abandoned")
             os.rename(newer, aside)
             print(
                 f"train.resume={resume}: moved the newer {newer.name} to {aside.name} (kept, not deleted)", flush=True
             )
         return chosen
     tried = []
-    for candidate in reversed(complete_checkpoints(run_dir)):
+    for candidate in reversed(run.complete_checkpoints()):
         try:
             verify(candidate)
             return candidate
         except CheckpointCorrupt as e:
-            aside = candidate.with_name("corrupt-" + candidate.name)
+            aside = RunDir.set_aside(candidate, "corrupt")
             os.rename(candidate, aside)
             tried.append(f"{e} (moved to {aside.name})")
             print(f"resume: {e}; moved {candidate.name} aside to {aside.name} and trying the next newest", flush=True)
     raise CheckpointCorrupt(
-        f"no intact checkpoint under {checkpoint_dir(run_dir)}: "
+        f"no intact checkpoint under {run.checkpoints}: "
         + "; ".join(tried)
         + "; start over with train.resume=none, or point train.resume at a copy you trust"
     )
@@ -149,18 +148,17 @@ def _attempt(action) -> tuple[object, str]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, strategy, client: ClientState, keep: int, config: dict | None = None
+    run_dir: os.PathLike | str, step: int, strategy, client: ClientState, keep: int, config: dict | None = None
 ) -> Path:
     """All ranks call this; returns the complete checkpoint directory. `config` (the run's resolved
     config) is kept beside the state as config.json, so a resume can compare before loading anything."""
-    root = checkpoint_dir(run_dir)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp"
+    run = RunDir(run_dir)
+    root, final, tmp = run.checkpoints, run.checkpoint(step), run.partial(step)
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save
         tmp.mkdir(parents=True)
     dist.barrier()
-    digests, error = _attempt(lambda: strategy.save(tmp, asdict(client)))
+    digests, error = _attempt(lambda: strategy.save(tmp, client.to_dict()))
     gathered = dist.all_gather_object((digests, error))  # also the barrier: every rank has finished writing
     errors = [f"rank {rank}: {e}" for rank, (_, e) in enumerate(gathered) if e]
     if not errors and dist.is_main():
@@ -171,7 +169,8 @@ def save_checkpoint(
     errors = dist.all_gather_object(errors)[0]  # rank 0's verdict, for everyone
     if errors:
         if dist.is_main():
-            needed = tree_bytes(complete_checkpoints(run_dir)[-1]) if complete_checkpoints(run_dir) else tree_bytes(tmp)
+            complete = run.complete_checkpoints()
+            needed = tree_bytes(complete[-1] if complete else tmp)
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
         raise CheckpointSaveError(
@@ -185,7 +184,7 @@ def save_checkpoint(
             )
         )
     if dist.is_main():
-        for old in complete_checkpoints(run_dir)[:-keep]:
+        for old in run.complete_checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
@@ -204,10 +203,10 @@ def _complete(tmp: Path, final: Path, digests: dict, config: dict | None) -> Non
     fsync_dir(final.parent)
 
 
-def save_best(run_dir: Path, weights: dict, config: dict, metrics: dict, step: int) -> Path:
+def save_best(run_dir: os.PathLike | str, weights: dict, config: dict, metrics: dict, step: int | None) -> Path:
     """best.pt: float32 weights of the plain network, in one format whatever the strategy, with
     a digest of its tensors that load_best checks."""
-    path = Path(run_dir) / "best.pt"
+    path = RunDir(run_dir).best
     with atomic_write(path, "wb") as f:
         torch.save(
             {
@@ -231,7 +230,7 @@ def checkpoint_config(directory: Path) -> dict | None:
 
 def load_checkpoint(directory: Path, strategy) -> ClientState:
     """Restore `strategy` from a checkpoint directory; returns salnet's part of it."""
-    return ClientState(**strategy.load(directory))
+    return ClientState.from_dict(strategy.load(directory))
 
 
 def load_best(path: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Checksums that let a checkpoint prove it is intact.
+"""Checksums that let a checkpoint prove it is intact, and the one way its files are read back.
 
 Every file of a checkpoint is listed in its `checksums.json` (size and 128-bit XXH3 hash), written
 into the temporary directory before the atomic rename, so a complete checkpoint always carries it.
@@ -8,7 +8,8 @@ nothing back; files DeepSpeed writes are hashed once after writing, by the rank 
 XXH3 rather than SHA-256: the threat is accidental (a bad disk, a copy cut short, a sync tool that
 patches bytes), which a 128-bit non-cryptographic hash catches as surely, at ~6 GiB/s instead of
 ~1 GiB/s on one core here (`python -m salnet.bench checkpoint` measures what it adds to a save).
-Malicious files are the business of weights-only loading, not of these checksums.
+Malicious files are the business of weights-only loading (`load_file`, which every reader of a
+checkpoint or best.pt goes through), not of these checksums.
 
 best.pt is one file that training replaces atomically; it carries a digest of its own tensors
 (`tensor_digest`), checked whenever it is loaded.
@@ -119,6 +120,19 @@ def verify(directory: Path) -> None:
             raise CheckpointCorrupt(f"{path}: {size} bytes, {expected['size']} were written")
         if file_digest(path).xxh3_128 != expected[ALGORITHM]:
             raise CheckpointCorrupt(f"{path}: checksum mismatch (its bytes changed after it was written)")
+
+
+def load_file(path: Path, map_location=None, safe_globals: tuple = ()) -> Any:
+    """torch.load with weights_only=True; any failure is an error that names the file."""
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing from the checkpoint") from None
+    except Exception as e:
+        raise RuntimeError(
+            f"{path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
 
 
 def tensor_digest(state: dict[str, torch.Tensor]) -> str:

@@ -1,14 +1,25 @@
 """The run directory, trusted the way a database is: one writer, nothing half-written mistaken for
-whole, nothing outside it touched.
+whole, nothing outside it touched. `RunDir` is the one place its paths are spelled; this is the one
+drawing of its layout (with the RunDir attribute of each entry):
 
-    runs/NAME/
-      .lock                     held (flock) by rank 0 for the job's life; says who holds it
-      config.yaml               the resolved config of the newest attempt
-      metrics.jsonl             every logged value, one JSON object per line, each step once
-      metrics.replaced.jsonl    rows a resume replaced (the attempt that did not continue)
-      checkpoints/step-N/       complete checkpoints (salnet.run.checkpoint), with checksums.json
-      checkpoints/corrupt-step-N/, checkpoints/abandoned-step-N/   set aside, never deleted
-      best.pt                   the best validation's weights (with a digest of its tensors)
+    runs/NAME/                    RunDir(cfg.run_dir)
+      .lock                       .lock              held (flock) by rank 0 for the job's life; says who holds it
+      config.yaml                 .config            the resolved config of the newest attempt
+      metrics.jsonl               .metrics           every logged value, one JSON object per line, each step once
+      metrics.replaced.jsonl      .replaced_metrics  rows a resume replaced (the attempt that did not continue)
+      checkpoints/                .checkpoints       (salnet.run.checkpoint)
+        step-NNNNNNNN/            .checkpoint(N)     complete: the strategy's files, config.json, checksums.json
+        .step-NNNNNNNN.tmp/       .partial(N)        a save in progress: never picked for resume
+        corrupt-step-NNNNNNNN/    .set_aside(c, why) failed verification at resume: never deleted
+        abandoned-step-NNNNNNNN/  .set_aside(c, why) newer than a checkpoint resumed by path: never deleted
+      best.pt                     .best              fp32 weights, config and metrics of the best validation
+      deepspeed_config.json       .deepspeed_config  the DeepSpeed JSON salnet generated (train.strategy=deepspeed)
+      plots/                      .plots             pictures of the run and latest.npz (salnet.run.plots)
+      wandb/                      .wandb             W&B's local files (salnet.run.wandb_run)
+      slurm/                      .slurm             launch/submit.py's; the training reads nothing here:
+        config-STAMP.yaml         .submitted_config  the resolved config a submitted job runs
+        wandb_id                  .launcher_wandb_id the W&B run id the launcher writes into every submit of the run
+        JOB_RANK_log.{out,err}                       each task's log (Submitit names them), and Submitit's pickles
 
 Temporary names (`.NAME.*.tmp` files, `checkpoints/.step-N.tmp/`) are never read as results: a
 crash leaves them behind, and rank 0 removes them when the next attempt starts.
@@ -17,6 +28,8 @@ The lock is an flock(2) on `.lock`: the kernel releases it when the holder dies 
 included), so no stale lock outlives a job. On NFS, Linux maps flock to NFS byte-range locks
 (NFSv4, or NFSv3 with a lock daemon), which hold across hosts; on a filesystem without locking
 (some FUSE mounts, Lustre without `-o flock`) salnet warns that it cannot guarantee one writer.
+
+Torch-free: the launcher and the report use it too.
 """
 
 from __future__ import annotations
@@ -31,32 +44,140 @@ import re
 import shutil
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from salnet.fsio import atomic_write
 
 log = logging.getLogger("salnet.run.rundir")
 
-METRICS = "metrics.jsonl"
-REPLACED_METRICS = "metrics.replaced.jsonl"
-LOCK = ".lock"
-COMPLETE_CHECKPOINT = re.compile(r"^step-(\d{8})$")  # checkpoints/step-NNNNNNNN: renamed into place only when complete
+_COMPLETE_CHECKPOINT = re.compile(r"^step-(\d{8})$")  # renamed into place only when complete
 
 
 class RunDirLocked(RuntimeError):
     """Another job holds the run directory."""
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+class RunDir:
+    """The paths of one run directory (see the module docstring). A RunDir is path-like: everything
+    that takes a run directory takes a Path or a RunDir, and `RunDir(run_dir)` accepts either."""
 
+    def __init__(self, root: os.PathLike | str):
+        self.root = Path(root)
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (torch-free: launchers and reports use it)."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and COMPLETE_CHECKPOINT.match(p.name))
+    def __fspath__(self) -> str:
+        return os.fspath(self.root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    # ---- what the training writes ----------------------------------------------------------------
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def replaced_metrics(self) -> Path:
+        return self.root / "metrics.replaced.jsonl"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.pt"
+
+    @property
+    def deepspeed_config(self) -> Path:
+        return self.root / "deepspeed_config.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def wandb(self) -> Path:
+        return self.root / "wandb"
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:08d}"
+
+    def partial(self, step: int) -> Path:
+        """Where the checkpoint of `step` is written before the rename that completes it."""
+        return self.checkpoints / f".step-{step:08d}.tmp"
+
+    @staticmethod
+    def set_aside(checkpoint: Path, why: Literal["corrupt", "abandoned"]) -> Path:
+        """Where a checkpoint resume must not pick goes: beside it, under a name never read as one."""
+        return checkpoint.with_name(f"{why}-{checkpoint.name}")
+
+    @staticmethod
+    def checkpoint_step(path: os.PathLike | str) -> int | None:
+        """The step of a complete checkpoint directory's name (step-NNNNNNNN), None for any other name."""
+        match = _COMPLETE_CHECKPOINT.match(Path(path).name)
+        return int(match[1]) if match else None
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Complete checkpoints of the run, oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.iterdir() if p.is_dir() and self.checkpoint_step(p) is not None)
+
+    # ---- what the launcher writes ----------------------------------------------------------------
+
+    @property
+    def slurm(self) -> Path:
+        return self.root / "slurm"
+
+    def submitted_config(self, stamp: str) -> Path:
+        return self.slurm / f"config-{stamp}.yaml"
+
+    @property
+    def launcher_wandb_id(self) -> Path:
+        return self.slurm / "wandb_id"
+
+    # ---- leftovers of crashes, start-over --------------------------------------------------------
+
+    def leftovers(self) -> list[Path]:
+        """Temporary files and directories of interrupted writes (atomic_write's `.NAME.*.tmp`, saves' `.step-N.tmp/`)."""
+        found = list(self.root.glob(".*.tmp")) if self.root.is_dir() else []
+        if self.checkpoints.is_dir():
+            found += list(self.checkpoints.glob(".*.tmp"))
+        return sorted(p for p in found if not p.is_symlink())
+
+    def remove_leftovers(self) -> list[Path]:
+        removed = self.leftovers()
+        for path in removed:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return removed
+
+    def start_over(self) -> list[Path]:
+        """train.resume=none: remove what an earlier run wrote here (checkpoints, best.pt, its log), and
+        nothing else. A symlink is removed as a link, never followed out of the run directory."""
+        removed = []
+        for path in (self.checkpoints, self.best, self.metrics, self.replaced_metrics):
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                shutil.rmtree(path)  # rmtree does not follow symlinks inside the tree
+            else:
+                continue
+            removed.append(path)
+        return removed
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,9 +204,9 @@ def read_records(path: os.PathLike | str) -> list[dict[str, Any]]:
 class MetricsFile:
     """metrics.jsonl of one run (rank 0 only)."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / METRICS
-        self.replaced_path = Path(run_dir) / REPLACED_METRICS
+    def __init__(self, run_dir: os.PathLike | str):
+        run = RunDir(run_dir)
+        self.path, self.replaced_path = run.metrics, run.replaced_metrics
 
     def resume_at(self, step: int) -> None:
         """Make the file read as one run up to `step`: cut a torn tail (with a warning), and move
@@ -147,8 +268,8 @@ def _holder_description() -> dict[str, Any]:
 class RunLock:
     """An exclusive flock on runs/NAME/.lock for this process's life (rank 0 takes it)."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK
+    def __init__(self, run_dir: os.PathLike | str):
+        self.path = RunDir(run_dir).lock
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -180,42 +301,8 @@ class RunLock:
 
 
 # --------------------------------------------------------------------------------------------
-# Leftovers of crashes, start-over, free space
+# Sizes and free space
 # --------------------------------------------------------------------------------------------
-
-
-def leftovers(run_dir: Path) -> list[Path]:
-    """Temporary files and directories of interrupted writes (atomic_write's `.NAME.*.tmp`, saves' `.step-N.tmp/`)."""
-    run_dir = Path(run_dir)
-    found = list(run_dir.glob(".*.tmp")) if run_dir.is_dir() else []
-    checkpoints = run_dir / "checkpoints"
-    if checkpoints.is_dir():
-        found += list(checkpoints.glob(".*.tmp"))
-    return sorted(p for p in found if not p.is_symlink())
-
-
-def remove_leftovers(run_dir: Path) -> list[Path]:
-    removed = leftovers(run_dir)
-    for path in removed:
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    return removed
-
-
-def start_over(run_dir: Path) -> list[Path]:
-    """train.resume=none: remove what an earlier run wrote here (checkpoints, best.pt, its log), and
-    nothing else. A symlink is removed as a link, never followed out of the run directory."""
-    run_dir = Path(run_dir)
-    removed = []
-    for name in ("checkpoints", "best.pt", METRICS, REPLACED_METRICS):
-        path = run_dir / name
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path)  # rmtree does not follow symlinks inside the tree
-        else:
-            continue
-        removed.append(path)
-    return removed
 
 
 def tree_bytes(path: Path) -> int:

@@ -9,7 +9,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -136,19 +135,6 @@ def predict_logits(
     module.eval()
     with autocast(amp_dtype, device):
         return module(to_model_input(images, device, channels_last)).float()
-
-
-def load_file(path: Path, map_location=None, safe_globals: tuple = ()) -> Any:
-    """torch.load with weights_only=True; any failure is an error that names the file."""
-    try:
-        with torch.serialization.safe_globals(list(safe_globals)):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing from the checkpoint") from None
-    except Exception as e:
-        raise RuntimeError(
-            f"{path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from e
 
 
 def decoder_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -14,13 +14,13 @@ another; the weights are checked key by key and shape by shape against the netwo
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 from salnet.config import ConfigError, load_config
 from salnet.model import build_model
 from salnet.run.checkpoint import save_best
+from salnet.run.rundir import RunDir
 from salnet.strategy import ddp
 
 
@@ -40,7 +40,7 @@ def consolidated_weights(checkpoint: Path) -> dict:
 
 def convert(checkpoint: Path, out_dir: Path, config_path: Path | None = None) -> Path:
     weights = consolidated_weights(checkpoint)
-    config_path = config_path or checkpoint.parent.parent / "config.yaml"
+    config_path = config_path or RunDir(checkpoint.parent.parent).config
     cfg = load_config(str(config_path))
     # The network's structure only: its backbone weights would be replaced anyway.
     structure = cfg.model.model_copy(update={"backbone": cfg.model.backbone.model_copy(update={"weights": "none"})})
@@ -53,9 +53,8 @@ def convert(checkpoint: Path, out_dir: Path, config_path: Path | None = None) ->
             f"{checkpoint} does not hold the network of {config_path} (model section); "
             f"mismatched keys: {', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}"
         )
-    step = re.fullmatch(r"step-(\d+)", checkpoint.name)
     return save_best(
-        out_dir, {k: weights[k] for k in expected}, cfg.model_dump(mode="json"), {}, int(step[1]) if step else None
+        out_dir, {k: weights[k] for k in expected}, cfg.model_dump(mode="json"), {}, RunDir.checkpoint_step(checkpoint)
     )
 
 

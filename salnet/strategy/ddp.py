@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from salnet import dist
 from salnet.config import Config
 from salnet.optim import build_optimizer, build_schedule
-from salnet.run.checksums import FileDigest, save_hashed
+from salnet.run.checksums import FileDigest, load_file, save_hashed
 from salnet.strategy.base import (
     AMP_DTYPES,
     SkipReason,
@@ -26,7 +26,6 @@ from salnet.strategy.base import (
     broadcast_buffers,
     decoder_lr,
     fp32_copy,
-    load_file,
     step_schedule,
     with_sync_bn,
 )

@@ -38,7 +38,8 @@ from salnet import dist
 from salnet.config import Config
 from salnet.fsio import atomic_write
 from salnet.optim import build_schedule, param_groups
-from salnet.run.checksums import FileDigest, file_digest, save_hashed
+from salnet.run.checksums import FileDigest, file_digest, load_file, save_hashed
+from salnet.run.rundir import RunDir
 from salnet.strategy.base import (
     AMP_DTYPES,
     SkipReason,
@@ -47,7 +48,6 @@ from salnet.strategy.base import (
     broadcast_buffers,
     decoder_lr,
     fp32_copy,
-    load_file,
     step_schedule,
     with_sync_bn,
 )
@@ -79,7 +79,6 @@ warnings.filterwarnings(
 
 TAG = "deepspeed"  # DeepSpeed's own files go to <checkpoint>/deepspeed/
 SALNET_STATE = "salnet_state.pt"  # salnet's part of a checkpoint, next to them
-CONFIG_FILE = "deepspeed_config.json"  # the generated DeepSpeed config, in the run directory
 _PARTITION_RANK = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank partition files
 
 # The only non-tensor types DeepSpeed writes into its checkpoint files (ZeRO 1-3, fp32/bf16/fp16;
@@ -134,7 +133,7 @@ class DeepSpeedStrategy(Strategy):
         self.schedule = build_schedule(engine.basic_optimizer, cfg.optim, total_steps)
         self._loss_finite = torch.ones((), dtype=torch.bool, device=dist.device())
         if dist.is_main():
-            with atomic_write(cfg.run_dir / CONFIG_FILE) as f:
+            with atomic_write(RunDir(cfg.run_dir).deepspeed_config) as f:
                 json.dump(self.ds_config, f, indent=2)
 
     def train(self) -> None:
