@@ -42,6 +42,8 @@ def measure(directory: Path, backbone: str, repeats: int) -> dict:
     from salnet.model import build_model
     from salnet.run.checkpoint import ClientState, save_checkpoint
     from salnet.run.checksums import save_hashed, verify
+    from salnet.run.rundir import RunDir
+    from salnet.run.state import TrainState
     from salnet.strategy import build_strategy
 
     cfg = load_config(
@@ -51,7 +53,7 @@ def measure(directory: Path, backbone: str, repeats: int) -> dict:
     for p in strategy.module.parameters():  # one AdamW step, so the moments exist and are saved
         p.grad = torch.zeros_like(p)
     strategy.optimizer.step()
-    client = ClientState(train={"step": 1}, world_size=1, loader=[{}], rng=[{}])
+    client = ClientState(train=TrainState(step=1), world_size=1, loader=[{}], rng=[{}])
     state = {"model": strategy.module.state_dict(), "optimizer": strategy.optimizer.state_dict()}
     plain = directory / "plain.pt"
     directory.mkdir(parents=True)
@@ -74,13 +76,13 @@ def measure(directory: Path, backbone: str, repeats: int) -> dict:
         return timed(write)[1]
 
     def salnet_save(repeat):
-        shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+        shutil.rmtree(RunDir(directory).checkpoints, ignore_errors=True)
         return timed(lambda: save_checkpoint(directory, 1, strategy, client, keep=1))[1]
 
     saves = medians(
         interleaved(repeats, {"plain_save_s": plain_save, "hashed_save_s": hashed_save, "salnet_save_s": salnet_save})
     )
-    checkpoint = directory / "checkpoints" / "step-00000001"
+    checkpoint = RunDir(directory).checkpoint(1)
     loads = medians(
         interleaved(
             repeats,
