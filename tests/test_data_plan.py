@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from salnet.data.plan import TrainPlan, buffered_shuffle, rng_for, split_blocks, val_batch_count, val_batches
+from salnet.data.plan import TrainPlan, buffered_shuffle, rng_for, share, val_batch_count, val_batches
 
 
 def planned_samples(plan: TrainPlan, epoch: int, rank: int) -> list[list[tuple[int, int]]]:
@@ -93,7 +93,7 @@ def test_val_batches_cover_every_sample_exactly_once(world):
     assert sorted(positions) == list(range(total))
 
 
-def test_split_blocks_is_contiguous_and_balanced():
-    blocks = split_blocks(list(range(7)), 3)
-    assert blocks == [[0, 1], [2, 3], [4, 5, 6]]
-    assert split_blocks([1], 2) == [[], [1]]
+def test_shares_are_contiguous_balanced_and_cover_every_item_once():
+    items = list(range(7))
+    assert [items[share(7, 3, part)] for part in range(3)] == [[0, 1], [2, 3], [4, 5, 6]]
+    assert [[1][share(1, 2, part)] for part in range(2)] == [[], [1]]

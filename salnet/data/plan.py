@@ -24,8 +24,10 @@ Train epoch, step by step:
 Resume: the first k emitted positions of a reader are what it consumed; the rest is read again
 from the tars, skipping consumed members without reading their data.
 
-Val: sets and shards in manifest order, no shuffle; rank r gets [r*V//world, (r+1)*V//world),
-cut into batches (the last one short), so every sample is seen exactly once across ranks.
+Val: sets and shards in manifest order, no shuffle; rank r gets [r*V//world, (r+1)*V//world)
+(its `share`), cut into batches (the last one short), so every sample is seen exactly once across
+ranks. A rank's loader workers take contiguous shares of its batches, so each reads its samples in
+one forward pass. `python -m salnet.predict` cuts its images among ranks and workers the same way.
 """
 
 from __future__ import annotations
@@ -196,8 +198,8 @@ def val_batches(
     total: int, world_size: int, rank: int, batch_size: int, pad_to: int | None = None
 ) -> list[tuple[int, int] | None]:
     """This rank's val batches as position ranges [lo, hi); None marks a padding batch up to `pad_to`."""
-    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
-    batches: list[tuple[int, int] | None] = [(b, min(b + batch_size, hi)) for b in range(lo, hi, batch_size)]
+    mine = range(total)[share(total, world_size, rank)]
+    batches: list[tuple[int, int] | None] = [(b, min(b + batch_size, mine.stop)) for b in mine[::batch_size]]
     return batches + [None] * max((pad_to or 0) - len(batches), 0)
 
 
@@ -206,6 +208,7 @@ def val_batch_count(total: int, world_size: int, batch_size: int) -> int:
     return max(len(val_batches(total, world_size, r, batch_size)) for r in range(world_size))
 
 
-def split_blocks(items: Sequence, parts: int) -> list[list]:
-    """`items` cut into `parts` contiguous blocks whose lengths differ by at most one."""
-    return [list(items[p * len(items) // parts : (p + 1) * len(items) // parts]) for p in range(parts)]
+def share(count: int, parts: int, part: int) -> slice:
+    """Part `part` of a sequence of `count` items cut into `parts` contiguous blocks whose lengths
+    differ by at most one: every item is in exactly one part, and the parts keep the order."""
+    return slice(part * count // parts, (part + 1) * count // parts)

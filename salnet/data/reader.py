@@ -142,6 +142,13 @@ def read_positions(
         yield from zip(wanted, samples, strict=True)
 
 
+def read_sequence(shards: Sequence[Shard], positions: Iterable[int]) -> Iterator[RawSample]:
+    """The samples at the ascending `positions` of the whole `shards` laid end to end, in that order:
+    how validation and predict read their sets (no shuffle)."""
+    pieces = [Piece(i, 0, shard.samples) for i, shard in enumerate(shards)]
+    return (sample for _, sample in read_positions(shards, pieces, positions))
+
+
 def in_order(order: Sequence[int], stream: Iterator[tuple[int, RawSample]]) -> Iterator[RawSample]:
     """Re-emit the ascending `stream` in `order`, holding only what was read ahead (the shuffle buffer)."""
     held: dict[int, RawSample] = {}

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple, TypedDict
+from typing import NamedTuple, TypedDict, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -30,14 +30,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from salnet import dist
 from salnet.config import DataConfig
 from salnet.data.augment import augment_sample, crop_box, cut, draw_warp, pad_crops, resolve_augment_on
-from salnet.data.plan import Piece, TrainPlan, split_blocks, val_batch_count, val_batches
-from salnet.data.reader import RawSample, in_order, read_positions
+from salnet.data.plan import TrainPlan, share, val_batch_count, val_batches
+from salnet.data.reader import RawSample, in_order, read_positions, read_sequence
 from salnet.data.sources import DataError, Limits, Shard, open_shard_set
 from salnet.data.transforms import SampleError, decode_sample, resize_for_eval
 from salnet.run.preemption import ignore_stop_signals, kill_daemonic_children_at_exit
 from salnet.shards.parallel import available_cpus
 
 log = logging.getLogger("salnet.data")
+
+T = TypeVar("T")
 
 
 class _Batch(TypedDict):
@@ -88,9 +90,22 @@ def default_workers() -> int:
     return max(0, min(8, per_rank - 1))
 
 
+def loader_workers(requested: int | None, work: int) -> int:
+    """Loader processes for `work` items (a rank's val batches, its images to predict): as many as
+    requested (None: default_workers()), but no more than there are items."""
+    return min(default_workers() if requested is None else requested, work)
+
+
 def _worker_slot() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def worker_share(items: Sequence[T]) -> Sequence[T]:
+    """This DataLoader worker's contiguous share of its rank's `items` (plan.share; all of them when
+    the rank's own process reads): worker w makes the w-th block, so each reads in one forward pass."""
+    slot, slots = _worker_slot()
+    return items[share(len(items), slots, slot)]
 
 
 def _loader(dataset: IterableDataset, workers: int, cfg: DataConfig, device: torch.device) -> DataLoader:
@@ -364,19 +379,15 @@ def _ahead_on_device(items: Iterable[_FromWorker], device: torch.device) -> Iter
 
 
 class _ValBatches(IterableDataset):
-    """This rank's val batches; worker w makes the w-th contiguous block of them."""
+    """This rank's val batches (position ranges, None for padding); each worker makes its worker_share."""
 
-    def __init__(self, shards: list[Shard], pieces: list[Piece], blocks: list[list], cfg: DataConfig):
-        self.shards, self.pieces, self.blocks, self.cfg = shards, pieces, blocks, cfg
+    def __init__(self, shards: list[Shard], batches: list[tuple[int, int] | None], cfg: DataConfig):
+        self.shards, self.batches, self.cfg = shards, batches, cfg
 
     def __iter__(self) -> Iterator[_FromWorker]:
-        batches = self.blocks[_worker_slot()[0]]
+        batches = worker_share(self.batches)
         real = [b for b in batches if b is not None]  # contiguous positions: read them in one pass
-        samples = (
-            (s for _, s in read_positions(self.shards, self.pieces, range(real[0][0], real[-1][1])))
-            if real
-            else iter(())
-        )
+        samples = read_sequence(self.shards, range(real[0][0], real[-1][1]) if real else ())
         for batch in batches:
             yield (
                 self.pad_batch([])
@@ -421,16 +432,13 @@ class ValStream:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         limits = Limits(cfg.max_member_bytes, cfg.max_pixels)
         shards = [shard for location in cfg.val for shard in open_shard_set(location, limits).shards]
-        pieces = [Piece(i, 0, shard.samples) for i, shard in enumerate(shards)]
         total = sum(shard.samples for shard in shards)
         pad_to = val_batch_count(total, world_size, cfg.eval_batch_size) if pad_to_equal else None
         batches = val_batches(total, world_size, rank, cfg.eval_batch_size, pad_to)
         self.num_batches = len(batches)
         self.samples = sum(b[1] - b[0] for b in batches if b is not None)
-        workers = min(default_workers() if cfg.workers is None else cfg.workers, len(batches))
-        self._loader = _loader(
-            _ValBatches(shards, pieces, split_blocks(batches, max(1, workers)), cfg), workers, cfg, dist.device()
-        )
+        workers = loader_workers(cfg.workers, len(batches))
+        self._loader = _loader(_ValBatches(shards, batches, cfg), workers, cfg, dist.device())
         self.skips = _SkipReport()
         self.rank = rank
 
