@@ -35,21 +35,24 @@ import shlex
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 from torchvision.io import ImageReadMode, decode_image
 from tqdm import tqdm
 
 from salnet import dist
-from salnet.data import DataError, default_workers
-from salnet.data.plan import Piece, split_blocks
-from salnet.data.reader import read_positions
+from salnet.data import DataError
+from salnet.data.plan import share
+from salnet.data.reader import read_sequence
 from salnet.data.sources import Limits, ShardSet, local_dir, open_shard_set
+from salnet.data.stream import loader_workers, worker_share
 from salnet.data.transforms import SampleError, decode_sample, resize_for_eval
 from salnet.evaluation.common import (
     PRECISIONS,
@@ -71,6 +74,16 @@ from salnet.shards.layouts import IMAGE_EXTENSIONS, find_pairs
 from salnet.validate import probabilities_at
 
 PROG = "python -m salnet.predict"
+T = TypeVar("T")
+
+
+class SourceKind(Enum):
+    """What an INPUT is; the value is predict.json's "kind"."""
+
+    SHARDS = "shards"  # a shard directory, URL or pipe: source
+    IMAGES = "images"  # a folder with image files directly in it
+    DATASET = "dataset"  # a dataset folder in a layout `pack` knows
+    LIST = "list"  # a list file
 
 
 @dataclass
@@ -79,7 +92,7 @@ class Source:
 
     name: str
     given: str  # the INPUT as given
-    kind: str  # "shards" | "images" | "dataset" | "list"
+    kind: SourceKind
     files: list[tuple[str, str]] = field(default_factory=list)  # (stem, path) of an image file source
     shards: ShardSet | None = None
 
@@ -93,19 +106,18 @@ def resolve(text: str, limits: Limits) -> Source:
     path = Path(location)
     if local_dir(location) is None or (path / "manifest.json").is_file():  # a URL, pipe: or a local shard directory
         shards = open_shard_set(location, limits)
-        return Source(check_name(name or shards.name, "dataset"), text, "shards", shards=shards)
+        return Source(check_name(name or shards.name, "dataset"), text, SourceKind.SHARDS, shards=shards)
     if not path.exists():
         raise EvaluationError(f"input '{location}' does not exist")
     default = path.resolve().stem if path.is_file() else path.resolve().name
     if path.is_file():
-        kind, files = "list", _list_file(path)
+        kind, files = SourceKind.LIST, _list_file(path)
     elif _images_in(path):
-        kind, files = "images", [(Path(p).stem, p) for p in _images_in(path)]
+        kind, files = SourceKind.IMAGES, [(Path(p).stem, p) for p in _images_in(path)]
     else:
         found = find_pairs(path)  # a known dataset layout, or a ShardsError saying what was looked for
-        kind, files = "dataset", [(Path(p.image).stem, p.image) for p in found.pairs]
-    stems = Counter(stem for stem, _ in files)
-    twice = sorted(s for s, n in stems.items() if n > 1)
+        kind, files = SourceKind.DATASET, [(Path(p.image).stem, p.image) for p in found.pairs]
+    twice = sorted(_repeated(stem for stem, _ in files))
     if twice:
         paths = [p for stem, p in files if stem in set(twice)]
         raise EvaluationError(
@@ -115,6 +127,11 @@ def resolve(text: str, limits: Limits) -> Source:
     if not files:
         raise EvaluationError(f"input '{location}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return Source(check_name(name or default, "dataset"), text, kind, files=files)
+
+
+def _repeated(values: Iterable[T]) -> list[T]:
+    """The values that occur more than once, in the order they first occur."""
+    return [value for value, n in Counter(values).items() if n > 1]
 
 
 def _images_in(folder: Path) -> list[str]:
@@ -137,36 +154,56 @@ def _list_file(path: Path) -> list[tuple[str, str]]:
     return files
 
 
+@dataclass
+class Prepared:
+    """An image ready for the network; its map goes to OUT/dataset/stem.png."""
+
+    dataset: str
+    stem: str
+    where: str  # the file, or the shard and sample
+    size: tuple[int, int]  # the map's height and width: the image's upright original size
+    inputs: list[torch.Tensor]  # uint8 [3, S, S], one per input size
+
+
+@dataclass
+class BadImage:
+    """An image that cannot be read or decoded: --skip-bad lists it and goes on, otherwise it stops the run."""
+
+    dataset: str
+    where: str
+    reason: str
+
+
+@dataclass
+class BadShard:
+    """A shard that cannot be read (not one image): it stops the run, --skip-bad or not."""
+
+    message: str
+
+
 class _Images(IterableDataset):
-    """This rank's items (source index, index in source) -> dicts with the network inputs per scale."""
+    """This rank's items (source index, index in source), each loader worker its worker_share, made
+    ready for the network at every input size."""
 
     def __init__(self, sources: list[Source], items: list[tuple[int, int]], sizes: list[int], max_pixels: int):
         self.sources, self.items, self.sizes, self.max_pixels = sources, items, sizes, max_pixels
 
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        mine = split_blocks(self.items, info.num_workers)[info.id] if info else self.items
+    def __iter__(self) -> Iterator[Prepared | BadImage | BadShard]:
         try:
-            for s, group in itertools.groupby(mine, key=lambda item: item[0]):
+            for s, group in itertools.groupby(worker_share(self.items), key=lambda item: item[0]):
                 source, indices = self.sources[s], [i for _, i in group]
-                if source.kind == "shards":
+                if source.kind is SourceKind.SHARDS:
                     yield from self._from_shards(source, indices)
                 else:
                     yield from (self._from_file(source, i) for i in indices)
-        except DataError as e:  # a shard that cannot be read (not one image): --skip-bad does not skip it
-            yield {"fatal": str(e)}
+        except DataError as e:
+            yield BadShard(str(e))
 
-    def _ready(self, source: Source, stem: str, where: str, image: torch.Tensor, size) -> dict:
-        return {
-            "dataset": source.name,
-            "stem": stem,
-            "where": where,
-            "size": tuple(int(v) for v in size),
-            "inputs": [resize_for_eval(image, s) for s in self.sizes],
-            "error": None,
-        }
+    def _ready(self, source: Source, stem: str, where: str, image: torch.Tensor, size) -> Prepared:
+        inputs = [resize_for_eval(image, s) for s in self.sizes]
+        return Prepared(source.name, stem, where, tuple(int(v) for v in size), inputs)
 
-    def _from_file(self, source: Source, index: int) -> dict:
+    def _from_file(self, source: Source, index: int) -> Prepared | BadImage:
         stem, path = source.files[index]
         try:
             with open(path, "rb") as f:
@@ -174,31 +211,29 @@ class _Images(IterableDataset):
                 prepared = prepare_image(f.read(), path, max_side=None, max_pixels=self.max_pixels)
             image = decode_image(torch.frombuffer(bytearray(prepared.data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except BadFileError as e:
-            return {"dataset": source.name, "stem": stem, "where": path, "error": e.reason}
+            return BadImage(source.name, path, e.reason)
         except (OSError, RuntimeError) as e:
-            return {"dataset": source.name, "stem": stem, "where": path, "error": f"cannot read or decode it: {e}"}
+            return BadImage(source.name, path, f"cannot read or decode it: {e}")
         return self._ready(source, stem, path, image, prepared.orig_size)
 
-    def _from_shards(self, source: Source, indices: list[int]) -> Iterator[dict]:
-        shards = list(source.shards.shards)
-        pieces = [Piece(i, 0, shard.samples) for i, shard in enumerate(shards)]
-        for _, raw in read_positions(shards, pieces, indices):
+    def _from_shards(self, source: Source, indices: list[int]) -> Iterator[Prepared | BadImage]:
+        for raw in read_sequence(source.shards.shards, indices):
             try:
                 image, _ = decode_sample(raw)  # the loader's decoder
                 meta = json.loads(raw.members["json"]) if "json" in raw.members else {}
             except (SampleError, ValueError) as e:
-                yield {"dataset": source.name, "stem": raw.key, "where": raw.where(), "error": str(e)}
+                yield BadImage(source.name, raw.where(), str(e))
                 continue
             stem = Path(meta["source"]).stem if meta.get("source") else raw.key
             yield self._ready(source, stem, raw.where(), image, meta.get("orig_size") or image.shape[-2:])
 
 
-def average_probabilities(predict, batch: list[dict], flip: bool) -> list[torch.Tensor]:
+def average_probabilities(predict, batch: list[Prepared], flip: bool) -> list[torch.Tensor]:
     """Mean probability map per image over the scales (and their mirrors), at each image's output size."""
-    sizes = [item["size"] for item in batch]
+    sizes = [item.size for item in batch]
     total, count = None, 0
-    for k in range(len(batch[0]["inputs"])):
-        images = torch.stack([item["inputs"][k] for item in batch])
+    for k in range(len(batch[0].inputs)):
+        images = torch.stack([item.inputs[k] for item in batch])
         views = [(images, False)] + ([(images.flip(-1), True)] if flip else [])
         for view, mirrored in views:
             logits = predict(view)
@@ -260,55 +295,78 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@dataclass(frozen=True)
+class Settings:
+    """How the maps are made, as predict.json records them."""
+
+    checkpoint: str
+    step: int | None
+    size: int  # the network's input side at scale 1
+    input_sizes: list[int]  # one per --tta-scales
+    tta_flip: bool
+    precision: str
+
+
+@dataclass
+class RankOutcome:
+    """What one rank did."""
+
+    written: list[tuple[str, str]] = field(default_factory=list)  # (dataset, stem) of each map written
+    skipped: list[BadImage] = field(default_factory=list)  # with --skip-bad
+
+
 def predict_main(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     checkpoint = load_best_weights(args.checkpoint)
     size = args.size or int(checkpoint.setting("data", "eval_size", 352))
-    sizes = [max(1, round(size * s)) for s in args.scales]
-    precision = args.precision or default_precision(checkpoint)
-    predict = make_predict(checkpoint.model, precision, bool(checkpoint.setting("train", "channels_last", True)))
+    settings = Settings(
+        checkpoint=str(args.checkpoint),
+        step=checkpoint.step,
+        size=size,
+        input_sizes=[max(1, round(size * s)) for s in args.scales],
+        tta_flip=args.tta_flip,
+        precision=args.precision or default_precision(checkpoint),
+    )
+    channels_last = bool(checkpoint.setting("train", "channels_last", True))
+    predict = make_predict(checkpoint.model, settings.precision, channels_last)
     limits = Limits(
         int(checkpoint.setting("data", "max_member_bytes", Limits().max_member_bytes)),
         args.max_pixels or int(checkpoint.setting("data", "max_pixels", Limits().max_pixels)),
     )
     sources = [resolve(text, limits) for text in args.inputs]
-    names = Counter(s.name for s in sources)
-    if any(n > 1 for n in names.values()):
-        raise EvaluationError(
-            f"two inputs have the dataset name {', '.join(n for n, c in names.items() if c > 1)}: "
-            "name them apart with NAME=INPUT"
-        )
-    rank, world = dist.rank(), dist.world_size()
+    twice = _repeated(s.name for s in sources)
+    if twice:
+        raise EvaluationError(f"two inputs have the dataset name {', '.join(twice)}: name them apart with NAME=INPUT")
     items = [(s, i) for s, source in enumerate(sources) for i in range(source.count)]
-    mine = split_blocks(items, world)[rank]
+    mine = items[share(len(items), dist.world_size(), dist.rank())]  # cut as validation cuts its sets
     for source in sources:
         (args.out / source.name).mkdir(parents=True, exist_ok=True)
 
-    workers = min(default_workers() if args.workers is None else args.workers, len(mine))
-    loader = DataLoader(_Images(sources, mine, sizes, limits.max_pixels), batch_size=None, num_workers=workers)
+    images = _Images(sources, mine, settings.input_sizes, limits.max_pixels)
+    loader = DataLoader(images, batch_size=None, num_workers=loader_workers(args.workers, len(mine)))
     progress = tqdm(total=len(mine), desc="predict", unit="img", disable=not (dist.is_main() and sys.stderr.isatty()))
-    written, skipped, error, batch = [], [], None, []
+    done, error, batch = RankOutcome(), None, []
 
     def flush() -> None:
         for item, prob in zip(batch, average_probabilities(predict, batch, args.tta_flip), strict=True):
-            write_map(prob, args.out / item["dataset"] / f"{item['stem']}.png")
-            written.append((item["dataset"], item["stem"], item["where"]))
+            write_map(prob, args.out / item.dataset / f"{item.stem}.png")
+            done.written.append((item.dataset, item.stem))
         progress.update(len(batch))
         batch.clear()
 
     try:
         for item in loader:
-            if "fatal" in item:
-                error = item["fatal"]
+            if isinstance(item, BadShard):
+                error = item.message
                 break
-            if item["error"] is not None:
+            if isinstance(item, BadImage):
                 if not args.skip_bad:
                     error = (
-                        f"{item['where']}: {item['error']}\npass --skip-bad to skip unreadable images "
+                        f"{item.where}: {item.reason}\npass --skip-bad to skip unreadable images "
                         f"(they are listed in {args.out / 'predict.json'})"
                     )
                     break
-                skipped.append({"dataset": item["dataset"], "path": item["where"], "reason": item["error"]})
+                done.skipped.append(item)
                 progress.update(1)
                 continue
             batch.append(item)
@@ -320,46 +378,42 @@ def predict_main(args: argparse.Namespace) -> dict:
         error = str(e)
     progress.close()
     raise_if_any(error)
-    return summarise(args, checkpoint, sources, size, sizes, precision, written, skipped, time.perf_counter() - started)
+    return summarise(settings, sources, done, args.out, time.perf_counter() - started)
 
 
-def summarise(args, checkpoint, sources, size, sizes, precision, written, skipped, seconds) -> dict:
-    """Gather what every rank wrote; rank 0 checks that no two images shared a map and writes predict.json."""
-    per_rank = dist.all_gather_object({"written": written, "skipped": skipped})
-    everything = [w for r in per_rank for w in r["written"]]
-    by_map = Counter((dataset, stem) for dataset, stem, _ in everything)
-    clashes = sorted(f"{dataset}/{stem}.png" for (dataset, stem), n in by_map.items() if n > 1)
+def summarise(settings: Settings, sources: list[Source], done: RankOutcome, out: Path, seconds: float) -> dict:
+    """Gather what every rank did; rank 0 checks that no two images shared a map and writes OUT/predict.json."""
+    per_rank = dist.all_gather_object(done)
+    written = [w for r in per_rank for w in r.written]
+    skipped = [k for r in per_rank for k in r.skipped]
+    clashes = sorted(f"{dataset}/{stem}.png" for dataset, stem in _repeated(written))
     if clashes:
         raise_if_any(
             f"several images have the same source stem, so their maps overwrote each other: {names_listed(clashes)}"
         )
     report = {
-        "checkpoint": str(args.checkpoint),
-        "step": checkpoint.step,
-        "size": size,
-        "input_sizes": sizes,
-        "tta_flip": args.tta_flip,
-        "precision": precision,
+        **asdict(settings),
         "world_size": dist.world_size(),
         "datasets": {
             s.name: {
                 "input": s.given,
-                "kind": s.kind,
+                "kind": s.kind.value,
                 "images": s.count,
-                "written": sum(1 for w in everything if w[0] == s.name),
-                "skipped": [k for r in per_rank for k in r["skipped"] if k["dataset"] == s.name],
+                "written": sum(1 for dataset, _ in written if dataset == s.name),
+                "skipped": [
+                    {"dataset": k.dataset, "path": k.where, "reason": k.reason} for k in skipped if k.dataset == s.name
+                ],
             }
             for s in sources
         },
-        "per_rank": [len(r["written"]) + len(r["skipped"]) for r in per_rank],
+        "per_rank": [len(r.written) + len(r.skipped) for r in per_rank],
     }
     if dist.is_main():
-        with atomic_write(args.out / "predict.json") as f:
+        with atomic_write(out / "predict.json") as f:
             json.dump(report, f, indent=2)
-        total = len(everything)
         print(
-            f"predict: wrote {total} maps of {len(sources)} dataset(s) to {args.out} in {seconds:.1f} s "
-            f"({total / max(seconds, 1e-9):.1f} img/s on {dist.world_size()} rank(s))",
+            f"predict: wrote {len(written)} maps of {len(sources)} dataset(s) to {out} in {seconds:.1f} s "
+            f"({len(written) / max(seconds, 1e-9):.1f} img/s on {dist.world_size()} rank(s))",
             flush=True,
         )
         for name, entry in report["datasets"].items():
