@@ -124,13 +124,17 @@ def match(gt: dict[str, Path], pred_dir: Path, label: str, allow_missing: bool) 
 def read_pair(gt_path: Path, pred_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(prediction as float32 probabilities level/255 at the GT's size, GT uint8), as PySODEvalToolkit reads them."""
     cv2 = _cv2()
-    gt = cv2.imread(str(gt_path), cv2.IMREAD_GRAYSCALE)
-    if gt is None:
-        raise EvaluationError(f"ground truth '{gt_path}' cannot be read as an image (corrupt, empty or unsupported)")
-    pred = cv2.imread(str(pred_path), cv2.IMREAD_GRAYSCALE)
-    if pred is None:
-        raise EvaluationError(f"prediction '{pred_path}' cannot be read as an image (corrupt, empty or unsupported)")
+    gt, pred = _gray(gt_path, "ground truth"), _gray(pred_path, "prediction")
     if pred.shape != gt.shape:
         pred = cv2.resize(pred, dsize=gt.shape[::-1], interpolation=cv2.INTER_LINEAR).astype(np.uint8)
     # level / 255 in float32 gives back floor(255 p) == level exactly for every level (salnet.metrics quantises so).
     return torch.from_numpy(pred).float().div_(255), torch.from_numpy(gt)
+
+
+def _gray(path: Path, what: str) -> np.ndarray:
+    """The image at `path` as 8-bit grayscale, read by OpenCV as PySODEvalToolkit reads it."""
+    cv2 = _cv2()
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise EvaluationError(f"{what} '{path}' cannot be read as an image (corrupt, empty or unsupported)")
+    return image

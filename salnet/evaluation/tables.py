@@ -43,6 +43,12 @@ def _count_cell(scores: dict[str, float]) -> str:
     return f"{int(scores.get('images', 0))}" + (f" ({', '.join(others)})" if others else "")
 
 
+def _counted_rows(by_method: dict[str, dict[str, float]], metrics: list[str], mark) -> list[list[str]]:
+    """_cells with 4 digits, each row ending in the method's image count."""
+    cells = _cells(by_method, metrics, 4, mark)
+    return [row + [_count_cell(scores)] for row, scores in zip(cells, by_method.values(), strict=True)]
+
+
 def _aligned(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -56,9 +62,7 @@ def _aligned(rows: list[list[str]]) -> str:
 def console(results: Results, metrics: list[str]) -> str:
     blocks = []
     for dataset, by_method in results.items():
-        rows = [["method", *metrics, "images"]]
-        for row, scores in zip(_cells(by_method, metrics, 4, lambda t: t + "*"), by_method.values(), strict=True):
-            rows.append(row + [_count_cell(scores)])
+        rows = [["method", *metrics, "images"], *_counted_rows(by_method, metrics, lambda t: t + "*")]
         blocks.append(f"{dataset}\n" + _aligned(rows))
     return "\n\n".join(blocks)
 
@@ -91,8 +95,7 @@ def markdown(results: Results, metrics: list[str]) -> str:
             "| method | " + " | ".join(metrics) + " | images |",
             "|:--|" + "--:|" * (len(metrics) + 1),
         ]
-        for row, scores in zip(_cells(by_method, metrics, 4, lambda t: f"**{t}**"), by_method.values(), strict=True):
-            lines.append("| " + " | ".join(row + [_count_cell(scores)]) + " |")
+        lines += ["| " + " | ".join(row) + " |" for row in _counted_rows(by_method, metrics, lambda t: f"**{t}**")]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
 
