@@ -154,6 +154,8 @@ def _list_file(path: Path) -> list[tuple[str, str]]:
     return files
 
 
+# What the loader hands over. A DataLoader's workers pass dataclasses on as they are; only pinned
+# memory needs dicts (salnet.data's batches are TypedDicts for that), and this loader pins none.
 @dataclass
 class Prepared:
     """An image ready for the network; its map goes to OUT/dataset/stem.png."""
