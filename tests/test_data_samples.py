@@ -4,6 +4,7 @@ past a corrupt sample without decoding it, and val masks at their stored, non-sq
 
 import io
 import logging
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,7 @@ def test_val_masks_keep_their_stored_size_and_images_take_the_eval_size(painted)
 
 
 def test_on_error_error_stops_naming_shard_and_key(corrupt):
+    before = set(multiprocessing.active_children())
     # Two readers: s00-s05 make batches 0, 2, 4 and s06-s09 batches 1, 3, so batch 1 (with s07) fails first.
     stream = TrainStream(cfg_for(corrupt, on_error="error", workers=2), seed=0, rank=0, world_size=1)
     with pytest.raises(DataError, match=r"painted-000000\.tar, sample 's07' \(#7\): no mask member"):
@@ -148,6 +150,11 @@ def test_on_error_error_stops_naming_shard_and_key(corrupt):
     val = ValStream(cfg_for(corrupt, on_error="error"), rank=0, world_size=1)
     with pytest.raises(DataError, match=r"painted-000000\.tar, sample 's02' \(#2\): member KEY\.png: corrupt PNG"):
         list(val)
+    # The failed streams go, and their loader workers with them, as soon as nothing refers to them:
+    # no reference cycle keeps them for the garbage collector, whose shutdown of a loader it finds
+    # takes 10 s per worker (and would be charged to a later test).
+    del stream, val
+    assert set(multiprocessing.active_children()) <= before, "a failed pass left its loader workers running"
 
 
 @pytest.mark.parametrize("world", [1, 2])

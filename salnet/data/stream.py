@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import traceback
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple, TypedDict, TypeVar
 
@@ -129,6 +130,20 @@ def _loader(dataset: IterableDataset, workers: int, cfg: DataConfig, device: tor
         prefetch_factor=cfg.prefetch if workers else None,
         persistent_workers=cfg.persistent_workers and workers > 0,
     )
+
+
+def _one_pass(loader: DataLoader) -> Iterator[_FromWorker]:
+    """One pass over `loader`. A worker's exception leaves it without the locals of the DataLoader's
+    frames: torch re-raises it from a frame that references it, and that reference cycle would keep
+    the failed iterator, and whatever the frames above hold (other streams), alive until the garbage
+    collector runs, at some later moment; by then the iterator's queues are finalized, and its shutdown
+    waits 5 s for each worker, sends SIGTERM (which our workers ignore, see _loader) and waits 5 s
+    more. Without the cycle the workers go as soon as the exception and the stream do."""
+    try:
+        yield from loader
+    except Exception as error:
+        traceback.clear_frames(error.__traceback__)
+        raise
 
 
 def _decode_all(raws: Sequence[RawSample], on_error: str) -> tuple[list, list[str]]:
@@ -291,7 +306,7 @@ class TrainStream:
         if first >= self.steps_per_epoch:
             return
         self._control[0], self._control[1] = epoch, first
-        for batch, skipped in _ahead_on_device(self._loader, self.device):
+        for batch, skipped in _ahead_on_device(_one_pass(self._loader), self.device):
             self.skips.add(skipped)
             self._done += 1  # counted before the yield: a state_dict() taken after this batch includes it
             yield batch
@@ -451,7 +466,7 @@ class ValStream:
 
     def __iter__(self) -> Iterator[ValBatch]:
         self.skips.reset()
-        for batch, skipped in self._loader:
+        for batch, skipped in _one_pass(self._loader):
             self.skips.add(skipped)
             yield batch
         self.skips.report(f"rank {self.rank}, validation")
