@@ -16,9 +16,10 @@ drawing of its layout (with the RunDir attribute of each entry):
       deepspeed_config.json       .deepspeed_config  the DeepSpeed JSON salnet generated (train.strategy=deepspeed)
       plots/                      .plots             pictures of the run and latest.npz (salnet.run.plots)
       wandb/                      .wandb             W&B's local files (salnet.run.wandb_run)
-      slurm/                      .slurm             launch/submit.py's; the training reads nothing here:
-        config-STAMP.yaml         .submitted_config  the resolved config a submitted job runs
-        wandb_id                  .launcher_wandb_id the W&B run id the launcher writes into every submit of the run
+      slurm/                      .slurm             written by launch/submit.py:
+        config-STAMP.yaml         .submitted_config  the resolved config a submitted job runs (its --config)
+        wandb_id                  .launcher_wandb_id the W&B run id the launcher writes into each submit's config
+                                                     (its own memory: the training never reads it)
         JOB_RANK_log.{out,err}                       each task's log (Submitit names them), and Submitit's pickles
 
 Temporary names (`.NAME.*.tmp` files, `checkpoints/.step-N.tmp/`) are never read as results: a
