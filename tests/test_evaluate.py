@@ -237,7 +237,7 @@ def test_a_checkpoint_on_shards_scores_what_validation_and_its_predicted_maps_sc
     ckpt = load_best_weights(checkpoint)
     data = DataConfig.model_validate({**ckpt.config["data"], "val": [str(shards)], "eval_batch_size": 1, "workers": 0})
     metrics = SODMetrics(["F", "E", "S", "wF", "MAE"])
-    validated = validate(make_predict(ckpt.model, "fp32", channels_last=True), ValStream(data, 0, 1), metrics)
+    validated = validate(make_predict(ckpt, "fp32"), ValStream(data, 0, 1), metrics)
     assert from_checkpoint["images"] == 7
     for key in METRICS:
         assert from_checkpoint[key] == pytest.approx(validated[key], abs=1e-9), key

@@ -62,7 +62,7 @@ def test_maps_have_the_original_size_for_odd_sizes_formats_and_exif_rotated_sour
 
     # The map of a plain RGB JPEG is floor(255 p) of the network's probabilities at the image's size.
     ckpt = load_best_weights(checkpoint)
-    net = make_predict(ckpt.model, "fp32", channels_last=True)
+    net = make_predict(ckpt, "fp32")
     with Image.open(folder / "odd0.jpg") as im:
         image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
     torch.set_num_threads(1)  # as the subprocess ran (OMP_NUM_THREADS=1): same kernels, same floats

@@ -6,14 +6,17 @@
   "checkpoint" is always a training checkpoint, `checkpoints/step-N/`; the commands' --checkpoint
   flag takes a best.pt, or one exported from such a checkpoint by `python -m salnet.strategy.convert`.)
 - `make_predict`: uint8 images -> fused logits, exactly as validation runs the network (ImageNet
-  normalisation on the device, channels_last and autocast as chosen).
+  normalisation on the device, channels_last as the run had it, autocast at the run's train.amp
+  unless another precision is asked for).
 - `raise_if_any`: every rank calls it after its share of the work; an error on any rank is raised
   on all of them, so no rank is left waiting in a collective for one that has stopped.
-- `run_main`: the command-line error exit (one message, on rank 0 when every rank has it).
+- `command_parser`, `run_main`, `run_distributed`: the commands' parser (their docstring as help),
+  and the command-line error exit (one message, on rank 0 when every rank has it).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -63,6 +66,13 @@ class BestWeights:
         """config[section][key], or `default` where an older best.pt lacks it."""
         return (self.config.get(section) or {}).get(key, default)
 
+    def precision(self, requested: str | None = None) -> str:
+        """`requested`, else the precision the run validated with (train.amp), so that scores match the logged ones."""
+        if requested is not None:
+            return requested
+        amp = self.setting("train", "amp", "fp32")
+        return amp if amp in PRECISIONS else "fp32"
+
 
 def load_best_weights(path: os.PathLike | str) -> BestWeights:
     path = Path(path)
@@ -96,17 +106,13 @@ def load_best_weights(path: os.PathLike | str) -> BestWeights:
     return BestWeights(path, model, best["config"], best.get("step"), dict(best.get("metrics") or {}))
 
 
-def default_precision(best: BestWeights) -> str:
-    """The precision the run validated with (train.amp), so that scores match the logged ones."""
-    amp = best.setting("train", "amp", "fp32")
-    return amp if amp in PRECISIONS else "fp32"
-
-
-def make_predict(model: torch.nn.Module, precision: str, channels_last: bool) -> Predict:
+def make_predict(best: BestWeights, precision: str) -> Predict:
     """uint8 images -> float32 fused logits on this rank's device, as validation computes them."""
     if precision not in PRECISIONS:
         raise EvaluationError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     device = dist.device()
+    channels_last = bool(best.setting("train", "channels_last", True))
+    model = best.model
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
     dtype = PRECISIONS[precision]
 
@@ -150,6 +156,24 @@ def raise_if_any(error: str | None) -> None:
     exc = EvaluationError(message)
     exc.on_every_rank = True
     raise exc
+
+
+def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A command's parser: the docstring's first paragraph is the description, the rest the epilog."""
+    head, _, rest = doc.partition("\n\n")
+    return argparse.ArgumentParser(
+        prog=prog, description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def run_distributed(prog: str, work: Callable[[], Any]) -> None:
+    """`work` on every rank inside the process group, with the command-line error exit."""
+
+    def run() -> None:
+        with dist.distributed():
+            work()
+
+    run_main(prog, run)
 
 
 def run_main(prog: str, main: Callable[[], None]) -> None:

@@ -45,11 +45,11 @@ from salnet.evaluation.common import (
     PRECISIONS,
     EvaluationError,
     check_name,
-    default_precision,
+    command_parser,
     load_best_weights,
     make_predict,
     raise_if_any,
-    run_main,
+    run_distributed,
     split_name,
 )
 from salnet.fsio import atomic_write
@@ -94,8 +94,7 @@ def score_checkpoints(args: argparse.Namespace, report: Report, families: list[s
         name, path = split_name(text)
         checkpoint = load_best_weights(path)
         method = check_name(name or checkpoint.run_name, "method")  # a method given twice: Report.add says so
-        precision = args.precision or default_precision(checkpoint)
-        predict = make_predict(checkpoint.model, precision, bool(checkpoint.setting("train", "channels_last", True)))
+        predict = make_predict(checkpoint, checkpoint.precision(args.precision))
         for dataset, location in args.data_sets:
             overrides = {"val": [location]}
             for key, value in (
@@ -155,10 +154,7 @@ def write_outputs(report: Report, metrics: list[str], out: Path, plot_format: st
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    head, _, rest = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(PROG, __doc__)
     parser.add_argument(
         "--checkpoint",
         action="append",
@@ -244,9 +240,4 @@ def evaluate_main(args: argparse.Namespace) -> Report:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-
-    def run() -> None:
-        with dist.distributed():
-            evaluate_main(args)
-
-    run_main(PROG, run)
+    run_distributed(PROG, lambda: evaluate_main(args))

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from salnet.data import IMAGENET_MEAN, IMAGENET_STD
-from salnet.evaluation.common import BestWeights, EvaluationError, load_best_weights, run_main
+from salnet.evaluation.common import BestWeights, EvaluationError, command_parser, load_best_weights, run_main
 
 PROG = "python -m salnet.export"
 FORMATS = ("torchscript", "onnx")
@@ -173,10 +173,7 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> None:
-    head, _, rest = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(PROG, __doc__)
     parser.add_argument("--checkpoint", required=True, type=Path, help="a run's best.pt (or one exported by convert)")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, type=Path, help="the file to write")

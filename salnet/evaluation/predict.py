@@ -58,12 +58,12 @@ from salnet.evaluation.common import (
     PRECISIONS,
     EvaluationError,
     check_name,
-    default_precision,
+    command_parser,
     load_best_weights,
     make_predict,
     names_listed,
     raise_if_any,
-    run_main,
+    run_distributed,
     split_name,
 )
 from salnet.fsio import atomic_write
@@ -250,10 +250,7 @@ def write_map(prob: torch.Tensor, path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    head, _, rest = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(PROG, __doc__)
     parser.add_argument(
         "inputs", nargs="+", metavar="[NAME=]INPUT", help="shard directory, image folder, dataset folder or list file"
     )
@@ -327,10 +324,9 @@ def predict_main(args: argparse.Namespace) -> dict:
         size=size,
         input_sizes=[max(1, round(size * s)) for s in args.scales],
         tta_flip=args.tta_flip,
-        precision=args.precision or default_precision(checkpoint),
+        precision=checkpoint.precision(args.precision),
     )
-    channels_last = bool(checkpoint.setting("train", "channels_last", True))
-    predict = make_predict(checkpoint.model, settings.precision, channels_last)
+    predict = make_predict(checkpoint, settings.precision)
     limits = Limits(
         int(checkpoint.setting("data", "max_member_bytes", Limits().max_member_bytes)),
         args.max_pixels or int(checkpoint.setting("data", "max_pixels", Limits().max_pixels)),
@@ -428,9 +424,4 @@ def summarise(settings: Settings, sources: list[Source], done: RankOutcome, out:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-
-    def run() -> None:
-        with dist.distributed():
-            predict_main(args)
-
-    run_main(PROG, run)
+    run_distributed(PROG, lambda: predict_main(args))
