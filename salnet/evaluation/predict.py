@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shlex
 import sys
 import time
 from collections import Counter
@@ -70,7 +69,7 @@ from salnet.fsio import atomic_write
 from salnet.imagecheck import parse_pixels
 from salnet.metrics.inputs import to_levels
 from salnet.shards.images import BadFileError, prepare_image
-from salnet.shards.layouts import IMAGE_EXTENSIONS, find_pairs
+from salnet.shards.layouts import IMAGE_EXTENSIONS, find_pairs, list_file_lines
 from salnet.validate import probabilities_at
 
 PROG = "python -m salnet.predict"
@@ -143,15 +142,7 @@ def _images_in(folder: Path) -> list[str]:
 
 
 def _list_file(path: Path) -> list[tuple[str, str]]:
-    files = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            fields = shlex.split(line, comments=True)
-        except ValueError as e:
-            raise EvaluationError(f"{path}:{number}: cannot parse {line!r} ({e})") from None
-        if fields:
-            files.append((Path(fields[0]).stem, str(path.parent / fields[0])))
-    return files
+    return [(Path(fields[0]).stem, str(path.parent / fields[0])) for _, _, fields in list_file_lines(path)]
 
 
 # What the loader hands over. A DataLoader's workers pass dataclasses on as they are; only pinned

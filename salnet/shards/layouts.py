@@ -23,6 +23,7 @@ import re
 import shlex
 import unicodedata
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -167,16 +168,22 @@ def _by_stem(folder: Path, src: Path, ignored: list[str]) -> dict[str, list[_Fil
     return stems
 
 
-def _from_list(list_file: Path) -> Found:
-    base = list_file.parent
-    pairs, unpaired, seen = [], [], {}
+def list_file_lines(list_file: Path) -> Iterator[tuple[int, str, list[str]]]:
+    """(line number, line, its fields) for each non-empty line of a list file: shell-style quoting,
+    `#` comments. A line that cannot be split is an error naming the file and line."""
     for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
         try:
             fields = shlex.split(line, comments=True)
         except ValueError as e:
             raise ShardsError(f"{list_file}:{number}: cannot parse {line!r} ({e})") from None
-        if not fields:
-            continue
+        if fields:
+            yield number, line, fields
+
+
+def _from_list(list_file: Path) -> Found:
+    base = list_file.parent
+    pairs, unpaired, seen = [], [], {}
+    for number, line, fields in list_file_lines(list_file):
         if len(fields) != 2:
             raise ShardsError(
                 f"{list_file}:{number}: expected 'image_path mask_path', got {len(fields)} fields "
