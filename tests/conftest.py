@@ -1,23 +1,29 @@
 """Shared test helpers: run salnet entry points in real subprocesses (torchrun, srun-like env)."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from salnet.dist import free_port  # noqa: F401  (the tests' rendezvous ports)
+from salnet.dist import free_port  # the tests' rendezvous ports
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def python_env(env=None):
+    """The environment of a test's subprocess: this one, unbuffered output, one OpenMP thread, then `env`."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+
+
 def run_py(args, env=None, timeout=120, cwd=REPO, check=True):
     """Run `python ARGS...` with this interpreter; fail the test with its output on error."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(
         [sys.executable, *map(str, args)],
-        env=full_env,
+        env=python_env(env),
         cwd=cwd,
         text=True,
         capture_output=True,
@@ -28,18 +34,46 @@ def run_py(args, env=None, timeout=120, cwd=REPO, check=True):
     return proc
 
 
+def spawn(args, env=None, **popen):
+    """Start `python ARGS...` as run_py runs it, without waiting: stdout and stderr piped (text) unless
+    `popen` (subprocess.Popen's arguments) says otherwise."""
+    options = {"cwd": REPO, "text": True, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen([sys.executable, *map(str, args)], env=python_env(env), **options)
+
+
+def torchrun_args(nproc, args, max_restarts=None):
+    """`-m torch.distributed.run` with N ranks on CPU (gloo), then ARGS: a static rendezvous on a free
+    local port, or with `max_restarts` the c10d rendezvous (torchrun's choice for elastic jobs: every
+    restart rendezvouses afresh)."""
+    if max_restarts is None:
+        rendezvous = ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    else:
+        rendezvous = [
+            f"--max-restarts={max_restarts}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        ]
+    return ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *rendezvous, *args]
+
+
 def torchrun(nproc, args, env=None, timeout=180, check=True):
-    """`torchrun --nproc_per_node N ARGS...` on CPU (gloo), on a free port."""
-    return run_py(
-        [
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            *args,
-        ],
-        env=env,
-        timeout=timeout,
-        check=check,
-    )
+    """`torchrun --nproc_per_node N ARGS...` on CPU (gloo), on a free port; waits, as run_py."""
+    return run_py(torchrun_args(nproc, args), env=env, timeout=timeout, check=check)
+
+
+def spawn_torchrun(nproc, args, env=None, max_restarts=None, **popen):
+    """torchrun's agent started in the background, as spawn starts it (torchrun_args)."""
+    return spawn(torchrun_args(nproc, args, max_restarts), env=env, **popen)
+
+
+def corrupt_last_val_image(val: Path, into: Path) -> str:
+    """A copy of the val shard directory `val` at `into` whose last sample's image bytes are no image
+    (the tar stays intact): the rank whose share holds it fails while decoding it. Returns its key."""
+    shutil.copytree(val, into)
+    tar_path = sorted(into.glob("*.tar"))[-1]
+    with tarfile.open(tar_path) as tar:
+        last_image = [m for m in tar.getmembers() if m.name.endswith((".jpg", ".png")) and ".mask." not in m.name][-1]
+    with open(tar_path, "r+b") as f:
+        f.seek(last_image.offset_data)
+        f.write(b"not an image at all")
+    return last_image.name.split(".")[0]

@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 from test_train import records, tiny_config
-from test_train_stop import children, popen, wait_for_step
+from test_train_stop import alive, children, wait_for_step
 
 from salnet.config import load_config
 from salnet.data import ValStream, to_model_input
@@ -37,7 +37,7 @@ from salnet.run.wandb_run import transaction_log_records
 from salnet.shards.synth import synthesize
 from salnet.validate import MAX_CELL_SIDE, best_key, cell_size, panel_rank, probabilities_at
 
-from conftest import REPO, free_port, run_py, torchrun
+from conftest import REPO, free_port, run_py, spawn, torchrun
 
 PANEL, WORST = 4, 3
 WANDB_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -324,11 +324,9 @@ def test_killed_and_resumed_runs_log_each_step_once_to_one_wandb_run(tmp_path, s
     path, run_dir = dash_config(tmp_path, shards, train={"steps": 8}, eval={"every": 4}, checkpoint={"every": 4})
     env = wandb_env(tmp_path, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # 1: killed (SIGKILL: no save, no goodbye to W&B) after step 6, so it resumes at the step-4 checkpoint.
-    job = popen(["-m", "salnet.train", "--config", path], env=env)
+    job = spawn(["-m", "salnet.train", "--config", path], env=env)
     wait_for_step(run_dir, 6, [job])
-    job.kill()
-    job.communicate(timeout=60)
-    time.sleep(2)  # the orphaned wandb-core notices its parent is gone and stops writing
+    kill_once_wandb_has_rows(job, run_dir)
     # 2: resumes at step 4 and finishes.
     assert "at step 4" in run_py(["-m", "salnet.train", "--config", path], env=env, timeout=400).stdout
     # 3: the final checkpoint lost: resumes at step 4 again and repeats steps W&B already has.
@@ -389,9 +387,37 @@ def wandb_core_of(pid):
     return None
 
 
+def kill_once_wandb_has_rows(job, run_dir, timeout=120):
+    """SIGKILL `job` (no save, no goodbye to W&B) once its W&B transaction log holds train rows, and
+    return when its orphaned wandb-core has gone. Conditions, not sleeps: wandb-core writes what it is
+    sent in its own time (a busy machine delays it), and a W&B run without rows of the killed attempt
+    would leave nothing for the next one to continue; a wandb-core still writing after the kill would
+    race the next attempt, which reads those rows to know where W&B stands."""
+    core = wandb_core_of(job.pid)
+    assert core is not None
+    job.send_signal(signal.SIGSTOP)  # frozen at this step (it cannot reach its next checkpoint) ...
+    deadline = time.monotonic() + timeout
+    while not logged_steps(run_dir, "train/loss"):  # ... while wandb-core writes what it was sent
+        assert time.monotonic() < deadline, f"W&B got no train rows within {timeout} s"
+        time.sleep(0.1)
+    job.kill()
+    job.communicate(timeout=60)
+    while alive(core):
+        assert time.monotonic() < deadline, f"the orphaned wandb-core (pid {core}) outlived its parent by {timeout} s"
+        time.sleep(0.05)
+
+
+def logged_steps(run_dir, key):
+    """The steps of `key` in the first W&B transaction log of `run_dir` so far ([] before it has any)."""
+    try:
+        return offline_runs(run_dir)[0].steps_of(key)
+    except (IndexError, StopIteration, ValueError):  # no run directory, no transaction log, or no header yet
+        return []
+
+
 def test_training_outlives_a_killed_wandb_core(tmp_path, shards):
     path, run_dir = dash_config(tmp_path, shards, train={"steps": 6})
-    job = popen(["-m", "salnet.train", "--config", path], env=wandb_env(tmp_path))
+    job = spawn(["-m", "salnet.train", "--config", path], env=wandb_env(tmp_path))
     wait_for_step(run_dir, 2, [job])
     core = wandb_core_of(job.pid)
     assert core is not None

@@ -12,7 +12,7 @@ import pytest
 
 from salnet.run.preemption import EXIT_REQUEUE, EXIT_STOPPED, StopRequest, _process_gone, parent_death_signal
 
-from conftest import REPO, free_port
+from conftest import REPO, spawn_torchrun
 
 LINUX = sys.platform.startswith("linux")
 
@@ -176,23 +176,7 @@ def test_torchrun_workers_stop_when_usr2_kills_the_agent(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "seen"
-    agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            str(script),
-            str(out),
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
-    )
+    agent = spawn_torchrun(2, [script, out], env={"PYTHONPATH": str(REPO)})
     try:
         ready = [agent.stdout.readline() for _ in range(2)]
         assert all(line.startswith("ready") and "armed=True" in line for line in ready), ready

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import yaml
 
 from salnet.run.rundir import RunDir
 
-from conftest import REPO
+from conftest import REPO, corrupt_last_val_image
 
 SUBMIT = REPO / "launch" / "submit.py"
 SBATCH = REPO / "slurm" / "train.sbatch"
@@ -558,13 +556,7 @@ def test_a_crash_on_one_rank_fails_the_job_in_bounded_time_naming_the_rank(clust
     # Corrupt the last val image: rank 1 holds it and fails in the first validation, while rank 0
     # waits in the metrics all-reduce.
     val = tmp_path / "val"
-    shutil.copytree(work / "shards" / "val", val)
-    tar_path = sorted(val.glob("*.tar"))[-1]
-    with tarfile.open(tar_path) as tar:
-        last_image = [m for m in tar.getmembers() if m.name.endswith((".jpg", ".png")) and ".mask." not in m.name][-1]
-    with open(tar_path, "r+b") as f:
-        f.seek(last_image.offset_data)
-        f.write(b"not an image at all")
+    key = corrupt_last_val_image(work / "shards" / "val", val)
     config = write_config(
         work, "crash", data={"val": [str(val)]}, train={"steps": 8, "timeout_s": 60}, eval={"every": 2}
     )
@@ -573,7 +565,7 @@ def test_a_crash_on_one_rank_fails_the_job_in_bounded_time_naming_the_rank(clust
     waited = wait_gone(run_dir, job, timeout=180)
     everything = logs(run_dir, job)
     err1 = (run_dir / "slurm" / f"{job}_1_log.err").read_text()
-    assert "[rank 1]" in err1 and last_image.name.split(".")[0] in err1, everything
+    assert "[rank 1]" in err1 and key in err1, everything
     # The failing rank left by itself (srun did not have to kill it), and the job ended in bounded time.
     assert "task 1: Exited with exit code 1" in everything, everything
     assert waited < 90, f"the job took {waited:.0f} s to fail:\n{everything}"

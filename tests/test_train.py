@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import tarfile
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from salnet.run.rundir import RunDir
 from salnet.shards.synth import synthesize
 from salnet.validate import probabilities_at
 
-from conftest import REPO, run_py, torchrun
+from conftest import REPO, corrupt_last_val_image, run_py, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -167,17 +166,11 @@ def test_a_rank_that_raises_ends_the_job(tmp_path, shards):
     # Corrupt the last val sample's image: only the rank that holds it fails, during validation,
     # while the other rank waits in the metrics all-reduce.
     val = tmp_path / "val"
-    shutil.copytree(shards["val"], val)
-    tar_path = sorted(val.glob("*.tar"))[-1]
-    with tarfile.open(tar_path) as tar:
-        last_image = [m for m in tar.getmembers() if m.name.endswith((".jpg", ".png")) and ".mask." not in m.name][-1]
-    with open(tar_path, "r+b") as f:
-        f.seek(last_image.offset_data)
-        f.write(b"not an image at all")
+    key = corrupt_last_val_image(shards["val"], val)
     path, _ = tiny_config(tmp_path, shards, data={"val": [str(val)]}, train={"steps": 3, "timeout_s": 60})
     proc = torchrun(2, ["-m", "salnet.train", "--config", path], check=False, timeout=170)
     assert proc.returncode != 0
-    assert "[rank 1]" in proc.stderr and last_image.name.split(".")[0] in proc.stderr
+    assert "[rank 1]" in proc.stderr and key in proc.stderr
 
 
 def test_short_demo_learns(tmp_path, shards):

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +16,7 @@ from salnet.run.preemption import EXIT_REQUEUE
 from salnet.run.rundir import RunDir
 from salnet.shards.synth import synthesize
 
-from conftest import REPO, free_port, torchrun
+from conftest import free_port, spawn, spawn_torchrun, torchrun
 
 STEPS = 16
 
@@ -45,18 +44,6 @@ def run_config(tmp_path, shards):
         eval={"every": 8},
         checkpoint={"every": STEPS, "keep": 5},
         log={"every": 1},
-    )
-
-
-def popen(args, env=None):
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, *map(str, args)],
-        env=full_env,
-        cwd=REPO,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
     )
 
 
@@ -106,7 +93,7 @@ def test_a_warning_signal_to_one_rank_stops_every_rank_at_one_step_and_resume_is
     path, run_dir = run_config(tmp_path, shards)
     port = free_port()
     ranks = [
-        popen(
+        spawn(
             ["-m", "salnet.train", "--config", path],
             env={
                 "RANK": str(r),
@@ -140,19 +127,7 @@ def test_a_warning_signal_to_one_rank_stops_every_rank_at_one_step_and_resume_is
 
 def test_sigterm_to_torchrun_saves_and_does_not_ask_for_a_requeue(tmp_path, shards):
     path, run_dir = run_config(tmp_path, shards)
-    agent = popen(
-        [
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            "-m",
-            "salnet.train",
-            "--config",
-            path,
-        ]
-    )
+    agent = spawn_torchrun(2, ["-m", "salnet.train", "--config", path])
     wait_for_step(run_dir, 2, [agent])
     agent.send_signal(signal.SIGTERM)  # torchrun's agent passes SIGTERM on to its workers
     out, err = agent.communicate(timeout=120)
@@ -169,21 +144,7 @@ def test_torchrun_max_restarts_resumes_from_the_newest_checkpoint(tmp_path, shar
     config = json.loads(json.dumps(__import__("yaml").safe_load(path.read_text())))
     config["checkpoint"]["every"] = 4
     path.write_text(__import__("yaml").safe_dump(config))
-    # The c10d rendezvous (torchrun's choice for elastic jobs): every restart rendezvouses afresh.
-    agent = popen(
-        [
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--max-restarts=1",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-            "-m",
-            "salnet.train",
-            "--config",
-            path,
-        ]
-    )
+    agent = spawn_torchrun(2, ["-m", "salnet.train", "--config", path], max_restarts=1)
     wait_for_step(run_dir, 5, [agent])  # past the step-4 checkpoint
     workers = children(agent.pid)
     assert len(workers) == 2, workers
@@ -196,19 +157,7 @@ def test_torchrun_max_restarts_resumes_from_the_newest_checkpoint(tmp_path, shar
 
 def test_when_the_launcher_dies_the_ranks_save_and_stop_instead_of_training_unsupervised(tmp_path, shards):
     path, run_dir = run_config(tmp_path, shards)
-    agent = popen(
-        [
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            "-m",
-            "salnet.train",
-            "--config",
-            path,
-        ]
-    )
+    agent = spawn_torchrun(2, ["-m", "salnet.train", "--config", path])
     wait_for_step(run_dir, 2, [agent])
     workers = children(agent.pid)
     assert len(workers) == 2, workers
@@ -235,6 +184,33 @@ def zombie(pid):
         return True
 
 
+def alive(pid):
+    return os.path.exists(f"/proc/{pid}") and not zombie(pid)
+
+
+def kill_the_whole_job(agent):
+    """SIGKILL torchrun's agent and its ranks at once. torchrun starts each rank in a session of its
+    own, so the agent's process group does not hold them: killed alone, the agent would leave them
+    running (they would save at their next step, having lost their launcher, or wait out
+    train.timeout_s for a rendezvous the agent no longer serves)."""
+    ranks = children(agent.pid)
+    for pid in [*ranks, agent.pid]:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    agent.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(ranks) == 2 and not any(alive(pid) for pid in ranks), f"ranks {ranks} outlived the kill"
+
+
+def metrics_lines(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return set(path.read_text().splitlines()) if path.exists() else set()
+
+
 def test_kill_9_at_random_moments_including_saves_then_resume_ends_bitwise_equal(tmp_path, shards, uninterrupted):
     """The run is killed (the whole job, SIGKILL) at several moments, one of them inside a checkpoint
     save; every restart resumes; the end result is the uninterrupted run's, and metrics.jsonl holds
@@ -247,21 +223,10 @@ def test_kill_9_at_random_moments_including_saves_then_resume_ends_bitwise_equal
     path.write_text(__import__("yaml").safe_dump(config))
     rng = random.Random(1234)
     for attempt in range(3):
-        agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node=2",
-                "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}",
-                "-m",
-                "salnet.train",
-                "--config",
-                str(path),
-            ],
-            cwd=REPO,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        before = metrics_lines(run_dir)
+        agent = spawn_torchrun(
+            2,
+            ["-m", "salnet.train", "--config", path],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -270,11 +235,12 @@ def test_kill_9_at_random_moments_including_saves_then_resume_ends_bitwise_equal
             deadline = time.monotonic() + 300
             while not list((run_dir / "checkpoints").glob(".step-*.tmp")) and time.monotonic() < deadline:
                 time.sleep(0.005)
-        else:
-            wait_for_step(run_dir, 1, [agent])  # past start-up, then at a random moment
+        else:  # past start-up (a record of this attempt's in metrics.jsonl), then at a random moment
+            deadline = time.monotonic() + 300
+            while not metrics_lines(run_dir) - before and time.monotonic() < deadline:
+                time.sleep(0.05)
             time.sleep(rng.uniform(0.0, 4.0))
-        os.killpg(agent.pid, signal.SIGKILL)
-        agent.wait()
+        kill_the_whole_job(agent)
     out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=400).stdout
     assert "resumed from" in out
     assert_resumed_run_equals(run_dir, uninterrupted)
