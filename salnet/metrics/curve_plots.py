@@ -42,28 +42,28 @@ def _figure() -> tuple[Figure, object]:
     return fig, fig.add_subplot()
 
 
-def pr_figure(dataset: str, by_method: dict[str, dict[str, list]]) -> Figure:
-    """Mean precision against mean recall over the 256 thresholds."""
+def _curve_figure(
+    dataset: str, by_method: dict[str, dict[str, list]], x: str, y: str, labels: tuple[str, str], xlim, legend: str
+) -> Figure:
+    """One line per method: curve[y] against curve[x]."""
     fig, ax = _figure()
     for (method, curve), style in zip(by_method.items(), _styles(), strict=False):
-        ax.plot(curve["recall"], curve["precision"], label=method, linewidth=1.5, **style)
-    ax.set(title=dataset, xlabel="Recall", ylabel="Precision", xlim=(0, 1))
+        ax.plot(curve[x], curve[y], label=method, linewidth=1.5, **style)
+    ax.set(title=dataset, xlabel=labels[0], ylabel=labels[1], xlim=xlim)
     ax.set_ylim(top=1.0)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize="small")
+    ax.legend(loc=legend, fontsize="small")
     return fig
+
+
+def pr_figure(dataset: str, by_method: dict[str, dict[str, list]]) -> Figure:
+    """Mean precision against mean recall over the 256 thresholds."""
+    return _curve_figure(dataset, by_method, "recall", "precision", ("Recall", "Precision"), (0, 1), "lower left")
 
 
 def fm_figure(dataset: str, by_method: dict[str, dict[str, list]]) -> Figure:
     """Mean F-measure (beta^2 = 0.3) against the 8-bit binarisation threshold."""
-    fig, ax = _figure()
-    for (method, curve), style in zip(by_method.items(), _styles(), strict=False):
-        ax.plot(curve["threshold"], curve["F"], label=method, linewidth=1.5, **style)
-    ax.set(title=dataset, xlabel="Threshold", ylabel="F-measure", xlim=(0, 255))
-    ax.set_ylim(top=1.0)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower center", fontsize="small")
-    return fig
+    return _curve_figure(dataset, by_method, "threshold", "F", ("Threshold", "F-measure"), (0, 255), "lower center")
 
 
 def figures(curves: Curves) -> dict[str, Figure]:
