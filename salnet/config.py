@@ -159,19 +159,67 @@ class DataConfig(Section):
         return dict(self.val) if isinstance(self.val, dict) else {DEFAULT_VAL_SET: list(self.val)}
 
 
+# The backbones by family: torchvision's model names. Channels and strides are not kept here:
+# salnet.model reads them off the model itself (a dry pass on the meta device).
+BACKBONE_FAMILIES = {
+    "resnet": ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d"),
+    "swin": ("swin_t", "swin_s", "swin_b"),
+    "swin_v2": ("swin_v2_t", "swin_v2_s", "swin_v2_b"),
+    "convnext": ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large"),
+    "vit": ("vit_b_16", "vit_l_16", "vit_h_14"),
+}
+# The families whose backbone has BatchNorm: model.norm and model.backbone.frozen_bn reach into
+# them; the others have LayerNorm only, so model.norm is the decoder's alone.
+BATCHNORM_FAMILIES = ("resnet",)
+BACKBONES_COMMAND = "python -m salnet.model --backbones"
+
+
+def backbone_family(name: str) -> str | None:
+    """The family of backbone `name` ('resnet', 'swin', ...), or None for an unknown name."""
+    return next((family for family, names in BACKBONE_FAMILIES.items() if name in names), None)
+
+
+def check_backbone_name(name: str) -> str:
+    """The family of backbone `name`; a ValueError that lists the families for an unknown name."""
+    family = backbone_family(name)
+    if family is None:
+        every = [n for names in BACKBONE_FAMILIES.values() for n in names]
+        close = difflib.get_close_matches(name, every, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"model.backbone.name={name!r} is not a known backbone{hint} Families: "
+            + ", ".join(f"{f} ({names[0]}, ...)" for f, names in BACKBONE_FAMILIES.items())
+            + f"; `{BACKBONES_COMMAND}` lists every name"
+        )
+    return family
+
+
 class BackboneConfig(Section):
-    name: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d"] = Field(
-        "resnet50", description="torchvision backbone (torchvision's own code and weight format)"
+    name: str = Field(
+        "resnet50",
+        description="torchvision backbone (torchvision's own code and weight format), of the families "
+        + ", ".join(BACKBONE_FAMILIES)
+        + f"; `{BACKBONES_COMMAND}` lists every name",
     )
     weights: str = Field(
         "none",
-        description="'imagenet' (torchvision's IMAGENET1K_V1 file, cached in TORCH_HOME), another torchvision weights name of "
-        "this backbone (e.g. IMAGENET1K_V2), 'none' (random init), or a path to a torchvision-format state dict",
+        description="'imagenet' (torchvision's IMAGENET1K_V1 file, or its DEFAULT where there is no V1 (vit_h_14), cached "
+        "in TORCH_HOME), another torchvision weights name of this backbone (e.g. IMAGENET1K_V2), 'none' (random init), "
+        "or a path to a torchvision-format state dict",
     )
     frozen_bn: bool = Field(
         False,
-        description="replace the backbone's BatchNorm by FrozenBatchNorm2d: statistics and affine parameters stay as loaded",
+        description="replace the backbone's BatchNorm by FrozenBatchNorm2d: statistics and affine parameters stay as "
+        "loaded (ResNet family only: the others have no BatchNorm)",
     )
+
+    def model_post_init(self, context) -> None:
+        family = check_backbone_name(self.name)
+        if self.frozen_bn and family not in BATCHNORM_FAMILIES:
+            raise ValueError(
+                f"model.backbone.frozen_bn=true freezes a backbone's BatchNorm, and {self.name} ({family} family) has "
+                f"LayerNorm only; set model.backbone.frozen_bn=false"
+            )
 
 
 class ModelConfig(Section):
@@ -189,8 +237,8 @@ class ModelConfig(Section):
     )
     norm: Literal["batch", "group"] = Field(
         "batch",
-        description="norm layer of the decoder, and of the backbone unless backbone.frozen_bn "
-        "(group with pretrained weights needs backbone.frozen_bn=true)",
+        description="norm layer of the decoder, and of a ResNet backbone unless backbone.frozen_bn "
+        "(group with pretrained weights needs backbone.frozen_bn=true); Swin, ConvNeXt and ViT keep their LayerNorm",
     )
     gn_groups: int = Field(32, gt=0, description="groups for GroupNorm (must divide every normalised channel count)")
 
@@ -199,7 +247,12 @@ class ModelConfig(Section):
         # salnet.model checks the GroupNorm channel counts, which depend on the backbone.
         if any(b < 1 for b in self.ppm_bins):
             raise ValueError(f"model.ppm_bins must all be >= 1 (output sizes of the pooling), got {self.ppm_bins}")
-        if self.norm == "group" and not self.backbone.frozen_bn and self.backbone.weights != "none":
+        if (
+            self.norm == "group"
+            and backbone_family(self.backbone.name) in BATCHNORM_FAMILIES
+            and not self.backbone.frozen_bn
+            and self.backbone.weights != "none"
+        ):
             raise ValueError(
                 f"model.norm=group puts GroupNorm into the backbone, which cannot take the BatchNorm statistics of "
                 f"model.backbone.weights={self.backbone.weights!r}; set model.backbone.frozen_bn=true (frozen pretrained "

@@ -11,7 +11,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from salnet.config import ConfigError, LossConfig, ModelConfig, load_config
 from salnet.loss import build_loss
 from salnet.model import BackboneWeightsError, build_model
-from salnet.model.backbone import C5_CHANNELS, build_backbone, stage_channels
+from salnet.model.backbone import build_backbone, stage_channels
 from salnet.model.fpn import FeaturePyramid
 from salnet.model.ppm import PyramidPooling
 
@@ -70,8 +70,8 @@ def test_outputs_are_logits_at_the_input_size(small_model, height, width):
     assert all(o.shape == (2, 1, height, width) for o in outputs)
 
 
-@pytest.mark.parametrize("name", sorted(C5_CHANNELS))
-def test_stage_channel_table_matches_torchvision(name):
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d"])
+def test_stage_channels_match_torchvision(name):
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         backbone = build_backbone(name, "none", nn.BatchNorm2d)
         features = backbone(torch.empty(1, 3, 64, 64))

@@ -1,5 +1,7 @@
 """The model report: `python -m salnet.model --backbone resnet50 --size 352`.
 
+`--backbones` lists every backbone name by family.
+
 Prints the parameter count, the FLOPs of one eval-mode forward pass (torch.utils.flop_counter)
 and the per-image shapes of C2..C5, PPM, P2..P5 and the outputs, for any backbone and input size.
 Takes the shared config arguments too, so `--config configs/X.yaml` reports that run's network.
@@ -15,7 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from salnet.config import ConfigError, add_config_arguments, config_from_args
-from salnet.model.backbone import C5_CHANNELS
+from salnet.model.backbone import backbone_names
 from salnet.model.salnet import SalNet, build_model
 from salnet.model.weights import NO_WEIGHTS
 
@@ -88,20 +90,25 @@ def report(model: SalNet, height: int, width: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m salnet.model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", choices=sorted(C5_CHANNELS), help="overrides model.backbone.name")
+    parser.add_argument("--backbone", metavar="NAME", help="overrides model.backbone.name (see --backbones)")
+    parser.add_argument("--backbones", action="store_true", help="list every backbone name by family, and exit")
     parser.add_argument(
         "--size", type=input_size, metavar="H[xW]", help="input size in pixels, e.g. 352 or 353x97 (default: data.size)"
     )
     args = add_config_arguments(parser).parse_args(argv)
+    if args.backbones:
+        for family, names in backbone_names().items():
+            print(f"{family:<10}" + " ".join(names))
+        return
+    if args.backbone:  # validated by the schema, which names the families of an unknown name
+        args.overrides = [*args.overrides, f"model.backbone.name={args.backbone}"]
     try:
         cfg = config_from_args(args)
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: {e}\n")
     height, width = args.size or (cfg.data.size, cfg.data.size)
 
-    backbone = cfg.model.backbone.model_copy(
-        update={"weights": NO_WEIGHTS, **({"name": args.backbone} if args.backbone else {})}
-    )
+    backbone = cfg.model.backbone.model_copy(update={"weights": NO_WEIGHTS})
     model_cfg = cfg.model.model_copy(update={"backbone": backbone})
     print(
         f"salnet model: {backbone.name}, ppm_bins {model_cfg.ppm_bins}, ppm_width {model_cfg.ppm_width}, "

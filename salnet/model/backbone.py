@@ -1,39 +1,95 @@
-"""The encoder: a torchvision ResNet/ResNeXt cut into its four stages C2..C5.
+"""The encoder: a torchvision model cut into C2..C5 (strides 4, 8, 16, 32), whatever its family.
 
-torchvision's own model code and weight format; its feature-extraction utility returns the
-stage outputs (strides 4, 8, 16, 32) and drops the pooling and classifier layers.
+torchvision's own model code and weight format. Each family has its seam:
+- ResNet/ResNeXt: torchvision's feature-extraction utility returns the four stage outputs;
+- Swin, Swin V2, ConvNeXt: their four stages (salnet.model.stages);
+- ViT: a simple feature pyramid from its stride-16 map (salnet.model.vit_pyramid).
+Channels and strides are read off the model itself by a dry pass on the meta device
+(`backbone_shape`), so a new family needs no table of them.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
+import torch
 import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from salnet.model.weights import load_backbone_weights
+from salnet.config import BACKBONE_FAMILIES, check_backbone_name
+from salnet.model.stages import FEATURE_KEYS, STRIDES, StageBackbone
+from salnet.model.vit_pyramid import ViTPyramid, fit_position_embedding
+from salnet.model.weights import IMAGENET, NO_WEIGHTS, load_backbone_weights, torchvision_weights
 
-STAGES = {"layer1": "c2", "layer2": "c3", "layer3": "c4", "layer4": "c5"}
-# C5's channels; each earlier stage has half the channels of the next. Known by name so the
-# decoder's widths can be checked before any weights are read.
-C5_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnext50_32x4d": 2048}
-# Every norm layer inside these backbones has a multiple of 64 channels.
+RESNET_STAGES = {"layer1": "c2", "layer2": "c3", "layer3": "c4", "layer4": "c5"}
+# Every norm layer inside the ResNet backbones has a multiple of 64 channels.
 NORM_CHANNEL_QUANTUM = 64
+# The dry pass's input size: a multiple of 32, so each level's stride is exact.
+DRY_PASS_SIZE = 224
 
 
-def stage_channels(name: str) -> list[int]:
-    """Channels of C2..C5 of torchvision model `name`."""
-    c5 = C5_CHANNELS[name]
-    return [c5 // 8, c5 // 4, c5 // 2, c5]
+class BackboneShape(NamedTuple):
+    channels: tuple[int, ...]  # of C2..C5
+    strides: tuple[int, ...]  # of C2..C5: always 4, 8, 16, 32
+
+
+def backbone_names() -> dict[str, tuple[str, ...]]:
+    """Every backbone name, by family."""
+    return dict(BACKBONE_FAMILIES)
+
+
+def _vit_image_size(name: str) -> int:
+    """The image size of the 'imagenet' file of ViT `name`: its position-embedding grid is built at that size,
+    so the file loads as it is (the forward pass resizes the embeddings to each input)."""
+    return torchvision_weights(name, IMAGENET).meta["min_size"][0]
 
 
 def build_backbone(name: str, weights: str, norm_layer: Callable[[int], nn.Module]) -> nn.Module:
     """A module mapping an image to {'c2': ..., 'c5': ...} (strides 4..32) for torchvision model `name`.
 
-    Weights are loaded into the full torchvision model first, so a file saved from it (classifier
-    included) loads as it is.
+    `norm_layer` is the norm of a ResNet backbone; the other families keep their LayerNorm.
+    Weights are loaded into the full torchvision model, so a file saved from it (classifier
+    included) loads as it is; the backbone shares that model's layers.
     """
-    resnet = torchvision.models.get_model(name, weights=None, norm_layer=norm_layer)
-    load_backbone_weights(resnet, name, weights)
-    return create_feature_extractor(resnet, return_nodes=STAGES)
+    family = check_backbone_name(name)
+    adapt = None
+    if family == "resnet":
+        model = torchvision.models.get_model(name, weights=None, norm_layer=norm_layer)
+        backbone = create_feature_extractor(model, return_nodes=RESNET_STAGES)
+    elif family in ("swin", "swin_v2", "convnext"):
+        model = torchvision.models.get_model(name, weights=None)
+        backbone = StageBackbone(model.features, channels_last_stages=family != "convnext")
+    else:  # vit
+        model = torchvision.models.get_model(name, weights=None, image_size=_vit_image_size(name))
+        backbone = ViTPyramid(model)
+        adapt = functools.partial(fit_position_embedding, model)
+    needed = set(model.state_dict()) & set(backbone.state_dict())
+    load_backbone_weights(model, name, weights, needed, adapt)
+    return backbone
+
+
+@functools.cache
+def backbone_shape(name: str) -> BackboneShape:
+    """Channels and strides of C2..C5 of backbone `name`, from one forward pass on the meta device (no memory, no
+    initialisation, no random numbers drawn)."""
+    with torch.device("meta"):
+        backbone = build_backbone(name, NO_WEIGHTS, nn.BatchNorm2d)
+        features = backbone(torch.empty(1, 3, DRY_PASS_SIZE, DRY_PASS_SIZE))
+    shape = BackboneShape(
+        channels=tuple(features[k].shape[1] for k in FEATURE_KEYS),
+        strides=tuple(DRY_PASS_SIZE // features[k].shape[-1] for k in FEATURE_KEYS),
+    )
+    sizes = [tuple(features[k].shape[-2:]) for k in FEATURE_KEYS]
+    if shape.strides != STRIDES or any(size != (DRY_PASS_SIZE // s,) * 2 for size, s in zip(sizes, STRIDES)):
+        raise RuntimeError(
+            f"backbone {name}: C2..C5 are {sizes} at {DRY_PASS_SIZE} px; the decoder needs strides {STRIDES}"
+        )
+    return shape
+
+
+def stage_channels(name: str) -> list[int]:
+    """Channels of C2..C5 of backbone `name` (from the dry pass)."""
+    return list(backbone_shape(name).channels)

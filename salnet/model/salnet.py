@@ -1,4 +1,4 @@
-"""SalNet: ResNet C2..C5 -> PPM on C5 -> FPN top-down -> fused saliency logit (+ side logits).
+"""SalNet: backbone C2..C5 -> PPM on C5 -> FPN top-down -> fused saliency logit (+ side logits).
 
 Training mode returns [fused, side_P2, side_P3, side_P4, side_P5] for deep supervision; eval mode
 returns only the fused logit. Every logit map is [B, 1, H, W] at the input's size (any size: no
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from salnet.config import ConfigError, ModelConfig
+from salnet.config import BATCHNORM_FAMILIES, ConfigError, ModelConfig, backbone_family
 from salnet.model.backbone import NORM_CHANNEL_QUANTUM, build_backbone, stage_channels
 from salnet.model.fpn import FeaturePyramid
 from salnet.model.head import FusionHead
@@ -61,7 +61,7 @@ def _check_group_norm(cfg: ModelConfig, branch_width: int) -> None:
         "model.ppm_width": cfg.ppm_width,
         "model.fpn_width": cfg.fpn_width,
     }
-    if not cfg.backbone.frozen_bn:
+    if backbone_family(cfg.backbone.name) in BATCHNORM_FAMILIES and not cfg.backbone.frozen_bn:
         normalised[f"{cfg.backbone.name}'s channels (multiples of {NORM_CHANNEL_QUANTUM})"] = NORM_CHANNEL_QUANTUM
     wrong = {key: c for key, c in normalised.items() if c % cfg.gn_groups}
     if wrong:
@@ -74,7 +74,8 @@ def _check_group_norm(cfg: ModelConfig, branch_width: int) -> None:
 def build_model(cfg: ModelConfig) -> SalNet:
     """The network described by `cfg`, with backbone weights loaded per cfg.backbone.weights.
 
-    For DDP with model.norm=batch, torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) converts
+    model.norm is the decoder's norm, and a ResNet backbone's unless frozen_bn; Swin, ConvNeXt and ViT
+    keep their LayerNorm. For DDP with model.norm=batch, torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) converts
     every trainable BatchNorm (frozen ones stay frozen).
     """
     channels = stage_channels(cfg.backbone.name)

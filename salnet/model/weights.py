@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import urllib.request
+from collections.abc import Callable, Collection
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -35,12 +36,13 @@ class BackboneWeightsError(RuntimeError):
 def torchvision_weights(backbone: str, weights: str) -> WeightsEnum | None:
     """The torchvision weights entry that `weights` names for `backbone`, or None if it names none.
 
-    'imagenet' means IMAGENET1K_V1: the file every backbone has, and the one published SOD models
-    (PoolNet, F3Net, MINet, ...) start from, so results stay comparable with theirs.
+    'imagenet' means IMAGENET1K_V1: the file every ResNet has, and the one published SOD models
+    (PoolNet, F3Net, MINet, ...) start from, so results stay comparable with theirs. A family
+    without a V1 file (vit_h_14: SWAG only) gets torchvision's DEFAULT.
     """
     entries = get_model_weights(backbone)
     if weights == IMAGENET:
-        return entries.IMAGENET1K_V1
+        return entries.__members__.get("IMAGENET1K_V1", entries.DEFAULT)
     return entries.__members__.get(weights)
 
 
@@ -74,8 +76,10 @@ def _download(entry: WeightsEnum, dest: Path, backbone: str, weights: str) -> No
         ) from None
 
 
-def _load_state_dict(resnet: nn.Module, path: Path, backbone: str, weights: str, strict: bool):
-    """torch.load(weights_only=True) the state dict at `path` into `resnet`; returns load_state_dict's result."""
+def _load_state_dict(
+    model: nn.Module, path: Path, backbone: str, weights: str, strict: bool, adapt: Callable[[dict], dict] | None
+):
+    """torch.load(weights_only=True) the state dict at `path`, `adapt` it, load it into `model`; returns load_state_dict's result."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types (pickle, zip, weights_only refusals)
@@ -87,8 +91,10 @@ def _load_state_dict(resnet: nn.Module, path: Path, backbone: str, weights: str,
             f"model.backbone.weights={weights!r}: {path} holds a {type(state).__name__}, not a state dict "
             f"(a mapping of parameter names such as 'layer1.0.conv1.weight' to tensors)"
         )
+    if adapt is not None:
+        state = adapt(state)
     try:
-        return resnet.load_state_dict(state, strict=strict)
+        return model.load_state_dict(state, strict=strict)
     except RuntimeError as e:  # shape mismatches always; missing or unexpected keys when strict
         raise BackboneWeightsError(
             f"model.backbone.weights={weights!r}: {path} does not fit torchvision's {backbone}: {e}"
@@ -100,8 +106,19 @@ def _shown(keys: list[str]) -> str:
     return ", ".join(keys[:KEYS_SHOWN]) + more
 
 
-def load_backbone_weights(resnet: nn.Module, backbone: str, weights: str) -> None:
-    """Load `weights` ('imagenet' | a torchvision weights name | 'none' | a path) into a torchvision ResNet."""
+def load_backbone_weights(
+    model: nn.Module,
+    backbone: str,
+    weights: str,
+    needed: Collection[str],
+    adapt: Callable[[dict], dict] | None = None,
+) -> None:
+    """Load `weights` ('imagenet' | a torchvision weights name | 'none' | a path) into torchvision model `backbone`.
+
+    `needed`: the state-dict keys the backbone uses (its classifier's are not needed, so a file
+    without them is complete). `adapt` maps a file's state dict to one that fits `model` (ViT
+    resizes the position embeddings of another image size).
+    """
     if weights == NO_WEIGHTS:
         return
     entry = torchvision_weights(backbone, weights)
@@ -109,7 +126,7 @@ def load_backbone_weights(resnet: nn.Module, backbone: str, weights: str) -> Non
         path = cache_path(entry)
         if not path.is_file():
             _download(entry, path, backbone, weights)
-        _load_state_dict(resnet, path, backbone, weights, strict=True)  # an official file matches exactly
+        _load_state_dict(model, path, backbone, weights, True, adapt)  # an official file matches exactly
         log.info("backbone %s: loaded torchvision weights %s from %s", backbone, entry, path)
         return
 
@@ -120,9 +137,9 @@ def load_backbone_weights(resnet: nn.Module, backbone: str, weights: str) -> Non
             f"model.backbone.weights={weights!r} is not a file; valid values: 'imagenet', 'none', "
             f"a torchvision weights name of {backbone} ({names}), or the path to a torchvision-format state dict"
         )
-    result = _load_state_dict(resnet, path, backbone, weights, strict=False)
-    # The classifier is dropped by the feature extractor, so a file without it is complete.
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    result = _load_state_dict(model, path, backbone, weights, False, adapt)
+    needed = set(needed)
+    missing = [k for k in result.missing_keys if k in needed]
     if missing:
         # Keys that are all there under a prefix ('module.', 'backbone.') show up as unexpected ones.
         unexpected = f"; its unexpected keys: {_shown(result.unexpected_keys)}" if result.unexpected_keys else ""

@@ -1,0 +1,56 @@
+"""The seam of the hierarchical transformer/ConvNeXt families: torchvision Swin, Swin V2, ConvNeXt.
+
+Their `features` is [stem, stage1, (downsample, stage) x 3]: the outputs of the four stages are
+C2..C5 (strides 4, 8, 16, 32). Swin's are channels-last (N, H, W, C) and become (N, C, H, W) here,
+once. These models floor odd sizes at every downsampling, so the seam pads the image (bottom and
+right, zeros: the mean colour after normalisation) to a multiple of 32 and crops C_s back to
+ceil(H / s): the same sizes a ResNet gives, covering the whole image, at any input size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FEATURE_KEYS = ("c2", "c3", "c4", "c5")
+STRIDES = (4, 8, 16, 32)
+# torchvision's `features` of Swin, Swin V2 and ConvNeXt: stem, stage, (downsample, stage) x 3.
+STAGE_OUTPUTS = (1, 3, 5, 7)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = STRIDES[-1]) -> torch.Tensor:
+    """x padded with zeros at the bottom and right to a multiple of `multiple` (no copy if it is one)."""
+    height, width = x.shape[-2:]
+    bottom, right = -height % multiple, -width % multiple
+    return F.pad(x, (0, right, 0, bottom)) if bottom or right else x
+
+
+def crop_to_input(features: list[torch.Tensor], height: int, width: int) -> dict[str, torch.Tensor]:
+    """{'c2': ..., 'c5': ...}: each level cropped to ceil(input / its stride), the part the image covers."""
+    return {
+        key: f[..., : -(-height // stride), : -(-width // stride)]
+        for key, stride, f in zip(FEATURE_KEYS, STRIDES, features)
+    }
+
+
+class StageBackbone(nn.Module):
+    """torchvision Swin / Swin V2 / ConvNeXt `features` -> {'c2', 'c3', 'c4', 'c5'} (N, C, H, W).
+
+    Holds the model's `features` under that name, so its state-dict keys are torchvision's.
+    """
+
+    def __init__(self, features: nn.Sequential, channels_last_stages: bool):
+        super().__init__()
+        self.features = features
+        self.channels_last_stages = channels_last_stages
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        height, width = x.shape[-2:]
+        x = pad_to_multiple(x)
+        outputs = []
+        for i, module in enumerate(self.features):
+            x = module(x)
+            if i in STAGE_OUTPUTS:
+                outputs.append(x.permute(0, 3, 1, 2) if self.channels_last_stages else x)
+        return crop_to_input(outputs, height, width)
