@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 from salnet.config import BACKBONE_FAMILIES, ConfigError, LossConfig, ModelConfig, load_config
 from salnet.loss import build_loss
 from salnet.model import build_model
 from salnet.model.__main__ import main as model_report
-from salnet.model.backbone import backbone_shape
-from salnet.model.vit_pyramid import resize_position_grid
+from salnet.model.backbone import backbone_shape, build_backbone
+from salnet.model.vit_pyramid import ViTPyramid, resize_position_grid
+from salnet.model.weights import cache_path, torchvision_weights
 
 # Narrow decoder widths (as in test_model) keep every test cheap on two CPU cores.
 SMALL = {"ppm_width": 32, "fpn_width": 32, "ppm_branch_width": 16}
@@ -23,8 +25,6 @@ SMALL = {"ppm_width": 32, "fpn_width": 32, "ppm_branch_width": 16}
 # (the dry pass covers every name).
 FAMILY_CASES = ["swin_t", "swin_v2_t", "convnext_tiny", "vit_b_16"]
 EVERY_NAME = [name for names in BACKBONE_FAMILIES.values() for name in names]
-# torchvision's ImageNet file for vit_b_16, as named in its URL.
-VIT_B_16_FILE = "vit_b_16-c867db91.pth"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -126,7 +126,7 @@ def test_unknown_backbone_name_lists_the_families_and_how_to_see_every_name(caps
 # -- ViT position embeddings -----------------------------------------------------------------
 
 
-def test_vit_position_embeddings_of_another_image_size_load_interpolated(tmp_path, monkeypatch):
+def test_vit_position_embeddings_of_another_image_size_load_interpolated(tmp_path):
     torch.manual_seed(1)
     vit = torchvision.models.vit_b_16()  # built at 224 px: a 14 x 14 grid
     state = vit.state_dict()
@@ -151,12 +151,31 @@ def test_vit_position_embeddings_of_another_image_size_load_interpolated(tmp_pat
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 72, 88)).shape == (1, 1, 72, 88)
 
-    # 'imagenet' reads torchvision's file from the TORCH_HOME cache, under the name in its URL; same grid: as it is.
+
+def test_imagenet_weights_of_every_family_are_torchvisions_files_in_the_torch_home_cache(tmp_path, monkeypatch):
+    # The path test_model checks for resnet18 (cached file, else the exact file and its fetch command), by URL name.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(state, tmp_path / "hub" / "checkpoints" / VIT_B_16_FILE)
-    model = build_model(config("vit_b_16", backbone={"weights": "imagenet"}))
-    assert torch.equal(model.backbone.encoder.pos_embedding, state["encoder.pos_embedding"])
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    for name, file in [
+        ("swin_t", "swin_t-704ceda3.pth"),
+        ("swin_v2_t", "swin_v2_t-b137f0e2.pth"),
+        ("convnext_tiny", "convnext_tiny-983f1562.pth"),
+        ("vit_b_16", "vit_b_16-c867db91.pth"),
+        ("vit_h_14", "vit_h_14_swag-80465313.pth"),  # no IMAGENET1K_V1: torchvision's DEFAULT
+    ]:
+        assert cache_path(torchvision_weights(name, "imagenet")) == checkpoints / file
+    # vit_h_14's position-embedding grid is that of its 518 px file, so the file loads as it is.
+    with torch.device("meta"):
+        assert build_backbone("vit_h_14", "none", nn.BatchNorm2d).encoder.pos_embedding.shape == (1, 1 + 37 * 37, 1280)
+
+
+def test_vit_with_14_px_patches_keeps_its_tokens_at_stride_16():
+    # vit_h_14's seam on a one-layer ViT of the same patch size: the padded image is resized by 14/16.
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=56, patch_size=14, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64)
+    with torch.no_grad():
+        c = ViTPyramid(vit).eval()(torch.randn(1, 3, 72, 88))
+    assert [tuple(f.shape[1:]) for f in c.values()] == [(8, 18, 22), (16, 9, 11), (32, 5, 6), (32, 3, 3)]
 
 
 # -- ResNets as before -----------------------------------------------------------------------
