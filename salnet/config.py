@@ -172,6 +172,12 @@ BACKBONE_FAMILIES = {
 # them; the others have LayerNorm only, so model.norm is the decoder's alone.
 BATCHNORM_FAMILIES = ("resnet",)
 BACKBONES_COMMAND = "python -m salnet.model --backbones"
+# The families with stochastic depth (torchvision's stochastic_depth_prob): model.backbone.drop_path.
+# torchvision's ViT has none (dropout only), ResNet neither.
+DROP_PATH_FAMILIES = ("swin", "swin_v2", "convnext")
+# The families model.backbone.checkpointing recomputes: not ResNet, whose BatchNorm would update its
+# running statistics a second time in the recomputation.
+CHECKPOINTING_FAMILIES = ("swin", "swin_v2", "convnext", "vit")
 
 
 def backbone_family(name: str) -> str | None:
@@ -212,6 +218,22 @@ class BackboneConfig(Section):
         description="replace the backbone's BatchNorm by FrozenBatchNorm2d: statistics and affine parameters stay as "
         "loaded (ResNet family only: the others have no BatchNorm)",
     )
+    drop_path: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="stochastic depth rate at the last block, rising linearly from 0 at the first (torchvision's rule "
+        "for stochastic_depth_prob), of the families "
+        + ", ".join(DROP_PATH_FAMILIES)
+        + "; null: torchvision's default for the model "
+        "(swin_t 0.2, convnext_tiny 0.1, ...); ResNet and torchvision's ViT have no drop path",
+    )
+    checkpointing: bool = Field(
+        False,
+        description="activation checkpointing of each backbone block in training (every Swin / ConvNeXt block, every "
+        "ViT encoder layer): activations are recomputed in the backward pass, so large models fit at large sizes, "
+        "for one more forward pass; the same loss and gradients. Families " + ", ".join(CHECKPOINTING_FAMILIES),
+    )
 
     def model_post_init(self, context) -> None:
         family = check_backbone_name(self.name)
@@ -219,6 +241,18 @@ class BackboneConfig(Section):
             raise ValueError(
                 f"model.backbone.frozen_bn=true freezes a backbone's BatchNorm, and {self.name} ({family} family) has "
                 f"LayerNorm only; set model.backbone.frozen_bn=false"
+            )
+        if self.drop_path is not None and family not in DROP_PATH_FAMILIES:
+            why = "torchvision's ViT has no stochastic depth" if family == "vit" else "ResNet has no stochastic depth"
+            raise ValueError(
+                f"model.backbone.drop_path={self.drop_path} is for the families {', '.join(DROP_PATH_FAMILIES)}; "
+                f"{self.name} is {family} ({why}): set model.backbone.drop_path=null"
+            )
+        if self.checkpointing and family not in CHECKPOINTING_FAMILIES:
+            raise ValueError(
+                f"model.backbone.checkpointing=true is for the families {', '.join(CHECKPOINTING_FAMILIES)}; {self.name} "
+                f"is {family}, whose BatchNorm would update its running statistics again when a block is recomputed: "
+                f"set model.backbone.checkpointing=false"
             )
 
 
@@ -281,7 +315,23 @@ class OptimConfig(Section):
     name: Literal["adamw", "sgd"] = Field("adamw", description="optimizer (sgd uses Nesterov momentum)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate of the decoder")
     backbone_lr_mult: float = Field(0.1, ge=0, description="backbone lr = lr x this (0.1 is the SOD convention)")
-    weight_decay: float = Field(1e-4, ge=0, description="weight decay (never on norm and bias parameters)")
+    weight_decay: float = Field(
+        1e-4, ge=0, description="weight decay (never on parameters of fewer than 2 dims: norm weights and biases)"
+    )
+    no_decay_extra: list[Literal["position", "class_token", "layer_scale"]] = Field(
+        [],
+        description="more parameters without weight decay: position = ViT's encoder.pos_embedding, Swin's "
+        "relative_position_bias_table, Swin V2's cpb_mlp and logit_scale; class_token = ViT's; layer_scale = "
+        "ConvNeXt's (1-D in the reference code, so undecayed there)",
+    )
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="layer-wise lr decay: a backbone parameter of layer id i gets its lr x this^(top - i) (stem / patch "
+        "embedding 0, one id per block, top: the rest of the backbone; see salnet/model/layers.py); the decoder keeps "
+        "the full lr; null or 1: off",
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum / AdamW beta1")
     beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2")
     schedule: Literal["cosine", "poly", "constant"] = Field(
@@ -507,6 +557,8 @@ FIXED_ON_RESUME = (
     "train.offload_params",
     "train.seed",
     "optim.name",
+    "optim.layer_decay",  # the parameter groups of the optimizer state
+    "optim.no_decay_extra",
 )
 IGNORED_ON_RESUME = ("train.resume",)  # how this attempt starts, not what the run is
 

@@ -6,7 +6,13 @@ train with the same groups and the same learning rate at every step.
 Parameter groups: {backbone, decoder} x {decay, no_decay}. The backbone's lr is scaled by
 `optim.backbone_lr_mult` (0.1 is the SOD convention for a pretrained backbone); norm weights and
 biases (every parameter with fewer than two dimensions) get no weight decay, as in most modern
-recipes, because decaying them only fights the normalisation.
+recipes, because decaying them only fights the normalisation. `optim.no_decay_extra` adds position
+embeddings / relative-position tables, class tokens, layer scales (salnet.model.layers.no_decay_kind).
+
+`optim.layer_decay` (BEiT/Swin/ConvNeXt fine-tuning): the backbone groups are split by layer id
+(salnet.model.layers.layer_ids), 'backbone/decay/layer3' and so on, each with its lr x
+layer_decay^(top - id) on top of backbone_lr_mult (the group's `lr_scale`); the decoder's groups are
+as without it.
 """
 
 from __future__ import annotations
@@ -17,33 +23,50 @@ import torch
 from torch import nn
 
 from salnet.config import OptimConfig
+from salnet.model.layers import layer_ids, no_decay_kind
 
 
-def group_settings(name: str, cfg: OptimConfig) -> dict:
-    """The peak lr and weight decay of the parameter group `name` ('backbone/decay', 'decoder/no_decay', ...)."""
-    part, decay = name.split("/")
+def group_settings(name: str, cfg: OptimConfig, lr_scale: float = 1.0) -> dict:
+    """The peak lr and weight decay of the parameter group `name` ('backbone/decay', 'decoder/no_decay',
+    'backbone/decay/layer3', ...); `lr_scale`: its layer-decay factor."""
+    part, decay = name.split("/")[:2]
     return {
-        "lr": cfg.lr * (cfg.backbone_lr_mult if part == "backbone" else 1.0),
+        "lr": cfg.lr * (cfg.backbone_lr_mult if part == "backbone" else 1.0) * lr_scale,
         "weight_decay": cfg.weight_decay if decay == "decay" else 0.0,
     }
+
+
+def layer_decay_on(cfg: OptimConfig) -> bool:
+    return cfg.layer_decay is not None and cfg.layer_decay != 1.0
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     backbone = getattr(model, "backbone", None)
     backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
-    groups: dict[tuple[str, str], dict] = {}
-    for p in model.parameters():
+    layers = None
+    if backbone is not None and layer_decay_on(cfg):
+        named = layer_ids(backbone)
+        layers = {id(p): named.ids[n] for n, p in backbone.named_parameters()}, named.top
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue  # frozen BN and the like
         part = "backbone" if id(p) in backbone_ids else "decoder"
-        decay = "no_decay" if p.ndim < 2 else "decay"
-        group = groups.setdefault(
-            (part, decay), {"name": f"{part}/{decay}", "params": [], **group_settings(f"{part}/{decay}", cfg)}
-        )
-        group["params"].append(p)
+        exempt = p.ndim < 2 or no_decay_kind(name) in cfg.no_decay_extra
+        decay = "no_decay" if exempt else "decay"
+        key: tuple = (part, decay)
+        extra = {}
+        if layers is not None and part == "backbone":
+            layer, top = layers[0][id(p)], layers[1]
+            key = (part, layer, decay)
+            extra = {"lr_scale": cfg.layer_decay ** (top - layer)}
+        if key not in groups:
+            group_name = "/".join([part, decay] + [f"layer{key[1]}"] * (len(key) == 3))
+            groups[key] = {"name": group_name, "params": [], **group_settings(group_name, cfg, **extra), **extra}
+        groups[key]["params"].append(p)
     # A fixed order (not dict insertion order of whatever came first) keeps optimizer state
     # indices identical across strategies and runs.
-    return [groups[k] for k in sorted(groups)]
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1] if len(k) == 3 else 0, k[-1]))]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -80,7 +103,7 @@ def apply_settings(schedule: torch.optim.lr_scheduler.LambdaLR, cfg: OptimConfig
     (warm-up, decay, steps) is the config's already: its lambda is built from it, not saved."""
     optimizer = schedule.optimizer
     for group in optimizer.param_groups:
-        settings = group_settings(group["name"], cfg)
+        settings = group_settings(group["name"], cfg, group.get("lr_scale", 1.0))
         group["initial_lr"], group["weight_decay"] = settings["lr"], settings["weight_decay"]
         if "betas" in group:
             group["betas"] = (cfg.momentum, cfg.beta2)

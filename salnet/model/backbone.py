@@ -18,6 +18,7 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.ops import StochasticDepth
 
 from salnet.config import BACKBONE_FAMILIES, check_backbone_name
 from salnet.model.stages import FEATURE_KEYS, STRIDES, StageBackbone
@@ -47,10 +48,26 @@ def _vit_image_size(name: str) -> int:
     return torchvision_weights(name, IMAGENET).meta["min_size"][0]
 
 
-def build_backbone(name: str, weights: str, norm_layer: Callable[[int], nn.Module]) -> nn.Module:
+def set_drop_path(model: nn.Module, rate: float) -> None:
+    """Stochastic depth rising linearly from 0 at the first block to `rate` at the last: torchvision's rule for
+    stochastic_depth_prob, applied to the built model (torchvision's Swin builders do not take that argument)."""
+    layers = [m for m in model.modules() if isinstance(m, StochasticDepth)]
+    for i, layer in enumerate(layers):
+        layer.p = rate * i / max(1, len(layers) - 1)
+
+
+def build_backbone(
+    name: str,
+    weights: str,
+    norm_layer: Callable[[int], nn.Module],
+    drop_path: float | None = None,
+    checkpointing: bool = False,
+) -> nn.Module:
     """A module mapping an image to {'c2': ..., 'c5': ...} (strides 4..32) for torchvision model `name`.
 
     `norm_layer` is the norm of a ResNet backbone; the other families keep their LayerNorm.
+    `drop_path`: Swin's and ConvNeXt's stochastic depth at the last block (None: torchvision's default).
+    `checkpointing`: activation checkpointing of each block in training (not ResNet: config.py says why).
     Weights are loaded into the full torchvision model, so a file saved from it (classifier
     included) loads as it is; the backbone shares that model's layers.
     """
@@ -61,10 +78,12 @@ def build_backbone(name: str, weights: str, norm_layer: Callable[[int], nn.Modul
         backbone = create_feature_extractor(model, return_nodes=RESNET_STAGES)
     elif family in ("swin", "swin_v2", "convnext"):
         model = torchvision.models.get_model(name, weights=None)
-        backbone = StageBackbone(model.features, channels_last_stages=family != "convnext")
+        if drop_path is not None:
+            set_drop_path(model, drop_path)
+        backbone = StageBackbone(model.features, channels_last_stages=family != "convnext", checkpointing=checkpointing)
     else:  # vit
         model = torchvision.models.get_model(name, weights=None, image_size=_vit_image_size(name))
-        backbone = ViTPyramid(model)
+        backbone = ViTPyramid(model, checkpointing=checkpointing)
         adapt = functools.partial(fit_position_embedding, model)
     needed = set(model.state_dict()) & set(backbone.state_dict())
     load_backbone_weights(model, name, weights, needed, adapt)

@@ -84,7 +84,9 @@ def build_model(cfg: ModelConfig) -> SalNet:
 
     decoder_norm = norm_layer(cfg.norm, cfg.gn_groups)
     backbone_norm = FrozenBatchNorm2d if cfg.backbone.frozen_bn else decoder_norm
-    backbone = build_backbone(cfg.backbone.name, cfg.backbone.weights, backbone_norm)
+    backbone = build_backbone(
+        cfg.backbone.name, cfg.backbone.weights, backbone_norm, cfg.backbone.drop_path, cfg.backbone.checkpointing
+    )
     ppm = PyramidPooling(channels[3], cfg.ppm_width, cfg.ppm_bins, branch, decoder_norm)
     fpn = FeaturePyramid(channels[:3], cfg.ppm_width, cfg.fpn_width, decoder_norm)
     head = FusionHead(cfg.fpn_width, levels=len(channels), fuse=cfg.fuse, norm_layer=decoder_norm)

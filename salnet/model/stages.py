@@ -5,12 +5,19 @@ C2..C5 (strides 4, 8, 16, 32). Swin's are channels-last (N, H, W, C) and become 
 once. These models floor odd sizes at every downsampling, so the seam pads the image (bottom and
 right, zeros: the mean colour after normalisation) to a multiple of 32 and crops C_s back to
 ceil(H / s): the same sizes a ResNet gives, covering the whole image, at any input size.
+
+model.backbone.checkpointing: in training, each block of the four stages runs under activation
+checkpointing (`run_blocks`): its activations are recomputed in the backward pass, so only the
+blocks' inputs stay in memory (one extra forward pass of the backbone; the peak of a recomputation is one
+block's, not a whole stage's). The RNG state is saved and restored around the recomputation
+(torch.utils.checkpoint's preserve_rng_state), so stochastic depth drops the same samples twice.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 FEATURE_KEYS = ("c2", "c3", "c4", "c5")
@@ -24,6 +31,15 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = STRIDES[-1]) -> torch.Tenso
     height, width = x.shape[-2:]
     bottom, right = -height % multiple, -width % multiple
     return F.pad(x, (0, right, 0, bottom)) if bottom or right else x
+
+
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """blocks(x), each block under activation checkpointing if `checkpointing` and gradients are being recorded."""
+    if not (checkpointing and torch.is_grad_enabled()):
+        return blocks(x)
+    for block in blocks:
+        x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    return x
 
 
 def crop_to_input(features: list[torch.Tensor], height: int, width: int) -> dict[str, torch.Tensor]:
@@ -40,17 +56,20 @@ class StageBackbone(nn.Module):
     Holds the model's `features` under that name, so its state-dict keys are torchvision's.
     """
 
-    def __init__(self, features: nn.Sequential, channels_last_stages: bool):
+    def __init__(self, features: nn.Sequential, channels_last_stages: bool, checkpointing: bool = False):
         super().__init__()
         self.features = features
         self.channels_last_stages = channels_last_stages
+        self.checkpointing = checkpointing
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         height, width = x.shape[-2:]
         x = pad_to_multiple(x)
         outputs = []
         for i, module in enumerate(self.features):
-            x = module(x)
-            if i in STAGE_OUTPUTS:
-                outputs.append(x.permute(0, 3, 1, 2) if self.channels_last_stages else x)
+            if i not in STAGE_OUTPUTS:
+                x = module(x)  # the stem or a downsampling layer
+                continue
+            x = run_blocks(module, x, self.checkpointing and self.training)
+            outputs.append(x.permute(0, 3, 1, 2) if self.channels_last_stages else x)
         return crop_to_input(outputs, height, width)

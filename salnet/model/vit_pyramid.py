@@ -6,6 +6,8 @@ stride 8, the map itself at 16, 2x2 max pooling to 32. The pyramid's layers are 
 pretrained file). Position embeddings are resized (bicubic, as ViTDet and timm do) to each
 input's patch grid at forward time, so any input size works. vit_h_14's 14 px patches: the padded
 image is resized by 14/16 first, so its token grid is still input / 16.
+model.backbone.checkpointing: in training, each encoder layer runs under activation checkpointing
+(salnet.model.stages.run_blocks).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.vision_transformer import VisionTransformer
 
-from salnet.model.stages import STRIDES, crop_to_input, pad_to_multiple
+from salnet.model.stages import STRIDES, crop_to_input, pad_to_multiple, run_blocks
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,9 @@ class ViTPyramid(nn.Module):
     keys are torchvision's (the classifier `heads` is dropped). Channels: D/4, D/2, D, D.
     """
 
-    def __init__(self, vit: VisionTransformer):
+    def __init__(self, vit: VisionTransformer, checkpointing: bool = False):
         super().__init__()
+        self.checkpointing = checkpointing
         self.patch_size = vit.patch_size
         self.conv_proj = vit.conv_proj
         self.class_token = vit.class_token
@@ -86,7 +89,8 @@ class ViTPyramid(nn.Module):
         x = self.conv_proj(x).flatten(2).transpose(1, 2)  # [N, rows*cols, D]
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + resize_position_grid(self.encoder.pos_embedding, rows, cols)
-        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))
+        x = run_blocks(self.encoder.layers, self.encoder.dropout(x), self.checkpointing and self.training)
+        x = self.encoder.ln(x)
         return x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, rows, cols)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
