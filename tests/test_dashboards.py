@@ -223,7 +223,7 @@ def png(path):
 
 
 def test_offline_wandb_run_holds_panels_worst_tables_curves_summary_and_config(tmp_path, shards):
-    path, run_dir = dash_config(tmp_path, shards, name="dash", log={"artifacts": True})
+    path, run_dir = dash_config(tmp_path, shards, name="dash", log={"artifacts": True, "plots": True})
     secret = "0123456789abcdef0123456789abcdef01234567"
     proc = torchrun(
         2, ["-m", "salnet.train", "--config", path], timeout=400, env=wandb_env(tmp_path, WANDB_API_KEY=secret)
@@ -416,7 +416,7 @@ def logged_steps(run_dir, key):
 
 
 def test_training_outlives_a_killed_wandb_core(tmp_path, shards):
-    path, run_dir = dash_config(tmp_path, shards, train={"steps": 6})
+    path, run_dir = dash_config(tmp_path, shards, train={"steps": 6}, log={"plots": True})
     job = spawn(["-m", "salnet.train", "--config", path], env=wandb_env(tmp_path))
     wait_for_step(run_dir, 2, [job])
     core = wandb_core_of(job.pid)

@@ -45,7 +45,7 @@ def finished_run(tmp_path_factory):
         train={"steps": 4},
         eval={"every": 2},
         checkpoint={"every": 4},
-        log={"every": 1, "panel_images": 3, "worst_images": 2},
+        log={"every": 1, "plots": True, "panel_images": 3, "worst_images": 2},
     )
     run_py(["-m", "salnet.train", "--config", path], timeout=400)
     return run_dir

@@ -106,7 +106,7 @@ def write_config(root: Path, name: str, **sections) -> Path:
         "train": {"steps": STEPS, "timeout_s": 60},
         "eval": {"every": 8},
         "checkpoint": {"every": 8, "keep": 5},
-        "log": {"every": 1},
+        "log": {"every": 1, "plots": False},  # drawn in test_report and test_dashboards; here only CPU
     }
     for section, values in sections.items():
         cfg[section].update(values)
@@ -639,21 +639,24 @@ def seconds_per_step(run_dir: Path) -> float:
 
 
 def test_a_real_time_limit_ends_in_a_requeue_and_a_finished_run(reference, work):
-    # --time 1 with a 30 s warning: Slurm checks limits every 30 s, so the warning reaches every task
-    # within the first 30 s of the attempt. The run is sized (from the reference run's speed) to
-    # train for ~36 s, so it is still training then, whatever this machine's speed.
-    steps = 2 * min(200, max(40, round(36 / seconds_per_step(reference.wait()) / 2)))
+    # --time 1 with a 30 s warning: Slurm checks limits every 30 s and sends a warning that would fall
+    # due before its next check at once, so the warning reaches every task within the first 30 s of
+    # the attempt. The step budget is a minute at the reference run's pace, twice what that needs, so
+    # the run still trains then even on a machine that has become faster; once the warning has ended
+    # the first attempt, the budget is cut to two more steps, so the requeued attempt is short.
+    budget = min(1000, max(80, round(60 / seconds_per_step(reference.wait()))))
     config = write_config(
         work,
         "timelimit",
-        train={"steps": steps, "timeout_s": 60},
-        eval={"every": steps // 2},
-        checkpoint={"every": steps // 2, "keep": 5},
+        train={"steps": budget, "timeout_s": 60},
+        eval={"every": budget},
+        checkpoint={"every": budget, "keep": 5},
     )
     args = list(CPU_JOB)
     args[args.index("--time") + 1] = "1"
     args[args.index("--signal-delay") + 1] = "30"
-    job, _ = submit(work, config, *args, "--max-requeues", "3")
+    job, proc = submit(work, config, *args, "--max-requeues", "3")
+    job_config = Path(re.search(r"config: +(\S+) \(the job runs this copy\)", proc.stdout).group(1))
     run_dir = work / "runs" / "timelimit"
     start = time.monotonic()
     while sc.show_job(job).get("Restarts") != "1":
@@ -662,13 +665,20 @@ def test_a_real_time_limit_ends_in_a_requeue_and_a_finished_run(reference, work)
         time.sleep(0.2)
     first = rank0_log(run_dir, job)
     step = stopped_step(first, "SIGUSR2")
-    assert step < steps and f"requeued job {job} (restart 1 of at most 3)" in first
+    assert step < budget and f"requeued job {job} (restart 1 of at most 3)" in first
     # The requeued attempt would get the same one-minute limit, and so the same warning within 30 s:
-    # give it the time to finish instead (the first attempt is what this test is about).
+    # give it the time to finish instead, and two steps to go (a requeued job waits 11 s before it may
+    # start: both changes are in place by then). The first attempt is what this test is about.
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True, timeout=30)
+    steps = step + 2
+    resolved = yaml.safe_load(job_config.read_text())
+    resolved["train"]["steps"] = steps
+    job_config.with_suffix(".tmp").write_text(yaml.safe_dump(resolved))
+    job_config.with_suffix(".tmp").replace(job_config)
     wait_gone(run_dir, job)
     log = rank0_log(run_dir, job)
     assert f"step-{step:08d} at step {step}" in log and f"done: {steps} steps" in log, logs(run_dir, job)
+    assert f"train.steps: {budget} -> {steps}" in log, log  # the resumed attempt took the new budget
     states = [r["JobState"] for r in sc.jobcomp(job)]
     assert states == ["PENDING", "COMPLETED"], states  # never TIMEOUT: it left before the limit
     assert steps in checkpoint_steps(run_dir)
