@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.salnet-installed
 
-.PHONY: demo test lint slurm-up slurm-down clean-venv
+.PHONY: demo test test-fast lint slurm-up slurm-down clean-venv
 
 # torch/torchvision first, pinned exactly: these builds lie on the machine's disk; anything that
 # pulled an unpinned torch would download gigabytes.
@@ -22,6 +22,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
+# The suite runs on two pytest-xdist workers, each taking whole modules (so a module's fixtures are
+# made once), the longest modules first (tests/conftest.py orders them): both workers finish together.
+PYTEST := $(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder
+
 # The Slurm tests (tests/test_slurm.py) run on a real two-node cluster on this machine, from Debian's
 # Slurm packages (.ci/run installs them; up.sh needs root). `make test` brings it up first and stops
 # it at the end if it started it; where Slurm is not installed those tests skip and say why.
@@ -33,9 +37,14 @@ test: lint
 	else \
 	    echo "make test: Slurm is not installed here (or not root): the Slurm tests will skip (.ci/run installs it)"; \
 	fi; \
-	$(PY) -m pytest; status=$$?; \
+	$(PYTEST); status=$$?; \
 	if [ $$started = 1 ]; then slurm/local/down.sh; fi; \
 	exit $$status
+
+# The quick tier for development: every test not marked slow (no training runs, torchrun groups or
+# Slurm jobs, so no cluster either). CI runs `make test`, all of it.
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow"
 
 # The local two-node test cluster (root): `make slurm-up`, then sinfo/sbatch/squeue/scancel work anywhere.
 slurm-up:

@@ -13,6 +13,16 @@ from salnet.dist import free_port  # the tests' rendezvous ports
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The modules that take longest, in that order, run first: `make test` runs the suite on two
+# pytest-xdist workers that take whole modules (--dist loadscope, in this order), so the long ones
+# start at once and the short ones fill in at the end, and both workers finish at about the same time.
+LONGEST_FIRST = ("test_slurm.py", "test_train.py", "test_train_stop.py", "test_deepspeed.py", "test_dashboards.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 def python_env(env=None):
     """The environment of a test's subprocess: this one, unbuffered output, one OpenMP thread, then `env`."""

@@ -40,6 +40,7 @@ def test_an_unknown_gpu_has_no_peak():
     assert gpu.peak_bf16("NVIDIA GeForce RTX 4090") is None
 
 
+@pytest.mark.slow
 def test_the_cpu_parts_run_at_toy_sizes(tmp_path):
     args = gpu.parse(
         [

@@ -39,6 +39,8 @@ from salnet.validate import MAX_CELL_SIDE, best_key, cell_size, panel_rank, prob
 
 from conftest import REPO, free_port, run_py, spawn, torchrun
 
+pytestmark = pytest.mark.slow  # every test here starts training runs or torchrun groups
+
 PANEL, WORST = 4, 3
 WANDB_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 

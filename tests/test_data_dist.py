@@ -7,6 +7,8 @@ Run by torchrun, this file is also the job's script (see the bottom).
 import json
 import sys
 
+import pytest
+
 from salnet.config import DataConfig
 from salnet.data import TrainStream, ValStream
 from salnet.shards.synth import synthesize
@@ -39,6 +41,7 @@ def rank_report(cfg: DataConfig, rank: int, world: int) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_split_the_data_as_planned(tmp_path):
     synthesize(tmp_path, train=23, val=7, size=32, shard_samples=5)
     proc = torchrun(2, [__file__, tmp_path])

@@ -83,6 +83,7 @@ def assert_best_is_what_validation_saw(run_dir, amp_dtype=None):
     return best
 
 
+@pytest.mark.slow
 def test_best_pt_of_every_zero_stage_predicts_what_the_engine_predicts(probe):
     torch.set_num_threads(1)
     for name in ("zero1", "zero2", "zero3_offload", "zero2_sgd"):
@@ -92,6 +93,7 @@ def test_best_pt_of_every_zero_stage_predicts_what_the_engine_predicts(probe):
         assert torch.equal(predictions, engine["predictions"]), name
 
 
+@pytest.mark.slow
 def test_zero_tracks_ddp_from_the_same_seed(probe):
     # AdamW, no accumulation or clipping: bitwise. The gradient average of two ranks is one
     # rounding either way, AdamW's update is elementwise, lr groups and schedule are shared.
@@ -114,6 +116,7 @@ def test_zero_tracks_ddp_from_the_same_seed(probe):
     assert moved > 1e-3  # SGD and AdamW runs differ: the comparison above can fail
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_on_one_rank_skips_the_step_on_all(probe):
     # Rank 1's loss is +inf with finite gradients: ZeRO's own check (a non-finite gradient norm)
     # would not see it; the strategy makes it.
@@ -122,6 +125,7 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_all(probe):
         assert bad_step == {"skipped": ["non-finite loss", "non-finite loss"], "parameters_unchanged": True}, name
 
 
+@pytest.mark.slow
 def test_zero2_trains_validates_and_resumes_bitwise(tmp_path, shards):
     from salnet.strategy.zero import TAG, WeightsOnlyCheckpointEngine  # imports DeepSpeed
 
@@ -179,6 +183,7 @@ def assert_equal_trees(a, b, where="") -> None:
         assert a == b, where
 
 
+@pytest.mark.slow
 def test_zero3_with_uneven_val_shares_finishes_and_matches_one_process(tmp_path, shards):
     path, run_dir = tiny_config(
         tmp_path,
@@ -203,6 +208,7 @@ def test_zero3_with_uneven_val_shares_finishes_and_matches_one_process(tmp_path,
     assert all(torch.equal(exported["model"][k], v) for k, v in best["model"].items())
 
 
+@pytest.mark.slow
 def test_zero1_bf16_trains_validates_and_keeps_best(tmp_path, shards):
     path, run_dir = tiny_config(
         tmp_path,

@@ -23,6 +23,7 @@ def test_single_process_needs_no_group():
     assert exits == [{"initialized_after_exit": False}]
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_gloo_all_reduce_and_rank0_prints_config_once():
     out = torchrun(2, [PROBE, "name=pair", "train.seed=7"]).stdout
     ranks, exits = reports(out)
@@ -81,6 +82,7 @@ def test_slurm_variables_without_torchrun():
     assert 20000 <= port < 40000
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_job_without_hanging():
     # The subprocess timeout is the hang detector: a hang fails the test with TimeoutExpired.
     proc = torchrun(2, [PROBE, "name=fail", "train.timeout_s=60"], check=False, timeout=170)

@@ -121,6 +121,7 @@ def evaluated(maps):
     return out, proc
 
 
+@pytest.mark.slow
 def test_maps_in_folders_score_as_pysodmetrics_for_several_methods_and_datasets(maps, evaluated):
     root, truths = maps
     out, proc = evaluated
@@ -145,6 +146,7 @@ def test_maps_in_folders_score_as_pysodmetrics_for_several_methods_and_datasets(
         assert all(any(line.startswith(m) for line in proc.stdout.splitlines()) for m in ("good", "small", "colour"))
 
 
+@pytest.mark.slow
 def test_tables_hold_every_result(maps, evaluated):
     out, _ = evaluated
     results = json.loads((out / "results.json").read_text())
@@ -159,6 +161,7 @@ def test_tables_hold_every_result(maps, evaluated):
     assert tex.count(r"\\") == 2 + 3  # two header rows, three methods
 
 
+@pytest.mark.slow
 def test_plots_are_real_pngs_with_one_line_per_method(evaluated):
     out, _ = evaluated
     for dataset in ("DS-A", "ECSSD"):
@@ -206,6 +209,7 @@ def test_missing_and_extra_maps_are_listed_or_counted(maps, tmp_path, capsys):
     assert "5 (1 missing, 1 extra)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_checkpoint_on_shards_scores_what_validation_and_its_predicted_maps_score(tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / "run")
     ecssd_folder(tmp_path / "ECSSD", 7, first_seed=300)

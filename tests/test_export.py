@@ -72,6 +72,7 @@ def test_torchscript_matches_eager_pytorch_at_any_size(eager, tmp_path):
     assert_matches_eager(lambda x: loaded(x), module, [(1, 96, 64), (3, 50, 70)])
 
 
+@pytest.mark.slow
 def test_onnx_matches_eager_pytorch_at_any_size_with_onnxruntime(eager, tmp_path):
     checkpoint, module = eager
     out = tmp_path / "salnet.onnx"

@@ -230,6 +230,7 @@ def test_numpy_mean_emulation_tracks_the_installed_numpy():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_sharded_over_ranks_equals_one_process(world, tmp_path):
     out = tmp_path / "metrics.json"

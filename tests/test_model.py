@@ -157,6 +157,7 @@ def test_channels_last_gives_the_same_output_and_compiles_without_graph_breaks(s
         assert explanation.graph_count == 1
 
 
+@pytest.mark.slow
 def test_overfits_eight_synthetic_samples():
     """From random init, 60 Adam steps (lr 3e-3, batch 8) bring the fused eval loss from > 0.8 to < 0.3."""
     g = torch.Generator().manual_seed(0)

@@ -90,6 +90,7 @@ def test_a_dataset_folder_and_its_packed_shards_give_identical_maps(tmp_path, ch
     }
 
 
+@pytest.mark.slow
 def test_two_ranks_predict_every_image_exactly_once(tmp_path, checkpoint):
     ecssd_folder(tmp_path / "ECSSD", 4)
     run_py(["-m", "salnet.shards", "pack", tmp_path / "ECSSD", tmp_path / "shards" / "ecssd"])

@@ -169,6 +169,7 @@ def test_the_death_of_the_parent_acts_like_a_warning(tmp_path):
     assert described == "SIGUSR1 (the parent process, the launcher, died)"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not LINUX, reason="PR_SET_PDEATHSIG is Linux-only")
 def test_torchrun_workers_stop_when_usr2_kills_the_agent(tmp_path):
     # torchrun's agent handles only TERM/INT/HUP/QUIT: SIGUSR2 (Slurm's warning, sent to every

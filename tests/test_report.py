@@ -59,6 +59,7 @@ def coloured_pixels(picture, colour, tolerance=10):
     return int((np.abs(picture.astype(int) - colour).max(axis=2) <= tolerance).sum())
 
 
+@pytest.mark.slow
 def test_plots_after_a_run_show_what_they_claim(finished_run):
     out = finished_run / "plots"
     records = read_records(finished_run / "metrics.jsonl")
@@ -112,6 +113,7 @@ def test_plots_after_a_run_show_what_they_claim(finished_run):
         assert np.array_equal(png(out / f"panel_{name}.png"), plots.panel_grid(d.panel))
 
 
+@pytest.mark.slow
 def test_report_redraws_and_summarises_a_finished_run(finished_run, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(finished_run, run_dir)

@@ -218,6 +218,22 @@ def assert_bitwise_identical(reference: Path, run_dir: Path, steps: int) -> None
     assert va["step"] == vb["step"] == steps and va == vb
 
 
+def job_config(submitted: subprocess.CompletedProcess) -> Path:
+    """The copy of the config that a submitted job runs (launch/submit.py prints it)."""
+    return Path(re.search(r"config: +(\S+) \(the job runs this copy\)", submitted.stdout).group(1))
+
+
+def cut_budget(submitted: subprocess.CompletedProcess, steps: int) -> None:
+    """Set train.steps in the config copy a requeued job will run: its next attempt resumes and
+    takes the new budget (a changed step budget takes effect on resume). A requeued job waits 11 s
+    before it may start again (up.sh's cred_expire), time enough to do this first."""
+    path = job_config(submitted)
+    resolved = yaml.safe_load(path.read_text())
+    resolved["train"]["steps"] = steps
+    path.with_suffix(".tmp").write_text(yaml.safe_dump(resolved))
+    path.with_suffix(".tmp").replace(path)
+
+
 # --------------------------------------------------------------------------------------------
 # Submit time: no cluster needed
 # --------------------------------------------------------------------------------------------
@@ -414,6 +430,7 @@ def reference(cluster, work):
     return Reference(work)
 
 
+@pytest.mark.slow
 def test_usr2_saves_on_both_ranks_requeues_and_resumes_bitwise_identical(reference, work):
     config = write_config(work, "usr2", log={"every": 1, "wandb": True})
     job, proc = submit(work, config, *CPU_JOB, "--max-requeues", "2")
@@ -444,6 +461,7 @@ def test_usr2_saves_on_both_ranks_requeues_and_resumes_bitwise_identical(referen
     assert ids == {wandb_id}, ids
 
 
+@pytest.mark.slow
 def test_a_submitted_job_trains_validates_and_writes_best(reference):
     run_dir, job, out = reference.wait(), reference.job, reference.submit
     # --follow streamed rank 0's log until the job ended, and exited 0 because it COMPLETED.
@@ -484,6 +502,7 @@ def test_a_submitted_job_trains_validates_and_writes_best(reference):
     assert checkpoint_steps(run_dir) == [8, STEPS]  # a dry run removes nothing
 
 
+@pytest.mark.slow
 def test_sbatch_script_passes_the_usr2_scenario(reference, work):
     config = write_config(work, "sbatch")
     out = work / "runs"
@@ -534,6 +553,7 @@ def test_sbatch_script_passes_the_usr2_scenario(reference, work):
     assert_bitwise_identical(reference.wait(), run_dir, STEPS)
 
 
+@pytest.mark.slow
 def test_plain_scancel_saves_and_is_not_requeued(cluster, work):
     config = write_config(work, "scancel", train={"steps": 200, "timeout_s": 60}, checkpoint={"every": 100, "keep": 5})
     job, _ = submit(work, config, *CPU_JOB)
@@ -552,6 +572,7 @@ def test_plain_scancel_saves_and_is_not_requeued(cluster, work):
     assert [r["JobState"] for r in sc.jobcomp(job)] == ["CANCELLED"] and sc.show_job(job).get("Restarts") == "0"
 
 
+@pytest.mark.slow
 def test_a_crash_on_one_rank_fails_the_job_in_bounded_time_naming_the_rank(cluster, work, tmp_path):
     # Corrupt the last val image: rank 1 holds it and fails in the first validation, while rank 0
     # waits in the metrics all-reduce.
@@ -574,6 +595,7 @@ def test_a_crash_on_one_rank_fails_the_job_in_bounded_time_naming_the_rank(clust
     assert final[-1]["ExitCode"] not in ("75:0", "76:0", "0:0")
 
 
+@pytest.mark.slow
 def test_max_requeues_is_honoured_and_a_second_submit_waits_for_the_first(cluster, work):
     config = write_config(work, "singleton")
     first, _ = submit(work, config, *CPU_JOB, "--max-requeues", "0")
@@ -596,16 +618,17 @@ def test_max_requeues_is_honoured_and_a_second_submit_waits_for_the_first(cluste
     assert_every_step_once(run_dir, STEPS)
 
 
+@pytest.mark.slow
 def test_preemption_by_a_higher_priority_partition_saves_requeues_and_finishes(cluster, work):
-    steps = 40
+    budget = 40  # still training when the preemption comes; cut to two more steps once it has come
     config = write_config(
         work,
         "preempted",
-        train={"steps": steps, "timeout_s": 60},
+        train={"steps": budget, "timeout_s": 60},
         eval={"every": 20},
         checkpoint={"every": 20, "keep": 5},
     )
-    job, _ = submit(work, config, *CPU_JOB)
+    job, proc = submit(work, config, *CPU_JOB)
     run_dir = work / "runs" / "preempted"
     wait_for_step(run_dir, job, 3)
     # Both nodes, whole: Slurm must preempt the batch job to run it.
@@ -617,10 +640,18 @@ def test_preemption_by_a_higher_priority_partition_saves_requeues_and_finishes(c
         check=True,
     ).stdout.strip()
     _submitted.append(urgent)
+    start = time.monotonic()
+    while not [r for r in sc.jobcomp(job) if r["JobState"] == "PENDING"]:  # the preempted attempt's end
+        if not sc.squeue_state(job) or time.monotonic() - start > JOB_TIMEOUT:
+            pytest.fail(f"job {job} was not preempted and requeued:\n{logs(run_dir, job)}")
+        time.sleep(0.2)
+    step = stopped_step(rank0_log(run_dir, job), "SIGUSR2")
+    steps = step + 2
+    cut_budget(proc, steps)
     wait_gone(run_dir, job, timeout=JOB_TIMEOUT)
     log = rank0_log(run_dir, job)
-    step = stopped_step(log, "SIGUSR2")
-    assert step < steps and f"step-{step:08d} at step {step}" in log, logs(run_dir, job)
+    assert step < budget and f"step-{step:08d} at step {step}" in log, logs(run_dir, job)
+    assert f"train.steps: {budget} -> {steps}" in log, log  # the resumed attempt took the new budget
     assert_both_ranks_saved_at(run_dir, step)
     assert int(sc.show_job(job).get("Restarts", 0)) >= 1
     states = [r["JobState"] for r in sc.jobcomp(job)]
@@ -638,6 +669,7 @@ def seconds_per_step(run_dir: Path) -> float:
     return 8 / rates[len(rates) // 2] if rates else 0.5  # global batch: 2 ranks x 4
 
 
+@pytest.mark.slow
 def test_a_real_time_limit_ends_in_a_requeue_and_a_finished_run(reference, work):
     # --time 1 with a 30 s warning: Slurm checks limits every 30 s and sends a warning that would fall
     # due before its next check at once, so the warning reaches every task within the first 30 s of
@@ -656,7 +688,6 @@ def test_a_real_time_limit_ends_in_a_requeue_and_a_finished_run(reference, work)
     args[args.index("--time") + 1] = "1"
     args[args.index("--signal-delay") + 1] = "30"
     job, proc = submit(work, config, *args, "--max-requeues", "3")
-    job_config = Path(re.search(r"config: +(\S+) \(the job runs this copy\)", proc.stdout).group(1))
     run_dir = work / "runs" / "timelimit"
     start = time.monotonic()
     while sc.show_job(job).get("Restarts") != "1":
@@ -667,14 +698,10 @@ def test_a_real_time_limit_ends_in_a_requeue_and_a_finished_run(reference, work)
     step = stopped_step(first, "SIGUSR2")
     assert step < budget and f"requeued job {job} (restart 1 of at most 3)" in first
     # The requeued attempt would get the same one-minute limit, and so the same warning within 30 s:
-    # give it the time to finish instead, and two steps to go (a requeued job waits 11 s before it may
-    # start: both changes are in place by then). The first attempt is what this test is about.
+    # give it the time to finish instead, and two steps to go. The first attempt is what this test is about.
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True, timeout=30)
     steps = step + 2
-    resolved = yaml.safe_load(job_config.read_text())
-    resolved["train"]["steps"] = steps
-    job_config.with_suffix(".tmp").write_text(yaml.safe_dump(resolved))
-    job_config.with_suffix(".tmp").replace(job_config)
+    cut_budget(proc, steps)
     wait_gone(run_dir, job)
     log = rank0_log(run_dir, job)
     assert f"step-{step:08d} at step {step}" in log and f"done: {steps} steps" in log, logs(run_dir, job)

@@ -27,6 +27,7 @@ def assert_close(a, b, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")  # noqa: B023 (called at once)
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_matches_one_process_with_the_same_global_batch(tmp_path):
     run_py([PROBE, tmp_path / "one.pt", 8, 3, *SGD])
     torchrun(2, [PROBE, tmp_path / "two.pt", 8, 3, *SGD])
@@ -38,6 +39,7 @@ def test_ddp_two_ranks_matches_one_process_with_the_same_global_batch(tmp_path):
     assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-3
 
 
+@pytest.mark.slow
 def test_accumulation_2x4_matches_1x8(tmp_path):
     run_py([PROBE, tmp_path / "1x8.pt", 8, 3, *SGD])
     run_py([PROBE, tmp_path / "2x4.pt", 8, 3, *SGD, "train.grad_accum=2"])

@@ -19,6 +19,8 @@ from salnet.validate import probabilities_at
 
 from conftest import REPO, corrupt_last_val_image, run_py, torchrun
 
+pytestmark = pytest.mark.slow  # every test here starts training runs
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):

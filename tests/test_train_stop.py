@@ -18,6 +18,8 @@ from salnet.shards.synth import synthesize
 
 from conftest import free_port, spawn, spawn_torchrun, torchrun
 
+pytestmark = pytest.mark.slow  # every test here starts training runs
+
 STEPS = 16
 
 
