@@ -196,6 +196,7 @@ def kill_the_whole_job(agent):
     running (they would save at their next step, having lost their launcher, or wait out
     train.timeout_s for a rendezvous the agent no longer serves)."""
     ranks = children(agent.pid)
+    assert len(ranks) == 2, f"the job has {len(ranks)} rank(s) to kill (agent exit status: {agent.poll()})"
     for pid in [*ranks, agent.pid]:
         try:
             os.killpg(pid, signal.SIGKILL)
@@ -205,12 +206,16 @@ def kill_the_whole_job(agent):
     deadline = time.monotonic() + 30
     while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(ranks) == 2 and not any(alive(pid) for pid in ranks), f"ranks {ranks} outlived the kill"
+    assert not any(alive(pid) for pid in ranks), f"ranks {ranks} outlived the kill"
 
 
 def metrics_lines(run_dir):
     path = run_dir / "metrics.jsonl"
     return set(path.read_text().splitlines()) if path.exists() else set()
+
+
+def newest_step(lines):
+    return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=0)
 
 
 def test_kill_9_at_random_moments_including_saves_then_resume_ends_bitwise_equal(tmp_path, shards, uninterrupted):
@@ -237,11 +242,14 @@ def test_kill_9_at_random_moments_including_saves_then_resume_ends_bitwise_equal
             deadline = time.monotonic() + 300
             while not list((run_dir / "checkpoints").glob(".step-*.tmp")) and time.monotonic() < deadline:
                 time.sleep(0.005)
-        else:  # past start-up (a record of this attempt's in metrics.jsonl), then at a random moment
+        else:  # past start-up, at a random step before the end and a random moment in it
+            checkpoints = RunDir(run_dir).complete_checkpoints()
+            resumes_at = int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0
+            target = rng.randint(min(resumes_at + 1, STEPS - 3), STEPS - 3)
             deadline = time.monotonic() + 300
-            while not metrics_lines(run_dir) - before and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 4.0))
+            while newest_step(metrics_lines(run_dir) - before) < target and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.3))
         kill_the_whole_job(agent)
     out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=400).stdout
     assert "resumed from" in out
