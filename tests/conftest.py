@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from salnet.dist import free_port  # the tests' rendezvous ports
+# One OpenMP thread in the pytest processes too, set before torch is imported (the subprocesses get
+# it from python_env): make test runs two workers on two cores, where each worker's own threads
+# would only contend with the other's processes.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from salnet.dist import free_port  # noqa: E402  (torch comes in here) the tests' rendezvous ports
 
 REPO = Path(__file__).resolve().parents[1]
 
