@@ -257,6 +257,14 @@ class BackboneConfig(Section):
 
 
 class ModelConfig(Section):
+    factory: str | None = Field(
+        None,
+        description="your own network: 'package.module:function', called with this model section, returning a "
+        "torch.nn.Module with salnet's contract (see salnet/model/factory.py); null: salnet's FPN + PPM",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="model.factory's own settings, free-form (its function reads them)"
+    )
     backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="feature extractor C2..C5")
     ppm_bins: list[int] = Field(
         [1, 2, 3, 6], min_length=1, description="pyramid pooling output sizes on C5 (each >= 1)"
@@ -281,6 +289,17 @@ class ModelConfig(Section):
         # salnet.model checks the GroupNorm channel counts, which depend on the backbone.
         if any(b < 1 for b in self.ppm_bins):
             raise ValueError(f"model.ppm_bins must all be >= 1 (output sizes of the pooling), got {self.ppm_bins}")
+        module, sep, function = (self.factory or "").partition(":")
+        if self.factory is not None and not (sep and module and function.isidentifier()):
+            raise ValueError(
+                f"model.factory={self.factory!r} must name a function as 'package.module:function', "
+                f"e.g. my_sod.decoder:build"
+            )
+        if self.options and self.factory is None:
+            raise ValueError(
+                f"model.options ({', '.join(self.options)}) are the settings of a model.factory network; "
+                f"salnet's FPN + PPM (model.factory=null) takes none"
+            )
         if (
             self.norm == "group"
             and backbone_family(self.backbone.name) in BATCHNORM_FAMILIES
@@ -301,9 +320,8 @@ class LossConfig(Section):
     )
     side_weights: list[float] = Field(
         [0.5, 0.25, 0.125, 0.0625],
-        min_length=4,
-        max_length=4,
-        description="deep-supervision weights (each >= 0) of the side outputs P2..P5 (fused output has 1.0)",
+        description="deep-supervision weights (each >= 0), one per side output the network returns in training: "
+        "salnet's P2..P5, or model.factory's own ([] for none); the fused output has 1.0",
     )
 
     def model_post_init(self, context) -> None:

@@ -1,6 +1,8 @@
 """Saliency losses: one pixel loss on every output, weighted for deep supervision.
 
-    total = L(fused) + sum_i side_weights[i] * L(side_P{i+2})
+    total = L(fused) + sum_i side_weights[i] * L(side_i)
+
+(side_i: salnet's P2..P5, or the side logits of a model.factory network, in the order it returns them)
 
 with L, per `loss.kind`:
   bce_iou    BCE + soft IoU: the BASNet/F3Net hybrid (pixel-level + map-level terms)
@@ -17,14 +19,14 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from salnet.config import LossConfig
+from salnet.config import ConfigError, LossConfig
 
 # F3Net's smoothing of the IoU ratio: an empty mask with an empty prediction costs 0, not 0/0.
 SMOOTH = 1.0
 # F3Net's boundary weight: 1 + 5 * |local mean of the mask (31x31) - mask|.
 BOUNDARY_KERNEL = 31
 BOUNDARY_GAIN = 5.0
-OUTPUT_NAMES = ("fused", "side2", "side3", "side4", "side5")
+FIRST_SIDE = 2  # side outputs are logged as side2, side3, ...: salnet's P2..P5
 
 PixelLoss = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -79,15 +81,16 @@ PIXEL_LOSSES: dict[str, PixelLoss] = {"bce_iou": bce_iou, "structure": structure
 class DeepSupervisionLoss:
     """loss(outputs, target) -> (total, components).
 
-    outputs: the network's [fused, side_P2, ..., side_P5] logits (training) or the fused logits
-    alone (eval), each [B, 1, H, W] at the target's size; target: [B, 1, H, W] in [0, 1].
+    outputs: the network's [fused, side...] logits (training) or the fused logits alone (eval),
+    each [B, 1, H, W] at the target's size; target: [B, 1, H, W] in [0, 1].
     components (detached, for logging): 'fused' and its terms ('fused_bce', 'fused_iou', ...),
-    and each side output's unweighted loss ('side2'..'side5').
+    and each side output's unweighted loss ('side2', 'side3', ...).
     """
 
     def __init__(self, pixel_loss: PixelLoss, side_weights: Sequence[float]):
         self.pixel_loss = pixel_loss
         self.weights = (1.0, *side_weights)
+        self.names = ("fused", *(f"side{i + FIRST_SIDE}" for i in range(len(side_weights))))
 
     def __call__(
         self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor
@@ -102,7 +105,7 @@ class DeepSupervisionLoss:
             target = target.float()
             total = target.new_zeros(())
             components: dict[str, torch.Tensor] = {}
-            for name, weight, logits in zip(OUTPUT_NAMES, self.weights, outputs):
+            for name, weight, logits in zip(self.names, self.weights, outputs):
                 if logits.shape != target.shape:
                     raise ValueError(
                         f"output '{name}' has shape {tuple(logits.shape)} but the target has {tuple(target.shape)}; "
@@ -112,10 +115,20 @@ class DeepSupervisionLoss:
                 loss = sum(terms.values())
                 total = total + weight * loss
                 components[name] = loss.detach()
-                if name == OUTPUT_NAMES[0]:
+                if name == self.names[0]:
                     components.update({f"{name}_{term}": value.detach() for term, value in terms.items()})
         return total, components
 
 
 def build_loss(cfg: LossConfig) -> DeepSupervisionLoss:
     return DeepSupervisionLoss(PIXEL_LOSSES[cfg.kind], cfg.side_weights)
+
+
+def check_side_weights(cfg: LossConfig, side_logits: int, network: str) -> None:
+    """At build time: one loss.side_weights entry per side logit the network returns in training."""
+    if side_logits != len(cfg.side_weights):
+        raise ConfigError(
+            f"{network} returns {side_logits} side logits in training, but loss.side_weights={cfg.side_weights} "
+            f"weighs {len(cfg.side_weights)}: give one weight per side logit"
+            + (" (loss.side_weights=[]: no deep supervision)" if side_logits == 0 else "")
+        )

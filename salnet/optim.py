@@ -4,7 +4,8 @@ Both strategies (DDP and DeepSpeed) build their optimizer and schedule from here
 train with the same groups and the same learning rate at every step.
 
 Parameter groups: {backbone, decoder} x {decay, no_decay}. The backbone's lr is scaled by
-`optim.backbone_lr_mult` (0.1 is the SOD convention for a pretrained backbone); norm weights and
+`optim.backbone_lr_mult` (0.1 is the SOD convention for a pretrained backbone); the backbone is the
+model's `backbone` submodule, and a model.factory network without one is all decoder. Norm weights and
 biases (every parameter with fewer than two dimensions) get no weight decay, as in most modern
 recipes, because decaying them only fights the normalisation. `optim.no_decay_extra` adds position
 embeddings / relative-position tables, class tokens, layer scales (salnet.model.layers.no_decay_kind).
@@ -22,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from salnet.config import OptimConfig
+from salnet.config import ConfigError, OptimConfig
 from salnet.model.layers import layer_ids, no_decay_kind
 
 
@@ -42,6 +43,8 @@ def layer_decay_on(cfg: OptimConfig) -> bool:
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     backbone = getattr(model, "backbone", None)
+    if backbone is None:
+        _check_no_backbone_settings(cfg)
     backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
     layers = None
     if backbone is not None and layer_decay_on(cfg):
@@ -67,6 +70,21 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     # A fixed order (not dict insertion order of whatever came first) keeps optimizer state
     # indices identical across strategies and runs.
     return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1] if len(k) == 3 else 0, k[-1]))]
+
+
+def _check_no_backbone_settings(cfg: OptimConfig) -> None:
+    """A network without a `backbone` submodule (a model.factory's may have none) has only decoder
+    groups: a backbone setting other than its default would be silently ignored, so it is an error
+    (the default: a resolved config, as a Slurm job's, holds every key)."""
+    wrong = [f"optim.layer_decay={cfg.layer_decay}"] if layer_decay_on(cfg) else []
+    if cfg.backbone_lr_mult != OptimConfig.model_fields["backbone_lr_mult"].default:
+        wrong.append(f"optim.backbone_lr_mult={cfg.backbone_lr_mult}")
+    if wrong:
+        raise ConfigError(
+            f"{' and '.join(wrong)} apply to a network's `backbone` submodule, and this network has none: every "
+            f"parameter trains at optim.lr; leave {' and '.join(w.split('=')[0] for w in wrong)} at the default, or "
+            f"give the network a `backbone` attribute"
+        )
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

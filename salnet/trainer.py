@@ -19,9 +19,9 @@ import torch
 from salnet import dist
 from salnet.config import Config, ConfigError, resume_changes, save_config, to_yaml
 from salnet.data import TrainBatch, TrainInput, TrainStream
-from salnet.loss import build_loss
+from salnet.loss import build_loss, check_side_weights
 from salnet.metrics import is_better
-from salnet.model import build_model
+from salnet.model import build_model, side_logits_in_training
 from salnet.optim import apply_settings
 from salnet.run.checkpoint import (
     ClientState,
@@ -128,6 +128,8 @@ class Trainer:
         model = build_model(cfg.model)
         # ---- set the loss --------------------------------------------------------------------
         self.loss_fn = build_loss(cfg.loss)
+        network = f"model.factory={cfg.model.factory!r}" if cfg.model.factory else "salnet's FPN + PPM"
+        check_side_weights(cfg.loss, side_logits_in_training(model), network)
         # ---- set the optimizer and schedule (inside the strategy: DDP or DeepSpeed) ---------
         self.strategy = build_strategy(cfg, model, self.total_steps)
         # ---- the validator: every named val set, scored on every rank ------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from salnet.config import ConfigError, LossConfig, load_config
-from salnet.loss import build_loss
+from salnet.loss import build_loss, check_side_weights
 
 DIAGONAL = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 1, 2, 2)
 
@@ -124,5 +124,8 @@ def test_errors_name_the_problem():
         loss([torch.zeros(1, 1, 4, 4)] * 3, torch.zeros(1, 1, 4, 4))
     with pytest.raises(ConfigError, match=r"loss.side_weights must all be >= 0, got \[0.5, -1.0, 0.1, 0.1\]"):
         load_config(None, ["loss.side_weights=[0.5, -1, 0.1, 0.1]"])
-    with pytest.raises(ConfigError, match="key 'loss.side_weights'.*at least 4 items"):
-        load_config(None, ["loss.side_weights=[1, 1]"])
+    # One weight per side logit of the network, checked when the run builds it (salnet's FPN has 4).
+    with pytest.raises(
+        ConfigError, match=r"FPN \+ PPM returns 4 side logits in training, but loss.side_weights=\[1.0, 1.0\] weighs 2"
+    ):
+        check_side_weights(load_config(None, ["loss.side_weights=[1, 1]"]).loss, 4, "salnet's FPN + PPM")

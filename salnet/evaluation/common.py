@@ -95,7 +95,10 @@ def load_best_weights(path: os.PathLike | str) -> BestWeights:
         model_cfg = ModelConfig.model_validate(model_section)
     except ValidationError as e:
         raise EvaluationError(f"checkpoint '{path}': its 'model' config is not valid for this salnet: {e}") from None
-    model = build_model(model_cfg)
+    try:
+        model = build_model(model_cfg)  # a model.factory network: its module must be importable here too
+    except ConfigError as e:
+        raise EvaluationError(f"checkpoint '{path}': {e}") from None
     try:
         model.load_state_dict(best["model"])
     except RuntimeError as e:

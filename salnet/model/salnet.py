@@ -17,6 +17,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from salnet.config import BATCHNORM_FAMILIES, ConfigError, ModelConfig, backbone_family
 from salnet.model.backbone import NORM_CHANNEL_QUANTUM, build_backbone, stage_channels
+from salnet.model.factory import build_from_factory, dry_output
 from salnet.model.fpn import FeaturePyramid
 from salnet.model.head import FusionHead
 from salnet.model.ppm import PyramidPooling
@@ -71,8 +72,21 @@ def _check_group_norm(cfg: ModelConfig, branch_width: int) -> None:
         )
 
 
-def build_model(cfg: ModelConfig) -> SalNet:
-    """The network described by `cfg`, with backbone weights loaded per cfg.backbone.weights.
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The network model.* describes: model.factory's (salnet.model.factory), else salnet's FPN + PPM."""
+    return build_from_factory(cfg) if cfg.factory is not None else build_salnet(cfg)
+
+
+def side_logits_in_training(model: nn.Module) -> int:
+    """How many side logits build_model's network returns in training, besides the fused one."""
+    if isinstance(model, SalNet):
+        return len(model.side_logits)
+    out = dry_output(model, training=True)  # a factory's network: its contract allows a tensor or a list
+    return 0 if isinstance(out, torch.Tensor) else len(out) - 1
+
+
+def build_salnet(cfg: ModelConfig) -> SalNet:
+    """Salnet's FPN + PPM network described by `cfg`, with backbone weights loaded per cfg.backbone.weights.
 
     model.norm is the decoder's norm, and a ResNet backbone's unless frozen_bn; Swin, ConvNeXt and ViT
     keep their LayerNorm. For DDP with model.norm=batch, torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) converts
