@@ -168,20 +168,27 @@ BACKBONE_FAMILIES = {
     "convnext": ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large"),
     "vit": ("vit_b_16", "vit_l_16", "vit_h_14"),
 }
+# timm backbones: model.backbone.name `timm/<model>`, any timm model with four feature levels at strides 4..32
+# (salnet.model.timm_backbone). timm is an optional extra, so its names are checked when the model is built.
+TIMM_PREFIX = "timm/"
+TIMM_FAMILY = "timm"
+TIMM_INSTALL = "pip install 'salnet[timm]'"
 # The families whose backbone has BatchNorm: model.norm and model.backbone.frozen_bn reach into
 # them; the others have LayerNorm only, so model.norm is the decoder's alone.
 BATCHNORM_FAMILIES = ("resnet",)
 BACKBONES_COMMAND = "python -m salnet.model --backbones"
-# The families with stochastic depth (torchvision's stochastic_depth_prob): model.backbone.drop_path.
-# torchvision's ViT has none (dropout only), ResNet neither.
-DROP_PATH_FAMILIES = ("swin", "swin_v2", "convnext")
+# The families with stochastic depth (torchvision's stochastic_depth_prob, timm's drop_path_rate):
+# model.backbone.drop_path. torchvision's ViT has none (dropout only), ResNet neither.
+DROP_PATH_FAMILIES = ("swin", "swin_v2", "convnext", TIMM_FAMILY)
 # The families model.backbone.checkpointing recomputes: not ResNet, whose BatchNorm would update its
-# running statistics a second time in the recomputation.
-CHECKPOINTING_FAMILIES = ("swin", "swin_v2", "convnext", "vit")
+# running statistics a second time in the recomputation (a timm model with BatchNorm is refused when built).
+CHECKPOINTING_FAMILIES = ("swin", "swin_v2", "convnext", "vit", TIMM_FAMILY)
 
 
 def backbone_family(name: str) -> str | None:
-    """The family of backbone `name` ('resnet', 'swin', ...), or None for an unknown name."""
+    """The family of backbone `name` ('resnet', 'swin', ..., 'timm'), or None for an unknown name."""
+    if name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX):
+        return TIMM_FAMILY
     return next((family for family, names in BACKBONE_FAMILIES.items() if name in names), None)
 
 
@@ -195,6 +202,7 @@ def check_backbone_name(name: str) -> str:
         raise ValueError(
             f"model.backbone.name={name!r} is not a known backbone{hint} Families: "
             + ", ".join(f"{f} ({names[0]}, ...)" for f, names in BACKBONE_FAMILIES.items())
+            + f", timm ({TIMM_PREFIX}<any timm model>, e.g. {TIMM_PREFIX}pvt_v2_b0, with {TIMM_INSTALL})"
             + f"; `{BACKBONES_COMMAND}` lists every name"
         )
     return family
@@ -205,18 +213,22 @@ class BackboneConfig(Section):
         "resnet50",
         description="torchvision backbone (torchvision's own code and weight format), of the families "
         + ", ".join(BACKBONE_FAMILIES)
-        + f"; `{BACKBONES_COMMAND}` lists every name",
+        + f"; `{BACKBONES_COMMAND}` lists every name; or {TIMM_PREFIX}<model>: any timm model with four feature "
+        f"levels at strides 4, 8, 16, 32 (timm/pvt_v2_b0, timm/swin_base_patch4_window12_384.ms_in22k, ...; "
+        f"{TIMM_INSTALL})",
     )
     weights: str = Field(
         "none",
         description="'imagenet' (torchvision's IMAGENET1K_V1 file, or its DEFAULT where there is no V1 (vit_h_14), cached "
         "in TORCH_HOME), another torchvision weights name of this backbone (e.g. IMAGENET1K_V2), 'none' (random init), "
-        "or a path to a torchvision-format state dict",
+        "or a path to a state dict in the model's own key names (torch.save'd, or .safetensors). A timm backbone: "
+        "'imagenet' is timm's pretrained file of the name's tag (timm/pvt_v2_b0.in1k; timm's default tag without "
+        "one), from the local Hugging Face cache only (HF_HOME / HF_HUB_CACHE)",
     )
     frozen_bn: bool = Field(
         False,
         description="replace the backbone's BatchNorm by FrozenBatchNorm2d: statistics and affine parameters stay as "
-        "loaded (ResNet family only: the others have no BatchNorm)",
+        "loaded (torchvision's ResNet family only: the others have no BatchNorm; timm backbones keep theirs as built)",
     )
     drop_path: float | None = Field(
         None,
@@ -226,21 +238,24 @@ class BackboneConfig(Section):
         "for stochastic_depth_prob), of the families "
         + ", ".join(DROP_PATH_FAMILIES)
         + "; null: torchvision's default for the model "
-        "(swin_t 0.2, convnext_tiny 0.1, ...); ResNet and torchvision's ViT have no drop path",
+        "(swin_t 0.2, convnext_tiny 0.1, ...); ResNet and torchvision's ViT have no drop path; a timm backbone gets "
+        "it as timm's drop_path_rate (null: timm's default, mostly 0)",
     )
     checkpointing: bool = Field(
         False,
         description="activation checkpointing of each backbone block in training (every Swin / ConvNeXt block, every "
-        "ViT encoder layer): activations are recomputed in the backward pass, so large models fit at large sizes, "
-        "for one more forward pass; the same loss and gradients. Families " + ", ".join(CHECKPOINTING_FAMILIES),
+        "ViT encoder layer; a timm model's set_grad_checkpointing, unless it has BatchNorm): activations are recomputed "
+        "in the backward pass, so large models fit at large sizes, for one more forward pass; the same loss and "
+        "gradients. Families " + ", ".join(CHECKPOINTING_FAMILIES),
     )
 
     def model_post_init(self, context) -> None:
         family = check_backbone_name(self.name)
         if self.frozen_bn and family not in BATCHNORM_FAMILIES:
             raise ValueError(
-                f"model.backbone.frozen_bn=true freezes a backbone's BatchNorm, and {self.name} ({family} family) has "
-                f"LayerNorm only; set model.backbone.frozen_bn=false"
+                f"model.backbone.frozen_bn=true freezes a backbone's BatchNorm, and {self.name} ({family} family) "
+                + ("keeps its norm layers as timm builds them" if family == TIMM_FAMILY else "has LayerNorm only")
+                + "; set model.backbone.frozen_bn=false"
             )
         if self.drop_path is not None and family not in DROP_PATH_FAMILIES:
             why = "torchvision's ViT has no stochastic depth" if family == "vit" else "ResNet has no stochastic depth"
@@ -339,8 +354,8 @@ class OptimConfig(Section):
     no_decay_extra: list[Literal["position", "class_token", "layer_scale"]] = Field(
         [],
         description="more parameters without weight decay: position = ViT's encoder.pos_embedding, Swin's "
-        "relative_position_bias_table, Swin V2's cpb_mlp and logit_scale; class_token = ViT's; layer_scale = "
-        "ConvNeXt's (1-D in the reference code, so undecayed there)",
+        "relative_position_bias_table, Swin V2's cpb_mlp and logit_scale, timm's pos_embed; class_token = ViT's (timm's "
+        "cls_token); layer_scale = ConvNeXt's (1-D in the reference code, so undecayed there; timm's gamma)",
     )
     layer_decay: float | None = Field(
         None,

@@ -3,7 +3,8 @@
 torchvision's own model code and weight format. Each family has its seam:
 - ResNet/ResNeXt: torchvision's feature-extraction utility returns the four stage outputs;
 - Swin, Swin V2, ConvNeXt: their four stages (salnet.model.stages);
-- ViT: a simple feature pyramid from its stride-16 map (salnet.model.vit_pyramid).
+- ViT: a simple feature pyramid from its stride-16 map (salnet.model.vit_pyramid);
+- timm/<model>: timm's features_only model at strides 4..32 (salnet.model.timm_backbone; timm's code and weights).
 Channels and strides are read off the model itself by a dry pass on the meta device
 (`backbone_shape`), so a new family needs no table of them.
 """
@@ -20,8 +21,9 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops import StochasticDepth
 
-from salnet.config import BACKBONE_FAMILIES, check_backbone_name
+from salnet.config import BACKBONE_FAMILIES, TIMM_FAMILY, TIMM_INSTALL, TIMM_PREFIX, check_backbone_name
 from salnet.model.stages import FEATURE_KEYS, STRIDES, StageBackbone
+from salnet.model.timm_backbone import build_timm_backbone, import_timm, timm_model_name
 from salnet.model.vit_pyramid import ViTPyramid, fit_position_embedding
 from salnet.model.weights import IMAGENET, NO_WEIGHTS, load_backbone_weights, torchvision_weights
 
@@ -38,8 +40,12 @@ class BackboneShape(NamedTuple):
 
 
 def backbone_names() -> dict[str, tuple[str, ...]]:
-    """Every backbone name, by family."""
-    return dict(BACKBONE_FAMILIES)
+    """Every backbone name, by family; timm's (an optional extra, over a thousand models) as how to list them."""
+    timm_names = (
+        f"{TIMM_PREFIX}<model>: a timm model with four feature levels at strides 4..32 ({TIMM_INSTALL}), e.g. "
+        f'{TIMM_PREFIX}pvt_v2_b0; timm\'s names: python -c "import timm; print(timm.list_models(pretrained=True))"',
+    )
+    return {**BACKBONE_FAMILIES, TIMM_FAMILY: timm_names}
 
 
 def _vit_image_size(name: str) -> int:
@@ -69,9 +75,12 @@ def build_backbone(
     `drop_path`: Swin's and ConvNeXt's stochastic depth at the last block (None: torchvision's default).
     `checkpointing`: activation checkpointing of each block in training (not ResNet: config.py says why).
     Weights are loaded into the full torchvision model, so a file saved from it (classifier
-    included) loads as it is; the backbone shares that model's layers.
+    included) loads as it is; the backbone shares that model's layers. A timm backbone: see
+    salnet.model.timm_backbone (`norm_layer` does not apply: it keeps timm's norm layers).
     """
     family = check_backbone_name(name)
+    if family == TIMM_FAMILY:
+        return build_timm_backbone(name, weights, drop_path, checkpointing)
     adapt = None
     if family == "resnet":
         model = torchvision.models.get_model(name, weights=None, norm_layer=norm_layer)
@@ -91,21 +100,29 @@ def build_backbone(
 
 
 @functools.cache
+def _dry_pass_size(name: str) -> int:
+    """DRY_PASS_SIZE, or a timm model's own input size where it has one (timm's Swin takes only that size)."""
+    if check_backbone_name(name) != TIMM_FAMILY:
+        return DRY_PASS_SIZE
+    cfg = import_timm().models.get_pretrained_cfg(timm_model_name(name))
+    return cfg.input_size[-1] if cfg is not None and cfg.input_size else DRY_PASS_SIZE
+
+
+@functools.cache
 def backbone_shape(name: str) -> BackboneShape:
     """Channels and strides of C2..C5 of backbone `name`, from one forward pass on the meta device (no memory, no
     initialisation, no random numbers drawn)."""
+    size = _dry_pass_size(name)
     with torch.device("meta"):
         backbone = build_backbone(name, NO_WEIGHTS, nn.BatchNorm2d)
-        features = backbone(torch.empty(1, 3, DRY_PASS_SIZE, DRY_PASS_SIZE))
+        features = backbone(torch.empty(1, 3, size, size))
     shape = BackboneShape(
         channels=tuple(features[k].shape[1] for k in FEATURE_KEYS),
-        strides=tuple(DRY_PASS_SIZE // features[k].shape[-1] for k in FEATURE_KEYS),
+        strides=tuple(size // features[k].shape[-1] for k in FEATURE_KEYS),
     )
     sizes = [tuple(features[k].shape[-2:]) for k in FEATURE_KEYS]
-    if shape.strides != STRIDES or any(size != (DRY_PASS_SIZE // s,) * 2 for size, s in zip(sizes, STRIDES)):
-        raise RuntimeError(
-            f"backbone {name}: C2..C5 are {sizes} at {DRY_PASS_SIZE} px; the decoder needs strides {STRIDES}"
-        )
+    if shape.strides != STRIDES or any(hw != (size // s,) * 2 for hw, s in zip(sizes, STRIDES)):
+        raise RuntimeError(f"backbone {name}: C2..C5 are {sizes} at {size} px; the decoder needs strides {STRIDES}")
     return shape
 
 

@@ -7,12 +7,13 @@ parameter names (no table of model names). Ids run from 0 (the stem / patch embe
 - Swin, Swin V2, ConvNeXt: features.0 (patch embedding / stem) is 0; each block of the four stages
   gets the next id; a downsampling layer (patch merging / ConvNeXt's LayerNorm + stride-2 conv) shares
   the id of the block before it (the rule of the Swin/SimMIM and BEiT fine-tuning code);
-- ViT: conv_proj, class_token and encoder.pos_embedding are 0; encoder layer i is i + 1.
+- ViT: conv_proj, class_token and encoder.pos_embedding are 0; encoder layer i is i + 1;
+- timm: the model's own group_matcher (timm's layer-decay rule: the stem 0, then its blocks or stages).
 Anything else in the backbone (ViT's final LayerNorm and its new feature-pyramid layers) is `top` =
 number of blocks + 1, the backbone's full lr, as the decoder's is the decoder's full lr.
 
-Position parameters (optim.no_decay_extra): torchvision's names of position embeddings, class
-tokens, relative-position tables and layer scales.
+Position parameters (optim.no_decay_extra): torchvision's and timm's names of position embeddings,
+class tokens, relative-position tables and layer scales.
 """
 
 from __future__ import annotations
@@ -22,14 +23,23 @@ from typing import NamedTuple
 from torch import nn
 
 from salnet.model.stages import StageBackbone
+from salnet.model.timm_backbone import TimmBackbone
 from salnet.model.vit_pyramid import ViTPyramid
 
-# optim.no_decay_extra's kinds -> how torchvision names those parameters (the end of the name, or a
-# module on its path). Swin V2's relative positions come from a small MLP (cpb_mlp) scaled by logit_scale.
+# optim.no_decay_extra's kinds -> how torchvision and timm name those parameters (the end of the name, or a
+# module on its path). Swin V2's relative positions come from a small MLP (cpb_mlp) scaled by logit_scale;
+# timm calls position embeddings pos_embed (absolute_pos_embed), class tokens cls_token, layer scales gamma.
 NO_DECAY_NAMES = {
-    "position": ("pos_embedding", "relative_position_bias_table", "logit_scale", ".cpb_mlp."),
-    "class_token": ("class_token",),
-    "layer_scale": ("layer_scale",),
+    "position": (
+        "pos_embedding",
+        "pos_embed",
+        "absolute_pos_embed",
+        "relative_position_bias_table",
+        "logit_scale",
+        ".cpb_mlp.",
+    ),
+    "class_token": ("class_token", "cls_token"),
+    "layer_scale": ("layer_scale", "gamma"),
 }
 
 
@@ -68,6 +78,11 @@ def _prefixes(backbone: nn.Module) -> tuple[list[tuple[str, int]], int]:
 
 def layer_ids(backbone: nn.Module) -> LayerIds:
     """Every backbone parameter's layer id (see the module docstring for the rule per family)."""
+    if isinstance(backbone, TimmBackbone):
+        if backbone.layer_groups is None:
+            raise TypeError("optim.layer_decay: this timm model has no group_matcher, so no layer ids")
+        top = max(backbone.layer_groups.values()) + 1
+        return LayerIds({n: backbone.layer_groups.get(n, top) for n, _ in backbone.named_parameters()}, top)
     prefixes, blocks = _prefixes(backbone)
     top = blocks + 1
     ids = {}

@@ -1,4 +1,5 @@
-"""Backbone weights: torchvision's pretrained files (through torch.hub's cache) or a local state dict.
+"""Backbone weights: torchvision's pretrained files (through torch.hub's cache) or a local state dict
+(a torch.save'd one, or safetensors), for any family (timm's pretrained files: salnet.model.timm_backbone).
 
 Compute nodes often have no network. A pretrained file that is neither cached nor downloadable
 stops the run with the exact file, where it belongs and the one command that fetches it: a run
@@ -15,6 +16,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from urllib.parse import urlparse
 
+import safetensors.torch
 import torch
 from torch import nn
 from torchvision.models import WeightsEnum, get_model_weights
@@ -76,16 +78,28 @@ def _download(entry: WeightsEnum, dest: Path, backbone: str, weights: str) -> No
         ) from None
 
 
-def _load_state_dict(
-    model: nn.Module, path: Path, backbone: str, weights: str, strict: bool, adapt: Callable[[dict], dict] | None
-):
-    """torch.load(weights_only=True) the state dict at `path`, `adapt` it, load it into `model`; returns load_state_dict's result."""
+def _read_state_dict(path: Path, weights: str) -> dict:
+    """The tensors in `path`: a safetensors file (by its suffix), else torch.load(weights_only=True)."""
+    if path.suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(path, device="cpu")
+        except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+            raise BackboneWeightsError(
+                f"model.backbone.weights={weights!r}: cannot read {path} as safetensors: {e}"
+            ) from e
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types (pickle, zip, weights_only refusals)
         raise BackboneWeightsError(
             f"model.backbone.weights={weights!r}: cannot read {path} with torch.load(weights_only=True): {e}"
         ) from e
+
+
+def _load_state_dict(
+    model: nn.Module, path: Path, backbone: str, weights: str, strict: bool, adapt: Callable[[dict], dict] | None
+):
+    """Read the state dict at `path`, `adapt` it, load it into `model`; returns load_state_dict's result."""
+    state = _read_state_dict(path, weights)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BackboneWeightsError(
             f"model.backbone.weights={weights!r}: {path} holds a {type(state).__name__}, not a state dict "
@@ -96,9 +110,7 @@ def _load_state_dict(
     try:
         return model.load_state_dict(state, strict=strict)
     except RuntimeError as e:  # shape mismatches always; missing or unexpected keys when strict
-        raise BackboneWeightsError(
-            f"model.backbone.weights={weights!r}: {path} does not fit torchvision's {backbone}: {e}"
-        ) from None
+        raise BackboneWeightsError(f"model.backbone.weights={weights!r}: {path} does not fit {backbone}: {e}") from None
 
 
 def _shown(keys: list[str]) -> str:
@@ -135,8 +147,23 @@ def load_backbone_weights(
         names = ", ".join(get_model_weights(backbone).__members__)
         raise BackboneWeightsError(
             f"model.backbone.weights={weights!r} is not a file; valid values: 'imagenet', 'none', "
-            f"a torchvision weights name of {backbone} ({names}), or the path to a torchvision-format state dict"
+            f"a torchvision weights name of {backbone} ({names}), or the path to a torchvision-format state dict "
+            f"(torch.save'd or .safetensors)"
         )
+    load_weights_file(model, path, backbone, weights, needed, adapt)
+
+
+def load_weights_file(
+    model: nn.Module,
+    path: Path,
+    backbone: str,
+    weights: str,
+    needed: Collection[str],
+    adapt: Callable[[dict], dict] | None = None,
+) -> None:
+    """Load the state dict at `path` (the file model.backbone.weights=`weights` names) into `model`: every key of
+    `needed` must be in it (after `adapt`), so nothing the backbone uses stays randomly initialised; keys the model
+    lacks are ignored with a warning (a classifier, say)."""
     result = _load_state_dict(model, path, backbone, weights, False, adapt)
     needed = set(needed)
     missing = [k for k in result.missing_keys if k in needed]
