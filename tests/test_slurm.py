@@ -544,7 +544,9 @@ def test_sbatch_script_passes_the_usr2_scenario(reference, work):
     wait_gone(run_dir, job)
     log = (out / f"sbatch-{job}.out").read_text()
     step = stopped_step(log, "SIGUSR2")
-    assert "task 0: Exited with exit code 75" in log and "task 1: Exited with exit code 75" in log, log  # srun says so
+    # Rank 0 says how it stopped. srun's own "task N: Exited with exit code 75" lines are not asserted:
+    # rank 0 requeues from inside its task, and Slurm may end the step (and srun) before srun prints them.
+    assert "salnet.slurm: rank 0 exits with status 75 (stopped on the warning signal" in log, log
     assert_both_ranks_saved_at(run_dir, step)
     assert f"requeued job {job} (restart 1 of at most 2)" in log
     assert [r["JobState"] for r in sc.jobcomp(job)] == ["PENDING", "COMPLETED"], log
