@@ -4,6 +4,7 @@ metrics reference, real DDP and ZeRO-2 worker processes), so the check is sound 
 node ever runs it. (torch.compile is left to the GPU: on a CPU it needs a C++ toolchain and minutes.)"""
 
 import pytest
+import torch
 
 from salnet.bench import gpu
 
@@ -81,3 +82,55 @@ def test_the_cpu_parts_run_at_toy_sizes(tmp_path):
     memory = gpu.measure_memory(args, "cpu")
     assert memory["world"] == 1 and memory["ddp"]["held_mib"] > 0 and memory["zero2"]["held_mib"] > 0
     assert memory["zero2_held_vs_ddp"] > 0 and "nothing to partition" in memory["note"]
+
+
+def toy_args(*extra):
+    return gpu.parse(["--size", "32", "--batch", "2", "--steps", "1", "--repeats", "1", *extra])
+
+
+def test_backbones_are_a_repeatable_comma_list_checked_when_parsed(capsys):
+    args = toy_args("--backbone", "resnet18,swin_t", "--backbone", "resnet18", "--parts", "step,compile")
+    assert args.backbones == ["resnet18", "swin_t"] and args.backbone == "resnet18"
+    assert args.parts == ["step", "compile"] and gpu.parse([]).backbones == ["resnet50"]
+    for wrong in (["--backbone", "resnet18,swin_x"], ["--parts", "step,speed"]):
+        with pytest.raises(SystemExit):
+            gpu.parse(wrong)
+    err = capsys.readouterr().err
+    assert "not a known backbone" in err and "unknown part 'speed'" in err
+
+
+def test_each_backbone_gets_its_step_measured_with_its_own_flops():
+    args = toy_args("--backbone", "resnet18,swin_t,vit_h_14")
+    asked = []
+
+    def due(part, backbone):
+        asked.append((part, backbone))
+        return backbone != "vit_h_14"  # as when the budget runs out before the last one
+
+    runs = gpu.measure_backbones(args, "cpu", compile=False, peak_tflops=1.0, due=due)
+    assert asked == [("step", "resnet18"), ("step", "swin_t"), ("step", "vit_h_14")]
+    assert list(runs) == ["resnet18", "swin_t"]
+    for run in runs.values():
+        assert run["img_s"] > 0 and run["mfu"] > 0 and run["peak_memory_mib"] > 0
+    assert runs["resnet18"]["train_gflops_per_image"] != runs["swin_t"]["train_gflops_per_image"]
+
+
+def test_out_of_memory_or_a_failed_compile_is_that_backbones_error_and_the_next_goes_on(monkeypatch):
+    args = toy_args("--backbone", "resnet18,swin_t")
+
+    def step(args, device, compile, peak_tflops, backbone):
+        if backbone == "resnet18":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        if compile:
+            raise RuntimeError("inductor says no")
+        return {"img_s": 1.0}
+
+    monkeypatch.setattr(gpu, "measure_step", step)
+    eager = gpu.measure_backbones(args, "cpu", compile=False, peak_tflops=None, due=lambda part, name: True)
+    assert eager["resnet18"]["error"].startswith("out of memory at batch 2") and eager["swin_t"] == {"img_s": 1.0}
+    compiled = gpu.measure_backbones(args, "cpu", compile=True, peak_tflops=None, due=lambda part, name: True)
+    assert compiled["swin_t"] == {"error": "torch.compile: RuntimeError: inductor says no"}
+
+    monkeypatch.setattr(gpu, "measure_step", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # an eager step that fails is a bug, not a measurement
+        gpu.measure_backbones(args, "cpu", compile=False, peak_tflops=None, due=lambda part, name: True)

@@ -1,8 +1,13 @@
 """`python -m salnet.bench gpu`: the GPU check, one JSON line in at most ~8 minutes on one GPU.
 
-1. step: ResNet-50 FPN+PPM at 352 px, batch 32, bf16, channels_last, salnet's train_step on
-   in-memory batches, eager and torch.compile: images/s, MFU against the GPU's dense bf16 peak
-   (PEAK_BF16_TFLOPS below; the entry used is printed with its source), peak memory.
+1. step: FPN+PPM on each --backbone (default resnet50; repeat it or give a comma list to compare
+   families) at 352 px, batch 32, bf16, channels_last, salnet's train_step on in-memory batches,
+   eager and torch.compile: images/s, MFU against the GPU's dense bf16 peak (PEAK_BF16_TFLOPS
+   below; the entry used is printed with its source; FLOPs from salnet.model.cost, the model
+   report's counter), peak memory. Every torchvision family traces into one graph without breaks
+   (torch._dynamo.explain, training mode, with and without checkpointing), so every family is
+   compiled; a family whose compile fails, or a step that runs out of memory, is reported with
+   its error and the others go on.
 2. feed: the real loader (synthetic 400 px JPEG shards, every host core but one as a worker)
    feeding the eager step, with data.augment_on=worker and =device: images/s, the fraction of
    the time spent waiting for data, and the device side's augmentation time per batch.
@@ -12,15 +17,18 @@
    between steps and peak. ZeRO partitions across ranks: on one GPU nothing is partitioned and
    this shows DeepSpeed's own overhead; with 2+ GPUs every GPU takes part.
 
-The parts run in that order, torch.compile last, each only if the time left (--budget-s) covers
-its estimate; a skipped part is listed under "skipped". Targets: MFU >= 40% (compiled) and a data
-wait below 5% with data.augment_on=device. Without CUDA it stops at once, saying so; its CPU
+Parts 2-4 use the first --backbone. The parts run in that order (--parts picks some), torch.compile
+last, each (and the step of each backbone) only if the time left (--budget-s) covers its estimate;
+a skipped one is listed under "skipped". Targets, for the first --backbone: MFU >= 40% (compiled)
+and a data wait below 5% with data.augment_on=device. Without CUDA it stops at once, saying so; its CPU
 parts are exercised, at toy sizes, by tests/test_bench_gpu.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import gc
 import io
 import json
 import re
@@ -35,6 +43,7 @@ import torch
 from salnet.bench import metrics as metrics_bench
 from salnet.bench import step as step_bench
 from salnet.bench._harness import emit, machine, parser, ratio
+from salnet.config import check_backbone_name
 from salnet.shards.parallel import available_cpus
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOPS, matched in this order against
@@ -57,13 +66,46 @@ PEAK_BF16_TFLOPS = (
 )
 TARGETS = {"mfu": 0.40, "data_wait_device": 0.05}
 # Rough seconds each part needs on a GPU node (start-up included): a part runs only if the time left covers it.
+# "step" and "compile" are per backbone.
 ESTIMATE_S = {"step": 40, "feed": 60, "metrics": 60, "memory": 150, "compile": 180}
+PARTS = ("step", "feed", "metrics", "memory", "compile")
 MODES = ("worker", "device")
+ERROR_CHARS = 500
+
+
+def names_list(text: str, known) -> list[str]:
+    """'a,b' -> ['a', 'b'], each checked by `known` (a ValueError becomes argparse's error)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    try:
+        for name in names:
+            known(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return names
+
+
+def check_part(name: str) -> None:
+    if name not in PARTS:
+        raise ValueError(f"unknown part {name!r}; the parts: {', '.join(PARTS)}")
 
 
 def parse(argv: list[str]):
     p = parser("gpu", __doc__.split("\n\n")[0], repeats=3)
-    p.add_argument("--backbone", default="resnet50")
+    p.add_argument(
+        "--backbone",
+        dest="backbones",
+        action="append",
+        type=lambda text: names_list(text, check_backbone_name),
+        metavar="NAME[,NAME...]",
+        help="backbone(s) whose step is measured, repeatable (default resnet50); parts 2-4 use the first",
+    )
+    p.add_argument(
+        "--parts",
+        type=lambda text: names_list(text, check_part),
+        default=list(PARTS),
+        metavar="PART[,PART...]",
+        help=f"the parts to run (default all: {','.join(PARTS)})",
+    )
     p.add_argument("--size", type=int, default=352, help="training size in pixels (default 352)")
     p.add_argument("--batch", type=int, default=32, help="micro-batch (default 32)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per repeat of the step measurement (default 30)")
@@ -87,7 +129,10 @@ def parse(argv: list[str]):
         help="wall-clock budget; parts that would overrun it are skipped (default 480)",
     )
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of a GPU missing from the table")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.backbones = list(dict.fromkeys(name for names in args.backbones or [["resnet50"]] for name in names))
+    args.backbone = args.backbones[0]
+    return args
 
 
 def peak_bf16(name: str) -> tuple[float, str] | None:
@@ -95,19 +140,10 @@ def peak_bf16(name: str) -> tuple[float, str] | None:
     return next(((tflops, source) for pattern, tflops, source in PEAK_BF16_TFLOPS if re.search(pattern, name)), None)
 
 
-def step_args(args, device: str):
-    """The arguments salnet.bench.step's helpers take, for this run's model and sizes."""
-    return step_bench.parse(step_bench.shape_argv(step_bench.shape_of(args, device=device)))
-
-
-def train_flops_per_image(module: torch.nn.Module, size: int, device: torch.device) -> float:
-    """Forward FLOPs x 3 (backward ~ 2x forward), per image."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    # Two images: BatchNorm on the PPM's 1x1 bin needs more than one value per channel in train mode.
-    with FlopCounterMode(display=False) as counter:
-        module(torch.zeros(2, 3, size, size, device=device))
-    return 3 * counter.get_total_flops() / 2
+def step_args(args, device: str, backbone: str | None = None):
+    """The arguments salnet.bench.step's helpers take, for this run's sizes and `backbone` (default: the first)."""
+    shape = step_bench.shape_of(args, device=device, backbone=backbone or args.backbone)
+    return step_bench.parse(step_bench.shape_argv(shape))
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -115,18 +151,20 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def measure_step(args, device: str, compile: bool, peak_tflops: float | None) -> dict:
-    """salnet's train_step on in-memory batches: images/s (median of repeats), MFU, peak memory."""
+def measure_step(args, device: str, compile: bool, peak_tflops: float | None, backbone: str | None = None) -> dict:
+    """salnet's train_step on in-memory batches with `backbone` (default: the first): images/s (median of
+    repeats), MFU, peak memory."""
     from salnet import dist
     from salnet.model import build_model
+    from salnet.model.cost import meta_model, train_flops_per_image
     from salnet.run.runlog import peak_memory_mib
 
-    sargs = step_args(args, device)
+    sargs = step_args(args, device, backbone)
     cfg = step_bench.bench_config(sargs, ["train.compile=true"] if compile else [])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     _reset_peak(dist.device())
-    step_fn, strategy, _ = step_bench.salnet_step_of(cfg, model)
+    step_fn, _, _ = step_bench.salnet_step_of(cfg, model)
     batches = step_bench.fake_batches(sargs, 4)
     if dist.device().type == "cuda":  # as the loader hands them over: pinned, so the copy is asynchronous
         batches = [{k: v.pin_memory() for k, v in batch.items()} for batch in batches]
@@ -134,13 +172,41 @@ def measure_step(args, device: str, compile: bool, peak_tflops: float | None) ->
         step_fn(batches[0])  # compiling takes a step or two; timed_steps warms up with one more
     seconds = statistics.median(step_bench.timed_steps(step_fn, batches, sargs.steps) for _ in range(args.repeats))
     img_s = args.batch / seconds
-    flops = train_flops_per_image(strategy.module, args.size, dist.device())
+    flops = train_flops_per_image(meta_model(cfg.model), args.size, args.size)
     return {
         "img_s": round(img_s, 1),
         "train_gflops_per_image": round(flops / 1e9, 2),
         "mfu": round(img_s * flops / (peak_tflops * 1e12), 4) if peak_tflops else None,
         "peak_memory_mib": round(peak_memory_mib(), 1),
     }
+
+
+def measure_backbones(args, device: str, compile: bool, peak_tflops: float | None, due) -> dict[str, dict]:
+    """measure_step for every --backbone that `due(part, backbone)` lets run. A step that runs out of
+    memory, or (compiled) fails to compile, is that backbone's error and the next one goes on."""
+    from salnet.run.runlog import peak_memory_mib
+
+    part = "compile" if compile else "step"
+    results = {}
+    for name in args.backbones:
+        if not due(part, name):
+            continue
+        try:
+            results[name] = measure_step(args, device, compile, peak_tflops, backbone=name)
+        except torch.OutOfMemoryError:
+            results[name] = {"error": f"out of memory at batch {args.batch} (peak {peak_memory_mib():.0f} MiB)"}
+        except Exception as e:
+            if not compile:
+                raise  # an eager step that fails is a bug, not a measurement
+            results[name] = {"error": f"torch.compile: {type(e).__name__}: {e}"[:ERROR_CHARS]}
+        print(f"step, {name}, {'torch.compile' if compile else 'eager'}: {results[name]}", flush=True)
+        # What one backbone leaves behind (cached blocks, compiled graphs) is not the next one's.
+        gc.collect()
+        if compile:
+            torch._dynamo.reset()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results
 
 
 def measure_feed(args, device: str, train_dir: Path, mode: str) -> dict:
@@ -245,7 +311,8 @@ def main(argv: list[str]) -> None:
         "peak_bf16_tflops": peak,
         "peak_source": source,
         "torch": torch.__version__,
-        "backbone": args.backbone,
+        "backbones": args.backbones,
+        "parts": args.parts,
         "size": args.size,
         "batch": args.batch,
         "workers": args.workers,
@@ -255,19 +322,21 @@ def main(argv: list[str]) -> None:
         "skipped": [],
     }
 
-    def due(part: str) -> bool:
+    def due(part: str, backbone: str | None = None) -> bool:
+        if part not in args.parts:
+            return False
         left = args.budget_s - (time.perf_counter() - started)
         if left < ESTIMATE_S[part]:
+            what = f"{part} {backbone}" if backbone else part
             report["skipped"].append(
-                f"{part}: {left:.0f} s left of --budget-s {args.budget_s:.0f}, it needs ~{ESTIMATE_S[part]} s"
+                f"{what}: {left:.0f} s left of --budget-s {args.budget_s:.0f}, it needs ~{ESTIMATE_S[part]} s"
             )
             print(f"skipped {report['skipped'][-1]}", flush=True)
             return False
         return True
 
-    if due("step"):
-        report["step"]["eager"] = measure_step(args, "cuda", compile=False, peak_tflops=peak)
-        print(f"step, eager: {report['step']['eager']}", flush=True)
+    for name, run in measure_backbones(args, "cuda", compile=False, peak_tflops=peak, due=due).items():
+        report["step"][name] = {"eager": run}
     with tempfile.TemporaryDirectory(prefix="salnet-bench-gpu-") as tmp:
         train_dir = synthetic_shards(Path(tmp), args) if due("feed") else None
         for mode in MODES:
@@ -280,11 +349,11 @@ def main(argv: list[str]) -> None:
     if due("memory"):
         report["memory"] = measure_memory(args, "cuda")
         print(f"memory, ZeRO-2 vs DDP: {report['memory']}", flush=True)
-    if due("compile"):
-        report["step"]["compile"] = measure_step(args, "cuda", compile=True, peak_tflops=peak)
-        print(f"step, torch.compile: {report['step']['compile']}", flush=True)
+    for name, run in measure_backbones(args, "cuda", compile=True, peak_tflops=peak, due=due).items():
+        report["step"].setdefault(name, {})["compile"] = run
 
-    mfu = max((run["mfu"] or 0 for run in report["step"].values()), default=None)
+    first = report["step"].get(args.backbone, {}).values()
+    mfu = max((run.get("mfu") or 0 for run in first), default=None)
     wait = report["feed"].get("device", {}).get("data_wait")
     report["targets"] = TARGETS
     report["meets_targets"] = {

@@ -306,9 +306,8 @@ def measure_zero(args) -> dict:
 
 def measure_pipeline(args) -> dict:
     """The real loader from synthetic shards into train_step: throughput, data wait, MFU."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from salnet.data import TrainStream
+    from salnet.model.cost import meta_model, train_flops_per_image
     from salnet.run.runlog import DataClock
     from salnet.shards.parallel import available_cpus
     from salnet.shards.synth import synthesize
@@ -317,7 +316,7 @@ def measure_pipeline(args) -> dict:
         n = args.batch * (args.steps + 1) * 2
         train_dir, val_dir = synthesize(tmp, train=n, val=1, size=args.size, seed=0, workers=available_cpus())
         cfg = bench_config(args, [f"data.train=[{train_dir}]", f"data.val=[{val_dir}]"])
-        salnet_step, _, strategy, _ = salnet_and_bare_steps(cfg)
+        salnet_step, _, _, _ = salnet_and_bare_steps(cfg)
         stream = TrainStream(cfg.data, seed=0, rank=0, world_size=1)
         clock = DataClock()
         batches = clock.timed(stream.epoch_batches(0))
@@ -328,22 +327,18 @@ def measure_pipeline(args) -> dict:
             salnet_step(batch)
         sync()
         elapsed = time.perf_counter() - start
-        # Two images: BatchNorm on the PPM's 1x1 bin needs more than one value per channel in train mode.
-        x = torch.zeros(2, 3, args.size, args.size, device=next(strategy.module.parameters()).device)
-        with FlopCounterMode(display=False) as counter:
-            strategy.module(x)
-        train_flops_per_image = 3 * counter.get_total_flops() / 2  # backward ~ 2x forward
+    train_flops = train_flops_per_image(meta_model(cfg.model), args.size, args.size)
     img_s = args.steps * args.batch / elapsed
     result = {
         "pipeline_img_s": img_s,
         "data_wait": (clock.waiting - waited) / elapsed,
-        "train_gflops_per_image": train_flops_per_image / 1e9,
+        "train_gflops_per_image": train_flops / 1e9,
     }
     if args.device == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
         result["gpu"] = name
-        result["mfu"] = img_s * train_flops_per_image / (peak * 1e12) if peak else None
+        result["mfu"] = img_s * train_flops / (peak * 1e12) if peak else None
     return result
 
 

@@ -5,7 +5,8 @@
 Prints the parameter count, the FLOPs of one eval-mode forward pass (torch.utils.flop_counter)
 and the per-image shapes of C2..C5, PPM, P2..P5 and the outputs, for any backbone and input size.
 Takes the shared config arguments too, so `--config configs/X.yaml` reports that run's network.
-Weights are never loaded: shapes and FLOPs do not depend on them.
+The network is built on the meta device (salnet.model.cost): shapes and FLOPs depend on no weights,
+so even vit_h_14 takes seconds and no memory.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import argparse
 import sys
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from salnet.config import ConfigError, add_config_arguments, config_from_args
 from salnet.model.backbone import backbone_names
-from salnet.model.salnet import SalNet, build_model
-from salnet.model.weights import NO_WEIGHTS
+from salnet.model.cost import TRAIN_COUNT_BATCH, forward_flops, meta_model, parameter_counts
+from salnet.model.salnet import SalNet
 
 
 def input_size(text: str) -> tuple[int, int]:
@@ -59,30 +59,26 @@ def record_shapes(model: SalNet, x: torch.Tensor) -> list[tuple[str, torch.Tenso
 
 
 def report(model: SalNet, height: int, width: int) -> str:
-    total = sum(p.numel() for p in model.parameters())
-    backbone = sum(p.numel() for p in model.backbone.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts = parameter_counts(model)
     lines = [
         f"input: 3 x {height} x {width} (shapes below are per image: [C, H, W])",
-        f"parameters: {_millions(total)}; backbone {_millions(backbone)}, decoder {_millions(total - backbone)}; "
-        f"trainable {_millions(trainable)}",
+        f"parameters: {_millions(counts.total)}; backbone {_millions(counts.backbone)}, "
+        f"decoder {_millions(counts.total - counts.backbone)}; trainable {_millions(counts.trainable)}",
     ]
 
     model.eval()
+    flops = forward_flops(model, height, width)
+    lines.append(
+        f"forward, eval mode, one image: {flops / 1e9:.2f} GFLOPs = {flops / 2e9:.2f} GMACs "
+        f"(torch.utils.flop_counter counts a multiply-add as 2 FLOPs)"
+    )
+    x = torch.zeros(1, 3, height, width, device=next(model.parameters()).device)
     with torch.no_grad():
-        with FlopCounterMode(display=False) as counter:
-            fused = model(torch.zeros(1, 3, height, width))
-        flops = counter.get_total_flops()
-        lines.append(
-            f"forward, eval mode, one image: {flops / 1e9:.2f} GFLOPs = {flops / 2e9:.2f} GMACs "
-            f"(torch.utils.flop_counter counts a multiply-add as 2 FLOPs)"
-        )
-        for name, tensor in record_shapes(model, torch.zeros(1, 3, height, width)):
+        for name, tensor in record_shapes(model, x):
             lines.append(f"  {name:<16}{_shape(tensor)}")
-        lines.append(f"  {'output (eval)':<16}{_shape(fused)}  fused logits")
-        # Training-mode BatchNorm needs two images for the 1x1 pooling branch of the PPM.
+        lines.append(f"  {'output (eval)':<16}{_shape(model(x))}  fused logits")
         model.train()
-        outputs = model(torch.zeros(2, 3, height, width))
+        outputs = model(x.expand(TRAIN_COUNT_BATCH, -1, -1, -1))
     names = ["fused"] + [f"side_P{level}" for level in range(2, len(outputs) + 1)]
     lines.append(f"  {'outputs (train)':<16}" + ", ".join(f"{n} {_shape(o)}" for n, o in zip(names, outputs)))
     return "\n".join(lines)
@@ -108,13 +104,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: {e}\n")
     height, width = args.size or (cfg.data.size, cfg.data.size)
 
-    backbone = cfg.model.backbone.model_copy(update={"weights": NO_WEIGHTS})
-    model_cfg = cfg.model.model_copy(update={"backbone": backbone})
+    model_cfg = cfg.model
     print(
-        f"salnet model: {backbone.name}, ppm_bins {model_cfg.ppm_bins}, ppm_width {model_cfg.ppm_width}, "
-        f"fpn_width {model_cfg.fpn_width}, fuse {model_cfg.fuse}, norm {model_cfg.norm}, frozen_bn {backbone.frozen_bn}"
+        f"salnet model: {model_cfg.backbone.name}, ppm_bins {model_cfg.ppm_bins}, ppm_width {model_cfg.ppm_width}, "
+        f"fpn_width {model_cfg.fpn_width}, fuse {model_cfg.fuse}, norm {model_cfg.norm}, "
+        f"frozen_bn {model_cfg.backbone.frozen_bn}"
     )
-    print(report(build_model(model_cfg), height, width))
+    print(report(meta_model(model_cfg), height, width))
 
 
 if __name__ == "__main__":
