@@ -7,7 +7,9 @@ what they share (arguments, repeats, medians, ratios, that line). Speed is never
 The boundary: `data` and `step` are user tooling, run to size hardware before a job: the samples/s
 the loader's workers deliver on these CPUs (enough to feed the GPUs? how many workers?), and the
 images/s, data wait, MFU and per-rank memory of a training step, DDP or ZeRO, on this machine.
-Their options and JSON keys are kept stable. `pack` and `metrics` are development tooling: they
+Their options and JSON keys are kept stable, as are those of `backbones` (the README's table of
+backbones: parameters, FLOPs, published weights, CPU step cost against resnet50) and `gpu` (the
+GPU check, per backbone family). `pack` and `metrics` are development tooling: they
 check salnet's own claims (packing runs in parallel and spends its time on validation alone; the
 metrics match PySODMetrics, at what speed), as do the baselines and targets inside `data` and
 `step`, and may change with the code they check. Nothing outside this package imports it, except
