@@ -121,6 +121,29 @@ def _layer_groups(timm: ModuleType, full: nn.Module, mapping: dict[str, str]) ->
     return {f"features.{mapping[k]}": i for k, i in ids.items() if k in mapping}
 
 
+def _full_model(timm: ModuleType, model: str, drop_path: float | None) -> tuple[nn.Module, dict]:
+    """The full timm model on the meta device (its feature levels, key names, layer groups), and the create_model
+    arguments that built it. A model that takes any input size only when asked (timm's Swin, ViT-style models:
+    dynamic_img_size) is asked, so the decoder's any-size contract holds; at its own size it computes the same."""
+    kwargs = {} if drop_path is None else {"drop_path_rate": drop_path}
+    try:
+        with torch.device("meta"):
+            try:
+                dynamic = {**kwargs, "dynamic_img_size": True}
+                return timm.create_model(model, **dynamic), dynamic
+            except TypeError as e:  # the model's constructor does not take that argument
+                if "dynamic_img_size" not in str(e):
+                    raise
+                return timm.create_model(model, **kwargs), kwargs
+    except TypeError as e:
+        if "drop_path_rate" not in str(e):
+            raise
+        raise ConfigError(
+            f"model.backbone.drop_path={drop_path}: timm's {model} takes no drop_path_rate; set "
+            f"model.backbone.drop_path=null"
+        ) from None
+
+
 def _pretrained_file(timm: ModuleType, name: str, model: str) -> Path:
     """The local file of timm's pretrained weights of `model` (with its tag); a BackboneWeightsError that names
     the file and the command that fetches it where the file is not cached."""
@@ -179,16 +202,7 @@ def build_timm_backbone(name: str, weights: str, drop_path: float | None, checkp
                 f"pretrained file of the model's tag, from the local cache), 'none', or the path to a state dict of "
                 f"timm's {model} (torch.save'd or .safetensors)"
             )
-    kwargs = {} if drop_path is None else {"drop_path_rate": drop_path}
-    try:
-        with torch.device("meta"):  # the full model's structure: feature levels, key names, layer groups
-            full = timm.create_model(model, **kwargs)
-    except TypeError as e:
-        if "drop_path_rate" not in str(e):
-            raise
-        raise ConfigError(
-            f"model.backbone.drop_path={drop_path}: timm's {model} takes no drop_path_rate; set model.backbone.drop_path=null"
-        ) from None
+    full, kwargs = _full_model(timm, model, drop_path)
     levels = _feature_levels(timm, name, full)
     pretrained = {}
     if weights == IMAGENET:
