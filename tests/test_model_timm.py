@@ -76,6 +76,10 @@ def test_a_model_without_four_levels_at_strides_4_to_32_and_an_unknown_name_say_
         backbone_shape("timm/vit_tiny_patch16_224")
     with pytest.raises(ConfigError, match=r"has no model 'pvt_v2_b9'; did you mean timm/pvt_v2_b"):
         build_model(small_model(name="timm/pvt_v2_b9"))
+    with pytest.raises(
+        ValueError, match=r"frozen_bn=true .* \(timm family\) keeps its norm layers as timm builds them"
+    ):
+        small_model(frozen_bn=True)
 
 
 def test_weights_from_a_safetensors_or_torch_file_in_timm_key_names(tmp_path):
