@@ -86,7 +86,7 @@ class TimmBackbone(nn.Module):
         return crop_to_input(levels, height, width)
 
 
-def _feature_levels(timm: ModuleType, name: str, full: nn.Module) -> tuple[int, ...]:
+def _feature_levels(name: str, full: nn.Module) -> tuple[int, ...]:
     """The out_indices of the last feature level at each of the strides 4, 8, 16, 32 of timm model `full`."""
     info = getattr(full, "feature_info", None)
     if not info:
@@ -203,7 +203,7 @@ def build_timm_backbone(name: str, weights: str, drop_path: float | None, checkp
                 f"timm's {model} (torch.save'd or .safetensors)"
             )
     full, kwargs = _full_model(timm, model, drop_path)
-    levels = _feature_levels(timm, name, full)
+    levels = _feature_levels(name, full)
     pretrained = {}
     if weights == IMAGENET:
         pretrained = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(_pretrained_file(timm, name, model))}}
