@@ -27,10 +27,13 @@ STAGE_OUTPUTS = (1, 3, 5, 7)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = STRIDES[-1]) -> torch.Tensor:
-    """x padded with zeros at the bottom and right to a multiple of `multiple` (no copy if it is one)."""
+    """x padded with zeros at the bottom and right to a multiple of `multiple`.
+
+    Also by zero rows and columns (a copy): a branch on the size would be frozen into a model traced
+    for TorchScript at the size it was traced at, and skip the padding at every other size.
+    """
     height, width = x.shape[-2:]
-    bottom, right = -height % multiple, -width % multiple
-    return F.pad(x, (0, right, 0, bottom)) if bottom or right else x
+    return F.pad(x, (0, -width % multiple, 0, -height % multiple))
 
 
 def run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:

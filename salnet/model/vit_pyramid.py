@@ -30,11 +30,13 @@ POSITION_KEY = "encoder.pos_embedding"
 
 
 def resize_position_grid(pos: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[1, 1 + g*g, D] (class token first, then a square g x g grid) -> [1, 1 + height*width, D], bicubic."""
+    """[1, 1 + g*g, D] (class token first, then a square g x g grid) -> [1, 1 + height*width, D], bicubic.
+
+    Also to g x g (bicubic to the same size is bitwise the identity): a branch on the size would be
+    frozen into a model traced for TorchScript at the size it was traced at.
+    """
     cls, grid = pos[:, :1], pos[:, 1:]
     side = math.isqrt(grid.shape[1])
-    if (side, side) == (height, width):
-        return pos
     grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
     return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, height * width, -1)], dim=1)
