@@ -1,0 +1,161 @@
+"""Every guarantee of the ResNet backbones, for the Swin, ConvNeXt and ViT families (issue 21, item 4):
+training keeps best.pt, DDP and ZeRO give the same best.pt, resume is bitwise, TorchScript export
+matches eager PyTorch at two sizes, predict and evaluate score what validation scored (CPU, random
+init, 64-72 px, real torchrun and DeepSpeed).
+
+Each family's runs share one job (family_probe.py): torch's and DeepSpeed's start-up, most of a
+tiny run's cost, is paid once. What differs by family is the model: its parameters (ZeRO
+partitions them), its random numbers (Swin's and ConvNeXt's stochastic depth draws in every
+training step: resume must restore them) and its operations (the padding and cropping of the
+seams, ViT's position embeddings resized to each input: traced for TorchScript at one size, they
+must hold at another). The training loop, the checkpoint and the validation around the model are
+family-independent: test_train, test_train_stop and test_deepspeed cover them (resnet18).
+"""
+
+import json
+
+import pytest
+import torch
+from test_deepspeed import assert_best_is_what_validation_saw, assert_equal_trees
+from test_train import records, tiny_config
+
+from salnet.config import BACKBONE_FAMILIES, BATCHNORM_FAMILIES, ConfigError, load_config
+from salnet.evaluation import evaluate, predict
+from salnet.evaluation.export import export
+from salnet.run.checkpoint import load_best
+from salnet.run.rundir import RunDir
+from salnet.shards.synth import synthesize
+
+from conftest import REPO, torchrun
+
+PROBE = REPO / "tests" / "family_probe.py"
+# The smallest member of each family, at its training size: Swin's is not a multiple of 32 (the seam
+# pads and crops). Their larger siblings differ in widths and depths only.
+FAMILIES = {"swin_t": 72, "convnext_tiny": 64, "vit_b_16": 64}
+STEPS = 2
+# ZeRO-3 gathers each module's parameters for its forward: ViT's position embeddings are used outside
+# the module that holds them (resized in the seam), the other families' only inside theirs.
+ZERO3_VIT = pytest.param(
+    "vit_b_16-zero3",
+    marks=pytest.mark.xfail(
+        strict=True,
+        reason="issue 21, item 4, open: after one AdamW step ZeRO-3's vit_b_16 differs from DDP's in 210 of 240 "
+        "tensors (up to 1.8e-3; ZeRO-2 is bitwise equal)",
+    ),
+)
+ZERO_RUNS = [f"{name}-zero2" for name in FAMILIES] + [ZERO3_VIT]
+TOLERANCE = 1e-4  # salnet.export's default
+
+
+def run_config(root, shards, run, size, **train):
+    """A run of STEPS steps (validated and saved after each) of family `run`'s backbone at `size` px."""
+    (root / run).mkdir()
+    path, _ = tiny_config(
+        root / run,
+        shards,
+        name=run,
+        data={"size": size, "eval_size": size, "batch_size": 2, "eval_batch_size": 3},
+        model={"backbone": {"name": run.split("-")[0]}},
+        # A constant rate: every step moves the weights, the last one too.
+        optim={"schedule": "constant", "warmup_steps": 0},
+        # DeepSpeed never holds its parameters channels_last: both strategies in one memory layout.
+        train={"steps": STEPS, "channels_last": False, **train},
+        eval={"every": 1},
+        checkpoint={"every": 1},
+        log={"every": 1, "plots": False},
+    )
+    return path
+
+
+def run_dir(root, run):
+    """Of a DDP run: the uninterrupted one (family_probe.py moved it aside)."""
+    directory = root / run / "runs" / run
+    return directory.with_name(f"{run}-uninterrupted") if run.endswith("-ddp") else directory
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    # 6 val images of 72 px on 2 ranks: one batch of 3 each.
+    train, val = synthesize(root / "shards", train=16, val=6, size=72, seed=3)
+    shards = {"train": train, "val": val}
+    cases = [f"{run_config(root, shards, f'{name}-ddp', size)}:resume" for name, size in FAMILIES.items()]
+    for run in [f"{name}-zero2" for name in FAMILIES] + ["vit_b_16-zero3"]:
+        name, stage = run.split("-zero")
+        zero = {"strategy": "deepspeed", "zero_stage": int(stage), "timeout_s": 60}
+        cases.append(str(run_config(root, shards, run, FAMILIES[name], **zero)))
+    torchrun(2, [PROBE, *cases], timeout=600)
+    return root, val
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_trains_validates_and_keeps_best(runs, name):
+    root, _ = runs
+    directory = run_dir(root, f"{name}-ddp")
+    vals = records(directory, "val")
+    assert [v["step"] for v in vals] == [1, 2] and all(v["val/images"] == 6 for v in vals)
+    best = assert_best_is_what_validation_saw(directory)
+    assert best["step"] == max(vals, key=lambda v: v["val/maxF"])["step"]
+    assert best["config"]["model"]["backbone"]["name"] == name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_resume_from_the_checkpoint_before_the_last_is_bitwise_identical(runs, name):
+    root, _ = runs
+    last = f"step-{STEPS:08d}"
+    uninterrupted = run_dir(root, f"{name}-ddp") / "checkpoints" / last
+    resumed = root / f"{name}-ddp" / "runs" / f"{name}-ddp" / "checkpoints" / last
+    uninterrupted, resumed = (torch.load(d / "state.pt", weights_only=True) for d in (uninterrupted, resumed))
+    # Weights, optimizer state, step and data position, every rank's RNG streams: all of it.
+    assert_equal_trees(uninterrupted, resumed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ZERO_RUNS)
+def test_zero_keeps_the_best_pt_of_ddp(runs, run):
+    # AdamW without accumulation or clipping: bitwise (test_deepspeed says why), so also the same
+    # validation metrics and the same best step.
+    root, _ = runs
+    ddp = load_best(RunDir(run_dir(root, f"{run.split('-')[0]}-ddp")).best)
+    zero = load_best(RunDir(run_dir(root, run)).best)
+    assert (zero["step"], zero["metrics"]) == (ddp["step"], ddp["metrics"])
+    assert_equal_trees(zero["model"], ddp["model"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_torchscript_export_matches_eager_pytorch_at_two_sizes(runs, name, tmp_path):
+    # Traced at the run's eval size (Swin: 72 px, the others 64), checked at a multiple of 32 and off one.
+    torch.set_num_threads(1)
+    root, _ = runs
+    best = RunDir(run_dir(root, f"{name}-ddp")).best
+    result = export(best, "torchscript", tmp_path / "salnet.pt", [(64, 64), (72, 88)], TOLERANCE)
+    assert list(result["parity"]) == ["2x3x64x64", "2x3x72x88"] and max(result["parity"].values()) <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_predict_and_evaluate_score_a_swin_checkpoint_as_validation_did(runs, tmp_path):
+    # One family: predict and evaluate build the network from best.pt's config (the family's part,
+    # also what export loads) and then run the code of every family. Swin at 72 px: padded and cropped.
+    torch.set_num_threads(1)
+    root, val = runs
+    best = RunDir(run_dir(root, "swin_t-ddp")).best
+    evaluate.main(["--checkpoint", f"swin={best}", "--data", f"val={val}", "--workers", "0", "--out", str(tmp_path)])
+    scored = json.loads((tmp_path / "results.json").read_text())["val"]["swin"]
+    assert scored["images"] == 6
+    for key, value in load_best(best)["metrics"].items():
+        if key != "val/images":
+            assert scored[key.removeprefix("val/")] == pytest.approx(value, abs=1e-6), key
+    predict.main(["--checkpoint", str(best), f"val={val}", "--out", str(tmp_path / "maps"), "--workers", "0"])
+    assert len(list((tmp_path / "maps" / "val").glob("*.png"))) == 6
+
+
+@pytest.mark.parametrize("family", [f for f in BACKBONE_FAMILIES if f not in BATCHNORM_FAMILIES])
+def test_frozen_bn_is_refused_where_the_family_has_no_batchnorm_and_group_norm_is_the_decoders(family):
+    name = BACKBONE_FAMILIES[family][0]
+    with pytest.raises(ConfigError, match=rf"frozen_bn=true .* {name} \({family} family\) has LayerNorm only"):
+        load_config(None, [f"model.backbone.name={name}", "model.backbone.frozen_bn=true"])
+    # Pretrained weights with a GroupNorm decoder need no frozen BatchNorm there.
+    assert load_config(None, [f"model.backbone.name={name}", "model.norm=group", "model.backbone.weights=imagenet"])
