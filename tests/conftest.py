@@ -1,10 +1,16 @@
 """Shared test helpers: run salnet entry points in real subprocesses (torchrun, srun-like env)."""
 
+import atexit
+import io
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +85,152 @@ def torchrun(nproc, args, env=None, timeout=180, check=True):
 def spawn_torchrun(nproc, args, env=None, max_restarts=None, **popen):
     """torchrun's agent started in the background, as spawn starts it (torchrun_args)."""
     return spawn(torchrun_args(nproc, args, max_restarts), env=env, **popen)
+
+
+class Zygote:
+    """tests/zygote.py, started on first use in this pytest process: forks ranks that need no imports."""
+
+    _proc: subprocess.Popen | None = None
+    _outputs = Path(tempfile.mkdtemp(prefix="salnet-forked-"))
+    _count = 0
+
+    @classmethod
+    def fork(cls, args, env, cwd) -> tuple[int, Path]:
+        """Start `python ARGS...` as a fork of the zygote; its pid and the folder of its stdout, stderr and rc."""
+        if cls._proc is None or cls._proc.poll() is not None:
+            cls._proc = subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "zygote.py")],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=python_env(),
+                cwd=REPO,
+            )
+            atexit.register(cls._proc.stdin.close)  # its end of input ends it (and any rank left running)
+        cls._count += 1
+        folder = cls._outputs / str(cls._count)
+        folder.mkdir()
+        request = {"argv": list(map(str, args)), "env": python_env(env), "cwd": str(cwd), "rc": str(folder / "rc")}
+        for stream in ("out", "err"):
+            request[stream] = str(folder / stream)
+        cls._proc.stdin.write(json.dumps(request) + "\n")
+        cls._proc.stdin.flush()
+        reply = cls._proc.stdout.readline()
+        if not reply:
+            pytest.fail(f"tests/zygote.py ended (status {cls._proc.wait()}): see the test's captured stderr")
+        return json.loads(reply)["pid"], folder
+
+
+class Forked:
+    """`python ARGS...` forked by the zygote: the part of subprocess.Popen's interface the tests use
+    (pid, poll, wait, communicate, send_signal, kill, terminate, returncode; output as text)."""
+
+    def __init__(self, args, env=None, cwd=REPO):
+        self.args = list(args)
+        self.pid, self._folder = Zygote.fork(args, env, cwd)
+        self.returncode = None
+
+    def poll(self):
+        rc = self._folder / "rc"
+        if self.returncode is None and rc.exists():
+            self.returncode = int(rc.read_text())
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def output(self):
+        """(stdout, stderr) so far."""
+        return tuple(
+            (self._folder / stream).read_text() if (self._folder / stream).exists() else "" for stream in ("out", "err")
+        )
+
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        return self.output()
+
+    @property
+    def stdout(self):
+        return io.StringIO(self.output()[0])
+
+    @property
+    def stderr(self):
+        return io.StringIO(self.output()[1])
+
+    def send_signal(self, sig):
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self):
+        self.send_signal(signal.SIGTERM)
+
+
+def forked_run(args, env=None, timeout=120, cwd=REPO, check=True):
+    """run_py's result for `python ARGS...`, forked by the zygote (no imports to pay): for the tests
+    whose subject is the run, not the start of a Python process."""
+    proc = Forked(args, env, cwd)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate(30)
+        pytest.fail(f"still running after {timeout} s: {args}\n--- stdout\n{out}\n--- stderr\n{err}")
+    out, err = proc.output()
+    if check and proc.returncode != 0:
+        pytest.fail(f"command failed ({proc.returncode}): {args}\n--- stdout\n{out}\n--- stderr\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def ranks(nproc, args, env=None, timeout=180, check=True, grace_s=30):
+    """What `torchrun --nproc_per_node N ARGS...` runs, without torchrun: N ranks (RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT on a free local port) forked by the zygote. As torchrun's agent does, the first
+    rank to fail ends the others (after `grace_s`, the time salnet's own failure handling gets); the
+    result is the first failure's status, stdout and stderr of every rank (a file each rank appends to).
+    Tests about torchrun itself (its agent, restarts, signals to it) use torchrun."""
+    port = str(free_port())
+    group = [
+        Forked(
+            args,
+            {
+                **(env or {}),
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": str(nproc),
+                "LOCAL_WORLD_SIZE": str(nproc),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+        )
+        for r in range(nproc)
+    ]
+    deadline = time.monotonic() + timeout
+    failed_at = None
+    while any(p.poll() is None for p in group):
+        now = time.monotonic()
+        if failed_at is None and any(p.returncode not in (None, 0) for p in group):
+            failed_at = now
+        if now > deadline or (failed_at is not None and now > failed_at + grace_s):
+            for p in group:
+                p.kill()
+            if now > deadline:
+                outs = [p.communicate(30) for p in group]
+                pytest.fail(f"ranks still running after {timeout} s: {args}\n" + "\n".join(o + e for o, e in outs))
+        time.sleep(0.02)
+    codes = [p.returncode for p in group]
+    code = next((c for c in codes if c != 0), 0)
+    outs = [p.output() for p in group]
+    out, err = "".join(o for o, _ in outs), "".join(e for _, e in outs)
+    if check and code != 0:
+        pytest.fail(f"ranks failed {codes}: {args}\n--- stdout\n{out}\n--- stderr\n{err}")
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def corrupt_last_val_image(val: Path, into: Path) -> str:

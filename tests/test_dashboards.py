@@ -37,7 +37,7 @@ from salnet.run.wandb_run import transaction_log_records
 from salnet.shards.synth import synthesize
 from salnet.validate import MAX_CELL_SIDE, best_key, cell_size, panel_rank, probabilities_at
 
-from conftest import REPO, free_port, run_py, spawn, torchrun
+from conftest import REPO, Forked, forked_run, free_port, ranks
 
 pytestmark = pytest.mark.slow  # every test here starts training runs or torchrun groups
 
@@ -227,7 +227,7 @@ def png(path):
 def test_offline_wandb_run_holds_panels_worst_tables_curves_summary_and_config(tmp_path, shards):
     path, run_dir = dash_config(tmp_path, shards, name="dash", log={"artifacts": True, "plots": True})
     secret = "0123456789abcdef0123456789abcdef01234567"
-    proc = torchrun(
+    proc = ranks(
         2, ["-m", "salnet.train", "--config", path], timeout=400, env=wandb_env(tmp_path, WANDB_API_KEY=secret)
     )
     assert secret not in proc.stdout + proc.stderr
@@ -326,14 +326,14 @@ def test_killed_and_resumed_runs_log_each_step_once_to_one_wandb_run(tmp_path, s
     path, run_dir = dash_config(tmp_path, shards, train={"steps": 8}, eval={"every": 4}, checkpoint={"every": 4})
     env = wandb_env(tmp_path, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # 1: killed (SIGKILL: no save, no goodbye to W&B) after step 6, so it resumes at the step-4 checkpoint.
-    job = spawn(["-m", "salnet.train", "--config", path], env=env)
+    job = Forked(["-m", "salnet.train", "--config", path], env=env)
     wait_for_step(run_dir, 6, [job])
     kill_once_wandb_has_rows(job, run_dir)
     # 2: resumes at step 4 and finishes.
-    assert "at step 4" in run_py(["-m", "salnet.train", "--config", path], env=env, timeout=400).stdout
+    assert "at step 4" in forked_run(["-m", "salnet.train", "--config", path], env=env, timeout=400).stdout
     # 3: the final checkpoint lost: resumes at step 4 again and repeats steps W&B already has.
     shutil.rmtree(run_dir / "checkpoints" / "step-00000008")
-    assert "at step 4" in run_py(["-m", "salnet.train", "--config", path], env=env, timeout=400).stdout
+    assert "at step 4" in forked_run(["-m", "salnet.train", "--config", path], env=env, timeout=400).stdout
 
     runs = offline_runs(run_dir)
     state = torch.load(run_dir / "checkpoints" / "step-00000008" / "state.pt", weights_only=True)
@@ -370,7 +370,7 @@ def test_killed_and_resumed_runs_log_each_step_once_to_one_wandb_run(tmp_path, s
 
     # Starting over (train.resume=none) into the same W&B run: that is new data, logged in full.
     run_id = runs[0].id
-    run_py(
+    forked_run(
         ["-m", "salnet.train", "--config", path, "train.resume=none", f"log.wandb_id={run_id}", "train.steps=4"],
         env=env,
         timeout=400,
@@ -419,7 +419,7 @@ def logged_steps(run_dir, key):
 
 def test_training_outlives_a_killed_wandb_core(tmp_path, shards):
     path, run_dir = dash_config(tmp_path, shards, train={"steps": 6}, log={"plots": True})
-    job = spawn(["-m", "salnet.train", "--config", path], env=wandb_env(tmp_path))
+    job = Forked(["-m", "salnet.train", "--config", path], env=wandb_env(tmp_path))
     wait_for_step(run_dir, 2, [job])
     core = wandb_core_of(job.pid)
     assert core is not None
@@ -445,7 +445,7 @@ def test_an_unreachable_wandb_server_costs_a_warning_not_the_run(tmp_path, shard
         tmp_path, WANDB_MODE="online", WANDB_BASE_URL=f"http://127.0.0.1:{free_port()}", WANDB_API_KEY=secret
     )
     start = time.monotonic()
-    proc = run_py(["-m", "salnet.train", "--config", path], env=env, timeout=400)
+    proc = forked_run(["-m", "salnet.train", "--config", path], env=env, timeout=400)
     assert secret not in proc.stdout + proc.stderr
     assert "W&B failed while starting the run" in proc.stderr and "metrics.jsonl keeps every record" in proc.stderr
     assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3] and records(run_dir, "val")
@@ -489,12 +489,12 @@ def test_a_terminal_gets_a_progress_bar_over_the_steps(tmp_path, shards):
 def test_validator_details_do_not_depend_on_the_world_size(tmp_path, shards):
     path, _ = dash_config(tmp_path, shards)
     results = []
-    for ranks in (1, 2):
-        out = tmp_path / f"details{ranks}.json"
-        if ranks == 1:
-            run_py([Path(__file__), path, out], timeout=200)
+    for world in (1, 2):
+        out = tmp_path / f"details{world}.json"
+        if world == 1:
+            forked_run([Path(__file__), path, out], timeout=200)
         else:
-            torchrun(ranks, [Path(__file__), path, out], timeout=300)
+            ranks(world, [Path(__file__), path, out], timeout=300)
         results.append(json.loads(out.read_text()))
     one, two = results
     assert one["scores"] == pytest.approx(two["scores"], abs=1e-9)

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO end to end: real DeepSpeed, real torchrun, gloo on CPU (resnet18, 64 px)."""
+"""DeepSpeed ZeRO end to end: real DeepSpeed, two real ranks on gloo on CPU (resnet18, 64 px)."""
 
 import json
 import shutil
@@ -18,7 +18,7 @@ from salnet.strategy.base import predict_logits
 from salnet.strategy.zero_config import deepspeed_config
 from salnet.validate import validate
 
-from conftest import REPO, run_py, torchrun
+from conftest import REPO, forked_run, ranks
 
 PROBE = REPO / "tests" / "zero_probe.py"
 ZERO = {"strategy": "deepspeed", "timeout_s": 60}  # a hang fails within a minute, not the default half hour
@@ -47,7 +47,7 @@ def shards(tmp_path_factory):
 def probe(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe")
     cases = [f"{name}:{SAME_LAYOUT},{overrides}".rstrip(",") for name, overrides in PROBE_CASES.items()]
-    torchrun(2, [PROBE, out, 3, *cases], timeout=300)
+    ranks(2, [PROBE, out, 3, *cases], timeout=300)
     return {
         name: (load_best(RunDir(out / name).best), torch.load(out / name / "engine.pt", weights_only=True))
         for name in PROBE_CASES
@@ -130,7 +130,7 @@ def test_zero2_trains_validates_and_resumes_bitwise(tmp_path, shards):
     from salnet.strategy.zero import TAG, WeightsOnlyCheckpointEngine  # imports DeepSpeed
 
     path, run_dir = tiny_config(tmp_path, shards, train={**ZERO, "zero_stage": 2}, data={"eval_batch_size": 5})
-    out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300).stdout
+    out = ranks(2, ["-m", "salnet.train", "--config", path], timeout=300).stdout
     assert "global batch 16 = 2 ranks x 8 micro-batch x 1 accumulation" in out
     assert [v["step"] for v in records(run_dir, "val")] == [3, 6] and all(
         v["val/images"] == 21 for v in records(run_dir, "val")
@@ -150,7 +150,7 @@ def test_zero2_trains_validates_and_resumes_bitwise(tmp_path, shards):
 
     uninterrupted = state(run_dir / "checkpoints" / "step-00000006")
     shutil.rmtree(run_dir / "checkpoints" / "step-00000006")
-    out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300).stdout
+    out = ranks(2, ["-m", "salnet.train", "--config", path], timeout=300).stdout
     assert "step-00000003 at step 3" in out
     resumed = state(run_dir / "checkpoints" / "step-00000006")
     # Everything, RNG snapshots of every rank included (the loader draws nothing from torch's
@@ -159,7 +159,7 @@ def test_zero2_trains_validates_and_resumes_bitwise(tmp_path, shards):
 
     # ZeRO partitions belong to a world size: one plain process (DeepSpeed on a one-rank group)
     # refuses them, naming both sizes.
-    proc = run_py(["-m", "salnet.train", "--config", path], timeout=120, check=False)
+    proc = forked_run(["-m", "salnet.train", "--config", path], timeout=120, check=False)
     assert proc.returncode == 1
     assert "holds the ZeRO partitions of a 2-rank run; DeepSpeed cannot load them into 1 rank(s)" in proc.stderr
 
@@ -196,12 +196,12 @@ def test_zero3_with_uneven_val_shares_finishes_and_matches_one_process(tmp_path,
     cfg = load_config(str(path))
     shares = [ValStream(cfg.data, rank=r, world_size=2) for r in range(2)]
     assert [s.samples for s in shares] == [10, 11] and [len(s) for s in shares] == [2, 3]  # the premise: uneven
-    torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300)
+    ranks(2, ["-m", "salnet.train", "--config", path], timeout=300)
     best = assert_best_is_what_validation_saw(run_dir)
     # The documented converter merges the final checkpoint's ZeRO-3 partitions into best.pt's
     # format; best.pt was taken at the same (last) step, so the two agree bitwise.
     checkpoint = RunDir(run_dir).complete_checkpoints()[-1]
-    run_py(["-m", "salnet.strategy.convert", checkpoint, tmp_path / "exported"], timeout=120)
+    forked_run(["-m", "salnet.strategy.convert", checkpoint, tmp_path / "exported"], timeout=120)
     exported = load_best(RunDir(tmp_path / "exported").best)
     assert best["step"] == exported["step"] == 4 and exported["config"] == best["config"]
     assert list(exported["model"]) == list(best["model"])
@@ -217,7 +217,7 @@ def test_zero1_bf16_trains_validates_and_keeps_best(tmp_path, shards):
         eval={"every": 3},
         checkpoint={"every": 3},
     )
-    torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300)
+    ranks(2, ["-m", "salnet.train", "--config", path], timeout=300)
     assert json.loads((run_dir / "deepspeed_config.json").read_text())["torch_autocast"] == {
         "enabled": True,
         "dtype": "bfloat16",

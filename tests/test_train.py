@@ -17,7 +17,7 @@ from salnet.run.rundir import RunDir
 from salnet.shards.synth import synthesize
 from salnet.validate import probabilities_at
 
-from conftest import REPO, corrupt_last_val_image, run_py, torchrun
+from conftest import REPO, corrupt_last_val_image, forked_run, ranks, run_py
 
 pytestmark = pytest.mark.slow  # every test here starts training runs
 
@@ -133,7 +133,7 @@ def test_ddp_two_ranks_resume_is_bitwise_identical(tmp_path, shards):
     # come back from the checkpoint too. (augment_on=worker, the CPU default, draws from seeds of the
     # plan: the resume tests of test_train_stop and test_slurm run it.)
     path, run_dir = tiny_config(tmp_path, shards, data={"augment_on": "device"})
-    out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300).stdout
+    out = ranks(2, ["-m", "salnet.train", "--config", path], timeout=300).stdout
     assert "global batch 16 = 2 ranks x 8 micro-batch x 1 accumulation" in out
     assert out.count("validation @ step") == 2  # rank 0 only
     # Every rank validated its share with rank 0's BatchNorm statistics: the all-reduced metrics
@@ -143,7 +143,7 @@ def test_ddp_two_ranks_resume_is_bitwise_identical(tmp_path, shards):
 
     # Stop after step 3: drop everything the run did after its step-3 checkpoint, then resume.
     shutil.rmtree(run_dir / "checkpoints" / "step-00000006")
-    out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300).stdout
+    out = ranks(2, ["-m", "salnet.train", "--config", path], timeout=300).stdout
     assert "resumed from" in out and "step-00000003 at step 3" in out
     resumed = torch.load(run_dir / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)
     for key, value in uninterrupted["model"].items():
@@ -172,7 +172,7 @@ def test_a_rank_that_raises_ends_the_job(tmp_path, shards):
     val = tmp_path / "val"
     key = corrupt_last_val_image(shards["val"], val)
     path, _ = tiny_config(tmp_path, shards, data={"val": [str(val)]}, train={"steps": 3, "timeout_s": 60})
-    proc = torchrun(2, ["-m", "salnet.train", "--config", path], check=False, timeout=170)
+    proc = ranks(2, ["-m", "salnet.train", "--config", path], check=False, timeout=170)
     assert proc.returncode != 0
     assert "[rank 1]" in proc.stderr and key in proc.stderr
 
@@ -190,7 +190,7 @@ def test_short_demo_learns(tmp_path, shards):
         log={"every": 20},
         optim={"warmup_steps": 10},
     )
-    run_py(["-m", "salnet.train", "--config", path], timeout=600)
+    forked_run(["-m", "salnet.train", "--config", path], timeout=600)
     vals = records(run_dir, "val")
     first, last = vals[0], vals[-1]  # at steps 10 and 60 (measured: maxF 0.31 -> 0.69, MAE 0.52 -> 0.22)
     assert last["val/maxF"] > first["val/maxF"] + 0.2, vals
@@ -208,7 +208,7 @@ def test_diverging_run_stops_after_max_bad_steps_keeping_the_last_good_checkpoin
         checkpoint={"every": 1, "keep": 10},
         eval={"every": 100},
     )
-    proc = run_py(["-m", "salnet.train", "--config", path], timeout=300, check=False)
+    proc = forked_run(["-m", "salnet.train", "--config", path], timeout=300, check=False)
     assert proc.returncode == 1
     assert "TrainingDiverged: 3 consecutive steps skipped (non-finite loss)" in proc.stderr
     assert "[rank 0]" in proc.stderr
@@ -226,12 +226,12 @@ def test_named_val_sets_are_scored_separately_each_sample_once_for_1_2_3_ranks(t
     )
     probe = REPO / "tests" / "val_sets_probe.py"
     results = []
-    for ranks in (1, 2, 3):
-        out = tmp_path / f"scores{ranks}.json"
-        if ranks == 1:
-            run_py([probe, path, out], timeout=200)
+    for world in (1, 2, 3):
+        out = tmp_path / f"scores{world}.json"
+        if world == 1:
+            forked_run([probe, path, out], timeout=200)
         else:
-            torchrun(ranks, [probe, path, out], timeout=300)
+            ranks(world, [probe, path, out], timeout=300)
         results.append(json.loads(out.read_text()))
     for scores in results:
         assert scores["A/images"] == 20 and scores["B/images"] == 13  # every sample of each set, once
@@ -252,7 +252,7 @@ def test_training_with_named_val_sets_keeps_the_best_of_the_named_metric(tmp_pat
         train={"steps": 4},
         checkpoint={"every": 4},
     )
-    out = run_py(["-m", "salnet.train", "--config", path], timeout=300).stdout
+    out = forked_run(["-m", "salnet.train", "--config", path], timeout=300).stdout
     table = out[out.rindex("validation @ step 4") :].splitlines()
     assert table[1].split()[:3] == ["set", "maxF", "meanF"]
     assert [row.split()[0] for row in table[2:5]] == ["A", "B", "mean"]
@@ -275,9 +275,9 @@ def test_resume_applies_changed_learning_rates_and_refuses_changes_that_make_ano
         log={"every": 1},
         optim={"warmup_steps": 0, "schedule": "constant"},
     )
-    run_py(["-m", "salnet.train", "--config", path], timeout=300)
+    forked_run(["-m", "salnet.train", "--config", path], timeout=300)
     shutil.rmtree(run_dir / "checkpoints" / "step-00000004")  # as if it had stopped after step 2
-    refused = run_py(
+    refused = forked_run(
         ["-m", "salnet.train", "--config", path, "model.fpn_width=16", "train.seed=7"], timeout=300, check=False
     )
     assert refused.returncode == 1
@@ -287,7 +287,7 @@ def test_resume_applies_changed_learning_rates_and_refuses_changes_that_make_ano
         and "train.seed: 0 -> 7" in refused.stderr
     )
     assert "start a new run instead" in refused.stderr
-    out = run_py(["-m", "salnet.train", "--config", path, "optim.lr=0.005", "log.every=2"], timeout=300).stdout
+    out = forked_run(["-m", "salnet.train", "--config", path, "optim.lr=0.005", "log.every=2"], timeout=300).stdout
     assert (
         "changed settings that take effect" in out and "optim.lr: 0.001 -> 0.005" in out and "log.every: 1 -> 2" in out
     )
@@ -306,7 +306,7 @@ def test_non_finite_predictions_at_validation_are_reported_as_divergence_on_ever
         eval={"every": 2},
         checkpoint={"every": 100},
     )
-    proc = torchrun(2, ["-m", "salnet.train", "--config", path], check=False, timeout=300)
+    proc = ranks(2, ["-m", "salnet.train", "--config", path], check=False, timeout=300)
     assert proc.returncode != 0
     for rank in (0, 1):
         assert f"[rank {rank}] TrainingDiverged: validation at step 2:" in proc.stderr, proc.stderr[-3000:]

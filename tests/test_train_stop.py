@@ -16,7 +16,7 @@ from salnet.run.preemption import EXIT_REQUEUE
 from salnet.run.rundir import RunDir
 from salnet.shards.synth import synthesize
 
-from conftest import free_port, spawn, spawn_torchrun, torchrun
+from conftest import Forked, free_port, ranks, spawn_torchrun
 
 pytestmark = pytest.mark.slow  # every test here starts training runs
 
@@ -34,7 +34,7 @@ def shards(tmp_path_factory):
 def uninterrupted(tmp_path_factory, shards):
     """The final checkpoint of a run nobody stopped."""
     path, run_dir = run_config(tmp_path_factory.mktemp("uninterrupted"), shards)
-    torchrun(2, ["-m", "salnet.train", "--config", path], timeout=400)
+    ranks(2, ["-m", "salnet.train", "--config", path], timeout=400)
     return torch.load(run_dir / "checkpoints" / f"step-{STEPS:08d}" / "state.pt", weights_only=True)
 
 
@@ -94,8 +94,8 @@ def assert_resumed_run_equals(run_dir, uninterrupted):
 def test_a_warning_signal_to_one_rank_stops_every_rank_at_one_step_and_resume_is_exact(tmp_path, shards, uninterrupted):
     path, run_dir = run_config(tmp_path, shards)
     port = free_port()
-    ranks = [
-        spawn(
+    group = [
+        Forked(
             ["-m", "salnet.train", "--config", path],
             env={
                 "RANK": str(r),
@@ -107,10 +107,10 @@ def test_a_warning_signal_to_one_rank_stops_every_rank_at_one_step_and_resume_is
         )
         for r in range(2)
     ]
-    wait_for_step(run_dir, 3, ranks)
-    ranks[1].send_signal(signal.SIGUSR2)  # rank 1 only: rank 0 learns of it in the step's all-reduce
-    outs = [p.communicate(timeout=120) for p in ranks]
-    assert [p.returncode for p in ranks] == [EXIT_REQUEUE, EXIT_REQUEUE], outs
+    wait_for_step(run_dir, 3, group)
+    group[1].send_signal(signal.SIGUSR2)  # rank 1 only: rank 0 learns of it in the step's all-reduce
+    outs = [p.communicate(timeout=120) for p in group]
+    assert [p.returncode for p in group] == [EXIT_REQUEUE, EXIT_REQUEUE], outs
     stopped = [line for line in outs[0][0].splitlines() if line.startswith("stopped at step")]
     assert len(stopped) == 1 and "a signal to another rank" in stopped[0], outs[0][0]
     step = int(stopped[0].split()[3])
@@ -122,7 +122,7 @@ def test_a_warning_signal_to_one_rank_stops_every_rank_at_one_step_and_resume_is
         == step
     )
 
-    out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=400).stdout
+    out = ranks(2, ["-m", "salnet.train", "--config", path], timeout=400).stdout
     assert f"step-{step:08d} at step {step}" in out
     assert_resumed_run_equals(run_dir, uninterrupted)
 
@@ -251,6 +251,6 @@ def test_kill_9_at_random_moments_including_saves_then_resume_ends_bitwise_equal
                 time.sleep(0.02)
             time.sleep(rng.uniform(0.0, 0.3))
         kill_the_whole_job(agent)
-    out = torchrun(2, ["-m", "salnet.train", "--config", path], timeout=400).stdout
+    out = ranks(2, ["-m", "salnet.train", "--config", path], timeout=400).stdout
     assert "resumed from" in out
     assert_resumed_run_equals(run_dir, uninterrupted)
