@@ -1,7 +1,7 @@
 """Every guarantee of the ResNet backbones, for the Swin, ConvNeXt and ViT families (issue 21, item 4):
 training keeps best.pt, DDP and ZeRO give the same best.pt, resume is bitwise, TorchScript export
 matches eager PyTorch at two sizes, predict and evaluate score what validation scored (CPU, random
-init, 64-72 px, real torchrun and DeepSpeed).
+init, 64-72 px, two real ranks on gloo, real DeepSpeed).
 
 Each family's runs share one job (family_probe.py): torch's and DeepSpeed's start-up, most of a
 tiny run's cost, is paid once. What differs by family is the model: its parameters (ZeRO
@@ -26,7 +26,7 @@ from salnet.run.checkpoint import load_best
 from salnet.run.rundir import RunDir
 from salnet.shards.synth import synthesize
 
-from conftest import REPO, torchrun
+from conftest import REPO, ranks
 
 PROBE = REPO / "tests" / "family_probe.py"
 # The smallest member of each family, at its training size: Swin's is not a multiple of 32 (the seam
@@ -84,7 +84,7 @@ def runs(tmp_path_factory):
         name, stage = run.split("-zero")
         zero = {"strategy": "deepspeed", "zero_stage": int(stage), "timeout_s": 60}
         cases.append(str(run_config(root, shards, run, FAMILIES[name], **zero)))
-    torchrun(2, [PROBE, *cases], timeout=600)
+    ranks(2, [PROBE, *cases], timeout=600)
     return root, val
 
 

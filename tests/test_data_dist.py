@@ -13,7 +13,7 @@ from salnet.config import DataConfig
 from salnet.data import TrainStream, ValStream
 from salnet.shards.synth import synthesize
 
-from conftest import torchrun
+from conftest import ranks
 
 
 def loader_cfg(data_dir: str) -> DataConfig:
@@ -44,7 +44,7 @@ def rank_report(cfg: DataConfig, rank: int, world: int) -> dict:
 @pytest.mark.slow
 def test_two_gloo_ranks_split_the_data_as_planned(tmp_path):
     synthesize(tmp_path, train=23, val=7, size=32, shard_samples=5)
-    proc = torchrun(2, [__file__, tmp_path])
+    proc = ranks(2, [__file__, tmp_path])
     reports = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(reports) == 2
     assert reports[0]["steps"] == reports[1]["steps"] == (23 // 2) // 2

@@ -21,7 +21,7 @@ from salnet.evaluation.common import load_best_weights, make_predict
 from salnet.metrics import SODMetrics, curve_plots
 from salnet.validate import validate
 
-from conftest import run_py, torchrun
+from conftest import forked_run, ranks, run_py
 from shards_data import save, scene
 
 METRICS = ["maxF", "meanF", "adpF", "maxE", "meanE", "adpE", "S", "wF", "MAE"]
@@ -98,7 +98,7 @@ def evaluated(maps):
     """One sharded evaluation of the three methods on the two datasets, with every output."""
     root, truths = maps
     out = root / "results"
-    proc = torchrun(
+    proc = ranks(
         2,
         [
             "-m",
@@ -216,7 +216,7 @@ def test_a_checkpoint_on_shards_scores_what_validation_and_its_predicted_maps_sc
     shards = tmp_path / "shards" / "ecssd"
     run_py(["-m", "salnet.shards", "pack", tmp_path / "ECSSD", shards])
 
-    torchrun(
+    ranks(
         2,
         [
             "-m",
@@ -247,7 +247,7 @@ def test_a_checkpoint_on_shards_scores_what_validation_and_its_predicted_maps_sc
         assert from_checkpoint[key] == pytest.approx(validated[key], abs=1e-9), key
 
     # the same checkpoint's published maps, scored as folders, give the same numbers
-    run_py(
+    forked_run(
         [
             "-m",
             "salnet.predict",
@@ -260,7 +260,7 @@ def test_a_checkpoint_on_shards_scores_what_validation_and_its_predicted_maps_sc
             "1",
         ]
     )
-    run_py(
+    forked_run(
         [
             "-m",
             "salnet.evaluate",

@@ -16,7 +16,7 @@ from salnet.evaluation.common import load_best_weights
 from salnet.evaluation.export import Saliency, adaptive_avg_pool2d
 from salnet.run.rundir import RunDir
 
-from conftest import run_py
+from conftest import forked_run
 
 TOLERANCE = 1e-4
 
@@ -46,7 +46,7 @@ def assert_matches_eager(run, module, sizes):
 def test_torchscript_matches_eager_pytorch_at_any_size(eager, tmp_path):
     checkpoint, module = eager
     out = tmp_path / "salnet.pt"
-    proc = run_py(
+    proc = forked_run(
         [
             "-m",
             "salnet.export",
@@ -76,7 +76,7 @@ def test_torchscript_matches_eager_pytorch_at_any_size(eager, tmp_path):
 def test_onnx_matches_eager_pytorch_at_any_size_with_onnxruntime(eager, tmp_path):
     checkpoint, module = eager
     out = tmp_path / "salnet.onnx"
-    proc = run_py(
+    proc = forked_run(
         [
             "-m",
             "salnet.export",

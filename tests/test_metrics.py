@@ -12,7 +12,7 @@ from salnet.bench.metrics import run_reference
 from salnet.metrics import FAMILIES, SODMetrics
 from salnet.metrics.reference_float import numpy_mean_of_constant_block
 
-from conftest import REPO, run_py, torchrun
+from conftest import REPO, forked_run, ranks
 from metrics_shard_probe import sample_pairs
 
 PROBE = REPO / "tests" / "metrics_shard_probe.py"
@@ -235,10 +235,10 @@ def test_numpy_mean_emulation_tracks_the_installed_numpy():
 def test_sharded_over_ranks_equals_one_process(world, tmp_path):
     out = tmp_path / "metrics.json"
     if world == 1:
-        run_py([PROBE, out])
+        forked_run([PROBE, out])
     else:
         # With 4 ranks the last one gets no image at all and must still join the all-reduce.
-        torchrun(world, [PROBE, out, *(["--idle-last-rank"] if world == 4 else [])])
+        ranks(world, [PROBE, out, *(["--idle-last-rank"] if world == 4 else [])])
     sharded = json.loads(out.read_text())
     pairs = sample_pairs()
     single = SODMetrics(FAMILIES)

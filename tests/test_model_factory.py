@@ -23,7 +23,7 @@ from salnet.run.checkpoint import load_best, save_best
 from salnet.run.rundir import RunDir
 from salnet.shards.synth import synthesize
 
-from conftest import REPO, run_py
+from conftest import REPO, forked_run
 
 FACTORY = "my_sod.tiny:build"
 # Networks that break the contract, each in its own way (the README's network is the one that keeps it).
@@ -164,18 +164,18 @@ def test_the_readme_network_trains_resumes_bitwise_predicts_and_exports(tmp_path
     run_dir = tmp_path / "runs" / "own"
 
     # loss.side_weights must weigh the network's one side logit: the default four stop the build.
-    proc = run_py(["-m", "salnet.train", "--config", path, "loss.side_weights=[0.5,0.25]"], env=env, check=False)
+    proc = forked_run(["-m", "salnet.train", "--config", path, "loss.side_weights=[0.5,0.25]"], env=env, check=False)
     assert proc.returncode != 0
     assert (
         "model.factory='my_sod.tiny:build' returns 1 side logits in training, but loss.side_weights=[0.5, 0.25]"
         in proc.stderr
     )
 
-    run_py(["-m", "salnet.train", "--config", path, "train.resume=none"], env=env, timeout=300)
+    forked_run(["-m", "salnet.train", "--config", path, "train.resume=none"], env=env, timeout=300)
     last = run_dir / "checkpoints" / "step-00000004"
     uninterrupted = torch.load(last / "state.pt", weights_only=True)
     shutil.rmtree(last)
-    out = run_py(["-m", "salnet.train", "--config", path], env=env, timeout=300).stdout
+    out = forked_run(["-m", "salnet.train", "--config", path], env=env, timeout=300).stdout
     assert "step-00000002 at step 2" in out
     resumed = torch.load(last / "state.pt", weights_only=True)
     for key, value in uninterrupted["model"].items():

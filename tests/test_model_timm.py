@@ -18,7 +18,7 @@ from salnet.run.checkpoint import load_best
 from salnet.run.rundir import RunDir
 from salnet.shards.synth import synthesize
 
-from conftest import run_py, torchrun
+from conftest import ranks, run_py
 
 NAME = "timm/pvt_v2_b0"
 REPO_ID = "timm/pvt_v2_b0.in1k"  # timm's default tag of pvt_v2_b0, and its Hugging Face repository
@@ -219,7 +219,7 @@ def test_two_ranks_train_validate_and_keep_best_with_a_timm_backbone(tmp_path):
     }
     path = tmp_path / "timm.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    torchrun(2, ["-m", "salnet.train", "--config", path], timeout=300)
+    ranks(2, ["-m", "salnet.train", "--config", path], timeout=300)
     run_dir = tmp_path / "runs" / "timm"
     vals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "val"]
     assert [v["step"] for v in vals] == [1, 2] and all(v["val/images"] == 8 for v in vals)

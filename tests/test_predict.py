@@ -14,7 +14,7 @@ from salnet.evaluation.common import load_best_weights, make_predict
 from salnet.metrics.inputs import to_levels
 from salnet.validate import probabilities_at
 
-from conftest import run_py, torchrun
+from conftest import forked_run, ranks, run_py
 from shards_data import EXIF_ORIENTATION, save, scene
 
 
@@ -24,7 +24,7 @@ def checkpoint(tmp_path_factory):
 
 
 def predict(checkpoint, inputs, out, *extra, check=True):
-    return run_py(
+    return forked_run(
         ["-m", "salnet.predict", "--checkpoint", checkpoint, *inputs, "--out", out, "--workers", "0", *extra],
         timeout=180,
         check=check,
@@ -100,7 +100,7 @@ def test_two_ranks_predict_every_image_exactly_once(tmp_path, checkpoint):
     inputs = [str(tmp_path / "ECSSD" / "images"), f"packed={tmp_path / 'shards' / 'ecssd'}", str(tmp_path / "list.txt")]
     one, two = tmp_path / "one", tmp_path / "two"
     predict(checkpoint, inputs, one, "--batch-size", "1")
-    torchrun(
+    ranks(
         2,
         [
             "-m",

@@ -17,7 +17,7 @@ from salnet.run.runlog import format_duration
 from salnet.shards.synth import synthesize
 from salnet.validate import panel_rank
 
-from conftest import run_py
+from conftest import forked_run, run_py
 
 FIGURES = {
     "loss.png": (600, 400),
@@ -47,7 +47,7 @@ def finished_run(tmp_path_factory):
         checkpoint={"every": 4},
         log={"every": 1, "plots": True, "panel_images": 3, "worst_images": 2},
     )
-    run_py(["-m", "salnet.train", "--config", path], timeout=400)
+    forked_run(["-m", "salnet.train", "--config", path], timeout=400)
     return run_dir
 
 

@@ -10,7 +10,7 @@ from salnet.run.rundir import RunDir
 from salnet.run.state import TrainState
 from salnet.strategy import SkipReason, build_strategy
 
-from conftest import REPO, run_py, torchrun
+from conftest import REPO, forked_run, ranks
 from strategy_probe import TinyNet, bce
 
 PROBE = REPO / "tests" / "strategy_probe.py"
@@ -29,8 +29,8 @@ def assert_close(a, b, rtol=1e-5, atol=1e-6):
 
 @pytest.mark.slow
 def test_ddp_two_ranks_matches_one_process_with_the_same_global_batch(tmp_path):
-    run_py([PROBE, tmp_path / "one.pt", 8, 3, *SGD])
-    torchrun(2, [PROBE, tmp_path / "two.pt", 8, 3, *SGD])
+    forked_run([PROBE, tmp_path / "one.pt", 8, 3, *SGD])
+    ranks(2, [PROBE, tmp_path / "two.pt", 8, 3, *SGD])
     one, two = weights(tmp_path / "one.pt"), weights(tmp_path / "two.pt")
     assert_close(one, two)  # gradients are averaged, not summed: same update as one process
     # ... and the steps really moved the weights, so the comparison can fail
@@ -41,9 +41,9 @@ def test_ddp_two_ranks_matches_one_process_with_the_same_global_batch(tmp_path):
 
 @pytest.mark.slow
 def test_accumulation_2x4_matches_1x8(tmp_path):
-    run_py([PROBE, tmp_path / "1x8.pt", 8, 3, *SGD])
-    run_py([PROBE, tmp_path / "2x4.pt", 8, 3, *SGD, "train.grad_accum=2"])
-    torchrun(2, [PROBE, tmp_path / "ddp2x2.pt", 8, 3, *SGD, "train.grad_accum=2"])
+    forked_run([PROBE, tmp_path / "1x8.pt", 8, 3, *SGD])
+    forked_run([PROBE, tmp_path / "2x4.pt", 8, 3, *SGD, "train.grad_accum=2"])
+    ranks(2, [PROBE, tmp_path / "ddp2x2.pt", 8, 3, *SGD, "train.grad_accum=2"])
     assert_close(weights(tmp_path / "1x8.pt"), weights(tmp_path / "2x4.pt"))
     assert_close(weights(tmp_path / "1x8.pt"), weights(tmp_path / "ddp2x2.pt"))
 

@@ -50,6 +50,8 @@ def run_child(request: dict) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        # What the interpreter does with PYTHONPATH at start-up (a test's own module, e.g. a model.factory).
+        sys.path[1:1] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         argv = request["argv"]
         import runpy
         import warnings
@@ -58,6 +60,7 @@ def run_child(request: dict) -> None:
         warnings.filterwarnings("ignore", message=".*found in sys.modules after import", category=RuntimeWarning)
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]
+            sys.path[0] = os.getcwd()
             runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
         else:
             sys.argv = list(argv)
