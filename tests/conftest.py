@@ -27,7 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 # The modules that take longest, in that order, run first: `make test` runs the suite on two
 # pytest-xdist workers that take whole modules (--dist loadscope, in this order), so the long ones
 # start at once and the short ones fill in at the end, and both workers finish at about the same time.
-LONGEST_FIRST = ("test_slurm.py", "test_train.py", "test_train_stop.py", "test_deepspeed.py", "test_dashboards.py")
+LONGEST_FIRST = (
+    "test_slurm.py",
+    "test_backbone_families.py",
+    "test_train_stop.py",
+    "test_train.py",
+    "test_deepspeed.py",
+    "test_dashboards.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -33,17 +33,13 @@ PROBE = REPO / "tests" / "family_probe.py"
 # pads and crops). Their larger siblings differ in widths and depths only.
 FAMILIES = {"swin_t": 72, "convnext_tiny": 64, "vit_b_16": 64}
 STEPS = 2
-# ZeRO-3 gathers each module's parameters for its forward: ViT's position embeddings are used outside
-# the module that holds them (resized in the seam), the other families' only inside theirs.
-ZERO3_VIT = pytest.param(
-    "vit_b_16-zero3",
-    marks=pytest.mark.xfail(
-        strict=True,
-        reason="issue 21, item 4, open: after one AdamW step ZeRO-3's vit_b_16 differs from DDP's in 210 of 240 "
-        "tensors (up to 1.8e-3; ZeRO-2 is bitwise equal)",
-    ),
-)
-ZERO_RUNS = [f"{name}-zero2" for name in FAMILIES] + [ZERO3_VIT]
+# Resumed: the families whose training draws random numbers of its own (Swin's and ConvNeXt's stochastic
+# depth, in every step), which the checkpoint must restore. torchvision's ViT has no drop path: its
+# resume is the family-independent loop that test_train_stop covers (and a ViT-B checkpoint is 1 GB).
+RESUMED = ("swin_t", "convnext_tiny")
+# ZeRO-3 is not run here: on vit_b_16 it differed from DDP after one AdamW step (210 of 240 tensors, up to
+# 1.8e-3; ZeRO-2 bitwise equal), an open finding of issue 21, item 4, whose run costs a CI minute.
+ZERO_RUNS = [f"{name}-zero2" for name in FAMILIES]
 TOLERANCE = 1e-4  # salnet.export's default
 
 
@@ -68,9 +64,9 @@ def run_config(root, shards, run, size, **train):
 
 
 def run_dir(root, run):
-    """Of a DDP run: the uninterrupted one (family_probe.py moved it aside)."""
+    """Of a resumed DDP run: the uninterrupted one (family_probe.py moved it aside)."""
     directory = root / run / "runs" / run
-    return directory.with_name(f"{run}-uninterrupted") if run.endswith("-ddp") else directory
+    return directory.with_name(f"{run}-uninterrupted") if run.removesuffix("-ddp") in RESUMED else directory
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +75,11 @@ def runs(tmp_path_factory):
     # 6 val images of 72 px on 2 ranks: one batch of 3 each.
     train, val = synthesize(root / "shards", train=16, val=6, size=72, seed=3)
     shards = {"train": train, "val": val}
-    cases = [f"{run_config(root, shards, f'{name}-ddp', size)}:resume" for name, size in FAMILIES.items()]
-    for run in [f"{name}-zero2" for name in FAMILIES] + ["vit_b_16-zero3"]:
+    cases = [
+        f"{run_config(root, shards, f'{name}-ddp', size)}" + (":resume" if name in RESUMED else "")
+        for name, size in FAMILIES.items()
+    ]
+    for run in ZERO_RUNS:
         name, stage = run.split("-zero")
         zero = {"strategy": "deepspeed", "zero_stage": int(stage), "timeout_s": 60}
         cases.append(str(run_config(root, shards, run, FAMILIES[name], **zero)))
@@ -101,7 +100,7 @@ def test_every_family_trains_validates_and_keeps_best(runs, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", RESUMED)
 def test_resume_from_the_checkpoint_before_the_last_is_bitwise_identical(runs, name):
     root, _ = runs
     last = f"step-{STEPS:08d}"
