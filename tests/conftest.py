@@ -98,8 +98,9 @@ class Zygote:
     """tests/zygote.py, started on first use in this pytest process: forks ranks that need no imports."""
 
     _proc: subprocess.Popen | None = None
-    _outputs = Path(tempfile.mkdtemp(prefix="salnet-forked-"))
+    _outputs = Path(tempfile.mkdtemp(prefix="salnet-forked-"))  # each child's stdout, stderr and exit status
     _count = 0
+    atexit.register(shutil.rmtree, _outputs, ignore_errors=True)
 
     @classmethod
     def fork(cls, args, env, cwd) -> tuple[int, Path]:

@@ -1,4 +1,4 @@
-"""Run by test_backbone_families.py under torchrun: salnet.train's loop for several runs in one job.
+"""Run by test_backbone_families.py as two ranks: salnet.train's loop for several runs in one job.
 
 usage: family_probe.py CONFIG[:resume] ...
 
