@@ -42,6 +42,18 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's in-process models (OMP_NUM_THREADS may say otherwise): CI has
+    2 cores and other work beside, where a second intra-op thread mostly spins."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def python_env(env=None):
     """The environment of a test's subprocess: this one, unbuffered output, one OpenMP thread, then `env`."""
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}

@@ -2,7 +2,6 @@
 transformer backbones (issue 21, item 5): they load, validate and build (on the meta device: no weights)."""
 
 import pytest
-import torch
 
 from salnet.bench import backbones
 from salnet.config import load_config
@@ -11,13 +10,7 @@ from salnet.optim import param_groups
 
 from conftest import REPO
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest says why
 
 
 def test_table_counts_every_backbone_and_times_those_within_the_limit():

@@ -27,13 +27,7 @@ def small_config(backbone=None, **model):
     return ModelConfig.model_validate({**SMALL, **model, "backbone": {"name": "resnet18", **(backbone or {})}})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # CI has 2 cores and other work beside; a second intra-op thread there mostly spins.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest says why
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ FAMILY_CASES = ["swin_t", "swin_v2_t", "convnext_tiny", "vit_b_16"]
 EVERY_NAME = [name for names in BACKBONE_FAMILIES.values() for name in names]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest says why
 
 
 def config(name, backbone=None):
