@@ -20,7 +20,6 @@ from salnet import dist
 from salnet.config import Config, ConfigError, resume_changes, save_config, to_yaml
 from salnet.data import TrainBatch, TrainInput, TrainStream
 from salnet.loss import build_loss, check_side_weights
-from salnet.metrics import is_better
 from salnet.model import build_model, side_logits_in_training
 from salnet.optim import apply_settings
 from salnet.run.checkpoint import (
@@ -160,6 +159,12 @@ class Trainer:
             apply_settings(self.strategy.schedule, self.cfg.optim)
         state = client.train
         state.saved_step = state.step
+        if state.best is not None and state.best.metric != cfg.eval.best_metric:
+            dist.print0(
+                f"resume: eval.best_metric changed ({state.best.metric} -> {cfg.eval.best_metric}); the best so far "
+                f"({state.best.metric}={state.best.value:.4f} at step {state.best.step}) does not compare with it, so "
+                f"the next validation starts the best by {cfg.eval.best_metric} and replaces best.pt"
+            )
         if client.world_size == self.world:
             self.train_data.load_state_dict(client.loader[dist.rank()])
             self.adjust_input.load_state_dict(client.inputs[dist.rank()] if client.inputs else {})
@@ -200,10 +205,8 @@ class Trainer:
                 f"validation at step {state.step}: {e}; the network has diverged (the newest good checkpoint "
                 f"is step {newest} under {self.run_dir.checkpoints}); lower optim.lr or set optim.grad_clip"
             ) from None
-        metric, value = self.cfg.eval.best_metric, self.validator.best_value(scores)
-        improved = is_better(metric.rpartition("/")[2], value, state.best.value if state.best else None)
+        improved = state.offer_best(self.cfg.eval.best_metric, self.validator.best_value(scores))
         if improved:
-            state.best = Best(metric, value, state.step)
             weights = self.strategy.fp32_state_dict()
             if dist.is_main():
                 save_best(self.run_dir, weights, self.cfg.model_dump(mode="json"), scores, state.step)

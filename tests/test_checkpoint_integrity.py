@@ -20,8 +20,10 @@ from salnet.run.checkpoint import (
 )
 from salnet.run.checksums import MANIFEST, CheckpointCorrupt, file_digest, verify
 from salnet.run.rundir import RunDir
-from salnet.run.state import TrainState
+from salnet.run.state import Best, TrainState
 from salnet.strategy import build_strategy
+from salnet.trainer import Trainer
+from salnet.validate import best_key
 
 from strategy_probe import TinyNet
 
@@ -117,6 +119,47 @@ def test_best_pt_carries_a_digest_of_its_weights(tmp_path):
     torch.save(best, path)
     with pytest.raises(CheckpointCorrupt, match=f"{path}: its weights do not match their checksum"):
         load_best(path)
+
+
+class _Scores:
+    """What validate_and_keep_best asks of the validator and the run log, without data or a network."""
+
+    def __init__(self, cfg, scores):
+        self.cfg, self.last_details, self.next = cfg, {}, scores
+
+    def __call__(self, predict):
+        return self.next
+
+    def best_value(self, scores):
+        return scores[best_key(self.cfg)]
+
+    def print(self, text):
+        pass
+
+    def validation(self, *args):
+        pass
+
+
+def test_a_resume_that_changes_best_metric_starts_the_best_anew(tmp_path):
+    """maxE decided best.pt before the resume; maxF decides after it: 0.4 maxF is no worse than 0.9 maxE."""
+    trainer = Trainer.__new__(Trainer)  # only the part that keeps the best
+    trainer.strategy = build_strategy(load_config(None, ["train.channels_last=false"]), TinyNet(), total_steps=12)
+    state = TrainState()
+    for step, metric, scores, best_step in [
+        (3, "maxE", {"val/maxE": 0.9, "val/maxF": 0.3}, 3),
+        (6, "maxF", {"val/maxE": 0.5, "val/maxF": 0.4}, 6),  # the first validation under maxF
+        (9, "maxF", {"val/maxE": 0.95, "val/maxF": 0.35}, 6),
+        (12, "maxF", {"val/maxE": 0.1, "val/maxF": 0.45}, 12),
+    ]:
+        cfg = load_config(
+            None, ["train.channels_last=false", f"out_dir={tmp_path}", "name=run", f"eval.best_metric={metric}"]
+        )
+        trainer.cfg, trainer.run_dir = cfg, RunDir(cfg.run_dir)
+        trainer.validator = log = _Scores(cfg, scores)
+        state.step = step
+        trainer.validate_and_keep_best(state, log)
+        assert load_best(RunDir(cfg.run_dir).best)["step"] == best_step, step
+    assert state.best == Best("maxF", 0.45, 12)
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from salnet.metrics.names import is_better
+
 
 @dataclass(frozen=True)
 class Best:
@@ -30,6 +32,16 @@ class TrainState:
     skipped_steps: int = 0
     wandb_id: str | None = None  # the W&B run this run logs to (salnet.run.wandb_run.choose_run_id)
     saved_step: int | None = None  # the step of the newest checkpoint (not saved in it: restored by resume)
+
+    def offer_best(self, metric: str, value: float) -> bool:
+        """Make `value` of `metric` at this step the best if it beats the best so far; returns whether
+        it did. A best decided by another metric (eval.best_metric changed on resume) is no bar: values
+        of two metrics do not compare, so the first validation under the new metric starts its best."""
+        than = self.best.value if self.best is not None and self.best.metric == metric else None
+        if not is_better(metric.rpartition("/")[2], value, than):
+            return False
+        self.best = Best(metric, value, self.step)
+        return True
 
     def to_dict(self) -> dict[str, Any]:
         """What a checkpoint holds: plain values (weights-only loading), `best` as a dict ({} before any)."""
