@@ -21,10 +21,12 @@ import argparse
 import difflib
 import os
 import sys
+import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -147,6 +149,17 @@ class DataConfig(Section):
             raise ValueError(f"data.train_weights must all be > 0, got {self.train_weights}")
         if self.multiscale and min(self.multiscale) <= 0:
             raise ValueError(f"data.multiscale sizes must all be > 0, got {self.multiscale}")
+        if isinstance(self.val, dict) and not self.val:
+            raise ValueError(
+                "data.val={} names no validation set: give a list of shard directories or {SET: [dirs], ...}"
+            )
+        for key, location in self.sources():
+            path = _local_path(location)
+            if path is not None and path.exists() and not path.is_dir():
+                raise ValueError(
+                    f"{key}={location!r} is a file; a shard set is a directory holding manifest.json "
+                    f"(made by `python -m salnet.shards pack`)"
+                )
         for name in self.val_sets:
             if not name or "/" in name or name == MEAN_OVER_SETS:
                 raise ValueError(
@@ -157,6 +170,24 @@ class DataConfig(Section):
     def val_sets(self) -> dict[str, list[str]]:
         """The validation sets by name (a plain list is one set named 'val')."""
         return dict(self.val) if isinstance(self.val, dict) else {DEFAULT_VAL_SET: list(self.val)}
+
+    def sources(self) -> list[tuple[str, str]]:
+        """(the key that names it, location) of every train and val source."""
+        out = [(f"data.train[{i}]", loc) for i, loc in enumerate(self.train)]
+        if isinstance(self.val, dict):
+            return out + [
+                (f"data.val.{name}[{i}]", loc) for name, locs in self.val.items() for i, loc in enumerate(locs)
+            ]
+        return out + [(f"data.val[{i}]", loc) for i, loc in enumerate(self.val)]
+
+
+def _local_path(location: str) -> Path | None:
+    """The path of a local source (a directory or file:///dir), None for a URL or pipe: command."""
+    if location.startswith("file://"):
+        return Path(unquote(urlparse(location).path))
+    if location.startswith("pipe:") or "://" in location:
+        return None
+    return Path(location).expanduser()
 
 
 # The backbones by family: torchvision's model names. Channels and strides are not kept here:
@@ -315,6 +346,16 @@ class ModelConfig(Section):
                 f"model.options ({', '.join(self.options)}) are the settings of a model.factory network; "
                 f"salnet's FPN + PPM (model.factory=null) takes none"
             )
+        # The widths this section sets; salnet.model checks the ones the backbone decides (C5 // 4 by default).
+        widths = {"model.ppm_width": self.ppm_width, "model.fpn_width": self.fpn_width}
+        if self.ppm_branch_width is not None:
+            widths["model.ppm_branch_width"] = self.ppm_branch_width
+        wrong = {key: c for key, c in widths.items() if c % self.gn_groups}
+        if self.norm == "group" and self.factory is None and wrong:
+            raise ValueError(
+                f"model.gn_groups={self.gn_groups} must divide the channels of every GroupNorm layer; it does not divide "
+                + ", ".join(f"{key}={c}" for key, c in wrong.items())
+            )
         if (
             self.norm == "group"
             and backbone_family(self.backbone.name) in BATCHNORM_FAMILIES
@@ -421,6 +462,11 @@ class TrainConfig(Section):
     )
 
     def model_post_init(self, context) -> None:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(
+                f"train.steps={self.steps} and train.epochs={self.epochs} are both set; the budget is one of them: "
+                f"set the other to null"
+            )
         if self.strategy != "deepspeed" and (self.offload_optimizer or self.offload_params):
             raise ValueError(
                 f"train.offload_optimizer / train.offload_params are DeepSpeed options; they need train.strategy=deepspeed "
@@ -742,6 +788,57 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 
+# --------------------------------------------------------------------------------------------
+# The config against the machine it runs on: what no schema can know, checked before any work.
+# --------------------------------------------------------------------------------------------
+
+SYNC_BN_NEEDS_CUDA = (
+    "train.sync_bn=true needs CUDA: torch's SyncBatchNorm is GPU-only; "
+    "on CPU use train.sync_bn=false, or model.norm=group for small per-rank batches"
+)
+
+
+def cuda_may_be_present(environ=os.environ) -> bool:
+    """False when this machine certainly has no GPU torch could use (no NVIDIA, ROCm or WSL device node,
+    or CUDA_VISIBLE_DEVICES hides them all): told without importing torch (seconds). True is not a
+    promise; the strategy checks the device it really gets."""
+    if environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists() or Path("/dev/dxg").exists()
+
+
+def check_out_dir(cfg: Config) -> None:
+    """ConfigError unless the run directory <out_dir>/<name> can be created and written here.
+
+    Tried, not guessed from permission bits (root ignores them; /proc and read-only mounts refuse
+    whatever the bits say): a temporary directory is made and removed in the deepest part of the
+    path that exists. Nothing else is created."""
+    target = cfg.run_dir
+    existing = target
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"out_dir={cfg.out_dir!r}: the run directory {target} cannot be made, '{existing}' is not a directory"
+        )
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".salnet-write-test-", dir=existing))
+    except OSError as e:
+        raise ConfigError(
+            f"out_dir={cfg.out_dir!r}: the run directory {target} cannot be made, '{existing}' is not writable "
+            f"({e.strerror}); choose another out_dir"
+        ) from None
+
+
+def check_runnable(cfg: Config, cuda: bool) -> None:
+    """ConfigError for what the config asks of the machine that it lacks: CUDA for train.sync_bn, a
+    writable out_dir. `cuda`: whether the job will have GPUs (the launcher knows; salnet.train asks
+    cuda_may_be_present)."""
+    if cfg.train.sync_bn and not cuda:
+        raise ConfigError(SYNC_BN_NEEDS_CUDA)
+    check_out_dir(cfg)
+
+
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
@@ -806,12 +903,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def parse_config(argv: list[str] | None = None, prog: str | None = None, description: str = "") -> Config:
-    """Parse the shared command line; on a config error print it and exit with status 2."""
+def parse_config(
+    argv: list[str] | None = None,
+    prog: str | None = None,
+    description: str = "",
+    check: typing.Callable[[Config], None] | None = None,
+) -> Config:
+    """Parse the shared command line (and run `check` on the config); on a config error print it and
+    exit with status 2."""
     parser = add_config_arguments(argparse.ArgumentParser(prog=prog, description=description))
     args = parser.parse_args(argv)
     try:
-        return config_from_args(args)
+        cfg = config_from_args(args)
+        if check is not None:
+            check(cfg)
+        return cfg
     except ConfigError as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
         sys.exit(2)

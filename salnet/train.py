@@ -12,12 +12,17 @@ from __future__ import annotations
 import sys
 import traceback
 
-from salnet.config import parse_config
+from salnet.config import check_runnable, cuda_may_be_present, parse_config
 from salnet.run.preemption import StopRequest
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(argv, prog="python -m salnet.train", description=__doc__.split("\n\n")[0])
+    cfg = parse_config(
+        argv,
+        prog="python -m salnet.train",
+        description=__doc__.split("\n\n")[0],
+        check=lambda cfg: check_runnable(cfg, cuda=cuda_may_be_present()),
+    )
     stop = StopRequest()
     stop.install()  # before anything slow: a signal during start-up is kept and acted on at the first step
 

@@ -173,3 +173,48 @@ def test_salnet_train_reports_a_config_error_before_importing_torch():
     proc = run_py(["-c", probe], check=False)
     assert "exit 2 torch imported: False" in proc.stdout, proc.stdout + proc.stderr
     assert "did you mean 'optim.lr'?" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.steps=10", "train.epochs=2"], "train.steps=10 and train.epochs=2 are both set"),
+        (["model.norm=group", "model.gn_groups=24"], "it does not divide model.ppm_width=256, model.fpn_width=256"),
+        (["model.norm=group", "model.ppm_branch_width=60", "model.gn_groups=8"], "model.ppm_branch_width=60"),
+        (["data.val={}"], "data.val={} names no validation set"),
+        (["data.train=[{file}]"], "data.train[0]='{file}' is a file; a shard set is a directory"),
+        (["data.val={A: [{file}]}"], "data.val.A[0]='{file}' is a file"),
+    ],
+)
+def test_contradictions_that_need_no_data_fail_when_the_config_loads(tmp_path, overrides, expected):
+    file = tmp_path / "train.tar"
+    file.write_bytes(b"")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [o.replace("{file}", str(file)) for o in overrides])
+    assert expected.replace("{file}", str(file)) in str(e.value)
+
+
+def test_salnet_train_refuses_what_the_machine_cannot_give_in_one_line_before_importing_torch(tmp_path):
+    # Each case through salnet.train's main, as a user would meet it: exit 2, one line, no torch.
+    (tmp_path / "file").write_text("")
+    cases = {
+        "train.sync_bn=true": "train.sync_bn=true needs CUDA",
+        "out_dir=/proc/salnet-runs": "out_dir='/proc/salnet-runs': the run directory /proc/salnet-runs/run cannot be made",
+        f"out_dir={tmp_path}/file/runs": f"'{tmp_path}/file' is not a directory",
+    }
+    probe = (
+        "import runpy, sys\n"
+        "for override in sys.argv[1:]:\n"
+        "    sys.argv = ['python -m salnet.train', override]\n"
+        "    try:\n"
+        "        runpy.run_module('salnet.train', run_name='__main__')\n"
+        "    except SystemExit as e:\n"
+        "        print('exit', e.code, 'torch imported:', 'torch' in sys.modules)\n"
+    )
+    proc = run_py(["-c", probe, *cases], check=False, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.stdout.splitlines() == ["exit 2 torch imported: False"] * len(cases), proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == len(cases) and all(line.startswith("python -m salnet.train: ") for line in lines), lines
+    for line, expected in zip(lines, cases.values()):
+        assert expected in line
+    assert not list(tmp_path.glob("**/.salnet-write-test-*"))

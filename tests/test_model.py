@@ -262,13 +262,17 @@ def test_config_combinations_that_cannot_work_are_rejected_by_key():
         load_config(None, ["model.norm=group", "model.backbone.weights=imagenet"])
     with pytest.raises(ConfigError, match=r"model.ppm_bins must all be >= 1 .*got \[0, 2\]"):
         load_config(None, ["model.ppm_bins=[0, 2]"])
-    # Checked by build_model, which knows the backbone's channels:
     with pytest.raises(
         ConfigError,
-        match=r"model.gn_groups=24 must divide .*model.ppm_branch_width=16, model.ppm_width=32, "
-        r"model.fpn_width=32, resnet18's channels \(multiples of 64\)=64",
+        match=r"model.gn_groups=24 must divide .*model.ppm_width=32, model.fpn_width=32, model.ppm_branch_width=16",
     ):
-        build_model(small_config(norm="group", gn_groups=24))
+        load_config(None, ["model.norm=group", "model.gn_groups=24", *(f"model.{k}={v}" for k, v in SMALL.items())])
+    # Checked by build_model, which knows the backbone's channels (the PPM branch is C5 // 4 by default):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.gn_groups=96 must divide .*model.ppm_branch_width=128, resnet18's channels \(multiples of 64\)=64",
+    ):
+        build_model(small_config(norm="group", gn_groups=96, ppm_width=96, fpn_width=96, ppm_branch_width=None))
     grouped = build_model(small_config(norm="group", gn_groups=16))
     assert any(
         isinstance(m, nn.GroupNorm) for m in grouped.backbone.modules()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from salnet import dist
-from salnet.config import Config
+from salnet.config import SYNC_BN_NEEDS_CUDA, Config, ConfigError
 from salnet.data import to_model_input
 from salnet.run.checksums import FileDigest
 
@@ -159,10 +159,7 @@ def fp32_copy(state: dict) -> dict:
 def with_sync_bn(model: nn.Module, cfg: Config) -> nn.Module:
     """`model` with SyncBatchNorm if train.sync_bn asks for it (and there is more than one rank)."""
     if cfg.train.sync_bn and dist.device().type != "cuda":
-        raise ValueError(
-            "train.sync_bn=true needs CUDA: torch's SyncBatchNorm is GPU-only; "
-            "on CPU use train.sync_bn=false, or model.norm=group for small per-rank batches"
-        )
+        raise ConfigError(SYNC_BN_NEEDS_CUDA)  # salnet.train refuses it sooner where no GPU is certain
     if cfg.train.sync_bn and dist.world_size() > 1:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
