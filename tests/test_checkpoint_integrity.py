@@ -32,11 +32,11 @@ def client(step):
     return ClientState(train=TrainState(step=step), world_size=1, loader=[{}], rng=[{}])
 
 
-def saved_run(run_dir, steps=(2, 4, 6), net=None):
+def saved_run(run_dir, steps=(2, 4, 6), net=None, config=None):
     cfg = load_config(None, ["train.channels_last=false"])
     strategy = build_strategy(cfg, net or TinyNet(), total_steps=10)
     for step in steps:
-        save_checkpoint(run_dir, step, strategy, client(step), keep=10)
+        save_checkpoint(run_dir, step, strategy, client(step), keep=10, config=config)
     return strategy
 
 
@@ -75,6 +75,26 @@ def test_auto_sets_bad_checkpoints_aside_and_resumes_from_the_newest_good_one(tm
     msg = str(e.value)
     assert f"{state}: 100 bytes" in msg and f"{tmp_path / 'checkpoints' / 'step-00000002' / MANIFEST}: missing" in msg
     assert "train.resume=none" in msg
+
+
+def test_a_manifest_that_does_not_list_every_file_makes_the_checkpoint_bad(tmp_path, capsys):
+    saved_run(tmp_path, config={"saved": "with its config.json"})
+    checkpoints = tmp_path / "checkpoints"
+    for step, listed in [(6, []), (4, ["config.json"])]:  # emptied; cut short
+        manifest = checkpoints / f"step-0000000{step}" / MANIFEST
+        content = json.loads(manifest.read_text())
+        content["files"] = {name: content["files"][name] for name in listed}
+        manifest.write_text(json.dumps(content))
+        flip_byte(manifest.parent / "state.pt")
+    assert choose_checkpoint(tmp_path, "auto").name == "step-00000002"
+    out = capsys.readouterr().out
+    assert f"{checkpoints / 'step-00000006' / MANIFEST}: lists no files" in out
+    assert f"{checkpoints / 'step-00000004' / 'state.pt'}: not listed in" in out
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "corrupt-step-00000004",
+        "corrupt-step-00000006",
+        "step-00000002",
+    ]
 
 
 def test_an_explicit_bad_checkpoint_is_an_error_not_a_fallback(tmp_path):

@@ -1,7 +1,8 @@
 """Checksums that let a checkpoint prove it is intact, and the one way its files are read back.
 
 Every file of a checkpoint is listed in its `checksums.json` (size and 128-bit XXH3 hash), written
-into the temporary directory before the atomic rename, so a complete checkpoint always carries it.
+into the temporary directory before the atomic rename, so a complete checkpoint always carries it;
+verification refuses a file it does not list as it refuses a wrong checksum.
 Files salnet writes itself are hashed while they are written (`save_hashed`), so saving reads
 nothing back; files DeepSpeed writes are hashed once after writing, by the rank that wrote them.
 
@@ -18,6 +19,7 @@ best.pt is one file that training replaces atomically; it carries a digest of it
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +100,10 @@ def write_manifest(directory: Path, digests: dict[str, FileDigest]) -> None:
 
 def verify(directory: Path) -> None:
     """Raise CheckpointCorrupt naming the first file that is missing, has the wrong size or checksum,
-    or the manifest itself when it is missing or unreadable."""
+    or is not listed, or the manifest itself when it is missing, unreadable or lists nothing.
+
+    The manifest must cover the directory exactly: a loader reads files by name, so a file the
+    manifest does not list (an emptied or cut-short checksums.json) would be loaded unverified."""
     manifest = directory / MANIFEST
     try:
         content = json.loads(manifest.read_text())
@@ -111,15 +116,35 @@ def verify(directory: Path) -> None:
         raise CheckpointCorrupt(
             f"{manifest}: algorithm {algorithm!r} is not {ALGORITHM!r} (written by another version of salnet?)"
         )
+    if not isinstance(files, dict) or not files:
+        raise CheckpointCorrupt(f"{manifest}: lists no files (emptied after it was written?)")
+    present = _entries(directory)
+    for name in sorted(present):  # before reading any: a symlink would lead the hashing outside
+        path = directory / name
+        if path.is_symlink():
+            raise CheckpointCorrupt(f"{path}: a symlink (a checkpoint holds only the files its save wrote)")
+        if name not in files and name != MANIFEST:
+            raise CheckpointCorrupt(
+                f"{path}: not listed in {manifest} (every file of a checkpoint must be listed and verified)"
+            )
     for name, expected in files.items():
         path = directory / name
-        if not path.is_file():
+        if name not in present:
             raise CheckpointCorrupt(f"{path}: missing")
         size = path.stat().st_size
         if size != expected["size"]:
             raise CheckpointCorrupt(f"{path}: {size} bytes, {expected['size']} were written")
         if file_digest(path).xxh3_128 != expected[ALGORITHM]:
             raise CheckpointCorrupt(f"{path}: checksum mismatch (its bytes changed after it was written)")
+
+
+def _entries(directory: Path) -> set[str]:
+    """Every file and symlink under `directory`, as manifest names; symlinks are not followed."""
+    found = set()
+    for root, dirs, names in os.walk(directory):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            found.add(Path(root, name).relative_to(directory).as_posix())
+    return found
 
 
 def load_file(path: Path, map_location=None, safe_globals: tuple = ()) -> Any:
