@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import datetime
 import hashlib
+import math
 import os
 import re
 import shlex
@@ -40,7 +41,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from salnet.config import Config, ConfigError, add_config_arguments, load_config, to_yaml  # noqa: E402
+from salnet.config import Config, ConfigError, add_config_arguments, check_runnable, load_config, to_yaml  # noqa: E402
 from salnet.fsio import atomic_write  # noqa: E402
 from salnet.run.rundir import RunDir  # noqa: E402
 from salnet.run.wandb_run import new_run_id  # noqa: E402
@@ -85,10 +86,28 @@ class SubmitError(Exception):
 # --------------------------------------------------------------------------------------------
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+def at_least(minimum: int):
+    """An argparse type: an integer >= minimum (a size or count of 0 or below is refused, not written as is)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
 
 
@@ -129,26 +148,28 @@ def key_value(text: str) -> tuple[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     s = parser.add_argument_group("Slurm job shape (one task per GPU)")
-    s.add_argument("--nodes", type=positive_int, default=1, help="nodes (default 1)")
+    s.add_argument("--nodes", type=at_least(1), default=1, help="nodes (default 1)")
     s.add_argument(
         "--gpus-per-node",
-        type=positive_int,
+        type=at_least(0),
         default=8,
         help="GPUs per node, one task each (default 8); 0: a CPU job (gloo) with --tasks-per-node tasks per node",
     )
     s.add_argument(
         "--tasks-per-node",
-        type=positive_int,
+        type=at_least(1),
         default=None,
         help="tasks per node: must equal --gpus-per-node for a GPU job; for a CPU job default 1",
     )
     s.add_argument(
         "--cpus-per-task",
-        type=positive_int,
+        type=at_least(1),
         default=None,
         help="CPUs per task, for its loader workers (given to srun too: Slurm 22.05-23.02 no longer passes it on)",
     )
-    s.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: the cluster's)")
+    s.add_argument(
+        "--mem-gb", type=positive_number, default=None, help="memory per node in GB (default: the cluster's)"
+    )
     s.add_argument(
         "--time",
         type=slurm_minutes,
@@ -180,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = parser.add_argument_group("stopping and requeueing")
     p.add_argument(
         "--signal-delay",
-        type=positive_int,
+        type=at_least(1),
         default=180,
         metavar="SECONDS",
         help="USR2 reaches every task this long before the time limit (default 180; Slurm may send it up to 60 s early); "
@@ -188,13 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-requeues",
-        type=positive_int,
+        type=at_least(0),
         default=DEFAULT_MAX_REQUEUES,
         help=f"requeues the job may ask for (default {DEFAULT_MAX_REQUEUES})",
     )
     p.add_argument(
         "--srun-wait",
-        type=positive_int,
+        type=at_least(1),
         default=120,
         metavar="SECONDS",
         help="after the first task exits, srun ends the others after this long (default 120): "
@@ -273,17 +294,6 @@ def with_wandb_id(cfg: Config, wandb_id: str) -> Config:
     return Config.model_validate(tree)
 
 
-def data_sources(cfg: Config) -> list[tuple[str, str]]:
-    """(the key that names it, location) of every train and val source."""
-    out = [(f"data.train[{i}]", loc) for i, loc in enumerate(cfg.data.train)]
-    val = cfg.data.val
-    if isinstance(val, dict):
-        out += [(f"data.val.{name}[{i}]", loc) for name, locs in val.items() for i, loc in enumerate(locs)]
-    else:
-        out += [(f"data.val[{i}]", loc) for i, loc in enumerate(val)]
-    return out
-
-
 def check(cfg: Config) -> list[str]:
     """Check what the job would otherwise find broken only once it runs. Returns notes; raises SubmitError."""
     from salnet.shards.manifest import ShardsError, load_manifest
@@ -293,7 +303,7 @@ def check(cfg: Config) -> list[str]:
         errors.append(
             f"set exactly one of train.steps and train.epochs (got train.steps={cfg.train.steps}, train.epochs={cfg.train.epochs})"
         )
-    for key, location in data_sources(cfg):
+    for key, location in cfg.data.sources():
         if not is_local(location) or location.startswith("file://"):
             notes.append(f"{key} {location}: remote, its manifest is read when the job starts")
             continue
@@ -435,7 +445,29 @@ def sbatch_parameters(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     for name in ("partition", "account", "qos", "constraint", "exclude", "comment"):
         if getattr(args, name):
             params[name] = getattr(args, name)
+    check_one_line(params)
     return params
+
+
+def check_one_line(params: dict[str, Any]) -> None:
+    """SubmitError if a value bound for the job script holds a control character: a newline in
+    `--comment $'x\n#SBATCH --exclusive'` (or in the run's name, a --slurm value, a --setup line) would
+    add lines of its own to the script."""
+    named = [("--setup", line) for line in params["setup"]] + [("srun", arg) for arg in params["srun_args"]]
+    named += [(f"--slurm {key}", f"{key}={value}") for key, value in params["additional_parameters"].items()]
+    named += [
+        ("the job name (from the config's name)" if key == "job_name" else f"--{key.replace('_', '-')}", value)
+        for key, value in params.items()
+        if key not in ("setup", "srun_args", "additional_parameters")
+    ]
+    for where, value in named:
+        text = str(value)
+        bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise SubmitError(
+                f"{where} {text!r} holds the control character {bad!r}: each value is one line of the job script "
+                f"(a newline would add lines of its own); give it on one line"
+            )
 
 
 def sbatch_text(params: dict[str, Any], folder: Path) -> str:
@@ -518,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     base = Path.cwd()
     try:
         cfg = resolve(load_config(args.config, args.overrides), base, args.fresh)
+        check_runnable(cfg, cuda=args.gpus_per_node > 0)  # the job's GPUs, not this machine's
         params = sbatch_parameters(args, cfg)
         notes = check(cfg)
         resume = resume_plan(cfg)

@@ -336,7 +336,23 @@ def test_a_gpu_job_runs_one_task_per_gpu(work):
 
 
 @pytest.mark.parametrize(
-    "case", ["typo", "missing-dir", "named-set", "no-manifest", "weights", "steps", "owned-flag", "time", "resume"]
+    "case",
+    [
+        "typo",
+        "missing-dir",
+        "named-set",
+        "no-manifest",
+        "weights",
+        "steps",
+        "owned-flag",
+        "time",
+        "resume",
+        "newline",
+        "mem",
+        "cpus",
+        "sync-bn",
+        "out-dir",
+    ],
 )
 def test_submit_time_errors_name_the_key_or_path(work, tmp_path, case):
     config = write_config(work, f"bad-{case}")
@@ -367,6 +383,16 @@ def test_submit_time_errors_name_the_key_or_path(work, tmp_path, case):
         args, expect = ["--slurm", "signal=B:USR1@60"], ["--slurm signal", "--signal-delay"]
     elif case == "time":
         args, expect = ["--time", "1:2:3:4"], ["--time '1:2:3:4'"]
+    elif case == "newline":  # would add an #SBATCH line of its own to the script
+        args, expect = ["--comment", "x\n#SBATCH --exclusive"], ["--comment 'x\\n#SBATCH --exclusive'", "one line"]
+    elif case == "mem":
+        args, expect = ["--mem-gb", "-4"], ["--mem-gb", "expected a number > 0, got '-4'"]
+    elif case == "cpus":
+        args, expect = ["--cpus-per-task", "0"], ["--cpus-per-task", "expected an integer >= 1, got '0'"]
+    elif case == "sync-bn":  # a CPU job cannot run SyncBatchNorm; the launcher knows the job's GPUs
+        args, expect = ["--gpus-per-node", "0", "train.sync_bn=true"], ["train.sync_bn=true needs CUDA"]
+    elif case == "out-dir":  # noticed by --dry-run too
+        args, expect = ["--dry-run", "out_dir=/proc/salnet-runs"], ["out_dir='/proc/salnet-runs'", "cannot be made"]
     else:
         args, expect = (
             ["train.resume=runs/x/checkpoints/step-00000001"],
