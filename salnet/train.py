@@ -13,7 +13,7 @@ import sys
 import traceback
 
 from salnet.config import check_runnable, cuda_may_be_present, parse_config
-from salnet.run.preemption import StopRequest
+from salnet.run.preemption import EXIT_REQUEUE, StopRequest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
             sys.exit(1)
         if result.stopped:
-            sys.exit(result.stopped)  # "requeue me" after the warning signal, "stopped" after SIGTERM
+            # Said in words too: torchrun's agent exits with its own status (1 after SIGTERM, 140 after
+            # SIGUSR2), so under torchrun this line is where the ranks' code shows.
+            meaning = "requeue me" if result.stopped == EXIT_REQUEUE else "do not requeue"
+            dist.print0(f"exit status {result.stopped}: checkpoint saved, {meaning}")
+            sys.exit(result.stopped)
         if result.best:
             dist.print0(
                 f"done: {result.step} steps; best {result.best.metric}={result.best.value:.4f} "

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_train import records, tiny_config
 
-from salnet.run.preemption import EXIT_REQUEUE
+from salnet.run.preemption import EXIT_REQUEUE, EXIT_STOPPED
 from salnet.run.rundir import RunDir
 from salnet.shards.synth import synthesize
 
@@ -137,8 +137,8 @@ def test_sigterm_to_torchrun_saves_and_does_not_ask_for_a_requeue(tmp_path, shar
     assert "stopped at step" in out and "SIGTERM" in out, out + err
     step = int(out.split("stopped at step ")[1].split()[0])
     assert [p.name for p in RunDir(run_dir).complete_checkpoints()] == [f"step-{step:08d}"]
-    # (torchrun's agent reports only its own SignalException, not the ranks' exit code 76: that
-    # mapping is tested in test_preemption.py)
+    # torchrun's agent exits with its own status (1 after SIGTERM), not the ranks' 76: rank 0 says it.
+    assert f"exit status {EXIT_STOPPED}: checkpoint saved, do not requeue" in out, out
 
 
 def test_torchrun_max_restarts_resumes_from_the_newest_checkpoint(tmp_path, shards, uninterrupted):
