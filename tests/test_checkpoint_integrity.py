@@ -8,7 +8,7 @@ import uuid
 import pytest
 import torch
 
-from salnet.config import load_config
+from salnet.config import load_config, save_config
 from salnet.run.checkpoint import (
     CheckpointSaveError,
     ClientState,
@@ -18,10 +18,10 @@ from salnet.run.checkpoint import (
     save_best,
     save_checkpoint,
 )
-from salnet.run.checksums import MANIFEST, CheckpointCorrupt, file_digest, verify
+from salnet.run.checksums import MANIFEST, CheckpointCorrupt, file_digest, tensor_digest, verify
 from salnet.run.rundir import RunDir
 from salnet.run.state import Best, TrainState
-from salnet.strategy import build_strategy
+from salnet.strategy import build_strategy, convert
 from salnet.trainer import Trainer
 from salnet.validate import best_key
 
@@ -137,8 +137,44 @@ def test_best_pt_carries_a_digest_of_its_weights(tmp_path):
     best = torch.load(path, weights_only=True)
     best["model"]["head.bias"] += 1e-3  # a changed tensor under an intact pickle
     torch.save(best, path)
+    with pytest.raises(CheckpointCorrupt, match=f"{path}: its weights, config or metrics do not match their checksum"):
+        load_best(path)
+    # a best.pt of salnet before issue 22: a digest of its weights only, still checked
+    legacy = {k: v for k, v in best.items() if k != "xxh3_128"}
+    torch.save({**legacy, "weights_xxh3_128": tensor_digest(weights)}, path)
     with pytest.raises(CheckpointCorrupt, match=f"{path}: its weights do not match their checksum"):
         load_best(path)
+
+
+def test_best_pt_digest_covers_its_config_and_metrics(tmp_path):
+    weights = {k: v.float() for k, v in TinyNet().state_dict().items()}
+    config = load_config(None).model_dump(mode="json")
+    for section, key, value in [
+        ("config", "data", {**config["data"], "eval_size": 999}),
+        ("metrics", "val/maxF", 0.99),
+    ]:
+        path = save_best(tmp_path, weights, config, {"val/maxF": 0.5}, 3)
+        best = torch.load(path, weights_only=True)
+        best[section][key] = value  # what predict and evaluate would act on
+        torch.save(best, path)
+        with pytest.raises(CheckpointCorrupt, match=f"{path}: its weights, config or metrics do not match"):
+            load_best(path)
+
+
+def test_convert_verifies_the_checkpoint_first(tmp_path, capsys):
+    cfg = load_config(None, ["train.channels_last=false", "model.factory=strategy_probe:tiny_net"])
+    save_config(cfg, RunDir(tmp_path).config)
+    saved_run(tmp_path, steps=(2,), config=cfg.model_dump(mode="json"))
+    checkpoint = RunDir(tmp_path).checkpoint(2)
+    assert load_best(convert.convert(checkpoint, tmp_path / "intact"))["step"] == 2
+    flip_byte(checkpoint / "state.pt")
+    with pytest.raises(SystemExit) as e:
+        convert.main([str(checkpoint), str(tmp_path / "exported")])
+    assert e.value.code == 2 and not (tmp_path / "exported" / "best.pt").exists()
+    assert capsys.readouterr().err.splitlines() == [
+        f"python -m salnet.strategy.convert: {checkpoint / 'state.pt'}: checksum mismatch "
+        "(its bytes changed after it was written)"
+    ]
 
 
 class _Scores:

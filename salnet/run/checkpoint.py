@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from salnet import __version__, dist
 from salnet.fsio import atomic_write, fsync_dir
@@ -203,23 +204,27 @@ def _complete(tmp: Path, final: Path, digests: dict, config: dict | None) -> Non
     fsync_dir(final.parent)
 
 
+BEST_DIGEST = "xxh3_128"  # best.pt's key for the digest of everything else in it (_best_digest)
+LEGACY_WEIGHTS_DIGEST = "weights_xxh3_128"  # what salnet before issue 22 wrote: its tensors only
+
+
 def save_best(run_dir: os.PathLike | str, weights: dict, config: dict, metrics: dict, step: int | None) -> Path:
     """best.pt: float32 weights of the plain network, in one format whatever the strategy, with
-    a digest of its tensors that load_best checks."""
+    a digest of its tensors, config and metrics that load_best checks."""
+    best = {"model": weights, "config": config, "metrics": metrics, "step": step, "salnet_version": __version__}
     path = RunDir(run_dir).best
     with atomic_write(path, "wb") as f:
-        torch.save(
-            {
-                "model": weights,
-                "config": config,
-                "metrics": metrics,
-                "step": step,
-                "salnet_version": __version__,
-                "weights_xxh3_128": tensor_digest(weights),
-            },
-            f,
-        )
+        torch.save({**best, BEST_DIGEST: _best_digest(best)}, f)
     return path
+
+
+def _best_digest(best: dict) -> str:
+    """XXH3-128 over best.pt's tensors and every other value in it: predict and evaluate act on its
+    config (e.g. data.eval_size) as much as on its weights, so a change to either must show."""
+    others = {k: v for k, v in best.items() if k not in ("model", BEST_DIGEST)}
+    h = xxhash.xxh3_128(tensor_digest(best["model"]).encode())
+    h.update(json.dumps(others, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def checkpoint_config(directory: Path) -> dict | None:
@@ -234,9 +239,14 @@ def load_checkpoint(directory: Path, strategy) -> ClientState:
 
 
 def load_best(path: Path) -> dict:
-    """best.pt (or an exported one), checked against the digest of its tensors; errors name the file."""
+    """best.pt (or an exported one), checked against its digest; errors name the file. A best.pt of
+    an earlier salnet carries a digest of its weights only (LEGACY_WEIGHTS_DIGEST), checked as such."""
     best = load_file(Path(path), map_location="cpu")
-    if "weights_xxh3_128" in best and tensor_digest(best["model"]) != best["weights_xxh3_128"]:
+    if BEST_DIGEST in best and _best_digest(best) != best[BEST_DIGEST]:
+        raise CheckpointCorrupt(
+            f"{path}: its weights, config or metrics do not match their checksum (the file changed after it was written)"
+        )
+    if LEGACY_WEIGHTS_DIGEST in best and tensor_digest(best["model"]) != best[LEGACY_WEIGHTS_DIGEST]:
         raise CheckpointCorrupt(
             f"{path}: its weights do not match their checksum (the file changed after it was written)"
         )

@@ -13,7 +13,7 @@ Malicious files are the business of weights-only loading (`load_file`, which eve
 checkpoint or best.pt goes through), not of these checksums.
 
 best.pt is one file that training replaces atomically; it carries a digest of its own tensors
-(`tensor_digest`), checked whenever it is loaded.
+(`tensor_digest`) and of its config and metrics (salnet.run.checkpoint), checked whenever it is loaded.
 """
 
 from __future__ import annotations

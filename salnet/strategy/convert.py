@@ -4,7 +4,8 @@
     -> exported/best.pt
 
 CHECKPOINT is one `checkpoints/step-NNNNNNNN` directory of a run, written by either strategy (DDP,
-or DeepSpeed ZeRO of any stage: the partitions of every rank are merged). OUT_DIR/best.pt then
+or DeepSpeed ZeRO of any stage: the partitions of every rank are merged), verified against its
+checksums.json first as resume does (a bad file is an error naming it). OUT_DIR/best.pt then
 holds the fp32 weights of the plain network and the run's config, exactly as training writes
 best.pt (its metrics are empty: nothing was validated), so predict, evaluate and export take it.
 The config comes from the run's config.yaml (two levels above CHECKPOINT) unless --config names
@@ -20,6 +21,7 @@ from pathlib import Path
 from salnet.config import ConfigError, load_config
 from salnet.model import build_model
 from salnet.run.checkpoint import save_best
+from salnet.run.checksums import verify
 from salnet.run.rundir import RunDir
 from salnet.strategy import ddp
 
@@ -39,6 +41,7 @@ def consolidated_weights(checkpoint: Path) -> dict:
 
 
 def convert(checkpoint: Path, out_dir: Path, config_path: Path | None = None) -> Path:
+    verify(checkpoint)  # as resume does: best.pt's fresh digest must not vouch for corrupted weights
     weights = consolidated_weights(checkpoint)
     config_path = config_path or RunDir(checkpoint.parent.parent).config
     cfg = load_config(str(config_path))
