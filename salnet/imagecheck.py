@@ -2,11 +2,12 @@
 
 A PNG of half a megabyte can decode to 144 megapixels (0.4 GB as 8-bit RGB, several GB once the
 loader turns it into tensors). Every place that decodes an image (pack, verify, the loader,
-predict) first reads the size from the header, which costs microseconds and no pixel memory, and
-refuses more than `limit` pixels with a message naming the file or sample and its size:
+predict, evaluate's folders) first reads the size from the header, which costs microseconds and
+no pixel memory, and refuses more than `limit` pixels with a message naming the file or sample and its size:
 
     image_size(data, where) -> (width, height)       the header only
     check_pixels(data, where, limit) -> Header        ImageError (TooManyPixels) above the limit
+    check_size((width, height), where, limit)         the same limit for a size from elsewhere
     check_shard_member(data, where, limit, mask=...)  also: what a shard stores (8-bit; masks 8-bit grey PNG)
     open_image(data, where, limit) -> PIL image       checked, then opened lazily for a Pillow decode
 
@@ -28,7 +29,10 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # well above the high-resolution SOD sets (HRSOD, UHRSD: <= 8.3 MP)
-RAISE_HINT = "if the image is genuine, raise the limit (pack/verify --max-pixels N, or data.max_pixels=N for training and predict)"
+RAISE_HINT = (
+    "if the image is genuine, raise the limit (pack, verify, predict, evaluate: --max-pixels N; "
+    "training: data.max_pixels=N)"
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COLOURS = {0: "grey", 2: "RGB", 3: "palette", 4: "grey+alpha", 6: "RGBA"}  # IHDR colour type -> name
@@ -122,9 +126,15 @@ def image_size(data: bytes, where: str) -> tuple[int, int]:
 def check_pixels(data: bytes, where: str, limit: int = DEFAULT_MAX_PIXELS) -> Header:
     """The header, if the image has at most `limit` pixels; TooManyPixels naming `where` and the size otherwise."""
     header = read_header(data, where)
-    if header.pixels > limit:
-        raise TooManyPixels(where, (header.width, header.height), limit, header.channels)
+    check_size((header.width, header.height), where, limit, header.channels)
     return header
+
+
+def check_size(size: tuple[int, int], where: str, limit: int = DEFAULT_MAX_PIXELS, channels: int = 3) -> None:
+    """TooManyPixels unless width x height is at most `limit`: the one pixel rule, for a size a header
+    declares or one stored elsewhere (a shard sample's orig_size, which predict allocates a map for)."""
+    if size[0] * size[1] > limit:
+        raise TooManyPixels(where, size, limit, channels)
 
 
 def check_shard_member(data: bytes, where: str, limit: int = DEFAULT_MAX_PIXELS, *, mask: bool) -> Header:

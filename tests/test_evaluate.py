@@ -22,7 +22,7 @@ from salnet.metrics import SODMetrics, curve_plots
 from salnet.validate import validate
 
 from conftest import forked_run, ranks, run_py
-from shards_data import save, scene
+from shards_data import encode, save, scene
 
 METRICS = ["maxF", "meanF", "adpF", "maxE", "meanE", "adpE", "S", "wF", "MAE"]
 
@@ -37,7 +37,8 @@ def noisy_map(mask: np.ndarray, seed: int, quality: float) -> np.ndarray:
 @pytest.fixture(scope="module")
 def maps(tmp_path_factory):
     """Two datasets (a mask folder, and an ECSSD-layout folder) and three methods' maps of them:
-    'good' PNGs at the masks' size, 'small' PNGs at 32x40 (resized to the masks' by evaluate), 'colour' RGB JPEGs."""
+    'good' PNGs at the masks' size, 'small' PNGs at 32x40 (resized to the masks' by evaluate), 'rgb' JPEGs of
+    grey maps stored as RGB (read as that grey; a colour map is refused, test_colour_...)."""
     root = tmp_path_factory.mktemp("maps")
     for i, (h, w) in enumerate(SIZES[:6]):
         save(Image.fromarray(scene(h, w, seed=100 + i)[1]), root / "gt-a" / f"a{i}.png")
@@ -52,8 +53,8 @@ def maps(tmp_path_factory):
                 Image.fromarray(noisy_map(mask, seed=k, quality=0.6)).resize((40, 32), Image.Resampling.BILINEAR),
                 root / "small" / dataset / gt_path.name,
             )
-            colour = np.stack([good, noisy_map(mask, seed=k + 50, quality=0.5), 255 - good], -1)
-            save(Image.fromarray(colour), root / "colour" / dataset / f"{gt_path.stem}.jpg")
+            grey_as_rgb = np.stack([noisy_map(mask, seed=k + 50, quality=0.5)] * 3, -1)
+            save(Image.fromarray(grey_as_rgb), root / "rgb" / dataset / f"{gt_path.stem}.jpg")
     return root, truths
 
 
@@ -108,7 +109,7 @@ def evaluated(maps):
             "--pred",
             str(root / "small"),
             "--pred",
-            f"colour={root / 'colour'}",
+            f"rgb={root / 'rgb'}",
             "--gt",
             f"DS-A={truths['DS-A']}",
             "--gt",
@@ -129,8 +130,8 @@ def test_maps_in_folders_score_as_pysodmetrics_for_several_methods_and_datasets(
     curves = json.loads((out / "curves.json").read_text())
     assert list(results) == ["DS-A", "ECSSD"]
     for dataset, gt_dir in truths.items():
-        assert list(results[dataset]) == ["good", "small", "colour"]
-        for method in ("good", "small", "colour"):
+        assert list(results[dataset]) == ["good", "small", "rgb"]
+        for method in ("good", "small", "rgb"):
             want, pr = reference(gt_dir, root / method / dataset)
             got = results[dataset][method]
             assert got["images"] == len(list(gt_dir.iterdir())) and got["missing"] == got["extra"] == 0
@@ -143,7 +144,7 @@ def test_maps_in_folders_score_as_pysodmetrics_for_several_methods_and_datasets(
             np.testing.assert_allclose(curve["recall"], pr["r"], atol=1e-6)
     for dataset in truths:  # the console table: a row per method under each dataset
         assert dataset in proc.stdout
-        assert all(any(line.startswith(m) for line in proc.stdout.splitlines()) for m in ("good", "small", "colour"))
+        assert all(any(line.startswith(m) for line in proc.stdout.splitlines()) for m in ("good", "small", "rgb"))
 
 
 @pytest.mark.slow
@@ -175,7 +176,7 @@ def test_plots_are_real_pngs_with_one_line_per_method(evaluated):
     assert sorted(figures) == ["fm_DS-A", "fm_ECSSD", "pr_DS-A", "pr_ECSSD"]
     for name, fig in figures.items():
         (ax,) = fig.axes
-        assert [line.get_label() for line in ax.lines] == ["good", "small", "colour"], name
+        assert [line.get_label() for line in ax.lines] == ["good", "small", "rgb"], name
         assert len({line.get_color() for line in ax.lines}) == 3
         dataset = name.split("_", 1)[1]
         x, y = ax.lines[1].get_data()
@@ -287,3 +288,129 @@ def test_bad_arguments_are_refused_with_the_value_at_fault(maps, tmp_path, capsy
             evaluate.main(args)
         err = capsys.readouterr().err
         assert exit_.value.code == 1 and all(w in err for w in words) and "Traceback" not in err, err
+
+
+def _grey_palette(values: np.ndarray) -> Image.Image:
+    im = Image.fromarray(values)
+    im.putpalette([v for i in range(256) for v in (i, i, i)])  # L becomes P: index i shows grey i
+    return im
+
+
+def test_a_mask_or_map_reads_the_same_however_grey_is_stored_and_as_pack_stores_it(tmp_path):
+    """Issue 22, item 3: one reading rule for masks (pack, evaluate's folders) and maps, whatever the storage."""
+    from salnet.data.sources import Limits
+    from salnet.evaluation import folders
+    from salnet.shards.pack import pack
+
+    from shards_data import by_source
+
+    rgb, mask = scene(32, 40, seed=7)
+    level = noisy_map(mask, seed=7, quality=0.7)
+    opaque = np.full_like(mask, 255)
+    stored = {  # stem: (mask as stored, map as stored, the map's levels as read)
+        "grey": (Image.fromarray(mask), Image.fromarray(level), level),
+        "rgb": (Image.fromarray(np.stack([mask] * 3, -1)), Image.fromarray(np.stack([level] * 3, -1)), level),
+        "palette": (_grey_palette(mask), _grey_palette(level), level),
+        "sixteen": (
+            Image.fromarray(mask.astype(np.uint16) * 257),
+            Image.fromarray(level.astype(np.uint16) * 257),
+            level,
+        ),
+        "alpha": (  # grey x alpha: white with the mask as alpha is the mask
+            Image.fromarray(np.stack([opaque, mask], -1), "LA"),
+            Image.fromarray(np.dstack([level, level, level, opaque]), "RGBA"),
+            level,
+        ),
+        "zero_one": (Image.fromarray(mask // 255), Image.fromarray(level // 128), level // 128),  # a map is kept as is
+    }
+    for stem, (mask_im, map_im, _) in stored.items():
+        save(mask_im, tmp_path / "src" / "gt" / f"{stem}.png")
+        save(map_im, tmp_path / "maps" / f"{stem}.png")
+        save(Image.fromarray(rgb), tmp_path / "src" / "img" / f"{stem}.png")
+    pack(tmp_path / "src", tmp_path / "shards", images="img", masks="gt", workers=1)
+    packed = by_source(tmp_path / "shards")
+    for stem, (_, _, want_map) in stored.items():
+        pred, gt = folders.read_pair(
+            tmp_path / "src" / "gt" / f"{stem}.png", tmp_path / "maps" / f"{stem}.png", Limits()
+        )
+        assert np.array_equal(gt.numpy(), mask), stem
+        assert np.array_equal(packed[f"{stem}.png"][1], mask), stem  # pack stored what evaluate reads
+        assert np.array_equal((pred * 255).round().numpy().astype(np.uint8), want_map), stem
+
+
+def _bad_pair_cases(root):
+    """Two good pairs (g0, g1) and pairs whose mask or map evaluate cannot read (b_*) in root/gt and
+    root/pred; returns {stem: (the bad file, words its refusal holds)}."""
+    from shards_data import png_bomb
+
+    red = np.zeros((32, 40, 3), np.uint8)
+    red[8:24, 10:30] = (255, 0, 0)  # red on black: no one grey reading
+    mask = (red[..., 0] > 0).astype(np.uint8) * 255
+    level = noisy_map(mask, seed=1, quality=0.8)
+    for stem in ("g0", "g1"):
+        save(Image.fromarray(mask), root / "gt" / f"{stem}.png")
+        save(Image.fromarray(level), root / "pred" / f"{stem}.png")
+    png = {"gt": (root / "gt" / "g0.png").read_bytes(), "pred": (root / "pred" / "g0.png").read_bytes()}
+    jpg = save(Image.fromarray(level), root / "level.jpg").read_bytes()
+    cases = {  # stem: (the bad one, its file name, its bytes, words)
+        "b_truncated_mask": ("gt", "b_truncated_mask.png", png["gt"][: len(png["gt"]) // 2], "truncated"),
+        "b_truncated_map": ("pred", "b_truncated_map.jpg", jpg[: len(jpg) // 2], "truncated"),
+        "b_colour_mask": ("gt", "b_colour_mask.png", encode(Image.fromarray(red)), "in colour"),
+        "b_colour_map": (
+            "pred",
+            "b_colour_map.png",
+            encode(Image.fromarray(np.dstack([level, level // 2, level]))),
+            "in colour",
+        ),
+        "b_huge_mask": ("gt", "b_huge_mask.png", png_bomb(10000, 10000), "above the limit of 64.0 MP"),
+        "b_sparse_map": ("pred", "b_sparse_map.jpg", jpg, "above the limit of 268435456 bytes"),
+    }
+    bad = {}
+    for stem, (which, name, data, words) in cases.items():
+        (root / which / name).write_bytes(data)
+        other = "pred" if which == "gt" else "gt"
+        (root / other / f"{stem}.png").write_bytes(png[other])
+        bad[stem] = (root / which / name, words)
+    with open(root / "pred" / "b_sparse_map.jpg", "r+b") as f:
+        f.truncate(300 * 2**20)  # a JPEG followed by 300 MiB of (sparse) zeros: refused unread
+    return bad
+
+
+def _linked(folder, files):
+    folder.mkdir(parents=True)
+    for file in files:
+        (folder / file.name).symlink_to(file)
+    return folder
+
+
+def test_a_corrupt_colour_or_oversized_map_or_mask_is_named_or_skipped_counted_and_listed(tmp_path, capsys):
+    """Issue 22, items 3 and 4: refused naming the file (not read as grey, not decoded partially, not
+    decoded or read past the limits), or left out with --skip-bad, counted and listed."""
+    bad = _bad_pair_cases(tmp_path)
+    metrics = ["--metrics", "F", "MAE"]
+    for stem, (path, words) in bad.items():
+        one = tmp_path / "one" / stem  # the bad pair and a good one
+        for which in ("gt", "pred"):
+            _linked(one / which, [f for name in ("g0", stem) for f in (tmp_path / which).glob(f"{name}.*")])
+        with pytest.raises(SystemExit) as exit_:
+            evaluate.main(["--pred", f"m={one / 'pred'}", "--gt", f"D={one / 'gt'}", *metrics])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and "Traceback" not in err, (stem, err)
+        named = one / path.parent.name / path.name
+        assert f"{named}: " in err and words in err and "--skip-bad" in err, (stem, err)
+
+    evaluate.main(
+        ["--pred", f"m={tmp_path / 'pred'}", "--gt", f"D={tmp_path / 'gt'}", *metrics, "--skip-bad"]
+        + ["--out", str(tmp_path / "skip")]
+    )
+    out, err = capsys.readouterr()
+    got = json.loads((tmp_path / "skip" / "results.json").read_text())["D"]["m"]
+    assert (got["images"], got["skipped"]) == (2, len(bad)) and f"2 ({len(bad)} skipped)" in out
+    assert f"skipped {len(bad)} pairs" in err and all(str(path) in err for path, _ in bad.values()), err
+
+    good = tmp_path / "good"
+    for which in ("gt", "pred"):
+        _linked(good / which, sorted((tmp_path / which).glob("g*.png")))
+    evaluate.main(["--pred", f"m={good / 'pred'}", "--gt", f"D={good / 'gt'}", *metrics, "--out", str(good / "out")])
+    want = json.loads((good / "out" / "results.json").read_text())["D"]["m"]
+    assert {k: got[k] for k in want} == want  # the readable pairs score as they would alone

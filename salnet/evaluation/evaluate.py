@@ -17,10 +17,14 @@ PySODMetrics 1.6.2 on the same 8-bit maps.
   at its mask's size, so a checkpoint scores what validation logged for it.
 - --pred [METHOD=]DIR with --gt [NAME=]GT: DIR/NAME/ holds the maps of dataset NAME (with one
   dataset, DIR itself may hold them); GT is a folder of masks or a dataset folder in a layout
-  `salnet.shards pack` knows. Maps and masks are matched by file stem and read as
-  PySODEvalToolkit reads them (OpenCV grayscale; a map of another size is resized to its mask's
-  with bilinear cv2.resize). A mask without a map or a map without a mask is an error listing
-  them; --allow-missing scores the matched pairs and reports the counts.
+  `salnet.shards pack` knows. Maps and masks are matched by file stem and read by the rule pack
+  reads masks with (salnet.evaluation.folders: grey stored any way is that grey, a colour file is
+  refused, a 0/1 mask is scaled to 0/255; for 8-bit grey files what PySODEvalToolkit's OpenCV
+  grayscale read gives), and a map of another size is resized to its mask's with bilinear
+  cv2.resize. A mask without a map or a map without a mask is an error listing them;
+  --allow-missing scores the matched pairs and reports the counts. A map or mask that cannot be
+  read so (truncated, corrupt, colour, above --max-pixels or --max-member-bytes) is an error
+  naming it; --skip-bad leaves such pairs out, counted ("skipped") and listed.
 
 --out DIR writes results.json ({dataset: {method: {metric: value, "images": n}}}), results.csv,
 results.md, results.tex, curves.json ({dataset: {method: {threshold, precision, recall, F, E}}},
@@ -39,7 +43,7 @@ from pydantic import ValidationError
 from salnet import dist
 from salnet.config import DataConfig
 from salnet.data import ValStream
-from salnet.data.sources import open_shard_set
+from salnet.data.sources import Limits, open_shard_set
 from salnet.evaluation import folders, tables
 from salnet.evaluation.common import (
     PRECISIONS,
@@ -48,12 +52,16 @@ from salnet.evaluation.common import (
     command_parser,
     load_best_weights,
     make_predict,
+    names_listed,
     raise_if_any,
     run_distributed,
     split_name,
 )
 from salnet.fsio import atomic_write
+from salnet.imagecheck import DEFAULT_MAX_PIXELS, parse_pixels
 from salnet.metrics import FAMILIES, SODMetrics, curve_plots, metric_names
+from salnet.shards.images import BadFileError
+from salnet.shards.tario import DEFAULT_MAX_MEMBER_BYTES
 from salnet.validate import validate
 
 PROG = "python -m salnet.evaluate"
@@ -118,23 +126,43 @@ def score_checkpoints(args: argparse.Namespace, report: Report, families: list[s
 def score_folders(args: argparse.Namespace, report: Report, families: list[str]) -> None:
     truths = [(name, folders.ground_truth(Path(location))) for name, location in args.gt_sets]
     device, rank, world = dist.device(), dist.rank(), dist.world_size()
+    limits = Limits(args.max_member_bytes, args.max_pixels)
     for method, location in _named(args.pred, "method", lambda p: Path(p).resolve().name):
         for dataset, gt in truths:
             pred_dir = folders.prediction_dir(Path(location), dataset, only_dataset=len(truths) == 1)
-            matched = folders.match(gt, pred_dir, f"{method} on {dataset}", args.allow_missing)
-            metrics, error = SODMetrics(families, device=device), None
+            label = f"{method} on {dataset}"
+            matched = folders.match(gt, pred_dir, label, args.allow_missing)
+            metrics, error, skipped = SODMetrics(families, device=device), None, []
             mine = matched.pairs[rank::world]
             try:
                 for start in range(0, len(mine), CHUNK):
-                    read = [
-                        folders.read_pair(gt_path, pred_path) for _, gt_path, pred_path in mine[start : start + CHUNK]
-                    ]
-                    metrics.update([p.to(device) for p, _ in read], [g.to(device) for _, g in read])
+                    read = []
+                    for _, gt_path, pred_path in mine[start : start + CHUNK]:
+                        try:
+                            read.append(folders.read_pair(gt_path, pred_path, limits))
+                        except BadFileError as e:
+                            if not args.skip_bad:
+                                raise EvaluationError(
+                                    f"{e}\npass --skip-bad to leave such pairs out (they are counted and listed)"
+                                ) from None
+                            skipped.append(str(e))
+                    if read:
+                        metrics.update([p.to(device) for p, _ in read], [g.to(device) for _, g in read])
             except (EvaluationError, ValueError) as e:  # ValueError: SODMetrics' checks, naming the shapes
-                error = f"{method} on {dataset}: {e}"
+                error = f"{label}: {e}"
             raise_if_any(error)
+            skipped = sorted(s for per_rank in dist.all_gather_object(skipped) for s in per_rank)
             metrics.all_reduce()
-            report.add(dataset, method, metrics, missing=len(matched.missing), extra=len(matched.extra))
+            if not metrics.num_images:
+                raise_if_any(f"{label}: none of the {len(skipped)} pairs could be read: {names_listed(skipped)}")
+            if skipped and dist.is_main():
+                print(
+                    f"evaluate: {label}: skipped {len(skipped)} pairs (--skip-bad): {names_listed(skipped)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            counts = {"missing": len(matched.missing), "extra": len(matched.extra)}
+            report.add(dataset, method, metrics, **counts, **({"skipped": len(skipped)} if args.skip_bad else {}))
 
 
 def write_outputs(report: Report, metrics: list[str], out: Path, plot_format: str) -> None:
@@ -151,6 +179,13 @@ def write_outputs(report: Report, metrics: list[str], out: Path, plot_format: st
         with atomic_write(out / name) as f:
             f.write(text)
     curve_plots.save(curves, out / "plots", plot_format)
+
+
+def _pixels(text: str) -> int:
+    try:
+        return parse_pixels(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -186,6 +221,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--allow-missing",
         action="store_true",
         help="score only the maps that have a mask and vice versa; report the counts",
+    )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="--pred: leave out the pairs whose map or mask cannot be read (corrupt, colour, too large), "
+        "counted and listed, instead of stopping",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_pixels,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="--pred: refuse a map or mask whose header declares more pixels, before decoding it; "
+        f"e.g. 100M (default {DEFAULT_MAX_PIXELS // 10**6}M)",
+    )
+    parser.add_argument(
+        "--max-member-bytes",
+        type=int,
+        default=DEFAULT_MAX_MEMBER_BYTES,
+        metavar="BYTES",
+        help=f"--pred: refuse a map or mask file above this size, before reading it "
+        f"(default {DEFAULT_MAX_MEMBER_BYTES}, 256 MiB)",
     )
     parser.add_argument("--out", type=Path, help="write results.{json,csv,md,tex}, curves.json and plots/ here")
     parser.add_argument(

@@ -7,11 +7,17 @@
   the maps when it has no NAME/ folder.
 - Files are image files (.png, .jpg, ...; any case) directly in the folder, matched by stem; a stem
   held by two files of one folder is an error.
-- Reading: `cv2.imread(path, cv2.IMREAD_GRAYSCALE)` for both (colour images become their luma;
-  EXIF orientation applied), and a prediction whose size differs from its GT's is resized to the
-  GT's with `cv2.resize(pred, (W, H), interpolation=cv2.INTER_LINEAR)`: PySODEvalToolkit's
-  `get_gt_pre_with_name`, so the numbers are comparable with published ones. The prediction's
-  8-bit levels are scored as stored; GT foreground is GT > 128 (salnet.metrics).
+- Reading: masks and maps by the one rule pack reads masks with (salnet.shards.images.grey_levels):
+  a file above `max_member_bytes` is not read, one whose header declares more than `max_pixels`
+  is not decoded, truncated or corrupt data is refused, EXIF orientation is applied, grey stored
+  as RGB, palette or with alpha is that grey (alpha: onto black), 16-bit values above 255 are
+  value / 257, and a colour image (any pixel with R, G, B not all equal) is refused: it has no one
+  reading. A mask of only 0 and 1 is scaled to 0/255 as pack scales it; a map's levels are scored
+  as stored. Each refusal is a BadFileError naming the file. For the 8-bit grey PNG and JPEG files
+  of published sets this is what PySODEvalToolkit's `cv2.imread(path, cv2.IMREAD_GRAYSCALE)`
+  gives; a prediction whose size differs from its GT's is resized to the GT's with
+  `cv2.resize(pred, (W, H), interpolation=cv2.INTER_LINEAR)`, as its `get_gt_pre_with_name`
+  does, so the numbers are comparable with published ones. GT foreground is GT > 128 (salnet.metrics).
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from salnet.data.sources import Limits
 from salnet.evaluation.common import EvaluationError, names_listed
+from salnet.shards.images import grey_levels, mask_levels, read_file
 from salnet.shards.layouts import IMAGE_EXTENSIONS, find_pairs
 
 
@@ -121,20 +129,18 @@ def match(gt: dict[str, Path], pred_dir: Path, label: str, allow_missing: bool) 
     return matched
 
 
-def read_pair(gt_path: Path, pred_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prediction as float32 probabilities level/255 at the GT's size, GT uint8), as PySODEvalToolkit reads them."""
+def read_pair(gt_path: Path, pred_path: Path, limits: Limits) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction as float32 probabilities level/255 at the GT's size, GT uint8), read by the module
+    docstring's rule; BadFileError naming the file that cannot be read so."""
     cv2 = _cv2()
-    gt, pred = _gray(gt_path, "ground truth"), _gray(pred_path, "prediction")
+    gt, _ = mask_levels(_read(gt_path, limits), str(gt_path), limits.max_pixels)
+    pred, _ = grey_levels(_read(pred_path, limits), str(pred_path), limits.max_pixels, what="saliency map")
     if pred.shape != gt.shape:
         pred = cv2.resize(pred, dsize=gt.shape[::-1], interpolation=cv2.INTER_LINEAR).astype(np.uint8)
     # level / 255 in float32 gives back floor(255 p) == level exactly for every level (salnet.metrics quantises so).
-    return torch.from_numpy(pred).float().div_(255), torch.from_numpy(gt)
+    pred, gt = (torch.from_numpy(np.require(a, requirements="W")) for a in (pred, gt))  # Pillow's are read-only
+    return pred.float().div_(255), gt
 
 
-def _gray(path: Path, what: str) -> np.ndarray:
-    """The image at `path` as 8-bit grayscale, read by OpenCV as PySODEvalToolkit reads it."""
-    cv2 = _cv2()
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if image is None:
-        raise EvaluationError(f"{what} '{path}' cannot be read as an image (corrupt, empty or unsupported)")
-    return image
+def _read(path: Path, limits: Limits) -> bytes:
+    return read_file(str(path), limits.max_member_bytes, "for one file; not read (raise it with --max-member-bytes)")

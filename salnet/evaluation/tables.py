@@ -13,7 +13,7 @@ import io
 from salnet.metrics import LOWER_IS_BETTER
 
 Results = dict[str, dict[str, dict[str, float]]]
-COUNTS = ("images", "missing", "extra")
+COUNTS = ("images", "missing", "extra", "skipped")
 
 
 def _best(by_method: dict[str, dict[str, float]], metric: str) -> float | None:
@@ -38,8 +38,8 @@ def _cells(by_method: dict[str, dict[str, float]], metrics: list[str], digits: i
 
 
 def _count_cell(scores: dict[str, float]) -> str:
-    """'5019', or '5000 (19 missing, 2 extra)' for maps scored with --allow-missing."""
-    others = [f"{int(scores[key])} {key}" for key in ("missing", "extra") if scores.get(key)]
+    """'5019', or '5000 (19 missing, 2 extra, 1 skipped)' for maps scored with --allow-missing or --skip-bad."""
+    others = [f"{int(scores[key])} {key}" for key in COUNTS[1:] if scores.get(key)]
     return f"{int(scores.get('images', 0))}" + (f" ({', '.join(others)})" if others else "")
 
 

@@ -29,6 +29,13 @@ conversion is counted in the manifest (`stats.mask_conversions`) and pack's summ
 - Then a mask whose values are only 0 and 1 is multiplied by 255. Soft values are kept (metrics
   binarise later). Masks are always stored as PNG; an 8-bit gray PNG needing no change keeps its bytes.
 
+`grey_levels` is that one-channel reading (everything above but the 0/1 scaling), and the only one
+in salnet: pack reads masks with it, `salnet.evaluate` reads the masks and the saliency maps of
+folders with it (a map's levels are kept as they are: 0/1 levels are a faint map, not a mask), and
+shards hold only its result (an 8-bit grey PNG, all that verify and the loader accept). A file is
+read whole only below a byte limit (`read_file`), and decoded only after its header's pixel count;
+truncated or corrupt image data is refused, naming the file.
+
 Image and mask must have the same upright size: otherwise `SizeMismatch`, which pack handles by
 --on-mismatch (fail, skip, or resize: the image is resized to its mask's size with Lanczos, since
 the mask is the ground truth). `--max-side` downscales both (image: Lanczos; mask: area average,
@@ -38,6 +45,7 @@ so edge pixels keep their foreground fraction).
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,10 +166,7 @@ def prepare_mask(
     image_path: str,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> PreparedMask:
-    im = _open(data, path, max_pixels)
-    if im.mode not in MASK_MODES:
-        raise BadFileError(path, f"unsupported mask mode {im.mode}; valid modes: {', '.join(sorted(MASK_MODES))}")
-    height, width = _upright(im, path, max_pixels)
+    height, width = upright_size(data, path, max_pixels)  # the header: a mismatch is found before decoding
     if (height, width) != tuple(orig_size):
         raise SizeMismatch(
             path,
@@ -169,19 +174,7 @@ def prepare_mask(
             "(after EXIF orientation); they must match: pass --on-mismatch resize to resize the image "
             "to its mask (the mask is the ground truth), or --on-mismatch skip to leave such pairs out",
         )
-    source_format = im.format
-    _load(im, path, max_pixels)
-    conversions = []
-    if _orientation(im, path, max_pixels) in range(2, 9):
-        im = ImageOps.exif_transpose(im)
-        conversions.append("exif-rotated")
-    if source_format != "PNG":
-        conversions.append(f"format {source_format}")
-    values, how = _mask_values(im, path)
-    conversions += how
-    if values.max(initial=0) == 1:
-        values = values * np.uint8(255)
-        conversions.append("0/1 scaled to 0/255")
+    values, conversions = mask_levels(data, path, max_pixels)
     if stored_size != orig_size:
         values = np.asarray(Image.fromarray(values).resize(stored_size[::-1], Image.Resampling.BOX))
         conversions.append("downscaled")
@@ -194,6 +187,54 @@ def prepare_mask(
     out = io.BytesIO()
     Image.fromarray(values).save(out, "PNG")  # uint8 2-D: mode L
     return PreparedMask(out.getvalue(), float(foreground), bool(soft), tuple(conversions))
+
+
+def mask_levels(data: bytes, path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
+    """A ground-truth mask's 8-bit levels, upright [H, W], and the conversions that took: grey_levels,
+    then 0/1 scaled to 0/255."""
+    values, conversions = grey_levels(data, path, max_pixels)
+    if values.max(initial=0) == 1:
+        values = values * np.uint8(255)
+        conversions.append("0/1 scaled to 0/255")
+    return values, conversions
+
+
+def grey_levels(
+    data: bytes, path: str, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "mask"
+) -> tuple[np.ndarray, list[str]]:
+    """One 8-bit channel, upright [H, W], of a mask or saliency map (`what`) by the module docstring's
+    rules, and the conversions that took. BadFileError naming `path`: too many pixels (from the header,
+    before decoding), an unsupported mode, a colour image, truncated or corrupt data."""
+    im = _open(data, path, max_pixels)
+    if im.mode not in MASK_MODES:
+        raise BadFileError(path, f"unsupported {what} mode {im.mode}; valid modes: {', '.join(sorted(MASK_MODES))}")
+    source_format = im.format
+    _load(im, path, max_pixels)
+    conversions = []
+    if _orientation(im, path, max_pixels) in range(2, 9):
+        im = ImageOps.exif_transpose(im)
+        conversions.append("exif-rotated")
+    if source_format != "PNG":
+        conversions.append(f"format {source_format}")
+    values, how = _mask_values(im, path, what)
+    return values, conversions + how
+
+
+def read_file(path: str, max_bytes: int, limit_hint: str, shown_as: str | None = None) -> bytes:
+    """The bytes of a source file, read only if it holds at most `max_bytes` (checked before reading:
+    a 2 GiB file named .jpg is refused, not read); BadFileError naming the file otherwise.
+    `limit_hint` says what the limit is and how to raise it."""
+    shown_as = shown_as or path
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise BadFileError(
+                    shown_as, f"the file is {size} bytes, above the limit of {max_bytes} bytes {limit_hint}"
+                )
+            return f.read()
+    except OSError as e:
+        raise BadFileError(shown_as, f"cannot read the file: {e.strerror or e}") from None
 
 
 def _open(data: bytes, path: str, max_pixels: int) -> Image.Image:
@@ -256,7 +297,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _mask_values(im: Image.Image, path: str) -> tuple[np.ndarray, list[str]]:
+def _mask_values(im: Image.Image, path: str, what: str) -> tuple[np.ndarray, list[str]]:
     """The mask's one 8-bit channel, and the conversions that took (module docstring's rules)."""
     if im.mode in SIXTEEN_BIT_MODES:
         raw = np.asarray(im, dtype=np.int64)
@@ -271,15 +312,15 @@ def _mask_values(im: Image.Image, path: str) -> tuple[np.ndarray, list[str]]:
         pixels = np.asarray(im.convert("RGBA" if alpha else "RGB"))
         opacity = pixels[..., 3] if alpha else None
         kind = "palette" if im.mode in ("P", "PA") else "RGB"
-        _refuse_colour(pixels[..., :3], opacity, path, kind)
+        _refuse_colour(pixels[..., :3], opacity, path, kind, what)
         grey, how = pixels[..., 0], [f"grey {kind}"]
     if opacity is None:
         return grey, how
     return ((grey.astype(np.uint16) * opacity + 127) // 255).astype(np.uint8), how + ["alpha"]
 
 
-def _refuse_colour(rgb: np.ndarray, opacity: np.ndarray | None, path: str, kind: str) -> None:
-    """BadFileError unless every visible pixel is grey (R == G == B): colour has no one reading as a mask."""
+def _refuse_colour(rgb: np.ndarray, opacity: np.ndarray | None, path: str, kind: str, what: str) -> None:
+    """BadFileError unless every visible pixel is grey (R == G == B): colour has no one reading as a mask or map."""
     coloured = (rgb[..., 0] != rgb[..., 1]) | (rgb[..., 1] != rgb[..., 2])
     if opacity is not None:
         coloured &= opacity > 0  # a fully transparent pixel's colour is not seen; it reads as background
@@ -289,8 +330,8 @@ def _refuse_colour(rgb: np.ndarray, opacity: np.ndarray | None, path: str, kind:
     y, x = divmod(int(np.flatnonzero(coloured)[0]), coloured.shape[1])
     raise BadFileError(
         path,
-        f"the mask is in colour ({kind}: {count} of {coloured.size} pixels are not grey, the first "
-        f"at x={x}, y={y} is RGB{tuple(int(v) for v in rgb[y, x])}); a colour mask has no one reading "
+        f"the {what} is in colour ({kind}: {count} of {coloured.size} pixels are not grey, the first "
+        f"at x={x}, y={y} is RGB{tuple(int(v) for v in rgb[y, x])}); a colour {what} has no one reading "
         "(which channel? any colour on black?), so it is refused: convert it to grey with the reading "
         "you intend (e.g. PIL's Image.convert('L'), or one channel), or pass --skip-bad to leave it out",
     )

@@ -28,7 +28,7 @@ from typing import Any
 
 from salnet.imagecheck import DEFAULT_MAX_PIXELS
 from salnet.shards.format import sample_meta
-from salnet.shards.images import BadFileError, SizeMismatch, prepare_image, prepare_mask, upright_size
+from salnet.shards.images import BadFileError, SizeMismatch, prepare_image, prepare_mask, read_file, upright_size
 from salnet.shards.layouts import Pair, find_pairs
 from salnet.shards.manifest import ShardsError
 from salnet.shards.parallel import ordered_map
@@ -246,19 +246,13 @@ def prepare_pair(
 
 
 def _read(path: str, shown_as: str, max_bytes: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > max_bytes:
-                raise BadFileError(
-                    shown_as,
-                    f"the file is {size} bytes, above the limit of {max_bytes} bytes for one shard "
-                    "member (the loader refuses larger members); not read. If it is genuine, raise "
-                    "the limit with --max-member-bytes (and data.max_member_bytes for training)",
-                )
-            return f.read()
-    except OSError as e:
-        raise BadFileError(shown_as, f"cannot read the file: {e.strerror or e}") from None
+    return read_file(
+        path,
+        max_bytes,
+        "for one shard member (the loader refuses larger members); not read. If it is genuine, raise "
+        "the limit with --max-member-bytes (and data.max_member_bytes for training)",
+        shown_as,
+    )
 
 
 def _problems(entries: list[dict[str, str]]) -> str:
