@@ -3,27 +3,80 @@
     python -m salnet.report runs/demo              # draw runs/demo/plots/ again, print the summary
     python -m salnet.report runs/demo --no-plots   # the summary only
 
-It reads only the run directory: metrics.jsonl (salnet.run.rundir.read_records), config.yaml,
-plots/latest.npz (the newest validation's curves and prediction panels, written by the run) and
-the names of the checkpoints. The summary: steps done, training time over all attempts,
-throughput, the best validation of each val set, the latest validation, where best.pt and the
-plots are.
+It reads only the run directory: metrics.jsonl, config.yaml, plots/latest.npz (the newest
+validation's curves and prediction panels, written by the run) and the names of the checkpoints.
+The summary: steps done, training time over all attempts, throughput, the best validation of each
+val set, the latest validation, where best.pt and the plots are.
+
+A run directory is read as it is found, damaged or not: whatever cannot be read (a bad line of
+metrics.jsonl, a row that is not a record, an unreadable config.yaml or latest.npz, a file where
+plots/ should be) is left out of the summary and named on one line of its own (file, and line
+number where there is one); the exit status is then 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
 
 from salnet.config import MEAN_OVER_SETS, Config, ConfigError, load_config
 from salnet.metrics import is_better
-from salnet.run.rundir import RunDir, read_records
+from salnet.run.rundir import RunDir
 from salnet.run.runlog import format_duration, format_metrics_table
 from salnet.run.state import Best
 
 PROG = "python -m salnet.report"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _record_problem(record) -> str | None:
+    """Why a metrics.jsonl row is not a record salnet writes ({"kind": ..., "step": N, NAME: number, ...}), or None."""
+    if not isinstance(record, dict):
+        return f"not a record but a JSON {type(record).__name__}"
+    if not isinstance(record.get("step"), int) or isinstance(record["step"], bool) or record["step"] < 0:
+        return f"no step (a whole number >= 0): {json.dumps(record)[:80]}"
+    if not isinstance(record.get("kind"), str):
+        return f"no kind ('train' or 'val'): {json.dumps(record)[:80]}"
+    wrong = [k for k, v in record.items() if k not in ("kind", "step") and not _is_number(v)]
+    if wrong:
+        return f"{', '.join(repr(k) for k in wrong)} not a number"
+    if record["kind"] == "val" and not any("/" in k for k in record):
+        return "a validation row without SET/METRIC values"
+    return None
+
+
+def read_log(path: Path) -> tuple[list[dict], list[str]]:
+    """(the readable records of metrics.jsonl, one line per row that is not one). Unlike training's
+    reader (salnet.run.rundir.read_records, which refuses a damaged file), this one reads around the
+    damage: the report shows what there is. A torn last line (a crash mid-write) is ignored, as
+    everywhere."""
+    if not path.exists():
+        return [], []
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return [], [f"{path}: cannot be read ({e.strerror})"]
+    records, problems = [], []
+    for number, line in enumerate(data.split(b"\n")[:-1], 1):  # the piece after the last newline: torn
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as e:
+            problems.append(f"{path}, line {number}: not a JSON record ({getattr(e, 'msg', e)}), left out")
+            continue
+        why = _record_problem(record)
+        if why:
+            problems.append(f"{path}, line {number}: {why}, left out")
+        else:
+            records.append(record)
+    return records, problems
 
 
 def training_time(records: list[dict]) -> tuple[float, int]:
@@ -31,7 +84,7 @@ def training_time(records: list[dict]) -> tuple[float, int]:
     so the run's time is the sum of each attempt's last reading."""
     clocks: list[float] = []
     for r in records:
-        if r.get("kind") == "train" and "elapsed_s" in r:
+        if r.get("kind") == "train" and _is_number(r.get("elapsed_s")):
             if not clocks or r["elapsed_s"] < clocks[-1]:
                 clocks.append(r["elapsed_s"])
             else:
@@ -50,19 +103,25 @@ def best_per_set(vals: list[dict], metric: str) -> dict[str, dict]:
     return best
 
 
-def _config(run: RunDir) -> Config | None:
+def _config(run: RunDir, problems: list[str]) -> Config | None:
+    if not run.config.exists():
+        return None
     try:
         return load_config(str(run.config))
-    except ConfigError:
-        return None  # an older or foreign config: the summary makes do with the records
+    except ConfigError as e:  # an older, foreign or damaged config: the summary makes do with the records
+        problems.append(f"{run.config}: " + "; ".join(line.strip() for line in str(e).splitlines()))
+        return None
 
 
-def summary(run_dir: Path) -> str:
+def summary(run_dir: Path, problems: list[str] | None = None) -> str:
+    """The summary of what can be read; what cannot is appended to `problems`, one line each."""
     from salnet.validate import best_key
 
+    problems = [] if problems is None else problems
     run = RunDir(run_dir)
-    records = read_records(run.metrics)
-    cfg = _config(run)
+    records, unreadable = read_log(run.metrics)
+    problems += unreadable
+    cfg = _config(run, problems)
     trains = [r for r in records if r.get("kind") == "train"]
     vals = [r for r in records if r.get("kind") == "val"]
     step = max((r["step"] for r in records), default=0)
@@ -82,10 +141,10 @@ def summary(run_dir: Path) -> str:
         if attempts
         else "  time        not recorded"
     )
-    speeds = [r["images_per_s"] for r in trains if "images_per_s" in r]
+    speeds = [r["images_per_s"] for r in trains if _is_number(r.get("images_per_s"))]
     if speeds:
-        waits = [r["data_wait"] for r in trains if "data_wait" in r]
-        memory = max((r.get("peak_mem_mib", 0) for r in trains), default=0)
+        waits = [r["data_wait"] for r in trains if _is_number(r.get("data_wait"))] or [0.0]
+        memory = max((r["peak_mem_mib"] for r in trains if _is_number(r.get("peak_mem_mib"))), default=0)
         lines.append(
             f"  throughput  {statistics.median(speeds):.1f} img/s (median of {len(speeds)} train lines, all ranks), "
             f"data wait {statistics.median(waits):.0%}, peak memory {memory:.0f} MiB"
@@ -107,23 +166,25 @@ def summary(run_dir: Path) -> str:
             f"  best.pt     {run.best if run.best.exists() else 'missing'}"
             + (f": {key}={overall[key]:.4f} @ step {overall['step']}" if overall else "")
         )
-        lines.append("")
-        lines.append(f"best validation of each set (by {metric}):")
-        names = [
-            k.rpartition("/")[2]
-            for k in vals[-1]
-            if k.rpartition("/")[2] != "images" and k.startswith(next(iter(best)) + "/")
-        ]
-        width = max(8, *(len(n) for n in best))
-        lines.append(f"  {'set':<{width}} {'step':>6} " + " ".join(f"{n:>8}" for n in names))
-        for set_name, r in best.items():
-            lines.append(
-                f"  {set_name:<{width}} {r['step']:>6} "
-                + " ".join(f"{r.get(f'{set_name}/{n}', float('nan')):>8.4f}" for n in names)
-            )
-        lines.append("")
-        latest = {k: v for k, v in vals[-1].items() if k not in ("kind", "step")}
-        lines.append(format_metrics_table(vals[-1]["step"], latest, Best(key, overall[key], overall["step"])))
+        if best:
+            lines.append("")
+            lines.append(f"best validation of each set (by {metric}):")
+            names = [
+                k.rpartition("/")[2]
+                for k in vals[-1]
+                if k.rpartition("/")[2] != "images" and k.startswith(next(iter(best)) + "/")
+            ]
+            width = max(8, *(len(n) for n in best))
+            lines.append(f"  {'set':<{width}} {'step':>6} " + " ".join(f"{n:>8}" for n in names))
+            for set_name, r in best.items():
+                lines.append(
+                    f"  {set_name:<{width}} {r['step']:>6} "
+                    + " ".join(f"{r.get(f'{set_name}/{n}', float('nan')):>8.4f}" for n in names)
+                )
+        if overall:  # (a log whose rows lack the best metric has no best to show)
+            lines.append("")
+            latest = {k: v for k, v in vals[-1].items() if k not in ("kind", "step")}
+            lines.append(format_metrics_table(vals[-1]["step"], latest, Best(key, overall[key], overall["step"])))
     else:
         lines.append("  no validation yet")
     wandb_runs = sorted({p.name.rsplit("-", 1)[-1] for p in run.wandb.glob("*run-*")})
@@ -132,14 +193,31 @@ def summary(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def redraw(run_dir: Path) -> list[Path]:
-    """Draw runs/NAME/plots/ again from metrics.jsonl and plots/latest.npz."""
+def redraw(run_dir: Path, problems: list[str] | None = None) -> list[Path]:
+    """Draw runs/NAME/plots/ again from metrics.jsonl and plots/latest.npz, what of them can be read;
+    what cannot is appended to `problems`, one line each."""
     from salnet.run import plots
 
+    problems = [] if problems is None else problems
     run = RunDir(run_dir)
+    if run.plots.exists() and not run.plots.is_dir():
+        problems.append(f"{run.plots}: a file where the plots directory should be; nothing drawn")
+        return []
     latest_path = run.plots / plots.LATEST
-    latest = plots.load_latest(latest_path) if latest_path.exists() else None
-    return plots.render(run.plots, read_records(run.metrics), latest)
+    latest = None
+    if latest_path.exists():
+        try:
+            latest = plots.load_latest(latest_path)
+        except Exception as e:  # a damaged archive fails in zipfile, numpy or json, each its own way
+            problems.append(
+                f"{latest_path}: unreadable ({type(e).__name__}: {e}); curves and pictures of the latest "
+                f"validation not drawn"
+            )
+    try:
+        return plots.render(run.plots, read_log(run.metrics)[0], latest)
+    except OSError as e:
+        problems.append(f"{run.plots}: cannot draw there ({e.strerror})")
+        return []
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,13 +226,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-plots", action="store_true", help="print the summary only; leave plots/ as it is")
     args = parser.parse_args(argv)
     run = RunDir(args.run_dir)
-    if not run.metrics.is_file():
-        print(f"{PROG}: {run.metrics} not found: not a salnet run directory, or nothing logged yet", file=sys.stderr)
+    if not run.metrics.is_file() and not run.config.is_file():
+        print(f"{PROG}: neither {run.metrics} nor {run.config} found: not a salnet run directory", file=sys.stderr)
         sys.exit(2)
+    problems: list[str] = []
     if not args.no_plots:
-        written = redraw(args.run_dir)
+        written = redraw(args.run_dir, problems)
         print(f"plots: drew {len(written)} files in {run.plots}")
-    print(summary(args.run_dir))
+    print(summary(args.run_dir, problems))
+    if not run.metrics.is_file():
+        print(f"  nothing logged yet ({run.metrics} not found)")
+    for problem in dict.fromkeys(problems):  # redraw and summary both read metrics.jsonl: each line once
+        print(f"{PROG}: {problem}", file=sys.stderr)
+    sys.exit(1 if problems else 0)
 
 
 if __name__ == "__main__":

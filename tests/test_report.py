@@ -1,5 +1,7 @@
 """runs/NAME/plots/ after a real run, and `python -m salnet.report` on finished run directories."""
 
+import io
+import json
 import shutil
 import statistics
 
@@ -8,8 +10,9 @@ import pytest
 from PIL import Image
 from test_train import tiny_config
 
-from salnet.config import load_config
+from salnet.config import load_config, save_config
 from salnet.data import ValStream
+from salnet.report import main as report_main
 from salnet.report import training_time
 from salnet.run import plots
 from salnet.run.rundir import MetricsFile, read_records
@@ -184,4 +187,80 @@ def test_training_time_adds_up_attempts():
 
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
     proc = run_py(["-m", "salnet.report", tmp_path], check=False, timeout=100)
-    assert proc.returncode == 2 and "metrics.jsonl not found" in proc.stderr
+    assert proc.returncode == 2 and "metrics.jsonl nor" in proc.stderr and "not a salnet run directory" in proc.stderr
+
+
+def damaged_run(root, plots_as_file=False):
+    """A run directory as a hostile pass finds it: a corrupt line in the middle of metrics.jsonl, rows
+    that are not records, a torn last line, a truncated plots/latest.npz (or a file where plots/ is)."""
+    run_dir = root / "damaged"
+    run_dir.mkdir()
+    save_config(load_config(None, ["train.steps=4"]), run_dir / "config.yaml")
+    good = [
+        {"kind": "train", "step": 1, "lr": 0.1, "loss": 0.9, "images_per_s": 50.0, "data_wait": 0.1, "elapsed_s": 2.0},
+        {"kind": "val", "step": 2, "val/maxF": 0.61, "val/MAE": 0.2},
+        {"kind": "train", "step": 3, "lr": 0.1, "loss": 0.5, "images_per_s": 70.0, "data_wait": 0.1, "elapsed_s": 6.0},
+    ]
+    lines = [
+        json.dumps(good[0]),
+        '{"kind": "train", "step": 2, "loss": 0.8',  # line 2: cut in the middle of the file
+        "[1, 2]",  # line 3: not an object
+        json.dumps({"kind": "train", "loss": 0.7}),  # line 4: no step
+        json.dumps(good[1]),
+        json.dumps({"kind": "train", "step": 3, "loss": "high"}),  # line 6: not a number
+        json.dumps(good[2]),
+    ]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"kind": "tra')  # and a torn last line
+    if plots_as_file:
+        (run_dir / "plots").write_text("not a directory")
+    else:
+        (run_dir / "plots").mkdir()
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, meta=np.array("{}"), x=np.zeros(1000))
+        (run_dir / "plots" / "latest.npz").write_bytes(buffer.getvalue()[:200])
+    return run_dir, good
+
+
+def report(run_dir, capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        report_main([str(run_dir), *args])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def test_report_on_a_damaged_run_summarises_what_it_can_and_names_each_problem(tmp_path, capsys):
+    run_dir, good = damaged_run(tmp_path)
+    code, out, err = report(run_dir, capsys)
+    log = run_dir / "metrics.jsonl"
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines() == [
+        f"python -m salnet.report: {run_dir / 'plots' / 'latest.npz'}: unreadable (BadZipFile: File is not a zip "
+        f"file); curves and pictures of the latest validation not drawn",
+        f"python -m salnet.report: {log}, line 2: not a JSON record (Expecting ',' delimiter), left out",
+        f"python -m salnet.report: {log}, line 3: not a record but a JSON list, left out",
+        f'python -m salnet.report: {log}, line 4: no step (a whole number >= 0): {{"kind": "train", "loss": 0.7}}, left out',
+        f"python -m salnet.report: {log}, line 6: 'loss' not a number, left out",
+    ]
+    # The summary holds the readable rows, no more and no less.
+    assert "steps       3 of 4" in out and "time        0:00:06 training over 1 attempt(s)" in out
+    assert "throughput  60.0 img/s (median of 2 train lines" in out
+    assert "best.pt     missing: val/maxF=0.6100 @ step 2" in out and "validation @ step 2" in out
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == [
+        "latest.npz",
+        "loss.png",
+        "lr.png",
+        "val_metrics.png",
+    ]
+
+
+def test_report_on_a_file_where_plots_should_be_and_on_a_run_with_only_its_config(tmp_path, capsys):
+    run_dir, _ = damaged_run(tmp_path, plots_as_file=True)
+    code, out, err = report(run_dir, capsys)
+    assert code == 1 and "Traceback" not in err and "plots: drew 0 files" in out
+    assert f"{run_dir / 'plots'}: a file where the plots directory should be; nothing drawn" in err.splitlines()[0]
+    assert (run_dir / "plots").read_text() == "not a directory"  # left as it was
+
+    (run_dir / "metrics.jsonl").unlink()  # a run that has written only its config
+    code, out, err = report(run_dir, capsys, "--no-plots")
+    assert (code, err) == (0, "")
+    assert "steps       0 of 4" in out and "no validation yet" in out and "nothing logged yet" in out
