@@ -161,3 +161,40 @@ def test_test_time_augmentation_averages_scales_and_mirrors(tmp_path, checkpoint
     for stem, (h, w) in zip(stems, SIZES, strict=False):
         a, b = map_of(plain / "ECSSD" / f"{stem}.png"), map_of(tta / "ECSSD" / f"{stem}.png")
         assert a.shape == b.shape == (h, w) and not np.array_equal(a, b)
+
+
+def test_a_sample_claiming_a_huge_original_size_is_refused_before_its_map_is_made(tmp_path, checkpoint, capsys):
+    """Issue 22, item 8: a 64x64 sample whose KEY.json claims orig_size [20000, 20000] (400 MP: a 5.4 GB
+    peak before) is held to the pixel limit, before the map is allocated."""
+    import io
+    import tarfile
+
+    from shards_data import encode, replace_shard, write_raw_shards
+
+    samples = []
+    for key, seed in (("big", 1), ("fine", 2)):
+        rgb, mask = scene(64, 64, seed=seed)
+        samples.append((key, "png", encode(Image.fromarray(rgb)), encode(Image.fromarray(mask))))
+    shards = tmp_path / "shards"
+    file = write_raw_shards(shards, samples)["shards"][0]["file"]
+    out = io.BytesIO()
+    with tarfile.open(shards / file) as src, tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as dst:
+        for info in src.getmembers():
+            data = src.extractfile(info).read()
+            if info.name == "big.json":
+                data = json.dumps({**json.loads(data), "orig_size": [20000, 20000]}).encode()
+                info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    replace_shard(shards, file, out.getvalue())
+    args = ["--checkpoint", str(checkpoint), f"S={shards}", "--workers", "0"]
+
+    with pytest.raises(SystemExit) as exit_:
+        salnet_predict.main(args + ["--out", str(tmp_path / "stop")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err
+    assert "big" in err and "orig_size [20000, 20000]: 20000x20000 pixels (400.0 MP) is above the limit" in err, err
+
+    salnet_predict.main(args + ["--out", str(tmp_path / "skip"), "--skip-bad"])
+    assert sorted(p.name for p in (tmp_path / "skip" / "S").iterdir()) == ["fine.png"]
+    skipped = json.loads((tmp_path / "skip" / "predict.json").read_text())["datasets"]["S"]["skipped"]
+    assert len(skipped) == 1 and "big" in skipped[0]["path"] and "400.0 MP" in skipped[0]["reason"]

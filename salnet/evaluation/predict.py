@@ -66,7 +66,7 @@ from salnet.evaluation.common import (
     split_name,
 )
 from salnet.fsio import atomic_write
-from salnet.imagecheck import parse_pixels
+from salnet.imagecheck import check_size, parse_pixels
 from salnet.metrics.inputs import to_levels
 from salnet.shards.images import BadFileError, prepare_image
 from salnet.shards.layouts import IMAGE_EXTENSIONS, find_pairs, list_file_lines
@@ -214,11 +214,25 @@ class _Images(IterableDataset):
             try:
                 image, _ = decode_sample(raw)  # the loader's decoder
                 meta = json.loads(raw.members["json"]) if "json" in raw.members else {}
+                size = _map_size(meta, image, self.max_pixels)
             except (SampleError, ValueError) as e:
                 yield BadImage(source.name, raw.where(), str(e))
                 continue
             stem = Path(meta["source"]).stem if meta.get("source") else raw.key
-            yield self._ready(source, stem, raw.where(), image, meta.get("orig_size") or image.shape[-2:])
+            yield self._ready(source, stem, raw.where(), image, size)
+
+
+def _map_size(meta: dict, image: torch.Tensor, max_pixels: int) -> tuple[int, int]:
+    """(H, W) of a shard sample's map: KEY.json's orig_size (its size before pack's --max-side), else the
+    stored image's. The map is allocated at that size, so it is held to the pixel limit of decoding:
+    a KEY.json is as untrusted as the image it describes."""
+    size = meta.get("orig_size")
+    if size is None:
+        return tuple(image.shape[-2:])
+    if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and v > 0 for v in size)):
+        raise ValueError(f"KEY.json's orig_size {size!r} is not [height, width] in positive whole pixels")
+    check_size((size[1], size[0]), f"KEY.json's orig_size {size}", max_pixels)
+    return size[0], size[1]
 
 
 def average_probabilities(predict, batch: list[Prepared], flip: bool) -> list[torch.Tensor]:
