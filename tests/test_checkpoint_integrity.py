@@ -122,6 +122,48 @@ def test_rolling_back_moves_the_newer_checkpoints_aside_so_auto_continues_the_ch
     assert choose_checkpoint(tmp_path, "auto").name == "step-00000002"
 
 
+def test_resuming_from_another_runs_checkpoint_copies_it_and_leaves_that_run_alone(tmp_path):
+    other, run = tmp_path / "other", tmp_path / "run"
+    saved_run(other)
+    saved_run(run, steps=(2, 4, 8))
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    chosen = choose_checkpoint(run, str(other / "checkpoints" / "step-00000004"))
+    assert chosen == RunDir(run).checkpoint(4)
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before  # not one byte of it changed
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "abandoned-step-00000004",  # this run's own step 4: the copy of the other one's replaces it
+        "abandoned-step-00000008",
+        "step-00000002",
+        "step-00000004",
+    ]
+    assert (chosen / "state.pt").read_bytes() == before[other / "checkpoints" / "step-00000004" / "state.pt"]
+    assert choose_checkpoint(run, "auto") == chosen
+
+
+def test_a_step_set_aside_again_keeps_every_copy(tmp_path):
+    strategy = saved_run(tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    for _ in range(2):  # roll back to step 2 twice: steps 4 and 6 were saved again in between
+        choose_checkpoint(tmp_path, str(checkpoints / "step-00000002"))
+        for step in (4, 6):
+            save_checkpoint(tmp_path, step, strategy, client(step), keep=10)
+    for _ in range(2):  # step 6 found corrupt twice
+        flip_byte(checkpoints / "step-00000006" / "state.pt")
+        assert choose_checkpoint(tmp_path, "auto").name == "step-00000004"
+        save_checkpoint(tmp_path, 6, strategy, client(6), keep=10)
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "abandoned-step-00000004",
+        "abandoned-step-00000004.2",
+        "abandoned-step-00000006",
+        "abandoned-step-00000006.2",
+        "corrupt-step-00000006",
+        "corrupt-step-00000006.2",
+        "step-00000002",
+        "step-00000004",
+        "step-00000006",
+    ]
+
+
 def test_a_load_error_names_its_file(tmp_path):
     strategy = saved_run(tmp_path, steps=(2,))
     checkpoint = RunDir(tmp_path).complete_checkpoints()[0]

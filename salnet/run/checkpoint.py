@@ -86,8 +86,10 @@ def choose_checkpoint(run_dir: os.PathLike | str, resume: str) -> Path | None:
     """The verified checkpoint to resume from (all ranks call this; rank 0 decides, everyone gets its answer).
 
     auto: the newest good one; each bad one is reported and moved to corrupt-step-N/. A path: that
-    one, or an error naming the bad file; if it is older than the newest, the newer checkpoints
-    are moved to abandoned-step-N/ so that a later `auto` continues the branch chosen here.
+    one, or an error naming the bad file; this run's checkpoints newer than it are moved to
+    abandoned-step-N/ so that a later `auto` continues the branch chosen here. A checkpoint of
+    another run is copied into this one (and this run's own checkpoint of that step, if any, set
+    aside): the other run is never modified.
     """
     choice, error = None, ""
     if dist.is_main():
@@ -104,13 +106,15 @@ def _choose(run: RunDir, resume: str) -> Path | None:
         return None
     if resume != "auto":
         verify(chosen)
-        for newer in [c for c in RunDir(chosen.parent.parent).complete_checkpoints() if c.name > chosen.name]:
+        own = run.checkpoint(RunDir.checkpoint_step(chosen))
+        foreign = chosen.resolve() != own.resolve()
+        for newer in [c for c in run.complete_checkpoints() if c.name > own.name or (foreign and c == own)]:
             aside = RunDir.set_aside(newer, "abandoned")
-            os.rename(newer, aside)
-            print(
-                f"train.resume={resume}: moved the newer {newer.name} to {aside.name} (kept, not deleted)", flush=True
-            )
-        return chosen
+            print(f"train.resume={resume}: moved {newer} to {aside.name} (kept, not deleted)", flush=True)
+        if foreign:
+            _copy_checkpoint(chosen, run)
+            print(f"train.resume={resume}: copied into {own} (that run is not modified)", flush=True)
+        return own
     tried = []
     for candidate in reversed(run.complete_checkpoints()):
         try:
@@ -118,7 +122,6 @@ def _choose(run: RunDir, resume: str) -> Path | None:
             return candidate
         except CheckpointCorrupt as e:
             aside = RunDir.set_aside(candidate, "corrupt")
-            os.rename(candidate, aside)
             tried.append(f"{e} (moved to {aside.name})")
             print(f"resume: {e}; moved {candidate.name} aside to {aside.name} and trying the next newest", flush=True)
     raise CheckpointCorrupt(
@@ -126,6 +129,19 @@ def _choose(run: RunDir, resume: str) -> Path | None:
         + "; ".join(tried)
         + "; start over with train.resume=none, or point train.resume at a copy you trust"
     )
+
+
+def _copy_checkpoint(source: Path, run: RunDir) -> None:
+    """Another run's verified checkpoint into this run, completed as a save is (temporary directory,
+    fsync, rename), then verified as copied: what resume loads is this run's own file."""
+    step = RunDir.checkpoint_step(source)
+    tmp, final = run.partial(step), run.checkpoint(step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    _fsync_tree(tmp)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    verify(final)
 
 
 def _fsync_tree(path: Path) -> None:

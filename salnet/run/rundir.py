@@ -12,6 +12,7 @@ drawing of its layout (with the RunDir attribute of each entry):
         .step-NNNNNNNN.tmp/       .partial(N)        a save in progress: never picked for resume
         corrupt-step-NNNNNNNN/    .set_aside(c, why) failed verification at resume: never deleted
         abandoned-step-NNNNNNNN/  .set_aside(c, why) newer than a checkpoint resumed by path: never deleted
+                                                     (set aside again: the same name with .2, .3, ...)
       best.pt                     .best              fp32 weights, config and metrics of the best validation
       deepspeed_config.json       .deepspeed_config  the DeepSpeed JSON salnet generated (train.strategy=deepspeed)
       plots/                      .plots             pictures of the run and latest.npz (salnet.run.plots)
@@ -123,8 +124,15 @@ class RunDir:
 
     @staticmethod
     def set_aside(checkpoint: Path, why: Literal["corrupt", "abandoned"]) -> Path:
-        """Where a checkpoint resume must not pick goes: beside it, under a name never read as one."""
-        return checkpoint.with_name(f"{why}-{checkpoint.name}")
+        """Move a checkpoint resume must not pick beside it, under a name never read as one; returns
+        where it went. A step set aside again (found corrupt again, a second rollback past it) keeps
+        every copy: WHY-step-N, then WHY-step-N.2, .3, ..."""
+        aside, copy = checkpoint.with_name(f"{why}-{checkpoint.name}"), 1
+        while os.path.lexists(aside):  # rename would fail on a full directory, replace an empty one
+            copy += 1
+            aside = checkpoint.with_name(f"{why}-{checkpoint.name}.{copy}")
+        os.rename(checkpoint, aside)
+        return aside
 
     @staticmethod
     def checkpoint_step(path: os.PathLike | str) -> int | None:
