@@ -165,3 +165,18 @@ def replace_shard(shard_dir: Path, file: str, data: bytes) -> None:
         manifest["total_bytes"] = sum(s["bytes"] for s in manifest["shards"])
 
     edit_manifest(shard_dir, update)
+
+
+def rename_members(shard_dir: Path, file: str, rename) -> None:
+    """Rewrite a shard with each member renamed to `rename(index, name)` (index: the member's number
+    in the tar), data unchanged, and make the manifest agree on its size and hash: what another tar
+    writer, or a hand-edited shard, could hold."""
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(shard_dir / file) as src, tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as dst:
+        for index, info in enumerate(src.getmembers()):
+            data = src.extractfile(info).read()
+            info.name = rename(index, info.name)
+            dst.addfile(info, io.BytesIO(data))
+    replace_shard(shard_dir, file, out.getvalue())

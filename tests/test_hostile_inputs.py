@@ -5,16 +5,18 @@ manifests that lie or are malformed, and shard names that would reach a shell.""
 import gzip
 import json
 import os
+import re
 import shutil
 import tarfile
 
 import numpy as np
 import pytest
+from evaluation_data import tiny_checkpoint
 from PIL import Image
 
 import salnet.data.transforms as transforms
 from salnet.config import DataConfig
-from salnet.data import DataError, TrainStream
+from salnet.data import DataError, TrainStream, ValStream
 from salnet.data.reader import RawSample, read_shard
 from salnet.data.sources import Limits, file_url, open_shard_set
 from salnet.shards.images import BadFileError, prepare_image
@@ -23,12 +25,13 @@ from salnet.shards.manifest import ManifestError, load_manifest
 from salnet.shards.pack import pack
 from salnet.shards.synth import synthesize
 
-from conftest import run_py
+from conftest import forked_run, run_py
 from shards_data import (
     by_source,
     edit_manifest,
     encode,
     png_bomb,
+    rename_members,
     replace_shard,
     scene,
     write_pair,
@@ -81,9 +84,9 @@ def copy_of(shard_dir, tmp_path):
     return copy
 
 
-def epoch_keys(location: str, batch_size: int = 1) -> list[str]:
+def epoch_keys(location: str, batch_size: int = 1, epoch: int = 0) -> list[str]:
     cfg = DataConfig(train=[location], val=[location], size=16, batch_size=batch_size, workers=0, shuffle_buffer=1)
-    return [k for b in TrainStream(cfg, seed=0, rank=0, world_size=1).epoch_batches(0) for k in b["key"]]
+    return [k for b in TrainStream(cfg, seed=0, rank=0, world_size=1).epoch_batches(epoch) for k in b["key"]]
 
 
 def verify(path, *flags):
@@ -385,8 +388,100 @@ def test_a_manifest_counting_fewer_samples_than_the_shard_holds_stops_the_reader
     shard = open_shard_set(str(copy)).shards[1]
     with pytest.raises(DataError, match=expected):
         list(read_shard(shard, [0, 1, 2]))
-    assert len(list(read_shard(shard, [0, 1]))) == 2  # a reader that stops before the end cannot tell, and need not
+    with pytest.raises(DataError, match=expected):
+        list(read_shard(shard, [0, 1]))  # a reader that wants only the first samples reads on to the end too
     assert "holds 4 samples, the manifest says 3" in verify(copy).stdout
+
+
+def test_a_surplus_in_the_samples_an_epoch_leaves_out_still_stops_the_run(synth, tmp_path):
+    # One shard of 4 listed as 3, batches of 2: each epoch uses 2 samples and leaves 1 out, so no
+    # reader needs the listed end of the shard, after which the surplus sample lies.
+    copy = copy_of(synth, tmp_path)
+    edit_manifest(
+        copy,
+        lambda m: m.update(
+            shards=[dict(m["shards"][1], samples=3)], total_samples=3, total_bytes=m["shards"][1]["bytes"]
+        ),
+    )
+    for epoch in range(3):
+        with pytest.raises(DataError, match=r"synth-train-000001\.tar holds more samples .* \('train_000007'\)"):
+            epoch_keys(str(copy), batch_size=2, epoch=epoch)
+
+
+# --- keys a shard could lie with ------------------------------------------------------------------
+
+
+def sample_renamed(index: int, key: str):
+    """rename_members's rename: the members of the shard's sample #index get the key `key`."""
+    return lambda i, name: key + name[name.index(".") :] if i // 3 == index else name
+
+
+@pytest.mark.parametrize(
+    "rename,found",
+    [
+        # The second sample takes the first one's key: its members would overwrite the first's.
+        (sample_renamed(1, "train_000000"), r"sample 'train_000000' \(#0\) has a second member 'train_000000\.jpg'"),
+        # The fourth takes the first's key, three samples later.
+        (sample_renamed(3, "train_000000"), r"sample key 'train_000000' occurs twice: samples #0 and #3"),
+    ],
+    ids=["next", "later"],
+)
+def test_a_key_repeated_within_a_shard_stops_the_reader_naming_shard_and_key(synth, tmp_path, rename, found):
+    copy = copy_of(synth, tmp_path)
+    rename_members(copy, "synth-train-000000.tar", rename)
+    expected = r"shard .*synth-train-000000\.tar: " + found
+    with pytest.raises(DataError, match=expected):
+        list(read_shard(open_shard_set(str(copy)).shards[0], [0]))  # found while reading, wanted or not
+    with pytest.raises(DataError, match=expected):
+        epoch_keys(str(copy))
+    assert "train_000000" in verify(copy).stdout
+
+
+@pytest.mark.parametrize("key", ["/tmp/salnet-escape", "sub/x", "a\\b", "a b", ""])
+def test_a_key_that_is_a_path_or_empty_is_refused_where_shards_are_read(synth, tmp_path, key):
+    copy = copy_of(synth, tmp_path)
+    rename_members(copy, "synth-train-000000.tar", sample_renamed(1, key))
+    named = f"member {key + '.jpg'!r} has the sample key {key!r}, not a valid key"
+    expected = (
+        rf"shard .*synth-train-000000\.tar: {re.escape(named)} \(one or more letters, digits, '-' and '_', so no '/'"
+    )
+    with pytest.raises(DataError, match=expected):
+        list(read_shard(open_shard_set(str(copy)).shards[0], [0]))
+    with pytest.raises(DataError, match=expected):
+        epoch_keys(str(copy))
+    with pytest.raises(DataError, match=expected):
+        list(ValStream(DataConfig(train=[str(copy)], val=[str(copy)], workers=0, eval_size=32), 0, 1))
+    result = verify(copy)
+    assert result.returncode == 1 and named in result.stdout
+
+
+def test_predict_refuses_a_key_that_would_write_outside_out(synth, tmp_path):
+    escape = tmp_path / "escaped"  # the key: an absolute path outside --out
+    assert "." not in str(escape), "a key holds no dot"
+    copy = copy_of(synth, tmp_path)
+    # Its KEY.json renamed KEY.txt: without one, predict names the map by the key itself.
+    renamed = sample_renamed(0, str(escape))
+    rename_members(copy, "synth-train-000000.tar", lambda i, name: renamed(i, name).replace(".json", ".txt"))
+    out = tmp_path / "maps"
+    checkpoint = tiny_checkpoint(tmp_path / "run")
+    result = forked_run(
+        ["-m", "salnet.predict", "--checkpoint", checkpoint, str(copy), "--out", out, "--workers", "0"], check=False
+    )
+    assert result.returncode != 0
+    assert f"has the sample key '{escape}', not a valid key" in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("escaped*")) and not list(out.rglob("*.png"))
+
+
+def test_members_named_dot_slash_key_are_reported_as_such_not_as_a_truncated_shard(synth, tmp_path):
+    # What `tar -C DIR .` writes: every member's name starts with './'.
+    copy = copy_of(synth, tmp_path)
+    rename_members(copy, "synth-train-000000.tar", lambda i, name: "./" + name)
+    expected = r"member '\./train_000000\.jpg' has the sample key '', not a valid key .*; its './' prefix is what `tar -C DIR \.` writes"
+    with pytest.raises(DataError, match=expected):
+        epoch_keys(str(copy))
+    result = verify(copy)
+    assert result.returncode == 1 and re.search(expected, result.stdout), result.stdout
+    assert "(and 11 more members like it)" in result.stdout and "unexpected member" not in result.stdout
 
 
 def test_a_manifest_without_shards_fails_verify_and_load(synth, tmp_path):

@@ -3,12 +3,19 @@
 Shards are read forward once (salnet.shards.tario): a compressed shard is refused from its first
 bytes, a member above the source's `max_member_bytes` from its header, before its data is read.
 Samples that are not wanted (another reader's, or consumed before a resume) are passed over
-without their data being read, let alone decoded. Once the last wanted sample of a piece is
-complete the shard is closed, so a reader that needs the start of a shard never streams the rest.
+without their data being read, let alone decoded.
 
-The reader counts the samples it passes: a shard that holds more samples than its manifest says
-(the reader sees sample #N of a shard listed with N) or fewer (it ends before a planned sample)
-stops the run naming the shard and both counts, rather than silently dropping or repeating data.
+Every shard opened is read to its end, wanted samples or not, before its last wanted sample is
+handed over: only so can a reader tell that the shard holds more samples than its manifest says,
+whichever of its samples the epoch leaves out. Passing over the rest costs streaming its bytes
+(no decoding): up to one shard per reader per epoch that would otherwise be closed early.
+
+The reader holds every member name to the shard format (salnet.shards.format) as it passes:
+a sample key that is not a valid key (a path, '', './KEY'), a key that comes back later in the
+shard or a member repeated within a sample (a repeated key, whose members would overwrite the
+first sample's), or a shard holding more or fewer samples than its manifest says stops the run
+naming the shard and the member, key or counts, rather than silently dropping, merging or
+repeating data or letting a key name a file elsewhere.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from dataclasses import dataclass
 from salnet.data.plan import Piece, piece_starts
 from salnet.data.sources import DataError, Shard, open_shard
 from salnet.imagecheck import DEFAULT_MAX_PIXELS
-from salnet.shards.format import split_member_name
+from salnet.shards.format import member_key_problem, split_member_name
 from salnet.shards.tario import ShardTar, TarRefused
 
 
@@ -40,7 +47,7 @@ class RawSample:
 
 
 class _MemberSelector:
-    """Numbers samples as their keys change and says which members to read.
+    """Checks each member name, numbers samples as their keys change and says which members to read.
 
     A member's key is its name up to the first dot, as the shard format (and webdataset) splits it.
     """
@@ -48,28 +55,49 @@ class _MemberSelector:
     def __init__(self, shard: Shard, wanted: Sequence[int]):
         self.shard, self.wanted, self.next_wanted = shard, wanted, 0
         self.index, self.key = -1, None
+        self.numbers: dict[str, int] = {}  # key -> its sample number, to find a key that comes back
+        self.exts: set[str] = set()  # the current sample's extensions
 
-    def __call__(self, name: str) -> bool | None:
-        """True: read the member; False: skip it unread; None: past the last wanted sample (stop reading)."""
-        key, _ = split_member_name(name)
+    def __call__(self, name: str) -> bool:
+        """Whether to read the member (False: skip it unread)."""
+        key, ext = split_member_name(name)
         if key != self.key:
-            self.key, self.index = key, self.index + 1
-            if self.index >= self.shard.samples:
-                raise DataError(
-                    f"shard {self.shard.name} holds more samples than its manifest says: sample #{self.index} "
-                    f"('{key}') follows the {self.shard.samples} it lists (the shard has at least {self.index + 1}, "
-                    f"the manifest says {self.shard.samples}); the shard was replaced or the manifest does not "
-                    "belong to it: repack, and run `python -m salnet.shards verify`"
-                )
-            while self.next_wanted < len(self.wanted) and self.wanted[self.next_wanted] < self.index:
-                self.next_wanted += 1
-            if self.next_wanted == len(self.wanted):
-                return None
-        return self.wanted[self.next_wanted] == self.index
+            self._next_sample(name, key)
+        elif ext in self.exts:
+            raise DataError(
+                f"shard {self.shard.name}: sample {key!r} (#{self.index}) has a second member {name!r}: the key is "
+                "repeated within the shard, and the second sample would overwrite the first; repack, and run "
+                "`python -m salnet.shards verify`"
+            )
+        self.exts.add(ext)
+        return self.next_wanted < len(self.wanted) and self.wanted[self.next_wanted] == self.index
+
+    def _next_sample(self, name: str, key: str) -> None:
+        problem = member_key_problem(name)
+        if problem:
+            raise DataError(f"shard {self.shard.name}: {problem}; repack")
+        if key in self.numbers:
+            raise DataError(
+                f"shard {self.shard.name}: sample key {key!r} occurs twice: samples #{self.numbers[key]} and "
+                f"#{self.index + 1}; a key names one sample (and its map); repack, and run `python -m salnet.shards verify`"
+            )
+        self.key, self.index, self.exts = key, self.index + 1, set()
+        self.numbers[key] = self.index
+        if self.index >= self.shard.samples:
+            raise DataError(
+                f"shard {self.shard.name} holds more samples than its manifest says: sample #{self.index} "
+                f"('{key}') follows the {self.shard.samples} it lists (the shard has at least {self.index + 1}, "
+                f"the manifest says {self.shard.samples}); the shard was replaced or the manifest does not "
+                "belong to it: repack, and run `python -m salnet.shards verify`"
+            )
+        while self.next_wanted < len(self.wanted) and self.wanted[self.next_wanted] < self.index:
+            self.next_wanted += 1
 
 
 def read_shard(shard: Shard, wanted: Sequence[int]) -> Iterator[RawSample]:
-    """The samples numbered `wanted` (ascending) of `shard`, in that order; a shard that ends early stops the run."""
+    """The samples numbered `wanted` (ascending) of `shard`, in that order. The whole shard is read
+    (the unwanted members skipped unread) before the last of them is handed over, so a shard that
+    does not hold what its manifest says stops the run, however few of its samples are wanted."""
     selector = _MemberSelector(shard, wanted)
     stream = open_shard(shard)
     sample, got, hang_up_quietly = None, 0, False
@@ -78,10 +106,7 @@ def read_shard(shard: Shard, wanted: Sequence[int]) -> Iterator[RawSample]:
         for info in tar:
             if not info.isreg():
                 continue
-            select = selector(info.name)
-            if select is None:
-                break
-            if not select:
+            if not selector(info.name):
                 continue
             key, ext = split_member_name(info.name)
             if sample is None or sample.index != selector.index:
@@ -90,10 +115,8 @@ def read_shard(shard: Shard, wanted: Sequence[int]) -> Iterator[RawSample]:
                     got += 1
                 sample = RawSample(shard.name, selector.index, key, {}, shard.limits.max_pixels)
             sample.members[ext] = tar.read(info)
-        if sample is not None:
-            yield sample
-            got += 1
-        hang_up_quietly = got == len(wanted)
+        # A curl or pipe: process that exits non-zero matters only if the shard came up short.
+        hang_up_quietly = selector.index + 1 == shard.samples
     except GeneratorExit:
         hang_up_quietly = True  # the consumer stopped early (an epoch cut short); nothing is wrong with the shard
         raise
@@ -107,12 +130,15 @@ def read_shard(shard: Shard, wanted: Sequence[int]) -> Iterator[RawSample]:
         raise DataError(f"shard {shard.name} is unreadable after {selector.index + 1} samples: {e}") from None
     finally:
         _close(stream, shard, quiet=hang_up_quietly)
-    if got < len(wanted):
+    if selector.index + 1 < shard.samples:
+        found = got + (sample is not None)
+        needed = f"the plan needs sample #{wanted[found]} and " if found < len(wanted) else ""
         raise DataError(
-            f"shard {shard.name} ended after {selector.index + 1} samples, but the plan needs sample "
-            f"#{wanted[got]} (its manifest says {shard.samples}): the shard is truncated or was replaced; "
-            "run `python -m salnet.shards verify`"
+            f"shard {shard.name} ended after {selector.index + 1} samples, but {needed}its manifest says "
+            f"{shard.samples}: the shard is truncated or was replaced; run `python -m salnet.shards verify`"
         )
+    if sample is not None:
+        yield sample
 
 
 def _close(stream, shard: Shard, quiet: bool) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image
 
 from salnet.imagecheck import DEFAULT_MAX_PIXELS, ImageError, check_shard_member, pillow_limit
-from salnet.shards.format import IMAGE_EXTS, MASK_EXT, META_EXT, split_member_name
+from salnet.shards.format import IMAGE_EXTS, MASK_EXT, META_EXT, member_key_problem, split_member_name
 from salnet.shards.manifest import MANIFEST_NAME, read_manifest
 from salnet.shards.parallel import ordered_map
 from salnet.shards.tario import DEFAULT_MAX_MEMBER_BYTES, ShardTar, TarRefused
@@ -145,11 +145,18 @@ def _nonzero_after(path: Path, offset: int) -> bool:
 
 def _samples(tar: ShardTar, report: ShardReport):
     """Yield (key, {extension: bytes}) for each run of consecutive members sharing a key."""
-    key, members = None, {}
+    key, members, first_bad_key, bad_keys = None, {}, None, 0
     for info in tar:
         name = info.name
-        if not info.isfile() or "/" in name or "." not in name:
+        if not info.isfile() or "." not in name:
             report.problems.append(f"{report.file}: unexpected member '{name}' (want KEY.ext files at the top level)")
+            continue
+        problem = member_key_problem(name)
+        if problem:  # the reader's rule; said once per shard, as a badly made tar breaks it in every member
+            if first_bad_key is None:
+                first_bad_key = len(report.problems)
+                report.problems.append(f"{report.file}: {problem}")
+            bad_keys += 1
             continue
         member_key, ext = split_member_name(name)
         if member_key != key:
@@ -161,6 +168,8 @@ def _samples(tar: ShardTar, report: ShardReport):
         members[ext] = tar.read(info)
     if key is not None:
         yield key, members
+    if bad_keys > 1:
+        report.problems[first_bad_key] += f" (and {bad_keys - 1} more members like it)"
 
 
 def check_sample(key: str, members: dict[str, bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[str]:
