@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 
 from salnet.metrics import LOWER_IS_BETTER
 
@@ -86,16 +87,31 @@ def csv_text(results: Results, metrics: list[str]) -> str:
     return out.getvalue()
 
 
+def _one_line(text: str) -> str:
+    """Control characters (a newline in a folder name) as spaces: a table row is one line."""
+    return re.sub(r"[\x00-\x1f\x7f]", " ", text)
+
+
+# Markdown's markup characters, '|' (a table's column separator) and '$' (math on GitHub) included.
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~$])")
+
+
+def md_escape(text: str) -> str:
+    """`text` shown as itself in Markdown: every markup character backslash-escaped (CommonMark)."""
+    return _MD_SPECIAL.sub(r"\\\1", _one_line(text))
+
+
 def markdown(results: Results, metrics: list[str]) -> str:
     blocks = []
     for dataset, by_method in results.items():
         lines = [
-            f"### {dataset}",
+            f"### {md_escape(dataset)}",
             "",
             "| method | " + " | ".join(metrics) + " | images |",
             "|:--|" + "--:|" * (len(metrics) + 1),
         ]
-        lines += ["| " + " | ".join(row) + " |" for row in _counted_rows(by_method, metrics, lambda t: f"**{t}**")]
+        rows = _counted_rows(by_method, metrics, lambda t: f"**{t}**")
+        lines += ["| " + " | ".join([md_escape(row[0]), *row[1:]]) + " |" for row in rows]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
 
@@ -115,7 +131,7 @@ _TEX_SPECIAL = {
 
 
 def tex_escape(text: str) -> str:
-    return "".join(_TEX_SPECIAL.get(c, c) for c in text)
+    return "".join(_TEX_SPECIAL.get(c, c) for c in _one_line(text))
 
 
 def latex(results: Results, metrics: list[str]) -> str:

@@ -36,6 +36,13 @@ def _styles():
         yield {"color": colour, "linestyle": linestyle}
 
 
+def plot_label(text: str) -> str:
+    """`text` drawn as itself by matplotlib: '$' escaped (a pair would be typeset as math, a lone one
+    fails to draw), and a leading '_' kept off the front (matplotlib leaves such labels out of the legend)."""
+    text = text.replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
+
+
 def _figure() -> tuple[Figure, object]:
     fig = Figure(figsize=(5, 4.2), dpi=150, layout="constrained")
     FigureCanvasAgg(fig)
@@ -48,8 +55,8 @@ def _curve_figure(
     """One line per method: curve[y] against curve[x]."""
     fig, ax = _figure()
     for (method, curve), style in zip(by_method.items(), _styles(), strict=False):
-        ax.plot(curve[x], curve[y], label=method, linewidth=1.5, **style)
-    ax.set(title=dataset, xlabel=labels[0], ylabel=labels[1], xlim=xlim)
+        ax.plot(curve[x], curve[y], label=plot_label(method), linewidth=1.5, **style)
+    ax.set(title=plot_label(dataset), xlabel=labels[0], ylabel=labels[1], xlim=xlim)
     ax.set_ylim(top=1.0)
     ax.grid(alpha=0.3)
     ax.legend(loc=legend, fontsize="small")
