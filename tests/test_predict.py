@@ -132,6 +132,9 @@ def test_an_unreadable_image_is_named_and_skip_bad_lists_it(tmp_path, checkpoint
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
     good = (folder / "good0.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    with open(folder / "sparse.jpg", "wb") as f:  # a good JPEG and 300 MiB of (sparse) zeros: refused unread
+        f.write(good)
+        f.truncate(300 * 2**20)
     args = ["--checkpoint", str(checkpoint), str(folder), "--workers", "0"]
 
     with pytest.raises(SystemExit) as exit_:
@@ -144,10 +147,14 @@ def test_an_unreadable_image_is_named_and_skip_bad_lists_it(tmp_path, checkpoint
     salnet_predict.main(args + ["--out", str(out), "--skip-bad"])
     assert sorted(p.name for p in (out / "mixed").iterdir()) == ["good0.png", "good1.png", "good2.png"]
     skipped = json.loads((out / "predict.json").read_text())["datasets"]["mixed"]["skipped"]
-    assert sorted(s["path"].rsplit("/", 1)[-1] for s in skipped) == ["broken.jpg", "truncated.jpg"]
+    assert sorted(s["path"].rsplit("/", 1)[-1] for s in skipped) == ["broken.jpg", "sparse.jpg", "truncated.jpg"]
     assert all(s["reason"] for s in skipped)
+    assert [s["reason"] for s in skipped if s["path"].endswith("sparse.jpg")] == [
+        f"the file is {300 * 2**20} bytes, above the limit of {256 * 2**20} bytes for one image; not read "
+        "(--max-member-bytes)"
+    ]
     stdout = capsys.readouterr().out
-    assert "2 skipped" in stdout and "broken.jpg" in stdout
+    assert "3 skipped" in stdout and "broken.jpg" in stdout
 
 
 def test_test_time_augmentation_averages_scales_and_mirrors(tmp_path, checkpoint):

@@ -68,7 +68,7 @@ from salnet.evaluation.common import (
 from salnet.fsio import atomic_write
 from salnet.imagecheck import check_size, parse_pixels
 from salnet.metrics.inputs import to_levels
-from salnet.shards.images import BadFileError, prepare_image
+from salnet.shards.images import BadFileError, prepare_image, read_file
 from salnet.shards.layouts import IMAGE_EXTENSIONS, find_pairs, list_file_lines
 from salnet.validate import probabilities_at
 
@@ -178,8 +178,8 @@ class _Images(IterableDataset):
     """This rank's items (source index, index in source), each loader worker its worker_share, made
     ready for the network at every input size."""
 
-    def __init__(self, sources: list[Source], items: list[tuple[int, int]], sizes: list[int], max_pixels: int):
-        self.sources, self.items, self.sizes, self.max_pixels = sources, items, sizes, max_pixels
+    def __init__(self, sources: list[Source], items: list[tuple[int, int]], sizes: list[int], limits: Limits):
+        self.sources, self.items, self.sizes, self.limits = sources, items, sizes, limits
 
     def __iter__(self) -> Iterator[Prepared | BadImage | BadShard]:
         try:
@@ -199,9 +199,10 @@ class _Images(IterableDataset):
     def _from_file(self, source: Source, index: int) -> Prepared | BadImage:
         stem, path = source.files[index]
         try:
-            with open(path, "rb") as f:
-                # upright 8-bit RGB JPEG/PNG bytes, as pack stores; the header is checked before decoding
-                prepared = prepare_image(f.read(), path, max_side=None, max_pixels=self.max_pixels)
+            # the file's size is checked before reading it, its header before decoding it
+            data = read_file(path, self.limits.max_member_bytes, "for one image; not read (--max-member-bytes)")
+            # upright 8-bit RGB JPEG/PNG bytes, as pack stores
+            prepared = prepare_image(data, path, max_side=None, max_pixels=self.limits.max_pixels)
             image = decode_image(torch.frombuffer(bytearray(prepared.data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except BadFileError as e:
             return BadImage(source.name, path, e.reason)
@@ -214,7 +215,7 @@ class _Images(IterableDataset):
             try:
                 image, _ = decode_sample(raw)  # the loader's decoder
                 meta = json.loads(raw.members["json"]) if "json" in raw.members else {}
-                size = _map_size(meta, image, self.max_pixels)
+                size = _map_size(meta, image, self.limits.max_pixels)
             except (SampleError, ValueError) as e:
                 yield BadImage(source.name, raw.where(), str(e))
                 continue
@@ -250,6 +251,15 @@ def average_probabilities(predict, batch: list[Prepared], flip: bool) -> list[to
     return total if count == 1 else [t / count for t in total]
 
 
+def map_path(out: Path, item: Prepared) -> Path:
+    """OUT/DATASET/STEM.png. Stems come from file names, KEY.json's source or a shard key (held to the
+    shard format's key rule where shards are read); whatever they hold, no map is written elsewhere."""
+    name = f"{item.stem}.png"
+    if Path(name).name != name:  # a '/' in it, or an absolute path
+        raise EvaluationError(f"{item.where}: the map name {name!r} is a path, not a file name in {out / item.dataset}")
+    return out / item.dataset / name
+
+
 def write_map(prob: torch.Tensor, path: Path) -> None:
     Image.fromarray(to_levels(prob).to(torch.uint8).cpu().numpy()).save(path, "PNG")  # 2-D uint8: mode L
 
@@ -265,6 +275,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=parse_pixels,
         help="refuse an image whose header declares more pixels, before "
         "decoding it, e.g. 100M (default: the checkpoint's data.max_pixels)",
+    )
+    parser.add_argument(
+        "--max-member-bytes",
+        type=int,
+        metavar="BYTES",
+        help="refuse an image file or shard member above this size, before reading it "
+        "(default: the checkpoint's data.max_member_bytes)",
     )
     parser.add_argument("--out", required=True, type=Path, help="maps go to OUT/<dataset>/<stem>.png")
     parser.add_argument("--size", type=int, help="network input size (default: the checkpoint's data.eval_size)")
@@ -333,7 +350,7 @@ def predict_main(args: argparse.Namespace) -> dict:
     )
     predict = make_predict(checkpoint, settings.precision)
     limits = Limits(
-        int(checkpoint.setting("data", "max_member_bytes", Limits().max_member_bytes)),
+        args.max_member_bytes or int(checkpoint.setting("data", "max_member_bytes", Limits().max_member_bytes)),
         args.max_pixels or int(checkpoint.setting("data", "max_pixels", Limits().max_pixels)),
     )
     sources = [resolve(text, limits) for text in args.inputs]
@@ -345,14 +362,14 @@ def predict_main(args: argparse.Namespace) -> dict:
     for source in sources:
         (args.out / source.name).mkdir(parents=True, exist_ok=True)
 
-    images = _Images(sources, mine, settings.input_sizes, limits.max_pixels)
+    images = _Images(sources, mine, settings.input_sizes, limits)
     loader = DataLoader(images, batch_size=None, num_workers=loader_workers(args.workers, len(mine)))
     progress = tqdm(total=len(mine), desc="predict", unit="img", disable=not (dist.is_main() and sys.stderr.isatty()))
     done, error, batch = RankOutcome(), None, []
 
     def flush() -> None:
         for item, prob in zip(batch, average_probabilities(predict, batch, args.tta_flip), strict=True):
-            write_map(prob, args.out / item.dataset / f"{item.stem}.png")
+            write_map(prob, map_path(args.out, item))
             done.written.append((item.dataset, item.stem))
         progress.update(len(batch))
         batch.clear()
