@@ -19,6 +19,8 @@ from salnet.config import DataConfig
 from salnet.data import DataError, TrainStream, ValStream
 from salnet.data.reader import RawSample, read_shard
 from salnet.data.sources import Limits, file_url, open_shard_set
+from salnet.evaluation.common import EvaluationError
+from salnet.evaluation.predict import Prepared, map_path
 from salnet.shards.images import BadFileError, prepare_image
 from salnet.shards.info import describe
 from salnet.shards.manifest import ManifestError, load_manifest
@@ -470,6 +472,14 @@ def test_predict_refuses_a_key_that_would_write_outside_out(synth, tmp_path):
     assert result.returncode != 0
     assert f"has the sample key '{escape}', not a valid key" in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("escaped*")) and not list(out.rglob("*.png"))
+
+
+@pytest.mark.parametrize("stem", ["/tmp/x", "../x", "a/b", "a/../../x"])
+def test_predict_writes_a_map_only_in_its_dataset_folder(tmp_path, stem):
+    where = "shard s.tar, sample 'k' (#0)"
+    assert map_path(tmp_path, Prepared("ds", "k", where, (1, 1), [])) == tmp_path / "ds" / "k.png"
+    with pytest.raises(EvaluationError, match=rf"^{re.escape(where)}: the map name '{re.escape(stem)}\.png' is a path"):
+        map_path(tmp_path, Prepared("ds", stem, where, (1, 1), []))
 
 
 def test_members_named_dot_slash_key_are_reported_as_such_not_as_a_truncated_shard(synth, tmp_path):
