@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from salnet.run.rundir import MetricsFile, RunDir, RunDirLocked, RunLock, read_records
+from salnet.run.rundir import MetricsFile, RunDir, RunDirLocked, RunDirUnsafe, RunLock, read_records
 
 
 def write_rows(path, steps, tail=b""):
@@ -93,3 +93,44 @@ def test_leftovers_of_crashes_go_and_start_over_stays_inside_the_run(tmp_path):
     removed = sorted(RunDir(run).start_over())
     assert removed == [RunDir(run).best, RunDir(run).checkpoints]
     assert (outside / "keep.txt").read_text() == "keep" and (run / "config.yaml").exists()
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """Files of someone else's, beside the run directory."""
+    (tmp_path / "elsewhere" / "plots").mkdir(parents=True)
+    for name in (".lock", "metrics.jsonl", "metrics.replaced.jsonl"):
+        (tmp_path / "elsewhere" / name).write_text("someone else's\n")
+    return tmp_path / "elsewhere"
+
+
+def untouched(outside):
+    return all(p.read_text() == "someone else's\n" for p in outside.iterdir() if p.is_file())
+
+
+@pytest.mark.parametrize("entry", [".lock", "metrics.jsonl", "plots"])
+def test_a_run_directory_whose_files_lead_outside_it_is_refused(tmp_path, outside, entry):
+    run = tmp_path / "run"
+    (run / "wandb" / "run-1").mkdir(parents=True)
+    (run / "wandb" / "latest-run").symlink_to("run-1")  # a link that stays inside is fine
+    (run / entry).symlink_to(outside / entry)
+    with pytest.raises(RunDirUnsafe, match=f"{run / entry}: a symlink"):
+        RunLock(run).acquire()
+    assert untouched(outside)
+    (run / entry).unlink()
+    lock = RunLock(run)
+    lock.acquire()  # without it, the run is the writer's again
+    lock.release()
+
+
+def test_the_run_log_never_writes_through_a_link_that_appears_during_the_run(tmp_path, outside):
+    metrics = MetricsFile(tmp_path)
+    metrics.path.symlink_to(outside / "metrics.jsonl")
+    with pytest.raises(RunDirUnsafe, match=f"{metrics.path}: a symlink"):
+        metrics.append({"kind": "train", "step": 1})
+    metrics.path.unlink()
+    write_rows(metrics.path, [1, 2, 3])
+    metrics.replaced_path.symlink_to(outside / "metrics.replaced.jsonl")
+    with pytest.raises(RunDirUnsafe, match=f"{metrics.replaced_path}: a symlink"):
+        metrics.resume_at(2)
+    assert untouched(outside)

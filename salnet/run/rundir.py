@@ -26,6 +26,11 @@ drawing of its layout (with the RunDir attribute of each entry):
 Temporary names (`.NAME.*.tmp` files, `checkpoints/.step-N.tmp/`) are never read as results: a
 crash leaves them behind, and rank 0 removes them when the next attempt starts.
 
+Nothing is written outside the run directory: RunLock's holder refuses a directory in which a
+symlink leads outside it (`check_contained`), the files written in place (the lock, metrics.jsonl)
+are opened with O_NOFOLLOW, and everything else is written atomically (a rename replaces a link,
+it never writes through one).
+
 The lock is an flock(2) on `.lock`: the kernel releases it when the holder dies (kill -9
 included), so no stale lock outlives a job. On NFS, Linux maps flock to NFS byte-range locks
 (NFSv4, or NFSv3 with a lock daemon), which hold across hosts; on a filesystem without locking
@@ -57,6 +62,10 @@ _COMPLETE_CHECKPOINT = re.compile(r"^step-(\d{8})$")  # renamed into place only 
 
 class RunDirLocked(RuntimeError):
     """Another job holds the run directory."""
+
+
+class RunDirUnsafe(RuntimeError):
+    """A run directory with a file or folder that leads outside it (a symlink salnet would write through)."""
 
 
 class RunDir:
@@ -174,6 +183,19 @@ class RunDir:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         return removed
 
+    def check_contained(self) -> None:
+        """Refuse the run directory if a symlink in it leads outside it: what salnet writes there
+        (the lock record, metrics.jsonl, checkpoints/, plots/ ...) would land in files elsewhere.
+        Links that stay inside (W&B's latest-run) are fine."""
+        root = self.root.resolve()
+        for parent, dirs, files in os.walk(self.root):  # not into linked folders: each is judged as a link
+            for path in (Path(parent, name) for name in dirs + files):
+                if path.is_symlink() and not path.resolve().is_relative_to(root):
+                    raise RunDirUnsafe(
+                        f"{path}: a symlink to {path.resolve()}, outside the run directory {self.root}; salnet "
+                        f"writes only inside it: replace the link with a copy of what it points at, or remove it"
+                    )
+
     def start_over(self) -> list[Path]:
         """train.resume=none: remove what an earlier run wrote here (checkpoints, best.pt, its log), and
         nothing else. A symlink is removed as a link, never followed out of the run directory."""
@@ -230,7 +252,7 @@ class MetricsFile:
             (kept if record is None or record.get("step", 0) <= step else replaced).append(line)
         if replaced:
             stamp = datetime.datetime.now().isoformat(timespec="seconds")
-            with open(self.replaced_path, "ab") as f:
+            with os.fdopen(_open_no_link(self.replaced_path, os.O_WRONLY | os.O_APPEND), "ab") as f:
                 f.write(json.dumps({"kind": "replaced", "resumed_at_step": step, "time": stamp}).encode() + b"\n")
                 f.writelines(replaced)
             log.warning(
@@ -242,8 +264,23 @@ class MetricsFile:
 
     def append(self, record: dict[str, Any]) -> None:
         # One write of one whole line: a crash leaves at most a torn last line, which resume cuts.
-        with open(self.path, "a") as f:
+        with os.fdopen(_open_no_link(self.path, os.O_WRONLY | os.O_APPEND), "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _open_no_link(path: Path, flags: int) -> int:
+    """os.open(path, flags | O_CREAT) that refuses a symlink (O_NOFOLLOW) for the files the run
+    writes in place rather than atomically (the lock, metrics.jsonl): a link that appeared after
+    RunLock's check_contained is refused too, never written through."""
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise RunDirUnsafe(
+            f"{path}: a symlink (to {os.readlink(path)}); salnet writes the run's files only inside the run "
+            f"directory: replace the link with a copy of what it points at, or remove it"
+        ) from None
 
 
 def _parse_lines(data: bytes, where: Path) -> list[dict | None]:
@@ -275,20 +312,23 @@ def _holder_description() -> dict[str, Any]:
 
 
 class RunLock:
-    """An exclusive flock on runs/NAME/.lock for this process's life (rank 0 takes it)."""
+    """An exclusive flock on runs/NAME/.lock for this process's life (rank 0 takes it). The writer
+    that holds it then checks that nothing in the directory leads outside it (RunDir.check_contained)."""
 
     def __init__(self, run_dir: os.PathLike | str):
-        self.path = RunDir(run_dir).lock
+        self.run = RunDir(run_dir)
+        self.path = self.run.lock
         self._fd: int | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd: int | None = _open_no_link(self.path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip()
             os.close(fd)
+            fd = None
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise RunDirLocked(
                     f"run directory {self.path.parent} is in use by another job ({holder or 'holder unknown'}); "
@@ -298,10 +338,16 @@ class RunLock:
                 f"cannot lock {self.path} ({os.strerror(e.errno)}): this filesystem has no flock, "
                 f"so salnet cannot stop a second job from writing the same run directory"
             )
-            return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_holder_description()).encode() + b"\n", 0)
-        self._fd = fd  # held (and the lock with it) until release() or the process ends
+        try:
+            self.run.check_contained()  # under the lock: no other salnet job changes the directory meanwhile
+        except RunDirUnsafe:
+            if fd is not None:
+                os.close(fd)
+            raise
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(_holder_description()).encode() + b"\n", 0)
+            self._fd = fd  # held (and the lock with it) until release() or the process ends
 
     def release(self) -> None:
         if self._fd is not None:
