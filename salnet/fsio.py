@@ -24,9 +24,20 @@ def fsync_dir(path: os.PathLike | str) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
+    # Read from /proc where Linux shows it: setting it to read it would, for that instant, give a
+    # file another thread creates (the plots thread, during a save) the mode 0666.
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
+
+
+def umask_mode(executable: bool = False) -> int:
+    """The mode a file created now gets from a plain open(): 0666 less the umask (0777 for an executable)."""
+    return (0o777 if executable else 0o666) & ~_umask()
 
 
 @contextlib.contextmanager
@@ -40,7 +51,7 @@ def atomic_write(path: os.PathLike | str, mode: str = "w", **open_kwargs) -> Ite
             yield f
             f.flush()
             # mkstemp creates 0600: give the file the mode a plain open() would (0666 less the umask).
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fchmod(f.fileno(), umask_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import stat
 
 import pytest
 import torch
@@ -223,6 +224,14 @@ def test_zero1_bf16_trains_validates_and_keeps_best(tmp_path, shards):
         "dtype": "bfloat16",
     }
     assert_best_is_what_validation_saw(run_dir, amp_dtype=torch.bfloat16)
+    # Every file follows the ranks' umask (config.yaml shows it), DeepSpeed's recovery scripts too.
+    mode = stat.S_IMODE((run_dir / "config.yaml").stat().st_mode)
+    files = {p: stat.S_IMODE(p.stat().st_mode) for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
+    scripts = [p for p in files if p.suffix == ".py"]
+    assert scripts and all(files[p] == mode | (mode & 0o444) >> 2 for p in scripts), {
+        p.name: oct(files[p]) for p in scripts
+    }
+    assert all(m == mode for p, m in files.items() if p not in scripts), {p.name: oct(m) for p, m in files.items()}
 
 
 def zero_config(*overrides):

@@ -36,7 +36,7 @@ from torch import nn
 
 from salnet import dist
 from salnet.config import Config
-from salnet.fsio import atomic_write
+from salnet.fsio import atomic_write, umask_mode
 from salnet.optim import build_schedule, param_groups
 from salnet.run.checksums import FileDigest, file_digest, load_file, save_hashed
 from salnet.run.rundir import RunDir
@@ -175,6 +175,11 @@ class DeepSpeedStrategy(Strategy):
 
     def save(self, directory: Path, client_state: dict) -> dict[str, FileDigest]:
         self.engine.save_checkpoint(str(directory), tag=TAG)
+        if dist.is_main():
+            # DeepSpeed copies its recovery scripts (zero_to_fp32.py, ...) in and adds u+x alone, whatever
+            # the umask: give them the mode an executable made under the umask has, as every file of a run does.
+            for script in directory.rglob("*.py"):
+                os.chmod(script, umask_mode(executable=True))
         dist.barrier()  # every rank's files are complete before anyone hashes
         digests = {}
         if dist.is_main():
