@@ -98,21 +98,24 @@ def test_leftovers_of_crashes_go_and_start_over_stays_inside_the_run(tmp_path):
 @pytest.fixture
 def outside(tmp_path):
     """Files of someone else's, beside the run directory."""
-    (tmp_path / "elsewhere" / "plots").mkdir(parents=True)
-    for name in (".lock", "metrics.jsonl", "metrics.replaced.jsonl"):
+    (tmp_path / "elsewhere" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "plots").mkdir()
+    for name in (".lock", "metrics.jsonl", "metrics.replaced.jsonl", "plots/latest.npz"):
         (tmp_path / "elsewhere" / name).write_text("someone else's\n")
     return tmp_path / "elsewhere"
 
 
 def untouched(outside):
-    return all(p.read_text() == "someone else's\n" for p in outside.iterdir() if p.is_file())
+    return all(p.read_text() == "someone else's\n" for p in outside.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("entry", [".lock", "metrics.jsonl", "plots"])
+@pytest.mark.parametrize("entry", [".lock", "metrics.jsonl", "checkpoints", "plots/latest.npz"])
 def test_a_run_directory_whose_files_lead_outside_it_is_refused(tmp_path, outside, entry):
     run = tmp_path / "run"
+    (run / "plots" / "old").mkdir(parents=True)
+    (run / "plots" / "latest").symlink_to("old")  # a link that stays inside is fine
     (run / "wandb" / "run-1").mkdir(parents=True)
-    (run / "wandb" / "latest-run").symlink_to("run-1")  # a link that stays inside is fine
+    (run / "wandb" / "run-1" / "core.log").symlink_to(outside / ".lock")  # W&B's own links are W&B's
     (run / entry).symlink_to(outside / entry)
     with pytest.raises(RunDirUnsafe, match=f"{run / entry}: a symlink"):
         RunLock(run).acquire()

@@ -186,7 +186,8 @@ class RunDir:
     def check_contained(self) -> None:
         """Refuse the run directory if a symlink in it leads outside it: what salnet writes there
         (the lock record, metrics.jsonl, checkpoints/, plots/ ...) would land in files elsewhere.
-        Links that stay inside (W&B's latest-run) are fine."""
+        Links that stay inside are fine; wandb/ is judged as a whole, not what W&B keeps in it (its
+        own links, e.g. to its core log in its cache directory)."""
         root = self.root.resolve()
         for parent, dirs, files in os.walk(self.root):  # not into linked folders: each is judged as a link
             for path in (Path(parent, name) for name in dirs + files):
@@ -195,6 +196,8 @@ class RunDir:
                         f"{path}: a symlink to {path.resolve()}, outside the run directory {self.root}; salnet "
                         f"writes only inside it: replace the link with a copy of what it points at, or remove it"
                     )
+            if Path(parent) == self.root:
+                dirs[:] = [d for d in dirs if d != self.wandb.name]
 
     def start_over(self) -> list[Path]:
         """train.resume=none: remove what an earlier run wrote here (checkpoints, best.pt, its log), and
