@@ -47,6 +47,34 @@ def test_every_rank_gets_the_same_steps_and_no_sample_twice(sizes, batch, world,
     assert all(0 <= i < sizes[shard] for shard, i in seen)
 
 
+@pytest.mark.parametrize(
+    "sizes,batch,world,readers",
+    [
+        ([10], 4, 1, 1),  # one shard of 10, batch 4: samples 8 and 9 were never used
+        ([10], 4, 1, 3),
+        ([10], 3, 2, 2),
+        ([7], 2, 3, 1),
+        ([10, 3], 3, 3, 2),
+        ([5, 5, 5], 4, 2, 2),
+        ([100], 8, 2, 4),
+    ],
+)
+def test_the_samples_an_epoch_leaves_out_change_with_the_epoch(sizes, batch, world, readers):
+    plan = TrainPlan([sizes], None, batch_size=batch, world_size=world, readers=readers, seed=0, shuffle_buffer=4)
+    every = {(shard, i) for shard, n in enumerate(sizes) for i in range(n)}
+    epochs, used_in, left_out = 50, Counter(), set()
+    for epoch in range(epochs):
+        used = [s for rank in range(world) for b in planned_samples(plan, epoch, rank) for s in b]
+        assert len(used) == len(set(used)) == len(every) - plan.remainder > 0
+        used_in.update(used)
+        left_out.add(frozenset(every - set(used)))
+    assert len(left_out) > 1, "the remainder is drawn anew each epoch"
+    assert set(used_in) == every, f"never used in {epochs} epochs: {sorted(every - set(used_in))}"
+    # Each sample is left out of about remainder / N of the epochs, as a uniform draw would.
+    share_used = 1 - plan.remainder / len(every)
+    assert min(used_in.values()) > epochs * share_used / 2, sorted(used_in.items(), key=lambda kv: kv[1])[:3]
+
+
 def test_the_order_is_a_pure_function_of_seed_and_epoch_and_changes_with_both():
     def order(seed, epoch):
         plan = TrainPlan([[8, 8, 8]], None, batch_size=2, world_size=2, readers=2, seed=seed, shuffle_buffer=5)

@@ -120,6 +120,16 @@ def test_a_changed_worker_count_restarts_at_the_next_epoch(synth, caplog):
     assert len(epoch(after, 1)) == after.steps_per_epoch
 
 
+def test_a_checkpoint_of_an_older_data_order_restarts_at_the_next_epoch(synth, caplog):
+    stream = TrainStream(data_cfg(synth, workers=0), seed=0, rank=0, world_size=1)
+    state = {**stream.state_dict(), "batches": 1}
+    del state["plan"]  # as saved before the order had a version: its batches are not this order's
+    with caplog.at_level(logging.WARNING, logger="salnet.data"):
+        stream.load_state_dict(state)
+    assert "plan None -> 2" in caplog.text and "start of epoch 1" in caplog.text
+    assert epoch(stream, 0) == []
+
+
 def test_weighted_sets_are_mixed_in_one_epoch(synth):
     train, val = synth
     # Equal weights over 30 + 13 samples: 22 from each set per epoch, so the 13 val scenes repeat.

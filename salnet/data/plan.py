@@ -8,12 +8,15 @@ Train epoch, step by step:
 1. Pieces. Each train set contributes its per-epoch quota of samples: whole passes over its
    shards in a fresh random shard order each pass, then part of one more pass (whole shards in
    random order, the last one cut short). All pieces of all sets are then shuffled together.
-   Laid end to end they form the epoch's sample sequence of N positions.
+   Laid end to end they form the epoch's sample sequence of N positions, which then starts at a
+   random position (drawn anew each epoch) and wraps around: the piece holding it is cut in two.
 2. Ranks. Rank r owns positions [r*N//world, (r+1)*N//world) and uses the first
    steps_per_epoch * batch_size of them, steps_per_epoch = (N // world) // batch_size: the same on
    every rank for any number of shards. The unused tail (at most batch_size samples per rank,
-   world_size * batch_size in all) is the epoch's remainder; the order changes every epoch, and
-   so does the remainder.
+   world_size * batch_size in all) is the epoch's remainder. Without the random start the
+   remainder would fall at the same places of the same pieces whenever the shuffle has little to
+   shuffle (one shard of 10 in batches of 4: samples 8 and 9 in every epoch); with it, every
+   sample is left out equally often, whatever the shards.
 3. Readers. A rank's batch j is made by its reader j % workers (the order in which a DataLoader
    collects from its workers), so reader w owns a contiguous run of its rank's range, one batch
    per batch it makes. Readers may start and stop inside a shard: with fewer shards than readers
@@ -39,7 +42,11 @@ from dataclasses import dataclass
 import numpy as np
 
 # Distinct first words keep the random streams for the different decisions independent.
-_PIECES, _SHUFFLE, _SCALE, _AUGMENT, _DEVICE_AUGMENT = 1, 2, 3, 4, 5
+_PIECES, _SHUFFLE, _SCALE, _AUGMENT, _DEVICE_AUGMENT, _START = 1, 2, 3, 4, 5, 6
+# The version of the order (seed, epoch, world size, workers) give; part of a checkpoint's data
+# identity, so a checkpoint of another version restarts at its next epoch instead of skipping the
+# wrong samples. 2: the sequence starts at a random position each epoch.
+PLAN_VERSION = 2
 _WORD = 2**64 - 1
 
 
@@ -157,7 +164,10 @@ class TrainPlan:
                 take = min(rest, sizes[i])
                 pieces.append(Piece(first + i, 0, take))
                 rest -= take
-        return [pieces[k] for k in rng.permutation(len(pieces))]
+        pieces = [pieces[k] for k in rng.permutation(len(pieces))]
+        start = int(rng_for(_START, self.seed, epoch).integers(self.epoch_samples)) if self.epoch_samples else 0
+        starts = piece_starts(pieces)
+        return slice_pieces(pieces, starts, start, self.epoch_samples) + slice_pieces(pieces, starts, 0, start)
 
     def reader_batches(self, reader: int) -> list[int]:
         return list(range(reader, self.steps_per_epoch, self.readers))

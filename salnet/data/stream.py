@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from salnet import dist
 from salnet.config import DataConfig
 from salnet.data.augment import augment_sample, crop_box, cut, draw_warp, pad_crops, resolve_augment_on
-from salnet.data.plan import TrainPlan, share, val_batch_count, val_batches
+from salnet.data.plan import PLAN_VERSION, TrainPlan, share, val_batch_count, val_batches
 from salnet.data.reader import RawSample, in_order, read_positions, read_sequence
 from salnet.data.sources import DataError, Limits, Shard, open_shard_set
 from salnet.data.transforms import SampleError, decode_sample, resize_for_eval
@@ -275,6 +275,7 @@ class TrainStream:
             )
         layout = json.dumps([[s.name, [shard.samples for shard in s.shards]] for s in sets] + [self.plan.quotas])
         self._identity = {
+            "plan": PLAN_VERSION,
             "seed": seed,
             "world_size": world_size,
             "workers": self.workers,
@@ -332,7 +333,8 @@ class TrainStream:
     def load_state_dict(self, state: dict) -> None:
         """Resume: the next `epoch_batches(state["epoch"])` continues after the consumed batches.
 
-        If the plan changed (world size, workers, seed, batch size, shuffle buffer or the data),
+        If the plan changed (world size, workers, seed, batch size, shuffle buffer, the data, or
+        the version of the order itself: plan.PLAN_VERSION),
         the consumed batches cannot be mapped onto the new plan: the rest of that epoch is skipped
         and the data order restarts at the start of the next one.
         """
