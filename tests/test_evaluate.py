@@ -283,6 +283,17 @@ def test_bad_arguments_are_refused_with_the_value_at_fault(maps, tmp_path, capsy
     for args, words in (
         (["--pred", f"good={root / 'good'}", "--gt", f"NOPE={truths['DS-A']}"], ["has no folder 'NOPE'", "DS-A"]),
         (["--checkpoint", str(tmp_path / "missing.pt"), "--data", f"X={tmp_path}"], ["missing.pt", "does not exist"]),
+        (  # checked before scoring, not at the first write after it
+            [
+                "--pred",
+                f"good={root / 'good'}",
+                "--gt",
+                f"DS-A={truths['DS-A']}",
+                "--out",
+                str(root / "gt-a" / "a0.png"),
+            ],
+            [f"--out '{root / 'gt-a' / 'a0.png'}' is a file, not a folder"],
+        ),
     ):
         with pytest.raises(SystemExit) as exit_:
             evaluate.main(args)

@@ -130,3 +130,63 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, capsys):
         export.main(["--checkpoint", str(bad), "--format", "onnx", "--out", str(tmp_path / "x.onnx")])
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and str(bad) in err and "as a salnet best.pt:" in err and "Traceback" not in err
+
+
+def test_an_export_failing_its_parity_check_leaves_no_file_that_looks_like_one(eager, tmp_path, monkeypatch, capsys):
+    """Issue 22, item 14: written under a temporary name, renamed only once it passed the check."""
+    checkpoint, _ = eager
+    out = tmp_path / "salnet.pt"
+    out.write_bytes(b"an earlier, checked export")
+    good = export.export_torchscript
+
+    def off_by_a_little(module, example, path, meta):  # an exporter whose file computes something else
+        run = good(module, example, path, meta)
+        return lambda x: run(x) + 1e-3
+
+    monkeypatch.setattr(export, "export_torchscript", off_by_a_little)
+    args = ["--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(out), "--check-sizes", "64"]
+    with pytest.raises(SystemExit) as exit_:
+        export.main(args)
+    err = capsys.readouterr().err
+    assert out.read_bytes() == b"an earlier, checked export" and list(tmp_path.iterdir()) == [out]
+    assert exit_.value.code == 1 and "Traceback" not in err
+    assert f"{out}: the exported model differs from eager PyTorch" in err and "not written" in err, err
+
+    monkeypatch.setattr(export, "export_torchscript", good)
+    export.main(args)
+    assert torch.jit.load(str(out)) is not None and list(tmp_path.iterdir()) == [out]
+
+
+def test_a_wrong_out_or_a_training_checkpoint_folder_is_one_line_naming_it(eager, tmp_path, capsys):
+    """Issue 22, item 14: --out a folder or under a file; --checkpoint a training checkpoint folder."""
+    from salnet.run.checkpoint import CONFIG
+    from salnet.run.checksums import MANIFEST
+
+    checkpoint, _ = eager
+    run = RunDir(tmp_path / "runs" / "r")
+    step = run.checkpoints / "step-00000004"
+    step.mkdir(parents=True)
+    (step / MANIFEST).write_text("{}")
+    (step / CONFIG).write_text("{}")
+    run.best.write_bytes(b"")
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for ckpt, out, words in (
+        (checkpoint, tmp_path, [f"--out '{tmp_path}' is a folder"]),
+        (checkpoint, a_file / "x.pt", [f"'{a_file}' is a file, not a folder"]),
+        (
+            step,
+            tmp_path / "x.pt",
+            [
+                f"'{step}' is a training checkpoint folder",
+                f"python -m salnet.strategy.convert {step} OUT_DIR",
+                str(run.best),
+            ],
+        ),
+        (run.root, tmp_path / "x.pt", [f"pass the best.pt inside it, {run.best}"]),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            export.main(["--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and len(err.strip().splitlines()) == 1, err
+        assert all(w in err for w in words), (words, err)

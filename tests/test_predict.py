@@ -205,3 +205,21 @@ def test_a_sample_claiming_a_huge_original_size_is_refused_before_its_map_is_mad
     assert sorted(p.name for p in (tmp_path / "skip" / "S").iterdir()) == ["fine.png"]
     skipped = json.loads((tmp_path / "skip" / "predict.json").read_text())["datasets"]["S"]["skipped"]
     assert len(skipped) == 1 and "big" in skipped[0]["path"] and "400.0 MP" in skipped[0]["reason"]
+
+
+def test_an_out_that_is_a_file_or_cannot_be_a_folder_is_one_line_naming_it(tmp_path, checkpoint, capsys):
+    """Issue 22, item 14: checked before the checkpoint is loaded or an image read."""
+    ecssd_folder(tmp_path / "ECSSD", 1)
+    a_file = tmp_path / "maps.png"
+    a_file.write_bytes(b"")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ECSSD").write_bytes(b"")  # where the dataset's folder would go
+    for out, words in (
+        (a_file, f"--out '{a_file}' is a file, not a folder"),
+        (a_file / "maps", f"--out '{a_file / 'maps'}' is not a writable folder: Not a directory"),
+        (tmp_path / "out", f"--out '{tmp_path / 'out' / 'ECSSD'}' is a file, not a folder"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            salnet_predict.main(["--checkpoint", str(checkpoint), str(tmp_path / "ECSSD"), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and err.strip().splitlines() == [f"python -m salnet.predict: error: {words}"]

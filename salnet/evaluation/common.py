@@ -20,6 +20,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,10 @@ from salnet import dist
 from salnet.config import ConfigError, ModelConfig
 from salnet.data import DataError, to_model_input
 from salnet.model import build_model
+from salnet.run.checkpoint import CONFIG as CHECKPOINT_CONFIG
 from salnet.run.checkpoint import load_best
+from salnet.run.checksums import MANIFEST as CHECKSUMS
+from salnet.run.rundir import RunDir
 from salnet.shards.manifest import ShardsError
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,9 +80,10 @@ class BestWeights:
 
 def load_best_weights(path: os.PathLike | str) -> BestWeights:
     path = Path(path)
+    if path.is_dir():
+        raise EvaluationError(_not_a_best_pt(path))
     if not path.is_file():
-        hint = " (it is a directory: pass the best.pt inside it)" if path.is_dir() else ""
-        raise EvaluationError(f"checkpoint '{path}' does not exist{hint}")
+        raise EvaluationError(f"checkpoint '{path}' does not exist")
     try:
         best = load_best(path)
     except Exception as e:  # torch.load's errors have many types (pickle, zip, weights_only)
@@ -107,6 +112,41 @@ def load_best_weights(path: os.PathLike | str) -> BestWeights:
         ) from None
     model.eval()
     return BestWeights(path, model, best["config"], best.get("step"), dict(best.get("metrics") or {}))
+
+
+def _not_a_best_pt(directory: Path) -> str:
+    """What the folder given as a best.pt is, and what to pass instead."""
+    if (directory / CHECKSUMS).is_file() or (directory / CHECKPOINT_CONFIG).is_file():
+        run_best = RunDir(directory.parent.parent).best  # a checkpoint is runs/NAME/checkpoints/step-N
+        also = (
+            f" (or pass the run's best.pt, {run_best}: the weights that validated best)" if run_best.is_file() else ""
+        )
+        return (
+            f"checkpoint '{directory}' is a training checkpoint folder, not a best.pt: export its weights "
+            f"with `python -m salnet.strategy.convert {directory} OUT_DIR` and pass OUT_DIR/best.pt{also}"
+        )
+    if RunDir(directory).best.is_file():
+        return f"checkpoint '{directory}' is a folder: pass the best.pt inside it, {RunDir(directory).best}"
+    return f"checkpoint '{directory}' is a folder, not a best.pt (a run's best.pt, or one exported by convert)"
+
+
+def output_dirs(*paths: Path, flag: str = "--out") -> None:
+    """Every rank calls this: each of `paths` made a writable folder (with its parents), or on every rank
+    an EvaluationError naming it and why. Checked before the work, so a long run does not fail at its
+    first write."""
+    error = None
+    for path in paths:
+        if path.exists() and not path.is_dir():
+            error = f"{flag} '{path}' is a file, not a folder"
+            break
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):  # a real write: permissions, a read-only mount, quotas
+                pass
+        except OSError as e:
+            error = f"{flag} '{path}' is not a writable folder: {e.strerror or e}"
+            break
+    raise_if_any(error)
 
 
 def make_predict(best: BestWeights, precision: str) -> Predict:

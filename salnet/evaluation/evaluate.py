@@ -53,6 +53,7 @@ from salnet.evaluation.common import (
     load_best_weights,
     make_predict,
     names_listed,
+    output_dirs,
     raise_if_any,
     run_distributed,
     split_name,
@@ -278,6 +279,8 @@ def evaluate_main(args: argparse.Namespace) -> Report:
     args.gt_sets = _named(args.gt, "dataset", lambda location: Path(location).resolve().name)
     families = [f for f in FAMILIES if f in args.metrics]
     report = Report(list(dict.fromkeys([n for n, _ in args.data_sets] + [n for n, _ in args.gt_sets])))
+    if args.out is not None:
+        output_dirs(args.out)
     if args.checkpoint:
         score_checkpoints(args, report, families)
     if args.pred:

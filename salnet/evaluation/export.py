@@ -17,9 +17,11 @@ best.pt's data.eval_size, printed on export; ONNX: at least 33 px), and returns 
     saliency = session.run(["saliency"], {"image": image.numpy()})[0]
 
 Both files carry the metadata as JSON (TorchScript: extra file `salnet.json`; ONNX: metadata
-property `salnet`): checkpoint (the best.pt's path), step, input size, mean, std. After writing, the file is loaded
-back and compared with eager PyTorch on random inputs at two sizes (--check-sizes), printing the
-largest absolute difference; a difference above --tolerance fails the export.
+property `salnet`): checkpoint (the best.pt's path), step, input size, mean, std. The file is
+written under a temporary name beside OUT, loaded back and compared with eager PyTorch on random
+inputs at two sizes (--check-sizes), printing the largest absolute difference; only then is it
+renamed to OUT. A difference above --tolerance fails the export and leaves no file (a file already
+at OUT stays as it was).
 
 ONNX: torch.export's adaptive average pooling (the pyramid pooling module's) is only right for
 input sizes it saw; it is decomposed here into two matrix products that hold for any size.
@@ -29,13 +31,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from salnet.data import IMAGENET_MEAN, IMAGENET_STD
-from salnet.evaluation.common import BestWeights, EvaluationError, command_parser, load_best_weights, run_main
+from salnet.evaluation.common import (
+    BestWeights,
+    EvaluationError,
+    command_parser,
+    load_best_weights,
+    output_dirs,
+    run_main,
+)
 
 PROG = "python -m salnet.export"
 FORMATS = ("torchscript", "onnx")
@@ -69,6 +79,12 @@ def adaptive_avg_pool2d(x: torch.Tensor, output_size) -> torch.Tensor:
     bins_h, bins_w = (output_size, output_size) if isinstance(output_size, int) else output_size
     rows, cols = pooling_matrix(x.shape[-2], bins_h, x), pooling_matrix(x.shape[-1], bins_w, x)
     return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+
+
+def broadcast_copy(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+    """aten.copy (what `mask[a:b, c:d] = value` becomes) as an explicit broadcast: torch.onnx writes
+    aten.copy of a scalar as the scalar itself, and the graph then fails to load (Swin's attention mask)."""
+    return src.to(dst.dtype).expand_as(dst).clone()
 
 
 def metadata(best: BestWeights, size: int) -> str:
@@ -107,6 +123,7 @@ def export_onnx(module: Saliency, example: torch.Tensor, out: Path, meta: str):
     table = torch.export.default_decompositions()
     for op in (torch.ops.aten.adaptive_avg_pool2d.default, torch.ops.aten._adaptive_avg_pool2d.default):
         table[op] = adaptive_avg_pool2d
+    table[torch.ops.aten.copy.default] = broadcast_copy
     program = program.run_decompositions(table)
     torch.onnx.export(
         program,
@@ -140,30 +157,42 @@ def export(
 ) -> dict:
     if fmt not in FORMATS:
         raise EvaluationError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if out.is_dir():
+        raise EvaluationError(f"--out '{out}' is a folder; it names the file to write")
+    output_dirs(out.parent, flag="--out's folder")
     best = load_best_weights(checkpoint_path)
     size = int(best.setting("data", "eval_size", 352))
     module = Saliency(best.model.float().cpu())
-    out.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(batch, 3, size, size, generator=gen)
-    with torch.no_grad():
-        run = (export_torchscript if fmt == "torchscript" else export_onnx)(module, example, out, metadata(best, size))
-        parity = {}
-        for height, width in check_sizes:
-            x = torch.randn(batch, 3, height, width, generator=gen)
-            expected, got = module(x), run(x)
-            if got.shape != expected.shape:
-                raise EvaluationError(
-                    f"{out}: output shape {tuple(got.shape)} for input {tuple(x.shape)}; eager PyTorch gives {tuple(expected.shape)}"
-                )
-            parity[f"{batch}x3x{height}x{width}"] = (got - expected).abs().max().item()
-    for shape, diff in parity.items():
-        print(f"export: {fmt} vs eager PyTorch at {shape}: max |diff| {diff:.3e}", flush=True)
-    worst = max(parity.values())
-    if not worst <= tolerance:
-        raise EvaluationError(
-            f"{out}: the exported model differs from eager PyTorch by up to {worst:.3e} (> --tolerance {tolerance:g})"
-        )
+    # Written under a temporary name and renamed only once it passed the parity check: whatever is
+    # under `out` is a checked export (or what was there before).
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
+    try:
+        with torch.no_grad():
+            exporter = export_torchscript if fmt == "torchscript" else export_onnx
+            run = exporter(module, example, tmp, metadata(best, size))
+            parity = {}
+            for height, width in check_sizes:
+                x = torch.randn(batch, 3, height, width, generator=gen)
+                expected, got = module(x), run(x)
+                if got.shape != expected.shape:
+                    raise EvaluationError(
+                        f"{out}: output shape {tuple(got.shape)} for input {tuple(x.shape)}; eager PyTorch gives "
+                        f"{tuple(expected.shape)}; not written"
+                    )
+                parity[f"{batch}x3x{height}x{width}"] = (got - expected).abs().max().item()
+        for shape, diff in parity.items():
+            print(f"export: {fmt} vs eager PyTorch at {shape}: max |diff| {diff:.3e}", flush=True)
+        worst = max(parity.values())
+        if not worst <= tolerance:
+            raise EvaluationError(
+                f"{out}: the exported model differs from eager PyTorch by up to {worst:.3e} "
+                f"(> --tolerance {tolerance:g}); not written"
+            )
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(
         f"export: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; input 'image' float32 [B, 3, H, W] ImageNet-normalised, "
         f"validated at {size} px; output 'saliency' [B, 1, H, W] probabilities)",

@@ -61,6 +61,7 @@ from salnet.evaluation.common import (
     load_best_weights,
     make_predict,
     names_listed,
+    output_dirs,
     raise_if_any,
     run_distributed,
     split_name,
@@ -338,6 +339,7 @@ class RankOutcome:
 
 def predict_main(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
+    output_dirs(args.out)
     checkpoint = load_best_weights(args.checkpoint)
     size = args.size or int(checkpoint.setting("data", "eval_size", 352))
     settings = Settings(
@@ -359,8 +361,7 @@ def predict_main(args: argparse.Namespace) -> dict:
         raise EvaluationError(f"two inputs have the dataset name {', '.join(twice)}: name them apart with NAME=INPUT")
     items = [(s, i) for s, source in enumerate(sources) for i in range(source.count)]
     mine = items[share(len(items), dist.world_size(), dist.rank())]  # cut as validation cuts its sets
-    for source in sources:
-        (args.out / source.name).mkdir(parents=True, exist_ok=True)
+    output_dirs(*(args.out / source.name for source in sources))
 
     images = _Images(sources, mine, settings.input_sizes, limits)
     loader = DataLoader(images, batch_size=None, num_workers=loader_workers(args.workers, len(mine)))
