@@ -258,6 +258,8 @@ def load_best(path: Path) -> dict:
     """best.pt (or an exported one), checked against its digest; errors name the file. A best.pt of
     an earlier salnet carries a digest of its weights only (LEGACY_WEIGHTS_DIGEST), checked as such."""
     best = load_file(Path(path), map_location="cpu")
+    if not isinstance(best, dict):  # a bare tensor or list: the caller says what a best.pt is
+        return best
     if BEST_DIGEST in best and _best_digest(best) != best[BEST_DIGEST]:
         raise CheckpointCorrupt(
             f"{path}: its weights, config or metrics do not match their checksum (the file changed after it was written)"
