@@ -22,6 +22,12 @@ identical maps. The network sees the image resized to SIZE x SIZE (default: the 
 data.eval_size), as in validation. Test-time augmentation averages the probabilities of every
 scale (SIZE x s) and, with --tta-flip, of each one's horizontal mirror.
 
+Limits, as for shards: an image file above --max-member-bytes is not read, one whose header
+declares more than --max-pixels is not decoded, and a shard sample whose orig_size is above
+--max-pixels gets no map allocated (defaults: the checkpoint's data.max_member_bytes and
+data.max_pixels); each is an error naming it, or skipped and listed with --skip-bad. OUT must be a
+writable folder (checked first).
+
 Under torchrun every rank predicts one contiguous share of the images: each exactly once.
 OUT/predict.json records the inputs, settings, per-rank counts and skipped images.
 """
