@@ -19,12 +19,15 @@ from salnet.config import DataConfig
 from salnet.data import DataError, TrainStream, ValStream
 from salnet.data.reader import RawSample, read_shard
 from salnet.data.sources import Limits, file_url, open_shard_set
+from salnet.data.stream import loader_workers
 from salnet.evaluation.common import EvaluationError
 from salnet.evaluation.predict import Prepared, map_path
+from salnet.shards.__main__ import main as shards_main
 from salnet.shards.images import BadFileError, prepare_image
 from salnet.shards.info import describe
 from salnet.shards.manifest import ManifestError, load_manifest
 from salnet.shards.pack import pack
+from salnet.shards.parallel import available_cpus
 from salnet.shards.synth import synthesize
 
 from conftest import forked_run, run_py
@@ -597,3 +600,26 @@ def test_info_reports_or_refuses_every_degenerate_manifest(synth, tmp_path):
             assert text.startswith("dataset      synth-train")
             outcomes.append("described")
     assert outcomes.count("refused") >= 13 and outcomes.count("described") >= 10, outcomes
+
+
+# --- process counts far above the machine ---------------------------------------------------------
+
+
+def test_a_worker_count_far_above_the_cpus_is_refused_before_a_process_starts(synth, capsys):
+    workers = 4 * available_cpus() + 1
+    far_above = rf"{workers} worker processes are far above the {available_cpus()} CPUs this process may use"
+    cfg = DataConfig(train=[str(synth)], val=[str(synth)], size=16, workers=workers)
+    with pytest.raises(DataError, match=rf"^data\.workers .* = {workers}: {far_above}: at most {workers - 1}"):
+        TrainStream(cfg, seed=0, rank=0, world_size=1)  # would be part of the data order: refused, not capped
+    with pytest.raises(DataError, match=far_above):
+        ValStream(cfg, 0, 1)
+    with pytest.raises(DataError, match=far_above):
+        loader_workers(workers, 10)  # predict's --workers
+    assert loader_workers(workers - 1, 10) == min(workers - 1, 10)
+    for command in ("verify", "synth"):
+        args = [command, str(synth), "--workers", str(workers)] + (
+            ["--train", "1", "--val", "1"] * (command == "synth")
+        )
+        with pytest.raises(SystemExit) as exit:
+            shards_main(args)
+        assert exit.value.code == 2 and re.search(rf"argument --workers: {far_above}", capsys.readouterr().err)

@@ -36,7 +36,7 @@ from salnet.data.reader import RawSample, in_order, read_positions, read_sequenc
 from salnet.data.sources import DataError, Limits, Shard, open_shard_set
 from salnet.data.transforms import SampleError, decode_sample, resize_for_eval
 from salnet.run.preemption import ignore_stop_signals, kill_daemonic_children_at_exit
-from salnet.shards.parallel import available_cpus
+from salnet.shards.parallel import available_cpus, too_many_workers
 
 log = logging.getLogger("salnet.data")
 
@@ -91,10 +91,22 @@ def default_workers() -> int:
     return max(0, min(8, per_rank - 1))
 
 
+def worker_count(requested: int | None) -> int:
+    """The loader processes per rank: default_workers() for None; a count far above the CPUs is
+    refused (salnet.shards.parallel.too_many_workers), not capped: a train loader's workers are
+    part of the data order."""
+    if requested is None:
+        return default_workers()
+    problem = too_many_workers(requested)
+    if problem:
+        raise DataError(f"data.workers (or the --workers of predict and evaluate) = {requested}: {problem}; lower it")
+    return requested
+
+
 def loader_workers(requested: int | None, work: int) -> int:
     """Loader processes for `work` items (a rank's val batches, its images to predict): as many as
-    requested (None: default_workers()), but no more than there are items."""
-    return min(default_workers() if requested is None else requested, work)
+    requested (worker_count), but no more than there are items."""
+    return min(worker_count(requested), work)
 
 
 def _worker_slot() -> tuple[int, int]:
@@ -258,7 +270,7 @@ class TrainStream:
         self.cfg, self.rank = cfg, rank
         self.device = dist.device() if device is None else torch.device(device)  # the training device
         self.augment_on = resolve_augment_on(cfg, self.device)
-        self.workers = default_workers() if cfg.workers is None else cfg.workers
+        self.workers = worker_count(cfg.workers)
         self.plan = TrainPlan(
             [[shard.samples for shard in s.shards] for s in sets],
             cfg.train_weights,

@@ -13,7 +13,7 @@ from salnet.shards.info import describe
 from salnet.shards.layouts import LAYOUTS
 from salnet.shards.manifest import ShardsError
 from salnet.shards.pack import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, ON_MISMATCH, pack
-from salnet.shards.parallel import available_cpus
+from salnet.shards.parallel import available_cpus, too_many_workers
 from salnet.shards.synth import synthesize
 from salnet.shards.tario import DEFAULT_MAX_MEMBER_BYTES
 from salnet.shards.verify import verify
@@ -67,6 +67,17 @@ def parse_seed(text: str) -> int | None:
         raise argparse.ArgumentTypeError(
             f"seed {text!r} must be an integer, or 'none' to keep the sorted order"
         ) from None
+
+
+def parse_workers(text: str) -> int:
+    try:
+        workers = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes") from None
+    problem = too_many_workers(workers)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}; lower it")
+    return workers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-side", type=int, metavar="PX", help="downscale images and masks whose longer side exceeds PX"
     )
     pack.add_argument(
-        "--workers", type=int, default=cpus, metavar="N", help=f"worker processes (default: the CPUs available, {cpus})"
+        "--workers",
+        type=parse_workers,
+        default=cpus,
+        metavar="N",
+        help=f"worker processes (default: the CPUs available, {cpus})",
     )
     pack.add_argument(
         "--skip-bad",
@@ -153,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check every shard against the manifest (size, sha256) and every sample (members, decoding, sizes).",
     )
     verify.add_argument("out", type=Path, metavar="OUT", help="shard directory")
-    verify.add_argument("--workers", type=int, default=cpus, metavar="N", help=f"worker processes (default {cpus})")
+    verify.add_argument(
+        "--workers", type=parse_workers, default=cpus, metavar="N", help=f"worker processes (default {cpus})"
+    )
     add_limits(verify)
 
     info = commands.add_parser("info", help="counts, sizes, statistics and how the shards were packed")
@@ -169,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--val", type=int, required=True, metavar="M", help="validation scenes")
     synth.add_argument("--size", type=int, default=128, metavar="PX", help="image side in pixels (default 128)")
     synth.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0); same seed, same bytes")
-    synth.add_argument("--workers", type=int, default=cpus, metavar="N", help=f"worker processes (default {cpus})")
+    synth.add_argument(
+        "--workers", type=parse_workers, default=cpus, metavar="N", help=f"worker processes (default {cpus})"
+    )
     synth.add_argument(
         "--overwrite", action="store_true", help="replace previous synth output in OUT/train and OUT/val"
     )

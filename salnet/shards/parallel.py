@@ -1,4 +1,5 @@
-"""Ordered parallel map with a progress bar, shared by pack, synth and verify; and the CPU count.
+"""Ordered parallel map with a progress bar, shared by pack, synth and verify; the CPU count, and
+the most worker processes salnet starts on it.
 
 Results come back in input order whatever the number of workers, which is what makes a pack
 byte-identical between `--workers 1` and `--workers 8`.
@@ -25,6 +26,26 @@ def available_cpus() -> int:
     workers (salnet.data.default_workers) and the benchmarks all use it; this module imports no torch.
     """
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# A worker is a process of its own (a loader worker also holds a copy of its dataset and a
+# prefetch queue): beyond a few per CPU more of them only cost memory and start-up time, and a
+# count far above that is a typo or a setting meant for another machine, which would start
+# hundreds of processes. More than one per CPU is allowed for readers that wait on remote shards.
+WORKERS_PER_CPU = 4
+
+
+def too_many_workers(workers: int) -> str | None:
+    """Why `workers` worker processes are refused on this machine, or None. The one rule for every
+    process count a user sets: the shards commands' --workers and the loaders' (data.workers,
+    predict's and evaluate's --workers)."""
+    cpus = available_cpus()
+    if workers <= WORKERS_PER_CPU * cpus:
+        return None
+    return (
+        f"{workers} worker processes are far above the {cpus} CPUs this process may use: at most "
+        f"{WORKERS_PER_CPU * cpus} ({WORKERS_PER_CPU} per CPU) are started"
+    )
 
 
 def ordered_map(
