@@ -10,6 +10,8 @@
   unless another precision is asked for).
 - `raise_if_any`: every rank calls it after its share of the work; an error on any rank is raised
   on all of them, so no rank is left waiting in a collective for one that has stopped.
+- `output_dirs`: the commands' --out folders, made and written to once before any work, so that a
+  file in the way or a folder that cannot be written is one line naming it, not a traceback at the end.
 - `command_parser`, `run_main`, `run_distributed`: the commands' parser (their docstring as help),
   and the command-line error exit (one message, on rank 0 when every rank has it).
 """
