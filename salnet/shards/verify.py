@@ -72,7 +72,9 @@ def verify(
     counts = Counter(key for r in reports for key in r.keys)
     duplicates = sorted(key for key, n in counts.items() if n > 1)
     if duplicates:
-        problems.append(f"{len(duplicates)} keys occur more than once across shards: {', '.join(duplicates[:20])}")
+        problems.append(
+            f"{len(duplicates)} keys occur more than once (in one shard or across shards): {', '.join(duplicates[:20])}"
+        )
     samples = sum(r.samples for r in reports)
     if samples != manifest["total_samples"]:
         problems.append(
