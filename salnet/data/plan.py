@@ -15,8 +15,8 @@ Train epoch, step by step:
    every rank for any number of shards. The unused tail (at most batch_size samples per rank,
    world_size * batch_size in all) is the epoch's remainder. Without the random start the
    remainder would fall at the same places of the same pieces whenever the shuffle has little to
-   shuffle (one shard of 10 in batches of 4: samples 8 and 9 in every epoch); with it, every
-   sample is left out equally often, whatever the shards.
+   shuffle (one shard of 10 in batches of 4: samples 8 and 9 in every epoch); with it, each
+   sample of the sequence has the same chance, remainder / N, of being left out, whatever the shards.
 3. Readers. A rank's batch j is made by its reader j % workers (the order in which a DataLoader
    collects from its workers), so reader w owns a contiguous run of its rank's range, one batch
    per batch it makes. Readers may start and stop inside a shard: with fewer shards than readers
