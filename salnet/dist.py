@@ -22,6 +22,7 @@ import os
 import random
 import re
 import socket
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -152,15 +153,48 @@ def init(timeout_s: float = 1800, use_cuda: bool | None = None) -> DistEnv:
             MASTER_PORT=str(found.master_port),
         )
         timeout = datetime.timedelta(seconds=timeout_s)
-        tdist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            rank=found.rank,
-            world_size=found.world_size,
-            timeout=timeout,
-            device_id=_DEVICE if use_cuda else None,
-            **_rendezvous(found, timeout),
-        )
+
+        def join() -> None:
+            if use_cuda:
+                torch.cuda.set_device(found.local_rank)  # the current device is per thread
+            tdist.init_process_group(
+                backend="nccl" if use_cuda else "gloo",
+                rank=found.rank,
+                world_size=found.world_size,
+                timeout=timeout,
+                device_id=_DEVICE if use_cuda else None,
+                **_rendezvous(found, timeout),
+            )
+
+        _signal_aware(join)
     return found
+
+
+def _signal_aware(fn: Callable[[], None]) -> None:
+    """fn() in a helper thread while the main thread waits in Python.
+
+    The rendezvous blocks in C++ (the store's connect retries, the wait for the other ranks) for up to
+    train.timeout_s, and Python runs signal handlers only between bytecodes of the main thread: a
+    rank whose launcher died there would ignore SIGTERM for half an hour. Waiting here instead, the
+    handlers run at once, and one that raises (salnet.run.preemption: a stop before the first step)
+    ends the wait; the helper thread is a daemon and dies with the process."""
+    if threading.current_thread() is not threading.main_thread():
+        fn()
+        return
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # handed to the main thread, which raises it as its own
+            failure.append(e)
+
+    helper = threading.Thread(target=run, name="salnet-rendezvous", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.1)
+    if failure:
+        raise failure[0]
 
 
 def _rendezvous(found: DistEnv, timeout: datetime.timedelta) -> dict:

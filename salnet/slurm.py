@@ -122,7 +122,9 @@ class TrainJob:
         )
         say("python -m salnet.train " + " ".join(argv))
         if stop.requested:
-            say(f"{stop.describe()} arrived during start-up; the training stops at its first step")
+            say(
+                f"{stop.describe()} arrived during start-up; the training stops before its first step (nothing to save)"
+            )
 
         from salnet import train  # the entry point (it imports torch once the config is read)
 

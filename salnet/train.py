@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> None:
         check=lambda cfg: check_runnable(cfg, cuda=cuda_may_be_present()),
     )
     stop = StopRequest()
-    stop.install()  # before anything slow: a signal during start-up is kept and acted on at the first step
+    # Before anything slow. Until the first step's agreement there is nothing to save: a stop signal
+    # (or the launcher's death) during start-up, the rendezvous included, ends the process at once.
+    stop.install().exit_at_once()
 
     from salnet import dist  # torch from here on
     from salnet.run.rundir import RunDir
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
         setup_logging()
         try:
             result = train(cfg, stop)
+        except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, wherever it was
+            print(f"[rank {dist.rank()}] interrupted: stopped at once, without saving", file=sys.stderr, flush=True)
+            sys.exit(130)
         except Exception as e:
             # Errors name their rank: in a multi-rank job the first failure is what matters.
             print(f"[rank {dist.rank()}] {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -299,6 +299,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> TrainResult:
         bar=log.progress(total, state.step),
     )
     stopped = 0  # once a rank is signalled: the exit code every rank agreed on
+    stop.defer()  # from here a stop signal waits for the step's agreement and a save (until now: exit at once)
     strategy.train()
     for micro_batches in step_batches(trainer.train_data, state, total, cfg.train.grad_accum, clock):
         result, losses = train_step(strategy, trainer.loss_fn, micro_batches, trainer.adjust_input, stop.exit_code())

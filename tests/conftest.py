@@ -21,8 +21,17 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from salnet.dist import free_port  # noqa: E402  (torch comes in here) the tests' rendezvous ports
+from salnet.run.preemption import _process_gone  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Every process this pytest process starts inherits this variable (each xdist worker sets its own):
+# how `leaves_no_process_behind` finds what a test left running, orphans included (a rank whose
+# launcher died has parent 1, no longer a descendant of anything here).
+PROCESS_MARK = "SALNET_TEST_PROCESS"
+os.environ[PROCESS_MARK] = str(os.getpid())
+# A Slurm cluster's daemons and jobs belong to the cluster (test_slurm's fixture cancels its jobs at the end).
+CLUSTER_PROCESSES = ("slurmctld", "slurmd", "slurmstepd", "munged")
 
 # The modules that take longest, in that order, run first: `make test` runs the suite on two
 # pytest-xdist workers that take whole modules (--dist loadscope, in this order), so the long ones
@@ -40,6 +49,70 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(command name, parent pid) of `pid`, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    name, rest = text.split(" (", 1)[1].rsplit(")", 1)
+    return name, int(rest.split()[1])
+
+
+def _in_cluster(pid: int) -> bool:
+    while pid > 1 and (stat := _stat(pid)) is not None:
+        if stat[0] in CLUSTER_PROCESSES:
+            return True
+        pid = stat[1]
+    return False
+
+
+def session_processes() -> set[int]:
+    """The live processes this pytest process started, directly or not (found by PROCESS_MARK)."""
+    mark = f"{PROCESS_MARK}={os.getpid()}".encode()
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if mark not in f.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        pid = int(entry)
+        if not _process_gone(pid) and not _in_cluster(pid):
+            found.add(pid)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_process_behind():
+    """Fail a test that leaves a process running (after 10 s of grace for processes still exiting),
+    and kill what it left. The zygote lives for the session; fixtures of a wider scope are set up
+    before this runs, so their processes are not the test's."""
+    before = session_processes()
+    yield
+    left = session_processes() - before - ({Zygote._proc.pid} if Zygote._proc is not None else set())
+    deadline = time.monotonic() + 10
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = {pid for pid in left if not _process_gone(pid)}
+    if not left:
+        return
+    described = []
+    for pid in sorted(left):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            described.append(f"{pid}: {command}")
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    pytest.fail("the test left processes running (now killed):\n  " + "\n  ".join(described))
 
 
 @pytest.fixture(scope="module")

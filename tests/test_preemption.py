@@ -12,7 +12,7 @@ import pytest
 
 from salnet.run.preemption import EXIT_REQUEUE, EXIT_STOPPED, StopRequest, _process_gone, parent_death_signal
 
-from conftest import REPO, spawn_torchrun
+from conftest import REPO, Forked, free_port, spawn_torchrun
 
 LINUX = sys.platform.startswith("linux")
 
@@ -44,6 +44,7 @@ def test_exit_codes_are_distinct_and_not_crash_codes():
         (signal.SIGUSR2, EXIT_REQUEUE, "SIGUSR2 (Slurm's warning before the time limit or preemption)"),
         (signal.SIGUSR1, EXIT_REQUEUE, "SIGUSR1 (a warning"),
         (signal.SIGTERM, EXIT_STOPPED, "SIGTERM (scancel"),
+        (signal.SIGINT, EXIT_STOPPED, "SIGINT (Ctrl-C"),
     ],
 )
 def test_a_signal_is_recorded_not_acted_on(stop, sig, code, words):
@@ -52,6 +53,30 @@ def test_a_signal_is_recorded_not_acted_on(stop, sig, code, words):
     assert wait_for(lambda: stop.requested)  # the process is alive: the handler only recorded it
     assert stop.signum == sig and stop.exit_code() == code
     assert stop.describe().startswith(words) and not stop.parent_died
+
+
+def test_a_second_ctrl_c_stops_at_once(stop):
+    os.kill(os.getpid(), signal.SIGINT)  # the first: saved at the next step end, as SIGTERM
+    assert wait_for(lambda: stop.requested) and stop.exit_code() == EXIT_STOPPED
+    with pytest.raises(KeyboardInterrupt):  # the second: now
+        os.kill(os.getpid(), signal.SIGINT)
+        wait_for(lambda: False, timeout=2)
+
+
+def test_before_the_first_agreement_a_stop_signal_ends_the_process_at_once(stop):
+    stop.exit_at_once()
+    with pytest.raises(SystemExit) as e:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        wait_for(lambda: False, timeout=2)
+    assert e.value.code == EXIT_REQUEUE
+    nested = StopRequest().install()  # takes over the signal seen so far
+    with pytest.raises(SystemExit):  # one seen before exit_at_once() ends it then
+        nested.exit_at_once()
+    nested.uninstall()
+    stop.defer()  # from the first agreement on: recorded only
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)
+    assert stop.signum == signal.SIGUSR2 and stop.exit_code() == EXIT_REQUEUE
 
 
 def test_the_first_signal_decides(stop):
@@ -245,3 +270,65 @@ def test_a_failing_parent_exits_although_its_workers_ignore_sigterm(tmp_path, mo
             except ProcessLookupError:
                 pass
         proc.wait()
+
+
+# A rank that will never meet its peers (WORLD_SIZE 2, nobody else): it waits in the rendezvous.
+def lone_rank_env():
+    return {
+        "RANK": "1",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+
+
+def kill_if_alive(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_during_the_rendezvous_ends_the_rank_at_once(tmp_path, sig):
+    rank = Forked(["-m", "salnet.train", f"out_dir={tmp_path}"], env=lone_rank_env())
+    try:
+        time.sleep(2)  # in the rendezvous, blocked in C++ (the store's connect retries)
+        assert rank.poll() is None, rank.output()
+        rank.send_signal(sig)
+        assert rank.wait(timeout=20) == EXIT_STOPPED
+        assert "before the first step: nothing to save, stopping now" in rank.output()[1]
+    finally:
+        kill_if_alive(rank.pid)
+
+
+# The launcher (this script) starts a rank and dies while the rank waits in the rendezvous.
+DYING_LAUNCHER = textwrap.dedent("""
+    import os, runpy, sys, time
+    rank = os.fork()
+    if rank == 0:
+        sys.argv = ["salnet.train", sys.argv[1]]
+        try:
+            runpy.run_module("salnet.train", run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            os._exit(e.code if isinstance(e.code, int) else 1)
+        os._exit(0)
+    print(rank, flush=True)
+    time.sleep(2)
+    os._exit(0)
+""")
+
+
+@pytest.mark.skipif(not LINUX, reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_rank_whose_launcher_dies_during_the_rendezvous_ends_at_once(tmp_path):
+    script = tmp_path / "launcher.py"
+    script.write_text(DYING_LAUNCHER)
+    launcher = Forked([script, f"out_dir={tmp_path}"], env=lone_rank_env())
+    assert launcher.wait(timeout=30) == 0, launcher.output()
+    rank = int(launcher.output()[0].split()[0])
+    try:
+        assert wait_for(lambda: _process_gone(rank), timeout=20), "the orphaned rank kept waiting for its rendezvous"
+        assert "SIGUSR1 (the parent process, the launcher, died) before the first step" in launcher.output()[1]
+    finally:
+        kill_if_alive(rank)

@@ -127,14 +127,15 @@ def test_a_warning_signal_to_one_rank_stops_every_rank_at_one_step_and_resume_is
     assert_resumed_run_equals(run_dir, uninterrupted)
 
 
-def test_sigterm_to_torchrun_saves_and_does_not_ask_for_a_requeue(tmp_path, shards):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C in torchrun's terminal
+def test_sigterm_or_ctrl_c_to_torchrun_saves_and_does_not_ask_for_a_requeue(tmp_path, shards, sig):
     path, run_dir = run_config(tmp_path, shards)
     agent = spawn_torchrun(2, ["-m", "salnet.train", "--config", path])
     wait_for_step(run_dir, 2, [agent])
-    agent.send_signal(signal.SIGTERM)  # torchrun's agent passes SIGTERM on to its workers
+    agent.send_signal(sig)  # torchrun's agent passes SIGTERM and SIGINT on to its workers
     out, err = agent.communicate(timeout=120)
     assert agent.returncode != 0
-    assert "stopped at step" in out and "SIGTERM" in out, out + err
+    assert "stopped at step" in out and f"{sig.name} (" in out, out + err
     step = int(out.split("stopped at step ")[1].split()[0])
     assert [p.name for p in RunDir(run_dir).complete_checkpoints()] == [f"step-{step:08d}"]
     # torchrun's agent exits with its own status (1 after SIGTERM), not the ranks' 76: rank 0 says it.

@@ -15,6 +15,14 @@ save at that step, and exit with `exit_code()`:
 
 A crash exits with any other non-zero code and never looks like a stop.
 
+Ctrl-C (SIGINT) is SIGTERM's interactive twin: saved at the next step end, exit 76. A second stop
+signal of the user's (Ctrl-C again) does not wait: KeyboardInterrupt at once.
+
+Before the ranks' first agreement there is nothing to save, so until then (`exit_at_once()` ...
+`defer()`) a stop signal, or the launcher's death, ends the process at once with the same exit code
+(SystemExit raised by the handler), instead of being kept for a step that may never come: a rank
+whose launcher died during the rendezvous would otherwise wait out the collective timeout.
+
 The death of the parent (torchrun's agent, which dies of an unhandled SIGUSR1/SIGUSR2, or slurmstepd)
 is turned into SIGUSR1 by the kernel (`prctl(PR_SET_PDEATHSIG)`), so an orphaned rank saves and
 leaves like one that got the warning, instead of training on with nobody to report to.
@@ -39,7 +47,7 @@ from typing import Any
 EXIT_REQUEUE = 75  # "stopped on the warning signal, checkpoint saved, requeue me" (sysexits' EX_TEMPFAIL)
 EXIT_STOPPED = 76  # "stopped on SIGTERM, checkpoint saved, do not requeue"
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 PARENT_DEATH_SIGNAL = signal.SIGUSR1
 
 _PR_SET_PDEATHSIG = 1
@@ -49,6 +57,7 @@ _DESCRIPTIONS = {
     signal.SIGUSR1: "SIGUSR1 (a warning: Slurm's --signal=USR1 before the time limit or preemption)",
     signal.SIGUSR2: "SIGUSR2 (Slurm's warning before the time limit or preemption)",
     signal.SIGTERM: "SIGTERM (scancel, or the end of the job: stop without requeue)",
+    signal.SIGINT: "SIGINT (Ctrl-C: stop without requeue; a second Ctrl-C stops at once)",
 }
 
 Handler = Callable[[int, Any], Any] | int | signal.Handlers | None
@@ -93,7 +102,7 @@ def _process_gone(pid: int) -> bool:
 
 
 class StopRequest:
-    """Records the first stop signal (SIGUSR1, SIGUSR2, SIGTERM) this process receives.
+    """Records the first stop signal (SIGUSR1, SIGUSR2, SIGTERM, SIGINT) this process receives.
 
         stop = StopRequest().install()      # or: with StopRequest() as stop:
         ...
@@ -116,12 +125,34 @@ class StopRequest:
         self._armed_parent_death = False
         self._prev_pdeathsig = 0
         self._ppid: int | None = None
+        self._at_once = False
 
-    # ---- the handler: record, nothing more --------------------------------------------------
+    # ---- the handler: record, nothing more (but at start-up, and on a second Ctrl-C) -----------
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self._signum is not None:
+            raise KeyboardInterrupt  # Ctrl-C while the stop is under way: the user will not wait for the save
         if self._signum is None:  # the first signal decides; later ones change nothing
             self._signum = signum
+        if self._at_once:
+            self._exit_now()
+
+    def _exit_now(self) -> None:
+        print(f"{self.describe()} before the first step: nothing to save, stopping now", file=sys.stderr, flush=True)
+        raise SystemExit(self.exit_code())
+
+    def exit_at_once(self) -> StopRequest:
+        """Until `defer()`: a stop signal ends the process at once (SystemExit with `exit_code()`, from the
+        handler), and one that came before this call ends it now. For start-up, before the ranks' first
+        agreement, when there is nothing to save. Returns self."""
+        self._at_once = True
+        if self._signum is not None:
+            self._exit_now()
+        return self
+
+    def defer(self) -> None:
+        """From now on a stop signal is only recorded, for the ranks to agree on at the next step end."""
+        self._at_once = False
 
     # ---- life cycle ---------------------------------------------------------------------------
 
@@ -166,6 +197,8 @@ class StopRequest:
         if os.getppid() != before and self._signum is None:
             # The parent died between the two reads: the kernel had no one to watch any more.
             self._signum, self._parent_died = int(PARENT_DEATH_SIGNAL), True
+            if self._at_once:
+                self._exit_now()
 
     def uninstall(self) -> None:
         """Put back the handlers (and the parent-death signal) that were there before install()."""
@@ -218,12 +251,12 @@ class StopRequest:
         return self._armed_parent_death
 
     def exit_code(self) -> int:
-        """EXIT_STOPPED (76) after SIGTERM, EXIT_REQUEUE (75) after SIGUSR1/SIGUSR2 or the parent's death,
+        """EXIT_STOPPED (76) after SIGTERM or SIGINT, EXIT_REQUEUE (75) after SIGUSR1/SIGUSR2 or the parent's death,
         0 when no signal was seen (a rank that stops because another rank was signalled: agree on the
         code across ranks with a max, so that a SIGTERM anywhere means "do not requeue")."""
         if self._signum is None:
             return 0
-        return EXIT_STOPPED if self._signum == signal.SIGTERM else EXIT_REQUEUE
+        return EXIT_STOPPED if self._signum in (signal.SIGTERM, signal.SIGINT) else EXIT_REQUEUE
 
     def describe(self) -> str:
         if self._signum is None:
@@ -234,7 +267,7 @@ class StopRequest:
 
 
 def ignore_stop_signals(_worker_id: int | None = None) -> None:
-    """Ignore SIGUSR1, SIGUSR2 and SIGTERM in this process: for DataLoader workers (it can be the
+    """Ignore SIGUSR1, SIGUSR2, SIGTERM and SIGINT in this process: for DataLoader workers (it can be the
     worker_init_fn itself) and helper processes, which Slurm signals along with the training process
     but which must leave when the training process tells them to, not before.
 
