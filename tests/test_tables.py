@@ -9,6 +9,7 @@ from matplotlib.cbook import is_math_text
 
 from salnet.evaluation import tables
 from salnet.metrics import curve_plots
+from salnet.run import plots
 
 NAMES = ["a|b", "$x$", "cost 5$", "_ours", "**bold** [l](u) <i>", "back\\slash", "two\nlines"]
 METRICS = ["maxF", "MAE"]
@@ -50,3 +51,12 @@ def test_plot_labels_draw_and_show_every_method():
         assert not any(is_math_text(t) for t in texts), texts  # '$x$' drawn as typed, not typeset as x
         shown = [t.replace("\\$", "$").removeprefix(" ") for t in texts]
         assert shown == ["DS $1", *NAMES]  # '_ours' too: matplotlib leaves '_'-labels out of legends
+
+
+def test_val_set_names_draw_as_themselves_in_training_plots():
+    records = [{"kind": "val", "step": s, **{f"{n}/maxF": 0.5 + s / 10 for n in NAMES}} for s in (1, 2)]
+    fig = plots.val_metrics_figure(records)
+    fig.savefig(io.BytesIO(), format="png")
+    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert not any(is_math_text(t) for t in texts), texts
+    assert [t.replace("\\$", "$").removeprefix(" ") for t in texts] == NAMES

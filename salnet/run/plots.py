@@ -114,7 +114,7 @@ def val_metrics_figure(records: list[dict]) -> Figure | None:
         ax = fig.add_subplot(rows, columns, i + 1)
         for set_name in sets:
             steps, values = series(records, "val", f"{set_name}/{metric}")
-            ax.plot(steps, values, marker="o", markersize=3, label=set_name)
+            ax.plot(steps, values, marker="o", markersize=3, label=curve_plots.plot_label(set_name))
         ax.set(title=metric, xlabel="step")
         ax.grid(alpha=0.3)
         if i == 0:
