@@ -16,6 +16,33 @@ from salnet.config import check_runnable, cuda_may_be_present, parse_config
 from salnet.run.preemption import EXIT_REQUEUE, StopRequest
 
 
+def said_in_full() -> tuple[type[Exception], ...]:
+    """The errors whose message says everything the user needs (the file, key or value at fault and
+    what would be valid): printed as one line. Any other exception is a bug: its traceback too."""
+    from salnet.config import ConfigError
+    from salnet.data.sources import DataError
+    from salnet.imagecheck import ImageError
+    from salnet.model.weights import BackboneWeightsError
+    from salnet.run.checkpoint import CheckpointSaveError
+    from salnet.run.checksums import CheckpointCorrupt
+    from salnet.run.rundir import RunDirLocked, RunDirUnsafe
+    from salnet.shards.manifest import ShardsError
+    from salnet.trainer import TrainingDiverged
+
+    return (
+        ConfigError,
+        DataError,
+        ImageError,
+        ShardsError,
+        BackboneWeightsError,
+        CheckpointCorrupt,
+        CheckpointSaveError,
+        RunDirLocked,
+        RunDirUnsafe,
+        TrainingDiverged,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(
         argv,
@@ -33,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     from salnet.run.runlog import setup_logging
     from salnet.trainer import train
 
+    user_errors = said_in_full()
+
     with dist.distributed(timeout_s=cfg.train.timeout_s):
         setup_logging()
         try:
@@ -43,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as e:
             # Errors name their rank: in a multi-rank job the first failure is what matters.
             print(f"[rank {dist.rank()}] {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            traceback.print_exc()
+            if not isinstance(e, user_errors):
+                traceback.print_exc()
             sys.exit(1)
         if result.stopped:
             # Said in words too: torchrun's agent exits with its own status (1 after SIGTERM, 140 after

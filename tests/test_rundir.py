@@ -5,8 +5,12 @@ import subprocess
 import sys
 
 import pytest
+from test_train import tiny_config
 
 from salnet.run.rundir import MetricsFile, RunDir, RunDirLocked, RunDirUnsafe, RunLock, read_records
+from salnet.shards.synth import synthesize
+
+from conftest import forked_run
 
 
 def write_rows(path, steps, tail=b""):
@@ -136,4 +140,16 @@ def test_the_run_log_never_writes_through_a_link_that_appears_during_the_run(tmp
     metrics.replaced_path.symlink_to(outside / "metrics.replaced.jsonl")
     with pytest.raises(RunDirUnsafe, match=f"{metrics.replaced_path}: a symlink"):
         metrics.resume_at(2)
+    assert untouched(outside)
+
+
+def test_salnet_train_says_why_it_refuses_a_run_directory_in_one_line(tmp_path, outside):
+    train, val = synthesize(tmp_path / "shards", train=8, val=2, size=64, seed=0)
+    path, run = tiny_config(tmp_path, {"train": train, "val": val})
+    run.mkdir(parents=True)
+    (run / ".lock").symlink_to(outside / ".lock")
+    result = forked_run(["-m", "salnet.train", "--config", path], check=False)
+    assert result.returncode == 1
+    assert f"[rank 0] RunDirUnsafe: {run / '.lock'}: a symlink" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     assert untouched(outside)
