@@ -32,7 +32,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from salnet.fsio import atomic_write
-from salnet.metrics.names import FAMILIES, METRICS, metric_names
+from salnet.metrics.names import (
+    FAMILIES,
+    LOWER_IS_BETTER,
+    METRICS,
+    MissingPackageError,
+    check_packages,
+    metric_names,
+)
 
 DEFAULT_VAL_SET = "val"  # the name of data.val when it is a plain list
 MEAN_OVER_SETS = "mean"  # val/<mean>/<metric>: the mean over named sets
@@ -483,12 +490,17 @@ class EvalConfig(Section):
     best_metric: str = Field(
         "maxF",
         description="what decides best.pt: METRIC (its mean over the data.val sets) or SET/METRIC (one set's); "
-        "METRIC one of " + ", ".join(METRICS) + " (MAE: lower is better; others: higher)",
+        "METRIC one of "
+        + ", ".join(METRICS)
+        + " (lower is better for "
+        + ", ".join(m for m in METRICS if m in LOWER_IS_BETTER)
+        + "; higher for the others)",
     )
     metrics: list[Literal[FAMILIES]] = Field(
         ["F", "E", "S", "MAE"],
         min_length=1,
-        description="metric families computed during validation (wF is slow: CPU distance transform)",
+        description="metric families computed during validation (wF, SI-MAE, SI-F and HCE run on the CPU, "
+        "wF and HCE are slow; HCE needs scikit-image)",
     )
 
     @property
@@ -499,6 +511,10 @@ class EvalConfig(Section):
 
     def model_post_init(self, context) -> None:
         # Checked here, not at the first validation hundreds of steps into the run.
+        try:
+            check_packages(self.metrics)
+        except MissingPackageError as e:
+            raise ValueError(f"eval.metrics={self.metrics}: {e}") from None
         _, metric = self.best_set_and_metric
         computed = metric_names(self.metrics)
         if metric not in METRICS:

@@ -2,14 +2,17 @@
 
 import json
 import math
+import sys
 
+import cv2
 import numpy as np
 import py_sod_metrics
 import pytest
 import torch
 
 from salnet.bench.metrics import run_reference
-from salnet.metrics import FAMILIES, SODMetrics
+from salnet.metrics import DEFAULT_FAMILIES, FAMILIES, SODMetrics
+from salnet.metrics.inputs import to_foreground
 from salnet.metrics.reference_float import numpy_mean_of_constant_block
 
 from conftest import REPO, forked_run, ranks
@@ -36,17 +39,17 @@ def saved_mask(gt: torch.Tensor) -> np.ndarray:
     return gt.numpy().astype(np.uint8)
 
 
-def reference(pairs, families=FAMILIES) -> dict:
+def reference(pairs, families=DEFAULT_FAMILIES) -> dict:
     return run_reference(families, [saved_png(p) for p, _ in pairs], [saved_mask(g) for _, g in pairs])
 
 
-def ours(pairs, families=FAMILIES) -> dict:
+def ours(pairs, families=DEFAULT_FAMILIES) -> dict:
     metrics = SODMetrics(families)
     metrics.update([p for p, _ in pairs], [g for _, g in pairs])
     return metrics.compute()
 
 
-def assert_matches_reference(pairs, families=FAMILIES):
+def assert_matches_reference(pairs, families=DEFAULT_FAMILIES):
     """Within 1e-6, relative above 1 (a 1x1 image's E-measure is 1 / eps in the reference)."""
     got, want = ours(pairs, families), reference(pairs, families)
     assert got.keys() == want.keys()
@@ -226,6 +229,112 @@ def test_numpy_mean_emulation_tracks_the_installed_numpy():
 
 
 # --------------------------------------------------------------------------------------------
+# The opt-in families (IoU, Dice, BER, MSIoU, SI-MAE, SI-F, HCE) against PySODMetrics
+# --------------------------------------------------------------------------------------------
+
+OPT_IN = tuple(f for f in FAMILIES if f not in DEFAULT_FAMILIES)
+# The reference's size-invariant metrics fail where the objects' boxes cover every pixel (an
+# assertion for a full GT, NaN SI-MAE for a frame): see the test after the edge cases.
+WITHOUT_SI = tuple(f for f in OPT_IN if not f.startswith("SI-"))
+
+
+def scene(height: int, width: int, seed: int):
+    """A PySODMetrics-like test pair: a large object with a hole, two small objects of the same area
+    (under SI's 50 pixels), a thin diagonal line (HCE's skeleton), and a prediction that blurs the
+    mask, adds noise and misses part of the large object."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((height, width), np.uint8)
+    cy, cx = int(rng.integers(height // 3, height // 2)), int(rng.integers(width // 3, width // 2))
+    cv2.ellipse(mask, (cx, cy), (width // 4, height // 4), float(rng.integers(0, 180)), 0, 360, 255, -1)
+    cv2.circle(mask, (cx, cy), 3, 0, -1)
+    mask[height - 6 : height - 2, 2:8] = 255
+    mask[2:6, width - 8 : width - 2] = 255
+    cv2.line(mask, (width // 2, height - 3), (width - 4, height // 2), 255, 1)
+    blurred = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 2) / 255
+    pred = np.clip(0.8 * blurred + 0.2 * rng.random(mask.shape), 0, 1)
+    pred[cy:, :cx] *= 0.3
+    return torch.from_numpy(pred.astype(np.float32)), torch.from_numpy(mask)
+
+
+def test_opt_in_families_match_the_reference_on_random_maps():
+    gen = torch.Generator().manual_seed(11)
+    pairs = [
+        # Noise GT: over 2048 edge pixels, where the reference's float16 sum of MSIoU's GT edges rounds.
+        (torch.rand(40, 70, generator=gen), (torch.rand(40, 70, generator=gen) > 0.6).to(torch.uint8) * 255),
+        (torch.rand(23, 37, generator=gen), blob(23, 37, 4, 5, 19, 30)),
+        (torch.rand(30, 30, generator=gen, dtype=torch.float64), blob(30, 30, 0, 0, 30, 12)),
+        (torch.rand(17, 9, generator=gen), torch.zeros(17, 9, dtype=torch.uint8)),
+    ]
+    gt_edges = py_sod_metrics.MSIoU(False, False).get_edge(pairs[0][1].numpy() > 128)
+    assert gt_edges.sum() > 2048 and np.count_nonzero(gt_edges) != gt_edges.sum()
+    assert_matches_reference(pairs, OPT_IN)
+
+
+def test_opt_in_families_match_the_reference_on_scenes_with_many_objects():
+    pairs = [scene(64, 80, seed=0), scene(72, 56, seed=1)]
+    assert_matches_reference(pairs, OPT_IN)
+
+
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+def test_opt_in_families_match_the_reference_on_the_edge_cases(case):
+    pairs = EDGE_CASES[case]
+    covered = any(bool(to_foreground(g).all()) for _, g in pairs)
+    assert_matches_reference(pairs, WITHOUT_SI if covered else OPT_IN)
+
+
+def test_where_the_objects_boxes_cover_every_pixel_the_background_weighs_zero():
+    """The documented values where the reference fails: one object whose box is the whole image,
+    so SI-F is the plain F-measure and SI-MAE the plain MAE."""
+    gen = torch.Generator().manual_seed(12)
+    frame = torch.full((20, 24), 255, dtype=torch.uint8)
+    frame[3:-3, 3:-3] = 0
+    for gt in (torch.full((20, 24), 255, dtype=torch.uint8), frame):
+        pairs = [(torch.rand(20, 24, generator=gen), gt)]
+        got = ours(pairs, ("F", "MAE", "SI-F", "SI-MAE"))
+        assert got["SI-MAE"] == pytest.approx(got["MAE"], abs=1e-12)
+        for name in ("maxF", "meanF", "adpF"):
+            assert got[f"SI-{name}"] == pytest.approx(got[name], abs=1e-12), name
+    with pytest.warns(RuntimeWarning):  # 0 / 0
+        assert math.isnan(reference(pairs, ("SI-MAE",))["SI-MAE"])
+    assert_matches_reference(pairs, ("SI-F",))
+    assert got["MAE"] == pytest.approx(reference(pairs, ("MAE",))["MAE"], abs=1e-12)
+
+
+def test_split_accumulators_merged_equal_one_process():
+    """Two "ranks" each sum their share; adding the sums (what all_reduce does) gives one process's values."""
+    pairs = sample_pairs(count=10, seed=6) + [scene(40, 48, seed=2)]
+    single = SODMetrics(FAMILIES)
+    single.update(*zip(*pairs))
+    shares = [SODMetrics(FAMILIES), SODMetrics(FAMILIES)]
+    shares[0].update(*zip(*pairs[::2]))
+    shares[1].update(*zip(*pairs[1::2]))
+    merged = SODMetrics(FAMILIES)
+    merged.load_state_dict({"metrics": list(FAMILIES), "sums": sum(m.state_dict()["sums"] for m in shares)})
+    assert merged.num_images == len(pairs)
+    want = single.compute()
+    assert set(want) >= {"maxMSIoU", "SI-maxF", "HCE", "adpBER"}
+    for key, value in merged.compute().items():
+        assert abs(value - want[key]) <= 1e-12 * max(1.0, abs(want[key])), key
+
+
+def test_hce_without_scikit_image_is_an_error_naming_the_package(monkeypatch, capsys):
+    from salnet.config import ConfigError, load_config
+    from salnet.evaluation import evaluate
+    from salnet.metrics import MissingPackageError
+
+    monkeypatch.setitem(sys.modules, "skimage", None)  # what an absent package looks like to import
+    with pytest.raises(MissingPackageError, match=r"HCE metric needs scikit-image.*pip install scikit-image"):
+        SODMetrics(("F", "HCE"))
+    with pytest.raises(ConfigError, match=r"eval.metrics=\['HCE'\]: the HCE metric needs scikit-image"):
+        load_config(None, ["eval.metrics=[HCE]", "eval.best_metric=HCE"])
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.parse_args(["--pred", "maps", "--gt", "masks", "--metrics", "F", "HCE"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--metrics: the HCE metric needs scikit-image" in err and "Traceback" not in err
+    assert set(ours(sample_pairs(count=2), ("F", "SI-F", "MSIoU"))) >= {"maxF", "SI-maxF", "maxMSIoU"}
+
+
+# --------------------------------------------------------------------------------------------
 # Sharding: a real gloo process group
 # --------------------------------------------------------------------------------------------
 
@@ -357,7 +466,7 @@ def test_bad_inputs_are_refused_and_leave_the_state_untouched():
 
 
 def test_construction_and_empty_state_errors():
-    with pytest.raises(ValueError, match=r"\['Fbeta'\]; choose among F, E, S, wF, MAE"):
+    with pytest.raises(ValueError, match=r"\['Fbeta'\]; choose among F, E, S, wF, MAE, IoU, Dice"):
         SODMetrics(("Fbeta", "S"))
     with pytest.raises(ValueError, match="none chosen"):
         SODMetrics(())
@@ -380,7 +489,7 @@ def test_state_dict_continues_an_interrupted_evaluation(tmp_path):
     for key, value in full.compute().items():
         assert abs(resumed.compute()[key] - value) <= 1e-12, key
 
-    with pytest.raises(ValueError, match=r"state holds metrics \['F', 'E', 'S', 'wF', 'MAE'\]"):
+    with pytest.raises(ValueError, match=r"state holds metrics \['F', 'E', 'S', 'wF', 'MAE', 'IoU',"):
         SODMetrics(("F",)).load_state_dict(first.state_dict())
 
 
@@ -404,7 +513,7 @@ def test_cuda_predictions_give_the_cpu_result():
         assert abs(value - cpu[key]) <= 1e-12, key
 
 
-@pytest.mark.parametrize("families", [FAMILIES, ("MAE",), ("S", "F"), ("wF", "E")])
+@pytest.mark.parametrize("families", [FAMILIES, ("MAE",), ("S", "F"), ("wF", "E"), ("BER", "SI-F", "HCE")])
 def test_the_config_names_what_compute_returns_and_which_way_is_better(families):
     """One list of names: the config's choices, SODMetrics.compute() and best-keeping agree."""
     from salnet.config import ConfigError, load_config
@@ -421,5 +530,5 @@ def test_the_config_names_what_compute_returns_and_which_way_is_better(families)
             else:
                 with pytest.raises(ConfigError, match="is not computed by eval.metrics"):
                     load_config(None, overrides)
-    assert LOWER_IS_BETTER == {"MAE"}
+    assert LOWER_IS_BETTER == {"MAE", "maxBER", "meanBER", "adpBER", "SI-MAE", "HCE"}
     assert is_better("MAE", 0.1, 0.2) and not is_better("maxF", 0.1, 0.2) and is_better("S", 0.5, None)

@@ -104,15 +104,35 @@ def run_salnet(families, preds: torch.Tensor, gts: torch.Tensor, batch: int, dev
 
 
 def run_reference(families, preds_u8: list, gts_u8: list) -> dict:
+    """PySODMetrics 1.6.2 on the saved maps and masks, as salnet's keys (`reference_values`)."""
     import py_sod_metrics as ref
 
+    handlers = {"IoU": ref.IOUHandler, "Dice": ref.DICEHandler, "BER": ref.BERHandler}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Fmeasure will be removed": it is still the 1.6.2 reference
-        makers = {"F": ref.Fmeasure, "E": ref.Emeasure, "S": ref.Smeasure, "wF": ref.WeightedFmeasure, "MAE": ref.MAE}
+        makers = {
+            "F": ref.Fmeasure,
+            "E": ref.Emeasure,
+            "S": ref.Smeasure,
+            "wF": ref.WeightedFmeasure,
+            "MAE": ref.MAE,
+            **{
+                f: lambda h=h: ref.FmeasureV2({"m": h(with_dynamic=True, with_adaptive=True)})
+                for f, h in handlers.items()
+            },
+            "MSIoU": lambda: ref.MSIoU(with_dynamic=True, with_adaptive=True),
+            "SI-MAE": ref.SizeInvarianceMAE,
+            "SI-F": lambda: ref.SizeInvarianceFmeasureV2(
+                {"m": ref.FmeasureHandler(with_dynamic=True, with_adaptive=True, beta=0.3)}
+            ),
+            "HCE": ref.HumanCorrectionEffortMeasure,
+        }
         evaluators = {f: makers[f]() for f in families}
-    for pred, gt in zip(preds_u8, gts_u8):
-        for evaluator in evaluators.values():
-            evaluator.step(pred, gt)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`trapz` is deprecated", DeprecationWarning)  # in MSIoU
+        for pred, gt in zip(preds_u8, gts_u8):
+            for evaluator in evaluators.values():
+                evaluator.step(pred, gt)
     return reference_values({f: e.get_results() for f, e in evaluators.items()})
 
 
@@ -129,7 +149,23 @@ def reference_values(results: dict) -> dict:
                     f"adp{curve_key}": float(curve["adp"]),
                 }
             )
-    for family, key in (("S", "sm"), ("wF", "wfm"), ("MAE", "mae")):
+    for family, key in (("S", "sm"), ("wF", "wfm"), ("MAE", "mae"), ("SI-MAE", "si_mae"), ("HCE", "hce")):
         if family in results:
             out[family] = float(results[family][key])
+    for family in ("IoU", "Dice", "BER", "MSIoU"):
+        if family in results:
+            values = results[family].get("m", results[family])  # FmeasureV2 keys by handler
+            curve = values["dynamic"]
+            out.update(
+                {
+                    f"max{family}": float(curve.max()),
+                    f"mean{family}": float(curve.mean()),
+                    f"adp{family}": float(values["adaptive"]),
+                }
+            )
+    if "SI-F" in results:
+        values = results["SI-F"]["m"]  # dynamic: per image, an objects x 256 array
+        out["SI-maxF"] = float(np.mean([s.max(axis=-1).mean() for s in values["dynamic"]]))
+        out["SI-meanF"] = float(np.mean([s.mean(axis=-1).mean() for s in values["dynamic"]]))
+        out["SI-adpF"] = float(values["adaptive"])
     return out

@@ -60,7 +60,8 @@ from salnet.evaluation.common import (
 )
 from salnet.fsio import atomic_write
 from salnet.imagecheck import DEFAULT_MAX_PIXELS, parse_pixels
-from salnet.metrics import FAMILIES, SODMetrics, curve_plots, metric_names
+from salnet.metrics import DEFAULT_FAMILIES, FAMILIES, SODMetrics, curve_plots, metric_names
+from salnet.metrics.names import MissingPackageError, check_packages
 from salnet.shards.images import BadFileError
 from salnet.shards.tario import DEFAULT_MAX_MEMBER_BYTES
 from salnet.validate import validate
@@ -216,7 +217,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a ground-truth folder (or dataset folder) for --pred",
     )
     parser.add_argument(
-        "--metrics", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="metric families (default: all)"
+        "--metrics",
+        nargs="+",
+        choices=FAMILIES,
+        default=list(DEFAULT_FAMILIES),
+        help=f"metric families (default: {' '.join(DEFAULT_FAMILIES)}; HCE needs scikit-image)",
     )
     parser.add_argument(
         "--allow-missing",
@@ -271,6 +276,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, value in (("--size", args.size), ("--batch-size", args.batch_size)):
         if value is not None and value <= 0:
             parser.error(f"{flag} must be positive, got {value}")
+    try:
+        check_packages(args.metrics)
+    except MissingPackageError as e:
+        parser.error(f"--metrics: {e}")
     return args
 
 

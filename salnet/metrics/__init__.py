@@ -40,17 +40,46 @@ Per image, with p the predicted probabilities and g the ground truth:
   wF = 2 R P / (R + P + eps), and 0 for an image without foreground.
 - MAE = mean |v - G|.
 
+Opt-in families (`FAMILIES` beyond `DEFAULT_FAMILIES`), PySODMetrics 1.6.2's others:
+
+- IoU = TP / (TP + FP + FN), Dice = 2 TP / (2 TP + FP + FN), BER = 1 - (TP / |G| + TN / (N - |G|)) / 2
+  (a zero denominator gives 0), over the F-measure's 256 thresholds (max, mean) and at its adaptive
+  threshold: the reference's FmeasureV2 handlers. maxBER is the worst threshold, as the toolkits
+  report it; lower BER is better.
+- MSIoU: multi-scale IoU of the edge maps over the thresholds 0..256 (max, mean) and adaptive
+  (`msiou.py`).
+- SI-MAE and SI-F (SI-maxF, SI-meanF, SI-adpF): size-invariant MAE and F-measure, each GT object
+  scored in its bounding box (`size_invariant.py`).
+- HCE: human correction effort of the prediction binarised at 0.5 (`hce.py`; needs scikit-image).
+
 Every reported value is a mean over images of per-image values, so the state is a vector of sums
-(the image count, the F/P/R/E curves, and one sum per scalar) that an all-reduce can merge:
+(the image count, the curves, and one sum per scalar) that an all-reduce can merge:
 sharding the images over ranks gives the single-process result up to float64 summation order.
 
 `curve_plots` draws the PR and F-measure-vs-threshold curves (matplotlib, imported only there), for
 `salnet.evaluate` and for a run's plots/.
 """
 
-from salnet.metrics.names import FAMILIES, LOWER_IS_BETTER, METRICS, is_better, metric_names
+from salnet.metrics.names import (
+    DEFAULT_FAMILIES,
+    FAMILIES,
+    LOWER_IS_BETTER,
+    METRICS,
+    MissingPackageError,
+    is_better,
+    metric_names,
+)
 
-__all__ = ["FAMILIES", "LOWER_IS_BETTER", "METRICS", "SODMetrics", "is_better", "metric_names"]
+__all__ = [
+    "DEFAULT_FAMILIES",
+    "FAMILIES",
+    "LOWER_IS_BETTER",
+    "METRICS",
+    "MissingPackageError",
+    "SODMetrics",
+    "is_better",
+    "metric_names",
+]
 
 
 def __getattr__(name: str):

@@ -9,8 +9,10 @@ import torch
 from salnet import dist
 from salnet.metrics.histogram import LEVELS, combine, count_pixels
 from salnet.metrics.inputs import Batch, Images, batches
-from salnet.metrics.measures import curves_and_adaptive, mae, s_measure
-from salnet.metrics.names import FAMILIES, FAMILY_METRICS
+from salnet.metrics.measures import curves_and_adaptive, mae, overlap_measures, s_measure
+from salnet.metrics.msiou import MSIOU_THRESHOLDS, multiscale_iou
+from salnet.metrics.names import FAMILIES, FAMILY_METRICS, check_packages
+from salnet.metrics.size_invariant import size_invariant
 from salnet.metrics.weighted_f import weighted_f_measure
 
 # Per family: the per-image quantities summed over images, and their lengths (names.py lists
@@ -21,16 +23,26 @@ FIELDS = {
     "S": (("S", 1),),
     "wF": (("wF", 1),),
     "MAE": (("MAE", 1),),
+    "IoU": (("IoU", LEVELS), ("adpIoU", 1)),
+    "Dice": (("Dice", LEVELS), ("adpDice", 1)),
+    "BER": (("BER", LEVELS), ("adpBER", 1)),
+    "MSIoU": (("MSIoU", MSIOU_THRESHOLDS), ("adpMSIoU", 1)),
+    "SI-MAE": (("SI-MAE", 1),),
+    "SI-F": (("SI-maxF", 1), ("SI-meanF", 1), ("SI-adpF", 1)),
+    "HCE": (("HCE", 1),),
 }
 assert tuple(FIELDS) == FAMILIES
+# The families computed on the host, one image at a time (numpy, scipy, OpenCV).
+HOST_FAMILIES = ("wF", "SI-MAE", "SI-F", "HCE")
 
 
 class SODMetrics:
-    """Accumulates F, E, S, wF and MAE over images; sharded over ranks, `all_reduce()` then
+    """Accumulates the chosen metric families over images; sharded over ranks, `all_reduce()` then
     `compute()` gives what one process would have on all the images.
 
-    metrics: the families to compute, among F, E, S, wF, MAE (wF is the slow one: it needs a
-    distance transform on the host); a single name is one family.
+    metrics: the families to compute, among `FAMILIES` (F, E, S, wF, MAE, IoU, Dice, BER, MSIoU,
+    SI-MAE, SI-F, HCE); a single name is one family. wF, SI-MAE, SI-F and HCE run on the host,
+    one image at a time; HCE needs scikit-image (`MissingPackageError` names it).
     device: where the sums live; by default this rank's device (`salnet.dist.device()`), so that
     the all-reduce needs no copy. The metrics themselves run on the predictions' device.
     """
@@ -40,6 +52,7 @@ class SODMetrics:
         unknown = sorted(chosen - set(FAMILIES))
         if unknown or not chosen:
             raise ValueError(f"metrics: {unknown or 'none chosen'}; choose among {', '.join(FAMILIES)}")
+        check_packages(chosen)
         self.metrics = tuple(f for f in FAMILIES if f in chosen)
         self._slices: dict[str, slice] = {}
         start = 1  # element 0 counts the images
@@ -82,7 +95,8 @@ class SODMetrics:
         self._sums.copy_(on_wire)
 
     def compute(self) -> dict[str, float]:
-        """Means over images: maxF, meanF, adpF (F); maxE, meanE, adpE (E); S; wF; MAE."""
+        """Means over images, named as in `names.FAMILY_METRICS`: maxF, meanF, adpF (F); maxE, meanE,
+        adpE (E); S; wF; MAE; and so on for the opt-in families."""
         means = self._means()
         out = {}
         for family in self.metrics:
@@ -128,20 +142,47 @@ class SODMetrics:
     def _update_sums(self, checked: list[Batch]) -> torch.Tensor:
         """The state vector's increment for one update, on the predictions' device."""
         h = combine([count_pixels(b.levels, b.foreground) for b in checked])
+        chosen = set(self.metrics)
         per_image: dict[str, torch.Tensor] = {}
-        if "F" in self.metrics or "E" in self.metrics:
+        if chosen & {"F", "E"}:
             per_image.update(curves_and_adaptive(h))
-        if "S" in self.metrics:
+        if chosen & {"IoU", "Dice", "BER"}:
+            per_image.update(overlap_measures(h))
+        if "S" in chosen:
             per_image["S"] = s_measure(h)
-        if "MAE" in self.metrics:
+        if "MAE" in chosen:
             per_image["MAE"] = mae(h)
-        if "wF" in self.metrics:
-            values = h.values.split([b.levels.shape[0] for b in checked])
-            per_image["wF"] = torch.cat(
-                [weighted_f_measure(b.levels, v, b.foreground).to(h.values.device) for b, v in zip(checked, values)]
-            )
+        values = h.values.split([b.levels.shape[0] for b in checked])
+        if "MSIoU" in chosen:
+            per_image.update(_concat([multiscale_iou(b.levels, v, b.foreground) for b, v in zip(checked, values)]))
+        host = [family for family in HOST_FAMILIES if family in chosen]
+        if host:
+            host_values = _concat([_host_metrics(host, b, v) for b, v in zip(checked, values)])
+            per_image.update({name: v.to(h.values.device) for name, v in host_values.items()})
         sums = torch.zeros(self._sums.shape, dtype=torch.float64, device=h.counts.device)
         sums[0] = h.counts.shape[0]
         for name, where in self._slices.items():
             sums[where] = per_image[name].view(per_image[name].shape[0], -1).sum(0)
         return sums
+
+
+def _host_metrics(families, batch: Batch, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The host families' per-image values for one same-size batch (float64 [B] each, on the host)."""
+    levels, level_values, masks = batch.levels.cpu().numpy(), values.cpu().numpy(), batch.foreground.cpu().numpy()
+    out: dict[str, list[float]] = {}
+    for i in range(levels.shape[0]):
+        image = level_values[i].take(levels[i])  # the normalised prediction, float64 [H, W]
+        if "wF" in families:
+            out.setdefault("wF", []).append(weighted_f_measure(image, masks[i]))
+        if "SI-MAE" in families or "SI-F" in families:
+            for name, value in size_invariant(image, levels[i], level_values[i], masks[i], families).items():
+                out.setdefault(name, []).append(value)
+        if "HCE" in families:
+            from salnet.metrics.hce import human_correction_effort  # scikit-image: imported only when chosen
+
+            out.setdefault("HCE", []).append(human_correction_effort(image > 0.5, masks[i]))
+    return {name: torch.tensor(v, dtype=torch.float64) for name, v in out.items()}
+
+
+def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}

@@ -1,4 +1,4 @@
-"""Per-image F-measure, E-measure, S-measure and MAE from the joint histograms (see `histogram.py`).
+"""Per-image F-measure, E-measure, IoU, Dice, BER, S-measure and MAE from the joint histograms (see `histogram.py`).
 
 Each function returns float64 tensors with a leading batch dimension. Expressions follow
 PySODMetrics 1.6.2 operation by operation (the formulas are in the package docstring); where the
@@ -6,6 +6,8 @@ reference compares floats for equality, the comparison is made on the same quant
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -46,33 +48,79 @@ def e_measure(fg_fg: torch.Tensor, fg_bg: torch.Tensor, gt_fg: torch.Tensor, siz
     return total / (size - 1 + EPS)
 
 
-def curves_and_adaptive(h: Histograms) -> dict[str, torch.Tensor]:
-    """F and E over the 256 thresholds, and at the adaptive threshold, per image.
+@dataclass
+class Binarised:
+    """Per image, the confusion counts of the prediction binarised at each of the 256 curve
+    thresholds ([B, 256]) and at the adaptive threshold ([B]), with the GT's foreground and size."""
 
-    Curve index i is threshold 255 - i (PySODMetrics' order): a pixel is foreground when its
-    normalised value's 8-bit bin, floor(value * 255), is at least the threshold.
-    """
+    true_pos: torch.Tensor
+    false_pos: torch.Tensor
+    adaptive_true_pos: torch.Tensor
+    adaptive_false_pos: torch.Tensor
+    gt_fg: torch.Tensor
+    pixels: torch.Tensor
+
+
+def binarise(h: Histograms) -> Binarised:
+    """Curve index i is threshold 255 - i (PySODMetrics' order): a pixel is foreground when its
+    normalised value's 8-bit bin, floor(value * 255), is at least the threshold. The adaptive
+    threshold is min(2 mean, 1) on the normalised values."""
     whole = h.whole  # [B, 2, 256]
     # The reference's `(pred * 255).astype(np.uint8)`. Levels absent from an image normalise
     # outside [0, 1]; they count no pixels, the clamp only keeps their index in range.
     bins = (h.values * 255).to(torch.int64).clamp(0, LEVELS - 1)
     binned = torch.zeros_like(whole).scatter_add_(2, bins[:, None, :].expand_as(whole), whole)
     at_least = binned.flip(2).cumsum(2)  # [B, 2, 256]: pixels in bins >= 255 - i
-    gt_fg = whole[:, 1].sum(1)
-    precision, recall, f_curve = f_measure(at_least[:, 1], at_least.sum(1), gt_fg[:, None])
-    e_curve = e_measure(at_least[:, 1], at_least[:, 0], gt_fg[:, None], h.pixels[:, None])
-
     threshold = (2 * mean_value(h)).clamp(max=1)
     above = (h.values >= threshold[:, None]).to(torch.float64)  # [B, 256]
-    fg_fg, fg_bg = (whole[:, 1] * above).sum(1), (whole[:, 0] * above).sum(1)
+    return Binarised(
+        true_pos=at_least[:, 1],
+        false_pos=at_least[:, 0],
+        adaptive_true_pos=(whole[:, 1] * above).sum(1),
+        adaptive_false_pos=(whole[:, 0] * above).sum(1),
+        gt_fg=whole[:, 1].sum(1),
+        pixels=h.pixels,
+    )
+
+
+def curves_and_adaptive(h: Histograms) -> dict[str, torch.Tensor]:
+    """F and E over the 256 thresholds, and at the adaptive threshold, per image."""
+    b = binarise(h)
+    gt_fg = b.gt_fg[:, None]
+    precision, recall, f_curve = f_measure(b.true_pos, b.true_pos + b.false_pos, gt_fg)
+    tp, fp = b.adaptive_true_pos, b.adaptive_false_pos
     return dict(
         precision=precision,
         recall=recall,
         F=f_curve,
-        E=e_curve,
-        adpF=f_measure(fg_fg, fg_fg + fg_bg, gt_fg)[2],
-        adpE=e_measure(fg_fg, fg_bg, gt_fg, h.pixels),
+        E=e_measure(b.true_pos, b.false_pos, gt_fg, b.pixels[:, None]),
+        adpF=f_measure(tp, tp + fp, b.gt_fg)[2],
+        adpE=e_measure(tp, fp, b.gt_fg, b.pixels),
     )
+
+
+def overlap_measures(h: Histograms) -> dict[str, torch.Tensor]:
+    """IoU, Dice and BER over the 256 thresholds and at the adaptive threshold, per image: the
+    reference's FmeasureV2 handlers (IOUHandler, DICEHandler, BERHandler) on the same counts."""
+    b = binarise(h)
+    out = {}
+    for prefix, tp, fp, gt_fg in (
+        ("", b.true_pos, b.false_pos, b.gt_fg[:, None]),
+        ("adp", b.adaptive_true_pos, b.adaptive_false_pos, b.gt_fg),
+    ):
+        pixels = b.pixels if prefix else b.pixels[:, None]
+        gt_bg = pixels - gt_fg
+        true_neg = gt_bg - fp
+        out[prefix + "IoU"] = _ratio(tp, tp + fp + (gt_fg - tp))
+        out[prefix + "Dice"] = _ratio(2 * tp, gt_fg + tp + fp)
+        out[prefix + "BER"] = 1 - 0.5 * (_ratio(tp, gt_fg) + _ratio(true_neg, gt_bg))
+    return out
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, and 0 where the denominator is 0 (the reference's `divide`)."""
+    nonzero = denominator != 0
+    return torch.where(nonzero, numerator / torch.where(nonzero, denominator, 1.0), 0.0)
 
 
 def mean_value(h: Histograms) -> torch.Tensor:

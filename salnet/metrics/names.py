@@ -6,19 +6,54 @@ when a config loads, before torch is imported.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
 
-# The families SODMetrics computes, in its order, and the values each one reports.
+# The families SODMetrics computes, in its order, and the values each one reports. A name that
+# starts with max or mean is that summary of a per-threshold curve averaged over images.
 FAMILY_METRICS: dict[str, tuple[str, ...]] = {
     "F": ("maxF", "meanF", "adpF"),
     "E": ("maxE", "meanE", "adpE"),
     "S": ("S",),
     "wF": ("wF",),
     "MAE": ("MAE",),
+    # PySODMetrics' other families (opt-in: the standard SOD tables above stay as they are).
+    "IoU": ("maxIoU", "meanIoU", "adpIoU"),
+    "Dice": ("maxDice", "meanDice", "adpDice"),
+    "BER": ("maxBER", "meanBER", "adpBER"),
+    "MSIoU": ("maxMSIoU", "meanMSIoU", "adpMSIoU"),
+    "SI-MAE": ("SI-MAE",),
+    # Per image the mean over its objects of each object's max / mean / adaptive F: not summaries
+    # of one mean curve, hence not named max... / mean...
+    "SI-F": ("SI-maxF", "SI-meanF", "SI-adpF"),
+    "HCE": ("HCE",),
 }
 FAMILIES: tuple[str, ...] = tuple(FAMILY_METRICS)
+# What salnet.evaluate computes without --metrics: the families of a standard SOD table.
+DEFAULT_FAMILIES: tuple[str, ...] = ("F", "E", "S", "wF", "MAE")
 METRICS: tuple[str, ...] = tuple(name for names in FAMILY_METRICS.values() for name in names)
-LOWER_IS_BETTER = frozenset({"MAE"})
+# maxBER is the toolkits' max over thresholds, i.e. the worst threshold's BER.
+LOWER_IS_BETTER = frozenset({"MAE", "maxBER", "meanBER", "adpBER", "SI-MAE", "HCE"})
+# Families that need a package salnet does not require: (module, what to pip install).
+FAMILY_PACKAGES = {"HCE": ("skimage", "scikit-image")}
+
+
+class MissingPackageError(ImportError):
+    """A chosen metric family needs a package that is not installed."""
+
+
+def check_packages(families: Iterable[str]) -> None:
+    """Raise `MissingPackageError` naming the package when a chosen family cannot run."""
+    for family in families:
+        if family in FAMILY_PACKAGES:
+            module, package = FAMILY_PACKAGES[family]
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise MissingPackageError(
+                    f"the {family} metric needs {package}, which is not installed: pip install {package} "
+                    f"(or salnet[{family.lower()}])"
+                ) from None
 
 
 def metric_names(families: Iterable[str]) -> list[str]:

@@ -1,6 +1,6 @@
 """Weighted F-measure (Margolin et al., CVPR 2014) as PySODMetrics 1.6.2 computes it, per image.
 
-This one metric runs on the host, one image at a time, in numpy and scipy: it needs the exact
+It runs on the host, one image at a time, in numpy and scipy: it needs the exact
 Euclidean nearest-foreground transform, which torch lacks, and which of several equidistant
 foreground pixels the transform picks changes the result, so only scipy's own answer reproduces
 the reference. One image at a time keeps the working set in cache: about twice as fast as batched
@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from salnet.metrics.measures import EPS
@@ -22,15 +21,8 @@ BLUR_SIZE, BLUR_SIGMA = 7, 5.0  # MATLAB's fspecial('gaussian', 7, 5)
 DECAY = math.log(0.5) / 5  # background importance 2 - exp(DECAY * distance to the foreground)
 
 
-def weighted_f_measure(levels: torch.Tensor, level_values: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
-    """float64 [B] on the inputs' device: wF of predictions given as 8-bit `levels` (int32 [B, H, W])
-    whose normalised values are `level_values` (float64 [B, 256]), against `foreground` (bool [B, H, W])."""
-    levels_np, values_np, masks = levels.cpu().numpy(), level_values.cpu().numpy(), foreground.cpu().numpy()
-    scores = [_one_image(values_np[i].take(levels_np[i]), masks[i]) for i in range(levels_np.shape[0])]
-    return torch.tensor(scores, dtype=torch.float64, device=levels.device)
-
-
-def _one_image(values: np.ndarray, fg: np.ndarray) -> float:
+def weighted_f_measure(values: np.ndarray, fg: np.ndarray) -> float:
+    """wF of one normalised prediction (float64 [H, W]) against its foreground (bool [H, W])."""
     if not fg.any():
         return 0.0  # the reference's rule for an image without foreground
     height, width = fg.shape
