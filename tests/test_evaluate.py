@@ -14,11 +14,12 @@ import torch
 from evaluation_data import SIZES, ecssd_folder, tiny_checkpoint
 from PIL import Image
 
+from salnet.bench.metrics import run_reference
 from salnet.config import DataConfig
 from salnet.data import ValStream
 from salnet.evaluation import evaluate
 from salnet.evaluation.common import load_best_weights, make_predict
-from salnet.metrics import SODMetrics, curve_plots
+from salnet.metrics import SODMetrics, curve_plots, metric_names
 from salnet.validate import validate
 
 from conftest import forked_run, ranks, run_py
@@ -208,6 +209,24 @@ def test_missing_and_extra_maps_are_listed_or_counted(maps, tmp_path, capsys):
     for key in ("maxF", "meanF", "adpF", "MAE"):
         assert got[key] == pytest.approx(want[key], abs=1e-6), key
     assert "5 (1 missing, 1 extra)" in capsys.readouterr().out
+
+
+def test_opt_in_metric_families_are_the_only_columns_added_and_equal_pysodmetrics(maps, tmp_path, capsys):
+    root, truths = maps
+    families = ["IoU", "SI-F", "HCE"]
+    out = tmp_path / "out"
+    evaluate.main(
+        ["--pred", f"good={root / 'good'}", "--gt", f"DS-A={truths['DS-A']}", "--metrics", *families, "--out", str(out)]
+    )
+    got = json.loads((out / "results.json").read_text())["DS-A"]["good"]
+    assert list(got) == [*metric_names(families), "images", "missing", "extra"]
+    stems = sorted(truths["DS-A"].iterdir())
+    masks = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in stems]
+    preds = [cv2.imread(str(root / "good" / "DS-A" / p.name), cv2.IMREAD_GRAYSCALE) for p in stems]
+    want = run_reference(families, preds, masks)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+    assert "SI-maxF" in capsys.readouterr().out and r"HCE$\downarrow$" in (out / "results.tex").read_text()
 
 
 @pytest.mark.slow

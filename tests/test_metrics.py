@@ -271,7 +271,9 @@ def test_opt_in_families_match_the_reference_on_random_maps():
 
 
 def test_opt_in_families_match_the_reference_on_scenes_with_many_objects():
-    pairs = [scene(64, 80, seed=0), scene(72, 56, seed=1)]
+    # And objects all under 50 pixels: the largest ones (two of the same area) are SI's objects.
+    small = blob(30, 34, 2, 2, 8, 8) | blob(30, 34, 20, 24, 26, 30) | blob(30, 34, 12, 3, 15, 6)
+    pairs = [scene(64, 80, seed=0), scene(72, 56, seed=1), (torch.rand(30, 34, generator=torch.Generator()), small)]
     assert_matches_reference(pairs, OPT_IN)
 
 
