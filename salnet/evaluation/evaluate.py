@@ -7,9 +7,11 @@
     python -m salnet.evaluate --pred salnet=maps/NAME --pred F3Net=~/maps/F3Net \\
         --gt DUTS-TE=~/data/DUTS-TE/DUTS-TE-Mask --gt ECSSD=~/data/ECSSD --out results/all
 
-Both kinds can be given together; the table then compares them all. Metrics (every family by
-default, --metrics to choose): maxF, meanF, adpF, maxE, meanE, adpE, S, wF, MAE, equal to
-PySODMetrics 1.6.2 on the same 8-bit maps.
+Both kinds can be given together; the table then compares them all. Metrics (by default the
+standard families F E S wF MAE; --metrics to choose): maxF, meanF, adpF, maxE, meanE, adpE, S, wF,
+MAE, and on request IoU, Dice, BER (max/mean/adp each), MSIoU (max/mean/adp), SI-MAE, SI-F
+(SI-maxF, SI-meanF, SI-adpF) and HCE (needs scikit-image), all equal to PySODMetrics 1.6.2 on the
+same 8-bit maps.
 
 - --checkpoint [METHOD=]best.pt (METHOD defaults to the run's name) with --data [NAME=]SHARDS
   (NAME defaults to the manifest's): the network runs as validation runs it, on
