@@ -168,6 +168,8 @@ class SODMetrics:
 
 def _host_metrics(families, batch: Batch, values: torch.Tensor) -> dict[str, torch.Tensor]:
     """The host families' per-image values for one same-size batch (float64 [B] each, on the host)."""
+    if "HCE" in families:
+        from salnet.metrics.hce import human_correction_effort  # scikit-image: imported only when chosen
     levels, level_values, masks = batch.levels.cpu().numpy(), values.cpu().numpy(), batch.foreground.cpu().numpy()
     out: dict[str, list[float]] = {}
     for i in range(levels.shape[0]):
@@ -178,8 +180,6 @@ def _host_metrics(families, batch: Batch, values: torch.Tensor) -> dict[str, tor
             for name, value in size_invariant(image, levels[i], level_values[i], masks[i], families).items():
                 out.setdefault(name, []).append(value)
         if "HCE" in families:
-            from salnet.metrics.hce import human_correction_effort  # scikit-image: imported only when chosen
-
             out.setdefault("HCE", []).append(human_correction_effort(image > 0.5, masks[i]))
     return {name: torch.tensor(v, dtype=torch.float64) for name, v in out.items()}
 

@@ -34,8 +34,8 @@ DEFAULT_FAMILIES: tuple[str, ...] = ("F", "E", "S", "wF", "MAE")
 METRICS: tuple[str, ...] = tuple(name for names in FAMILY_METRICS.values() for name in names)
 # maxBER is the toolkits' max over thresholds, i.e. the worst threshold's BER.
 LOWER_IS_BETTER = frozenset({"MAE", "maxBER", "meanBER", "adpBER", "SI-MAE", "HCE"})
-# Families that need a package salnet does not require: (module, what to pip install).
-FAMILY_PACKAGES = {"HCE": ("skimage", "scikit-image")}
+# Families that need a package salnet does not require: (module, what to pip install, salnet's extra).
+FAMILY_PACKAGES = {"HCE": ("skimage", "scikit-image", "hce")}
 
 
 class MissingPackageError(ImportError):
@@ -46,13 +46,13 @@ def check_packages(families: Iterable[str]) -> None:
     """Raise `MissingPackageError` naming the package when a chosen family cannot run."""
     for family in families:
         if family in FAMILY_PACKAGES:
-            module, package = FAMILY_PACKAGES[family]
+            module, package, extra = FAMILY_PACKAGES[family]
             try:
                 importlib.import_module(module)
             except ImportError:
                 raise MissingPackageError(
                     f"the {family} metric needs {package}, which is not installed: pip install {package} "
-                    f"(or salnet[{family.lower()}])"
+                    f"(or salnet[{extra}])"
                 ) from None
 
 
