@@ -256,7 +256,10 @@ def test_pass_through_merges_and_conflicts_name_both_keys():
         "overlap_comm": True,
         "offload_optimizer": {"device": "none"},
         "offload_param": {"device": "none"},
+        "memory_efficient_linear": False,  # salnet's default: DDP's Linear numerics (zero_config says why)
     }
+    chosen = deepspeed_config(zero_config("deepspeed.zero_optimization.memory_efficient_linear=true"), world_size=4)
+    assert chosen["zero_optimization"]["memory_efficient_linear"] is True  # a default, not a derived key
     assert ds["optimizer"] == {
         "type": "AdamW",
         "params": {"lr": 1e-4, "weight_decay": 1e-4, "betas": [0.9, 0.999], "torch_adam": True, "eps": 1e-6},

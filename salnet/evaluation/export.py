@@ -6,7 +6,9 @@
 The exported model takes `image`, float32 [B, 3, H, W], RGB scaled to [0, 1] and then normalised
 with the ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), i.e.
 (pixel / 255 - mean) / std, at any batch size, height and width (the network was validated at
-best.pt's data.eval_size, printed on export; ONNX: at least 33 px), and returns `saliency`, float32
+best.pt's data.eval_size, printed on export; ONNX: at least 33 px; an ONNX export of a Swin
+backbone: at one size, --onnx-size, default the eval size, since torchvision's Swin builds its
+shifted-window mask from the input size in Python), and returns `saliency`, float32
 [B, 1, H, W]: the probabilities sigmoid(fused logit) of the network in eval mode.
 
     # TorchScript (traced; the sizes stay dynamic)
@@ -17,9 +19,10 @@ best.pt's data.eval_size, printed on export; ONNX: at least 33 px), and returns 
     saliency = session.run(["saliency"], {"image": image.numpy()})[0]
 
 Both files carry the metadata as JSON (TorchScript: extra file `salnet.json`; ONNX: metadata
-property `salnet`): checkpoint (the best.pt's path), step, input size, mean, std. The file is
+property `salnet`): checkpoint (the best.pt's path), step, eval size, the input size it takes
+("any", or [H, W]), mean, std. The file is
 written under a temporary name beside OUT, loaded back and compared with eager PyTorch on random
-inputs at two sizes (--check-sizes), printing the largest absolute difference; only then is it
+inputs at two sizes (--check-sizes; a fixed-size ONNX export: at its size), printing the largest absolute difference; only then is it
 renamed to OUT. A difference above --tolerance fails the export and leaves no file (a file already
 at OUT stays as it was).
 
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 from salnet.data import IMAGENET_MEAN, IMAGENET_STD
 from salnet.evaluation.common import (
@@ -87,14 +91,17 @@ def broadcast_copy(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = Fa
     return src.to(dst.dtype).expand_as(dst).clone()
 
 
-def metadata(best: BestWeights, size: int) -> str:
+def metadata(best: BestWeights, size: int, fixed: tuple[int, int] | None) -> str:
+    """`fixed`: the one input size (height, width) the file takes, or None (any size)."""
+    height, width = fixed or ("H", "W")
     return json.dumps(
         {
             "checkpoint": str(best.path),
             "step": best.step,
             "run": best.run_name,
             "eval_size": size,
-            "input": "image: float32 [B, 3, H, W], (rgb / 255 - mean) / std",
+            "input_size": list(fixed) if fixed else "any",
+            "input": f"image: float32 [B, 3, {height}, {width}], (rgb / 255 - mean) / std",
             "output": "saliency: float32 [B, 1, H, W] probabilities",
             "mean": IMAGENET_MEAN,
             "std": IMAGENET_STD,
@@ -109,16 +116,29 @@ def export_torchscript(module: Saliency, example: torch.Tensor, out: Path, meta:
     return lambda x: loaded(x)
 
 
-def export_onnx(module: Saliency, example: torch.Tensor, out: Path, meta: str):
+def fixed_size_reason(model: nn.Module) -> str | None:
+    """Why an ONNX graph of `model` holds at the input size it was exported at only (None: any size)."""
+    if any(isinstance(m, ShiftedWindowAttention) for m in model.modules()):
+        return (
+            "torchvision's Swin builds its shifted-window mask in Python from the input size, which torch.export "
+            "bakes into the graph"
+        )
+    return None
+
+
+def export_onnx(module: Saliency, example: torch.Tensor, out: Path, meta: str, fixed_size: bool = False):
+    """`fixed_size`: the graph takes example's height and width only (see fixed_size_reason); else any size.
+
+    Height and width are Dim.AUTO, not named Dims: torchvision's ConvNeXt and ViT blocks raise
+    guards that hold for every size (e.g. `1 % (768 * W) != 0`, a stride test) but that a named
+    Dim's strict check cannot prove; the parity check at two sizes is what shows the graph holds.
+    """
     import onnx
     import onnxruntime
     from torch.export import Dim
 
-    dims = {
-        0: Dim("batch", min=1, max=4096),
-        2: Dim("height", min=MIN_SIDE, max=8192),
-        3: Dim("width", min=MIN_SIDE, max=8192),
-    }
+    side = Dim.STATIC if fixed_size else Dim.AUTO(min=MIN_SIDE, max=8192)
+    dims = {0: Dim("batch", min=1, max=4096), 2: side, 3: side}
     program = torch.export.export(module, (example,), dynamic_shapes={"image": dims})
     table = torch.export.default_decompositions()
     for op in (torch.ops.aten.adaptive_avg_pool2d.default, torch.ops.aten._adaptive_avg_pool2d.default):
@@ -153,8 +173,19 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def export(
-    checkpoint_path: Path, fmt: str, out: Path, check_sizes: list[tuple[int, int]], tolerance: float, batch: int = 2
+    checkpoint_path: Path,
+    fmt: str,
+    out: Path,
+    check_sizes: list[tuple[int, int]] | None,
+    tolerance: float,
+    batch: int = 2,
+    onnx_size: tuple[int, int] | None = None,
 ) -> dict:
+    """Export, check parity at `check_sizes` (None: the eval size and an odd non-square size) and rename to `out`.
+
+    `onnx_size`: the input size of an ONNX export of a network whose graph holds at one size only
+    (fixed_size_reason; default: the eval size, square); its parity is checked at that size only.
+    """
     if fmt not in FORMATS:
         raise EvaluationError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     if out.is_dir():
@@ -163,15 +194,29 @@ def export(
     best = load_best_weights(checkpoint_path)
     size = int(best.setting("data", "eval_size", 352))
     module = Saliency(best.model.float().cpu())
+    reason = fixed_size_reason(module) if fmt == "onnx" else None
+    example_size = (onnx_size or (size, size)) if reason else (size, size)
+    if check_sizes is None:
+        check_sizes = [example_size] if reason else [(size, size), (size + 37, max(MIN_SIDE, size - 29))]
+    if reason and set(check_sizes) != {example_size}:
+        other = next(s for s in check_sizes if s != example_size)
+        raise EvaluationError(
+            f"--check-sizes {other[0]}x{other[1]}: this network's ONNX graph holds at the size it is exported at only "
+            f"({reason}); export it at that size with --onnx-size {other[0]}x{other[1]}, or use --format torchscript "
+            "(any size)"
+        )
     gen = torch.Generator().manual_seed(0)
-    example = torch.randn(batch, 3, size, size, generator=gen)
+    example = torch.randn(batch, 3, *example_size, generator=gen)
     # Written under a temporary name and renamed only once it passed the parity check: whatever is
     # under `out` is a checked export (or what was there before).
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
     try:
         with torch.no_grad():
-            exporter = export_torchscript if fmt == "torchscript" else export_onnx
-            run = exporter(module, example, tmp, metadata(best, size))
+            meta = metadata(best, size, example_size if reason else None)
+            if fmt == "torchscript":
+                run = export_torchscript(module, example, tmp, meta)
+            else:
+                run = export_onnx(module, example, tmp, meta, fixed_size=reason is not None)
             parity = {}
             for height, width in check_sizes:
                 x = torch.randn(batch, 3, height, width, generator=gen)
@@ -193,12 +238,19 @@ def export(
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    shape = f"[B, 3, {example_size[0]}, {example_size[1]}] (this size only: {reason})" if reason else "[B, 3, H, W]"
     print(
-        f"export: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; input 'image' float32 [B, 3, H, W] ImageNet-normalised, "
+        f"export: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; input 'image' float32 {shape} ImageNet-normalised, "
         f"validated at {size} px; output 'saliency' [B, 1, H, W] probabilities)",
         flush=True,
     )
-    return {"format": fmt, "out": str(out), "parity": parity, "eval_size": size}
+    return {
+        "format": fmt,
+        "out": str(out),
+        "parity": parity,
+        "eval_size": size,
+        "input_size": list(example_size) if reason else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -211,7 +263,15 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         type=parse_size,
         metavar="HxW",
-        help="input sizes of the parity check (default: the eval size, and an odd non-square size)",
+        help="input sizes of the parity check (default: the eval size, and an odd non-square size; an ONNX "
+        "export of a fixed input size: that size)",
+    )
+    parser.add_argument(
+        "--onnx-size",
+        type=parse_size,
+        metavar="HxW",
+        help="the input size of an ONNX export of a Swin backbone, whose graph holds at one size only (default: "
+        "the eval size); the other networks' ONNX graphs take any size",
     )
     parser.add_argument(
         "--tolerance", type=float, default=1e-4, help="largest max |diff| accepted in the parity check (default: 1e-4)"
@@ -220,10 +280,6 @@ def main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         torch.set_num_threads(torch.get_num_threads())  # no process group: export is one process
-        sizes = args.check_sizes
-        if sizes is None:
-            size = int(load_best_weights(args.checkpoint).setting("data", "eval_size", 352))
-            sizes = [(size, size), (size + 37, max(MIN_SIDE, size - 29))]
-        export(args.checkpoint, args.format, args.out, sizes, args.tolerance)
+        export(args.checkpoint, args.format, args.out, args.check_sizes, args.tolerance, onnx_size=args.onnx_size)
 
     run_main(PROG, run)

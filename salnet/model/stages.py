@@ -26,6 +26,11 @@ STRIDES = (4, 8, 16, 32)
 STAGE_OUTPUTS = (1, 3, 5, 7)
 
 
+def ceil_div(size: int, divisor: int) -> int:
+    """ceil(size / divisor), in the form torch.export's symbolic shapes simplify (not -(-size // divisor))."""
+    return (size + divisor - 1) // divisor
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int = STRIDES[-1]) -> torch.Tensor:
     """x padded with zeros at the bottom and right to a multiple of `multiple`.
 
@@ -33,7 +38,9 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = STRIDES[-1]) -> torch.Tenso
     for TorchScript at the size it was traced at, and skip the padding at every other size.
     """
     height, width = x.shape[-2:]
-    return F.pad(x, (0, -width % multiple, 0, -height % multiple))
+    return F.pad(
+        x, (0, ceil_div(width, multiple) * multiple - width, 0, ceil_div(height, multiple) * multiple - height)
+    )
 
 
 def run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
@@ -46,9 +53,14 @@ def run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointing: bool) -> t
 
 
 def crop_to_input(features: list[torch.Tensor], height: int, width: int) -> dict[str, torch.Tensor]:
-    """{'c2': ..., 'c5': ...}: each level cropped to ceil(input / its stride), the part the image covers."""
+    """{'c2': ..., 'c5': ...}: each level cropped to ceil(input / its stride), the part the image covers.
+
+    Cropped by a negative pad, not a slice: for a symbolic input size (an ONNX export of any size),
+    torch.export must prove a slice's end within the padded size, which it cannot for ceil(H / s)
+    against 32 * ceil(H / 32) / s; a pad's output size is plain arithmetic. Same values as the slice.
+    """
     return {
-        key: f[..., : -(-height // stride), : -(-width // stride)]
+        key: F.pad(f, (0, ceil_div(width, stride) - f.shape[-1], 0, ceil_div(height, stride) - f.shape[-2]))
         for key, stride, f in zip(FEATURE_KEYS, STRIDES, features)
     }
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.convnext import LayerNorm2d
-from torchvision.models.vision_transformer import VisionTransformer
+from torchvision.models.vision_transformer import Encoder, VisionTransformer
 
 from salnet.model.stages import STRIDES, crop_to_input, pad_to_multiple, run_blocks
 
@@ -57,6 +57,28 @@ def fit_position_embedding(model: VisionTransformer, state: dict) -> dict:
     return {**state, POSITION_KEY: resize_position_grid(pos, side, side)}
 
 
+class PositionedEncoder(nn.Module):
+    """torchvision's ViT Encoder (same parameters, same state-dict keys) whose position embeddings are
+    resized to the token grid of each input.
+
+    The embeddings are read in this module's own forward: ZeRO-3 gathers a module's parameters when
+    its forward starts, and torchvision's Encoder.forward (which adds them at their file size) is
+    not called.
+    """
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.pos_embedding = encoder.pos_embedding
+        self.dropout = encoder.dropout
+        self.layers = encoder.layers
+        self.ln = encoder.ln
+
+    def forward(self, tokens: torch.Tensor, rows: int, cols: int, checkpointing: bool) -> torch.Tensor:
+        """[N, 1 + rows*cols, D] (class token first) -> the last layer's normalised tokens, same shape."""
+        x = tokens + resize_position_grid(self.pos_embedding, rows, cols)
+        return self.ln(run_blocks(self.layers, self.dropout(x), checkpointing))
+
+
 class ViTPyramid(nn.Module):
     """torchvision VisionTransformer -> {'c2', 'c3', 'c4', 'c5'} at strides 4, 8, 16, 32.
 
@@ -70,7 +92,7 @@ class ViTPyramid(nn.Module):
         self.patch_size = vit.patch_size
         self.conv_proj = vit.conv_proj
         self.class_token = vit.class_token
-        self.encoder = vit.encoder
+        self.encoder = PositionedEncoder(vit.encoder)
         dim = vit.hidden_dim
         self.to_stride4 = nn.Sequential(
             nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2),
@@ -90,9 +112,7 @@ class ViTPyramid(nn.Module):
             )
         x = self.conv_proj(x).flatten(2).transpose(1, 2)  # [N, rows*cols, D]
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = x + resize_position_grid(self.encoder.pos_embedding, rows, cols)
-        x = run_blocks(self.encoder.layers, self.encoder.dropout(x), self.checkpointing and self.training)
-        x = self.encoder.ln(x)
+        x = self.encoder(x, rows, cols, self.checkpointing and self.training)
         return x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, rows, cols)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -62,7 +62,7 @@ import deepspeed.ops  # noqa: E402
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: E402
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
 from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
-from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, set_z3_leaf_modules  # noqa: E402
 from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
@@ -97,6 +97,20 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         return load_file(Path(path), map_location=map_location, safe_globals=tuple(CHECKPOINT_CLASSES))
 
 
+def mark_attention_callers_as_leaves(model: nn.Module) -> None:
+    """ZeRO-3 hooks stop at the modules that call an nn.MultiheadAttention (torchvision ViT's encoder blocks).
+
+    ZeRO-3 wraps every tensor a module receives in an autograd function of its own, so the one
+    tensor a self-attention receives as query, key and value arrives as three tensors.
+    MultiheadAttention then projects them with three matrix products instead of its packed one,
+    and the gradients differ from DDP's by roundings. Inside a ZeRO-3 "leaf" no hooks are set: its
+    parameters are gathered when the leaf's forward starts, and the attention sees one tensor.
+    """
+    owners = {type(m) for m in model.modules() if any(isinstance(c, nn.MultiheadAttention) for c in m.children())}
+    if owners:
+        set_z3_leaf_modules(model, sorted(owners, key=lambda t: t.__qualname__))
+
+
 class DeepSpeedStrategy(Strategy):
     def __init__(self, cfg: Config, model: nn.Module, total_steps: int):
         super().__init__(cfg)
@@ -116,6 +130,8 @@ class DeepSpeedStrategy(Strategy):
         if not dist.is_initialized():
             _one_rank_job_environment()
         model = with_sync_bn(model, cfg)
+        if train.zero_stage == 3:
+            mark_attention_callers_as_leaves(model)
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim), config=self.ds_config
         )

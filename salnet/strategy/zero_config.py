@@ -111,6 +111,12 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     generated = _merged(generated, extra)
     for key, value, _ in derived:  # a key the pass-through repeats keeps salnet's typed value (8, not 8.0)
         _put(generated, key, value)
+    # ZeRO-3's "memory-efficient linear" replaces torch.nn.functional.linear, for the whole process and
+    # for good, by DeepSpeed's own autograd function, whose backward sums the bias gradient in
+    # another order: every network with a Linear layer (Swin, ConvNeXt, ViT, PVT) then drifts from
+    # DDP by roundings, and so does any later run in the same process, ZeRO-2 and DDP included.
+    # Without it ZeRO-3 treats a Linear as it treats a convolution (re-gathered for the backward).
+    defaults["zero_optimization.memory_efficient_linear"] = False
     for key, value in defaults.items():
         if _get(generated, key) is MISSING:
             _put(generated, key, value)
