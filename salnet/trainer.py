@@ -20,6 +20,7 @@ from salnet import dist
 from salnet.config import Config, ConfigError, resume_changes, save_config, to_yaml
 from salnet.data import TrainBatch, TrainInput, TrainStream
 from salnet.loss import build_loss, check_side_weights
+from salnet.metrics import is_better
 from salnet.model import build_model, side_logits_in_training
 from salnet.optim import apply_settings
 from salnet.run.checkpoint import (
@@ -205,7 +206,7 @@ class Trainer:
                 f"validation at step {state.step}: {e}; the network has diverged (the newest good checkpoint "
                 f"is step {newest} under {self.run_dir.checkpoints}); lower optim.lr or set optim.grad_clip"
             ) from None
-        improved = state.offer_best(self.cfg.eval.best_metric, self.validator.best_value(scores))
+        improved = state.offer_best(self.cfg.eval.best_metric, self.validator.best_value(scores), is_better)
         if improved:
             weights = self.strategy.fp32_state_dict()
             if dist.is_main():

@@ -6,10 +6,9 @@ Typed in the loop, plain in a checkpoint (weights-only loading takes only plain 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
-
-from salnet.metrics.names import is_better
 
 
 @dataclass(frozen=True)
@@ -33,10 +32,12 @@ class TrainState:
     wandb_id: str | None = None  # the W&B run this run logs to (salnet.run.wandb_run.choose_run_id)
     saved_step: int | None = None  # the step of the newest checkpoint (not saved in it: restored by resume)
 
-    def offer_best(self, metric: str, value: float) -> bool:
+    def offer_best(self, metric: str, value: float, is_better: Callable[[str, float, float | None], bool]) -> bool:
         """Make `value` of `metric` at this step the best if it beats the best so far; returns whether
         it did. A best decided by another metric (eval.best_metric changed on resume) is no bar: values
-        of two metrics do not compare, so the first validation under the new metric starts its best."""
+        of two metrics do not compare, so the first validation under the new metric starts its best.
+        `is_better(metric name, value, than)`: salnet.metrics.names.is_better (the metrics know which
+        way is better; this module sits below them)."""
         than = self.best.value if self.best is not None and self.best.metric == metric else None
         if not is_better(metric.rpartition("/")[2], value, than):
             return False
