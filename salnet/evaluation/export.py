@@ -137,13 +137,15 @@ def export_onnx(module: Saliency, example: torch.Tensor, out: Path, meta: str, f
     import onnxruntime
     from torch.export import Dim
 
+    aten = torch.ops.aten
+
     side = Dim.STATIC if fixed_size else Dim.AUTO(min=MIN_SIDE, max=8192)
     dims = {0: Dim("batch", min=1, max=4096), 2: side, 3: side}
     program = torch.export.export(module, (example,), dynamic_shapes={"image": dims})
-    table = torch.export.default_decompositions()
-    for op in (torch.ops.aten.adaptive_avg_pool2d.default, torch.ops.aten._adaptive_avg_pool2d.default):
-        table[op] = adaptive_avg_pool2d
-    table[torch.ops.aten.copy.default] = broadcast_copy
+    # Only what torch.onnx would get wrong is decomposed here; torch.onnx then decomposes the rest to
+    # the operators ONNX has (a table of everything would grow the graph and double the export time).
+    table = {op: adaptive_avg_pool2d for op in (aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default)}
+    table[aten.copy.default] = broadcast_copy
     program = program.run_decompositions(table)
     torch.onnx.export(
         program,
