@@ -715,13 +715,23 @@ def test_a_real_time_limit_ends_in_a_requeue_and_a_finished_run(reference, work)
     args = list(CPU_JOB)
     args[args.index("--time") + 1] = "1"
     args[args.index("--signal-delay") + 1] = "30"
-    job, proc = submit(work, config, *args, "--max-requeues", "3")
     run_dir = work / "runs" / "timelimit"
-    start = time.monotonic()
-    while sc.show_job(job).get("Restarts") != "1":
-        if not sc.squeue_state(job) or time.monotonic() - start > 150:
-            pytest.fail(f"job {job} was not requeued on its time limit's warning:\n{logs(run_dir, job)}")
-        time.sleep(0.2)
+    # When Slurm's first limit check falls within the tasks' launch (about 1 in 30 attempts: the job
+    # below ended 0.2 s after it started), the warning reaches a task before Python has started and
+    # kills it: no handler can exist yet, and no salnet line is printed. That attempt is submitted again
+    # (once): what this test is about is a warning that reaches salnet.
+    for attempt in (1, 2):
+        job, proc = submit(work, config, *args, "--max-requeues", "3")
+        start = time.monotonic()
+        while sc.show_job(job).get("Restarts") != "1":
+            if not sc.squeue_state(job) or time.monotonic() - start > 150:
+                if attempt == 1 and not sc.squeue_state(job) and "salnet.slurm:" not in logs(run_dir, job):
+                    print(f"job {job}: the warning came before the tasks started; submitted again")
+                    break
+                pytest.fail(f"job {job} was not requeued on its time limit's warning:\n{logs(run_dir, job)}")
+            time.sleep(0.2)
+        else:
+            break
     first = rank0_log(run_dir, job)
     step = stopped_step(first, "SIGUSR2")
     assert step < budget and f"requeued job {job} (restart 1 of at most 3)" in first
