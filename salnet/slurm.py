@@ -17,7 +17,8 @@ A call:
 2. runs `salnet.train`'s main in this process with the argv, adding `train.resume=auto` on a
    requeued attempt (SLURM_RESTART_COUNT > 0), whatever the config said, so a requeue never starts
    the run over;
-3. when the training exits with EXIT_REQUEUE (75: stopped on the warning signal, checkpoint saved),
+3. when the training exits with EXIT_REQUEUE (75: stopped on the warning signal, with a checkpoint
+   saved, or before its first step with nothing to save),
    rank 0 requeues the job with `scontrol requeue` (array-aware) while SLURM_RESTART_COUNT is below
    max_requeues; EXIT_STOPPED (76: SIGTERM) and failures are never requeued.
 The task exits with the training's exit code.
@@ -137,8 +138,8 @@ class TrainJob:
             print(
                 f"salnet.slurm: rank {rank} exits with status {code}"
                 + {
-                    EXIT_REQUEUE: " (stopped on the warning signal, checkpoint saved)",
-                    EXIT_STOPPED: " (stopped on SIGTERM, checkpoint saved)",
+                    EXIT_REQUEUE: " (stopped on the warning signal)",
+                    EXIT_STOPPED: " (stopped on SIGTERM)",
                 }.get(code, " (failed)"),
                 flush=True,
             )
@@ -148,17 +149,17 @@ class TrainJob:
             if restarts < self.max_requeues:
                 done, what = requeue(jid)
                 say(
-                    f"stopped on the warning signal, checkpoint saved; {what} (restart {restarts + 1} of at most {self.max_requeues})"
+                    f"stopped on the warning signal; {what} (restart {restarts + 1} of at most {self.max_requeues})"
                     if done
-                    else f"stopped on the warning signal, checkpoint saved, but NOT requeued: {what}"
+                    else f"stopped on the warning signal, but NOT requeued: {what}"
                 )
             else:
                 say(
-                    f"stopped on the warning signal, checkpoint saved; not requeued: {restarts} restart(s) reached "
+                    f"stopped on the warning signal; not requeued: {restarts} restart(s) reached "
                     f"--max-requeues={self.max_requeues} (submit the run again to continue)"
                 )
         elif code == EXIT_STOPPED:
-            say("stopped on SIGTERM, checkpoint saved; not requeued (scancel or the end of the job)")
+            say("stopped on SIGTERM; not requeued (scancel or the end of the job)")
         if code != 0:
             sys.exit(code)
         return 0

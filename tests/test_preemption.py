@@ -155,7 +155,8 @@ WORKER = textwrap.dedent("""
     from salnet.run.preemption import StopRequest
     stop = StopRequest().install()
     rank = os.environ.get("RANK", "0")
-    print(f"ready {os.getpid()} armed={stop.parent_death_armed}", flush=True)
+    # One write of the whole line: two ranks share the pipe, and print() writes the newline apart.
+    os.write(1, f"ready {os.getpid()} armed={stop.parent_death_armed}\\n".encode())
     deadline = time.monotonic() + 60
     while not stop.requested and time.monotonic() < deadline:
         time.sleep(0.02)

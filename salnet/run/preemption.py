@@ -13,6 +13,9 @@ save at that step, and exit with `exit_code()`:
     EXIT_STOPPED (76)  stopped on SIGTERM (`scancel`, or the end of the job), checkpoint saved: do not
                        requeue, so a user's `scancel` never brings the job back
 
+Before the ranks' first step (`exit_at_once()` until `defer()`) there is nothing to save: a stop
+signal exits at once with the same codes, the newest checkpoint unchanged.
+
 A crash exits with any other non-zero code and never looks like a stop.
 
 Ctrl-C (SIGINT) is SIGTERM's interactive twin: saved at the next step end, exit 76. A second stop
