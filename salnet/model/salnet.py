@@ -54,14 +54,13 @@ def norm_layer(kind: str, groups: int) -> Callable[[int], nn.Module]:
 
 
 def _check_group_norm(cfg: ModelConfig, branch_width: int) -> None:
-    """GroupNorm needs gn_groups to divide every normalised channel count; checked before any weights are read."""
+    """GroupNorm needs gn_groups to divide every normalised channel count; checked before any weights are read.
+
+    The widths the config sets were checked when it loaded (ModelConfig); these are the ones the
+    backbone decides: the PPM branch width by default (C5 // 4) and a ResNet's own channels."""
     if cfg.norm != "group":
         return
-    normalised = {
-        "model.ppm_branch_width": branch_width,
-        "model.ppm_width": cfg.ppm_width,
-        "model.fpn_width": cfg.fpn_width,
-    }
+    normalised = {"model.ppm_branch_width": branch_width} if cfg.ppm_branch_width is None else {}
     if backbone_family(cfg.backbone.name) in BATCHNORM_FAMILIES and not cfg.backbone.frozen_bn:
         normalised[f"{cfg.backbone.name}'s channels (multiples of {NORM_CHANNEL_QUANTUM})"] = NORM_CHANNEL_QUANTUM
     wrong = {key: c for key, c in normalised.items() if c % cfg.gn_groups}
