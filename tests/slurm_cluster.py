@@ -1,4 +1,9 @@
-"""Helpers for tests/test_slurm.py: the local two-node cluster (slurm/local/up.sh) and its jobs.
+"""Helpers for the Slurm tests: the local cluster (slurm/local/up.sh, N nodes on this machine) and its jobs.
+
+The tests share one cluster: `make test` brings it up with NODES nodes (the most any test needs) before
+pytest starts; a module run alone brings it up itself (`ensure_cluster`) and stops it at the end only
+if it started it. A running cluster with fewer nodes than a test needs is grown by up.sh (a restart,
+which up.sh refuses while jobs are queued: the error says so).
 
 Without slurmdbd there is no sacct: a job is watched with squeue while it is queued or running,
 `scontrol show job` (kept MinJobAge=60 s after the end: Restarts, ExitCode) and the job completion
@@ -24,27 +29,54 @@ def missing_binaries() -> list[str]:
     return [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
 
 
-def cluster_ready() -> bool:
+NODES = 4  # the most nodes any test uses (tests/test_multinode.py): `make test` starts this many
+
+
+def cluster_nodes() -> dict[str, str] | None:
+    """{node: state} of the batch partition, None when slurmctld does not answer."""
     try:
         ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
         nodes = subprocess.run(
             ["sinfo", "-h", "-N", "-p", "batch", "-o", "%N %t"], capture_output=True, text=True, timeout=20
         )
     except (OSError, subprocess.TimeoutExpired):
+        return None
+    if "UP" not in ping.stdout or nodes.returncode != 0:
+        return None
+    return dict(line.split() for line in nodes.stdout.splitlines() if line.strip())
+
+
+def cluster_ready(min_nodes: int = 2) -> bool:
+    """Whether up.sh's cluster runs with node1..nodeK, K >= min_nodes, every node taking jobs."""
+    states = cluster_nodes()
+    if not states:
         return False
-    states = dict(line.split() for line in nodes.stdout.splitlines() if line.strip())
+    names = sorted(states, key=lambda name: int(name[4:]) if name[4:].isdigit() else -1)
     return (
-        "UP" in ping.stdout
-        and sorted(states) == ["node1", "node2"]
+        len(names) >= min_nodes
+        and names == [f"node{k}" for k in range(1, len(names) + 1)]
         and all(s in ("idle", "mix", "alloc") for s in states.values())
     )
 
 
-def up() -> str:
-    proc = subprocess.run([str(REPO / "slurm/local/up.sh")], capture_output=True, text=True, timeout=600)
+def up(nodes: int | None = None) -> str:
+    """Run up.sh (with --nodes when given: another count than the running cluster's restarts it)."""
+    argv = [str(REPO / "slurm/local/up.sh")] + (["--nodes", str(nodes)] if nodes else [])
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"slurm/local/up.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
+
+
+def ensure_cluster(min_nodes: int = 2) -> bool:
+    """Bring the cluster up with at least `min_nodes` nodes unless it runs so; True if up.sh started
+    slurmctld here (the caller then stops it with down() when done), False if it was already running."""
+    if cluster_ready(min_nodes):
+        return False
+    running = cluster_nodes()
+    out = up(max(min_nodes, len(running or {})))
+    print(out)
+    return "started slurmctld" in out and not running
 
 
 def down() -> str:

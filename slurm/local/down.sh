@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Stop the local test cluster that slurm/local/up.sh started, and only what it started:
-# jobs still queued or running on it are cancelled first, then its slurmd, slurmctld and (if up.sh
-# started it) munged are stopped, and the /etc/hosts line up.sh added is removed. The state
+# jobs still queued or running on it are cancelled first, then its slurmd daemons (however many
+# nodes it had), slurmctld and (if up.sh started it) munged are stopped, and the /etc/hosts line
+# up.sh added is removed. The state
 # directory (logs, job completion log) is kept; slurm.conf stays too (it only names this cluster).
 set -euo pipefail
 
 STATE=${SALNET_SLURM_STATE:-/var/tmp/salnet-slurm}
-HOSTS_LINE="127.0.0.1 node1 node2  # salnet slurm/local/up.sh"
+HOSTS_MARK="# salnet slurm/local/up.sh"   # ends the /etc/hosts line up.sh added
 
 say() { echo "down.sh: $*"; }
 alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -36,14 +37,17 @@ if ours slurmctld && alive "$STATE/slurmctld.pid"; then
         for _ in $(seq 60); do [[ -z $(squeue -h -o %A 2>/dev/null) ]] && break; sleep 0.5; done
     fi
 fi
-for node in node1 node2; do ours "slurmd-$node" && stop "slurmd $node" "$STATE/slurmd-$node.pid"; done
+# every slurmd up.sh started, whatever the node count was then (up.sh records each as slurmd-NODE)
+while read -r entry; do
+    [[ $entry == slurmd-* ]] && stop "slurmd ${entry#slurmd-}" "$STATE/$entry.pid"
+done < <(grep '^slurmd-' "$STATE/started" | sort -V)
 ours slurmctld && stop slurmctld "$STATE/slurmctld.pid"
 ours munged && stop munged "$STATE/munged.pid"
-if ours hosts && grep -qF "$HOSTS_LINE" /etc/hosts; then
+if ours hosts && grep -qF "$HOSTS_MARK" /etc/hosts; then
     # rewrite in place (/etc/hosts may be a bind mount, which a rename would not replace)
-    grep -vF "$HOSTS_LINE" /etc/hosts > "$STATE/hosts.tmp" || true
+    grep -vF "$HOSTS_MARK" /etc/hosts > "$STATE/hosts.tmp" || true
     cat "$STATE/hosts.tmp" > /etc/hosts && rm -f "$STATE/hosts.tmp"
-    say "removed the node1/node2 line from /etc/hosts"
+    say "removed the node1..nodeN line from /etc/hosts"
 fi
 : > "$STATE/started"
 say "done (logs kept in $STATE/log)"
