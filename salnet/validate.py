@@ -83,7 +83,7 @@ def validate(
         if not bool(finite.all()):
             continue  # a diverged network: reported for the whole set below, on every rank together
         masks = [m.to(device, non_blocking=True) for m in batch["masks"]]
-        metrics.update(preds, masks)
+        metrics.update(preds, masks, keys=batch["key"])  # the keys are kept only by a per_image SODMetrics
         if observe is not None:
             observe(batch, preds, masks)
     # Every rank learns of non-finite predictions anywhere before the metrics' own all-reduce.

@@ -231,7 +231,7 @@ def test_predict_and_evaluate_score_a_swin_checkpoint_as_validation_did(runs, tm
     root, val = runs
     best = RunDir(run_dir(root, "swin_t-ddp")).best
     evaluate.main(["--checkpoint", f"swin={best}", "--data", f"val={val}", "--workers", "0", "--out", str(tmp_path)])
-    scored = json.loads((tmp_path / "results.json").read_text())["val"]["swin"]
+    scored = json.loads((tmp_path / "results.json").read_text())["results"]["val"]["swin"]
     assert scored["images"] == 6
     for key, value in load_best(best)["metrics"].items():
         if key != "val/images":

@@ -19,7 +19,7 @@ from salnet.config import DataConfig
 from salnet.data import ValStream
 from salnet.evaluation import evaluate
 from salnet.evaluation.common import load_best_weights, make_predict
-from salnet.metrics import SODMetrics, curve_plots, metric_names
+from salnet.metrics import PerImage, SODMetrics, curve_plots, metric_names
 from salnet.validate import validate
 
 from conftest import forked_run, ranks, run_py
@@ -127,7 +127,7 @@ def evaluated(maps):
 def test_maps_in_folders_score_as_pysodmetrics_for_several_methods_and_datasets(maps, evaluated):
     root, truths = maps
     out, proc = evaluated
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())["results"]
     curves = json.loads((out / "curves.json").read_text())
     assert list(results) == ["DS-A", "ECSSD"]
     for dataset, gt_dir in truths.items():
@@ -151,7 +151,7 @@ def test_maps_in_folders_score_as_pysodmetrics_for_several_methods_and_datasets(
 @pytest.mark.slow
 def test_tables_hold_every_result(maps, evaluated):
     out, _ = evaluated
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())["results"]
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["dataset"], r["method"]) for r in rows] == [(d, m) for d, by in results.items() for m in by]
     for row in rows:
@@ -160,7 +160,16 @@ def test_tables_hold_every_result(maps, evaluated):
     best_maxf = max(results["ECSSD"].values(), key=lambda s: s["maxF"])["maxF"]
     assert f"**{best_maxf:.4f}**" in md and md.count("| good |") == 2
     assert r"\multicolumn{9}{c}{DS-A}" in tex and r"MAE$\downarrow$" in tex and f"\\textbf{{{best_maxf:.3f}}}" in tex
-    assert tex.count(r"\\") == 2 + 3  # two header rows, three methods
+    assert tex.count(r"\\") == 2 + 3 + 1  # two header rows, three methods, the legend
+    # every format shows each value's 95 % interval (evaluate's default --bootstrap 1000)
+    for row in rows:
+        ci95 = results[row["dataset"]][row["method"]]["ci95"]
+        assert {k: (float(row[k + "_lo"]), float(row[k + "_hi"])) for k in METRICS} == {
+            k: tuple(ci95[k]) for k in METRICS
+        }
+    lo, hi = results["ECSSD"]["good"]["ci95"]["maxF"]
+    assert f"[{lo:.4f}, {hi:.4f}]" in md and f"{{\\scriptsize[{lo:.3f}, {hi:.3f}]}}" in tex
+    assert "not significantly different from the best" in md and "not significantly different" in tex
 
 
 @pytest.mark.slow
@@ -202,10 +211,11 @@ def test_missing_and_extra_maps_are_listed_or_counted(maps, tmp_path, capsys):
     assert "1 predictions" in err and "stray" in err and "--allow-missing" in err
 
     evaluate.main(args + ["--allow-missing", "--out", str(tmp_path / "out")])
-    got = json.loads((tmp_path / "out" / "results.json").read_text())["DS-A"]["partial"]
+    got = json.loads((tmp_path / "out" / "results.json").read_text())["results"]["DS-A"]["partial"]
     assert (got["images"], got["missing"], got["extra"]) == (5, 1, 1)
     want, _ = reference(truths["DS-A"], pred, stems={f"a{i}" for i in range(1, 6)})
-    assert set(got) == {"maxF", "meanF", "adpF", "MAE", "images", "missing", "extra"}
+    assert set(got) == {"maxF", "meanF", "adpF", "MAE", "images", "missing", "extra", "ci95", "p"}
+    assert set(got["ci95"]) == {"maxF", "meanF", "adpF", "MAE"} and got["p"] == {}  # no other method to test against
     for key in ("maxF", "meanF", "adpF", "MAE"):
         assert got[key] == pytest.approx(want[key], abs=1e-6), key
     assert "5 (1 missing, 1 extra)" in capsys.readouterr().out
@@ -218,8 +228,8 @@ def test_opt_in_metric_families_are_the_only_columns_added_and_equal_pysodmetric
     evaluate.main(
         ["--pred", f"good={root / 'good'}", "--gt", f"DS-A={truths['DS-A']}", "--metrics", *families, "--out", str(out)]
     )
-    got = json.loads((out / "results.json").read_text())["DS-A"]["good"]
-    assert list(got) == [*metric_names(families), "images", "missing", "extra"]
+    got = json.loads((out / "results.json").read_text())["results"]["DS-A"]["good"]
+    assert list(got) == [*metric_names(families), "images", "missing", "extra", "ci95", "p"]
     stems = sorted(truths["DS-A"].iterdir())
     masks = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in stems]
     preds = [cv2.imread(str(root / "good" / "DS-A" / p.name), cv2.IMREAD_GRAYSCALE) for p in stems]
@@ -254,7 +264,7 @@ def test_a_checkpoint_on_shards_scores_what_validation_and_its_predicted_maps_sc
         ],
         timeout=240,
     )
-    from_checkpoint = json.loads((tmp_path / "ckpt" / "results.json").read_text())["ECSSD"]["tiny"]
+    from_checkpoint = json.loads((tmp_path / "ckpt" / "results.json").read_text())["results"]["ECSSD"]["tiny"]
 
     # validate() in this process, one rank, on the same set: what training would have logged
     torch.set_num_threads(1)  # as the ranks ran (OMP_NUM_THREADS=1): same kernels, same floats
@@ -292,9 +302,15 @@ def test_a_checkpoint_on_shards_scores_what_validation_and_its_predicted_maps_sc
             tmp_path / "folders",
         ]
     )
-    from_maps = json.loads((tmp_path / "folders" / "results.json").read_text())["ECSSD"]["tiny"]
+    from_maps = json.loads((tmp_path / "folders" / "results.json").read_text())["results"]["ECSSD"]["tiny"]
     for key in METRICS:
         assert from_maps[key] == pytest.approx(from_checkpoint[key], abs=1e-9), key
+    # per image too, keyed alike: a shard sample's key is its image's stem, as a map's file stem is
+    by_key, by_stem = (
+        PerImage.load(tmp_path / kind / "per_image" / "ECSSD" / "tiny.npz") for kind in ("ckpt", "folders")
+    )
+    assert by_key.keys == by_stem.keys and len(by_key.keys) == 7
+    np.testing.assert_allclose(by_key["MAE"], by_stem["MAE"], rtol=0, atol=1e-9)
 
 
 def test_bad_arguments_are_refused_with_the_value_at_fault(maps, tmp_path, capsys):
@@ -434,7 +450,7 @@ def test_a_corrupt_colour_or_oversized_map_or_mask_is_named_or_skipped_counted_a
         + ["--out", str(tmp_path / "skip")]
     )
     out, err = capsys.readouterr()
-    got = json.loads((tmp_path / "skip" / "results.json").read_text())["D"]["m"]
+    got = json.loads((tmp_path / "skip" / "results.json").read_text())["results"]["D"]["m"]
     assert (got["images"], got["skipped"]) == (2, len(bad)) and f"2 ({len(bad)} skipped)" in out
     assert f"skipped {len(bad)} pairs" in err and all(str(path) in err for path, _ in bad.values()), err
 
@@ -442,5 +458,5 @@ def test_a_corrupt_colour_or_oversized_map_or_mask_is_named_or_skipped_counted_a
     for which in ("gt", "pred"):
         _linked(good / which, sorted((tmp_path / which).glob("g*.png")))
     evaluate.main(["--pred", f"m={good / 'pred'}", "--gt", f"D={good / 'gt'}", *metrics, "--out", str(good / "out")])
-    want = json.loads((good / "out" / "results.json").read_text())["D"]["m"]
+    want = json.loads((good / "out" / "results.json").read_text())["results"]["D"]["m"]
     assert {k: got[k] for k in want} == want  # the readable pairs score as they would alone

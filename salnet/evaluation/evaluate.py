@@ -28,25 +28,40 @@ same 8-bit maps.
   read so (truncated, corrupt, colour, above --max-pixels or --max-member-bytes) is an error
   naming it; --skip-bad leaves such pairs out, counted ("skipped") and listed.
 
---out DIR writes results.json ({dataset: {method: {metric: value, "images": n}}}), results.csv,
-results.md, results.tex, curves.json ({dataset: {method: {threshold, precision, recall, F, E}}},
-256 points, point i at threshold 255 - i) and plots/pr_DATASET.png and plots/fm_DATASET.png.
+Uncertainty (--bootstrap N, default 1000; 0 turns it off; --seed S, default 0): every image's
+values are kept with its key (a map's file stem; a shard sample's key), and each dataset metric gets
+a 95 % percentile bootstrap interval over the images (N resamples, the same for every method of a
+dataset; maxF and maxE are the max of each resample's mean curve), and each pair of methods on the
+same images a paired permutation test per metric (salnet.metrics.bootstrap says why that test).
+The tables mark with a dagger the values whose difference from the column's best is not
+significant at 0.05.
+
+--out DIR writes results.json, results.csv, results.md, results.tex, curves.json
+({dataset: {method: {threshold, precision, recall, F, E}}}, 256 points, point i at threshold
+255 - i), plots/pr_DATASET.png and plots/fm_DATASET.png, and per_image/DATASET/METHOD.npz
+(salnet.metrics.PerImage: "keys", sorted, and one array per per-image quantity, MAE, S, F, ...).
+results.json is {"format": "salnet-results/2", "made": {command, salnet, date}, "card": the
+metrics card, "bootstrap": the settings or null, "results": {dataset: {method: {metric: value,
+"images": n, "ci95": {metric: [lo, hi]}, "p": {metric: {other method: p}}}}}}.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import shlex
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
+import salnet
 from salnet import dist
 from salnet.config import DataConfig
 from salnet.data import ValStream
 from salnet.data.sources import Limits, open_shard_set
-from salnet.evaluation import folders, tables
+from salnet.evaluation import card, folders, tables
 from salnet.evaluation.common import (
     PRECISIONS,
     EvaluationError,
@@ -62,22 +77,31 @@ from salnet.evaluation.common import (
 )
 from salnet.fsio import atomic_write
 from salnet.imagecheck import DEFAULT_MAX_PIXELS, parse_pixels
-from salnet.metrics import DEFAULT_FAMILIES, FAMILIES, SODMetrics, curve_plots, metric_names
+from salnet.metrics import DEFAULT_FAMILIES, FAMILIES, PerImage, SODMetrics, curve_plots, metric_names
+from salnet.metrics import bootstrap as uncertainty
 from salnet.metrics.names import MissingPackageError, check_packages
 from salnet.shards.images import BadFileError
 from salnet.shards.tario import DEFAULT_MAX_MEMBER_BYTES
 from salnet.validate import validate
 
 PROG = "python -m salnet.evaluate"
+FORMAT = "salnet-results/2"
 CHUNK = 16  # map/mask pairs per SODMetrics.update in folder mode
 
 
 class Report:
-    """{dataset: {method: scores}} and the curves, in the order datasets and methods were given."""
+    """{dataset: {method: scores}}, the curves and each image's values (`per_image[dataset][method]`,
+    a `PerImage`: sorted keys, the same images for every method unless --allow-missing left some
+    out), in the order datasets and methods were given. `bootstrap` (the settings, or None) and each
+    scores' "ci95" and "p" are filled by `add_uncertainty`."""
 
     def __init__(self, datasets: list[str]):
         self.results: dict[str, dict[str, dict]] = {d: {} for d in datasets}
         self.curves: dict[str, dict[str, dict]] = {d: {} for d in datasets}
+        self.per_image: dict[str, dict[str, PerImage]] = {d: {} for d in datasets}
+        self.bootstrap: dict | None = None
+        self.card: dict = {}
+        self.made: dict = {}
 
     def add(self, dataset: str, method: str, metrics: SODMetrics, **counts: int) -> None:
         if method in self.results[dataset]:
@@ -86,6 +110,35 @@ class Report:
             )
         self.results[dataset][method] = {**metrics.compute(), "images": metrics.num_images, **counts}
         self.curves[dataset][method] = metrics.curves()
+        self.per_image[dataset][method] = metrics.per_image()
+
+    def add_uncertainty(self, resamples: int, seed: int) -> None:
+        """Each metric's 95 % bootstrap interval ("ci95") and its paired tests against every other
+        method of the dataset ("p"), from the per-image values (salnet.metrics.bootstrap)."""
+        self.bootstrap = {
+            "resamples": resamples,
+            "seed": seed,
+            "level": uncertainty.LEVEL,
+            "interval": uncertainty.INTERVAL,
+            "test": uncertainty.TEST,
+        }
+        for dataset, by_method in self.per_image.items():
+            if not by_method:
+                continue
+            found = uncertainty.bootstrap(by_method, resamples, seed)
+            for method, scores in self.results[dataset].items():
+                scores["ci95"] = {name: list(bounds) for name, bounds in found.intervals[method].items()}
+                scores["p"] = found.p_values[method]
+
+    def document(self) -> dict:
+        """results.json: format, how it was made, the metrics card, the bootstrap settings, the results."""
+        return {
+            "format": FORMAT,
+            "made": self.made,
+            "card": self.card,
+            "bootstrap": self.bootstrap,
+            "results": {d: by for d, by in self.results.items() if by},
+        }
 
 
 def _named(texts: list[str], what: str, default) -> list[tuple[str, str]]:
@@ -122,7 +175,7 @@ def score_checkpoints(args: argparse.Namespace, report: Report, families: list[s
                 raise EvaluationError(
                     f"checkpoint '{path}': its 'data' config with {overrides} is not valid: {e}"
                 ) from None
-            metrics = SODMetrics(families, device=dist.device())
+            metrics = SODMetrics(families, device=dist.device(), per_image=True)
             validate(predict, ValStream(data_cfg, dist.rank(), dist.world_size()), metrics)
             report.add(dataset, method, metrics)
 
@@ -136,14 +189,15 @@ def score_folders(args: argparse.Namespace, report: Report, families: list[str])
             pred_dir = folders.prediction_dir(Path(location), dataset, only_dataset=len(truths) == 1)
             label = f"{method} on {dataset}"
             matched = folders.match(gt, pred_dir, label, args.allow_missing)
-            metrics, error, skipped = SODMetrics(families, device=device), None, []
+            metrics, error, skipped = SODMetrics(families, device=device, per_image=True), None, []
             mine = matched.pairs[rank::world]
             try:
                 for start in range(0, len(mine), CHUNK):
-                    read = []
-                    for _, gt_path, pred_path in mine[start : start + CHUNK]:
+                    read, stems = [], []
+                    for stem, gt_path, pred_path in mine[start : start + CHUNK]:
                         try:
                             read.append(folders.read_pair(gt_path, pred_path, limits))
+                            stems.append(stem)
                         except BadFileError as e:
                             if not args.skip_bad:
                                 raise EvaluationError(
@@ -151,7 +205,7 @@ def score_folders(args: argparse.Namespace, report: Report, families: list[str])
                                 ) from None
                             skipped.append(str(e))
                     if read:
-                        metrics.update([p.to(device) for p, _ in read], [g.to(device) for _, g in read])
+                        metrics.update([p.to(device) for p, _ in read], [g.to(device) for _, g in read], keys=stems)
             except (EvaluationError, ValueError) as e:  # ValueError: SODMetrics' checks, naming the shapes
                 error = f"{label}: {e}"
             raise_if_any(error)
@@ -173,8 +227,12 @@ def write_outputs(report: Report, metrics: list[str], out: Path, plot_format: st
     results = {d: by for d, by in report.results.items() if by}
     curves = {d: by for d, by in report.curves.items() if by}
     out.mkdir(parents=True, exist_ok=True)
+    for dataset, by_method in report.per_image.items():
+        for method, rows in by_method.items():
+            with atomic_write(out / "per_image" / dataset / f"{method}.npz", "wb") as f:
+                rows.save(f)
     for name, text in (
-        ("results.json", json.dumps(results, indent=2) + "\n"),
+        ("results.json", json.dumps(report.document(), indent=2) + "\n"),
         ("results.csv", tables.csv_text(results, metrics)),
         ("results.md", tables.markdown(results, metrics)),
         ("results.tex", tables.latex(results, metrics)),
@@ -252,7 +310,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"--pred: refuse a map or mask file above this size, before reading it "
         f"(default {DEFAULT_MAX_MEMBER_BYTES}, 256 MiB)",
     )
-    parser.add_argument("--out", type=Path, help="write results.{json,csv,md,tex}, curves.json and plots/ here")
+    parser.add_argument(
+        "--out", type=Path, help="write results.{json,csv,md,tex}, curves.json, plots/ and per_image/ here"
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="resamples for the 95%% intervals and the paired tests (default 1000; 0: none)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resamples (default 0)")
     parser.add_argument(
         "--plot-format", choices=curve_plots.FORMATS, default="png", help="format of the plots (default: png)"
     )
@@ -278,6 +346,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, value in (("--size", args.size), ("--batch-size", args.batch_size)):
         if value is not None and value <= 0:
             parser.error(f"{flag} must be positive, got {value}")
+    if args.bootstrap < 0:
+        parser.error(f"--bootstrap must be 0 (no intervals) or a number of resamples, got {args.bootstrap}")
+    args.command = " ".join([PROG, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     try:
         check_packages(args.metrics)
     except MissingPackageError as e:
@@ -297,12 +368,25 @@ def evaluate_main(args: argparse.Namespace) -> Report:
     if args.pred:
         score_folders(args, report, families)
     if dist.is_main():
+        if args.bootstrap:
+            report.add_uncertainty(args.bootstrap, args.seed)
+        report.made = {
+            "command": args.command,
+            "salnet": salnet.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        report.card = card.metrics_card(
+            families,
+            maps_read=card.maps_read_text(folders=bool(args.pred), checkpoints=bool(args.checkpoint)),
+            bootstrap=report.bootstrap,
+        )
         metrics = metric_names(families)
         print(tables.console({d: by for d, by in report.results.items() if by}, metrics), flush=True)
         if args.out is not None:
             write_outputs(report, metrics, args.out, args.plot_format)
             print(
-                f"evaluate: wrote results.json, results.csv, results.md, results.tex, curves.json and plots/ to {args.out}",
+                "evaluate: wrote results.json, results.csv, results.md, results.tex, curves.json, plots/ and "
+                f"per_image/ to {args.out}",
                 file=sys.stderr,
                 flush=True,
             )

@@ -56,6 +56,10 @@ Every reported value is a mean over images of per-image values, so the state is 
 (the image count, the curves, and one sum per scalar) that an all-reduce can merge:
 sharding the images over ranks gives the single-process result up to float64 summation order.
 
+Per image: `SODMetrics(..., per_image=True)` also keeps each image's values with its key, gathered
+over ranks by `all_reduce()`, as a `PerImage` (`per_image.py`); `bootstrap.py` turns them into 95 %
+intervals and paired permutation tests between methods.
+
 `curve_plots` draws the PR and F-measure-vs-threshold curves (matplotlib, imported only there), for
 `salnet.evaluate` and for a run's plots/.
 """
@@ -76,6 +80,7 @@ __all__ = [
     "LOWER_IS_BETTER",
     "METRICS",
     "MissingPackageError",
+    "PerImage",
     "SODMetrics",
     "is_better",
     "metric_names",
@@ -83,10 +88,14 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # SODMetrics imports torch; the names above must not (salnet.config reads them before any
-    # heavy import), so the accumulator loads on first use of SODMetrics.
+    # SODMetrics and PerImage import torch; the names above must not (salnet.config reads them
+    # before any heavy import), so their modules load on first use.
     if name == "SODMetrics":
         from salnet.metrics.accumulator import SODMetrics
 
         return SODMetrics
+    if name == "PerImage":
+        from salnet.metrics.per_image import PerImage
+
+        return PerImage
     raise AttributeError(f"module 'salnet.metrics' has no attribute {name!r}")
