@@ -46,6 +46,7 @@ from salnet.fsio import atomic_write  # noqa: E402
 from salnet.run.rundir import RunDir  # noqa: E402
 from salnet.run.wandb_run import new_run_id  # noqa: E402
 from salnet.slurm import DEFAULT_MAX_REQUEUES, TrainJob  # noqa: E402
+from salnet.sweep import MAX_CELLS  # noqa: E402
 
 PROG = "python launch/submit.py"
 EXIT_USAGE = 2
@@ -234,6 +235,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the sbatch script and the resolved config; submit nothing, write nothing",
     )
     r.add_argument("--follow", action="store_true", help="after submitting, stream rank 0's log until the job ends")
+    w = parser.add_argument_group("sweeps: one Slurm job array, one run per cell, in <out_dir>/SWEEP/CELL")
+    w.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="sweep a config key over these values (parsed as key=value overrides are), repeatable: the product",
+    )
+    w.add_argument(
+        "--sweep-file", type=Path, metavar="YAML", help="a sweep file: grid: (key -> values) and/or cells: (explicit)"
+    )
+    w.add_argument(
+        "--sweep-name", help="the sweep's directory under out_dir (default: the file's name:, else the config's name)"
+    )
+    w.add_argument(
+        "--max-parallel",
+        type=at_least(1),
+        default=None,
+        metavar="N",
+        help="at most N cells run at once (--array=0-K%%N)",
+    )
+    w.add_argument("--yes", action="store_true", help=f"submit a sweep of more than {MAX_CELLS} cells")
     return add_config_arguments(parser)
 
 
@@ -547,6 +570,10 @@ def fail(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
+    if args.sweep or args.sweep_file:
+        from sweep_submit import submit_sweep  # launch/sweep_submit.py, next to this file
+
+        return submit_sweep(args, sys.modules[__name__])
     base = Path.cwd()
     try:
         cfg = resolve(load_config(args.config, args.overrides), base, args.fresh)
