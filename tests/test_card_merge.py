@@ -16,25 +16,27 @@ from PIL import Image
 from salnet.evaluation import card, merge, tables
 from salnet.evaluation.common import EvaluationError
 from salnet.metrics import DEFAULT_FAMILIES, FAMILIES, SODMetrics, metric_names
+from salnet.metrics import bootstrap as uncertainty
 from salnet.run.wandb_run import transaction_log_records
 
 from conftest import run_py
 
-BOOTSTRAP = {"resamples": 1000, "seed": 0, "level": 0.95, "interval": "percentile", "test": "paired bootstrap"}
+BOOTSTRAP = {"resamples": 200, "seed": 0, "level": 0.95, "interval": "percentile", "test": uncertainty.TEST}
 
 
-def scored(seed: int, images: int = 3, families=DEFAULT_FAMILIES) -> SODMetrics:
-    """Real SODMetrics sums of `images` random 24x32 maps against random masks."""
+def scored(seed: int, images: int = 4, families=DEFAULT_FAMILIES) -> SODMetrics:
+    """Real SODMetrics sums and per-image rows of `images` random 24x32 maps against random masks."""
     generator = torch.Generator().manual_seed(seed)
     masks = [(torch.rand(24, 32, generator=generator) > 0.6).float() for _ in range(images)]
-    preds = [(m * 0.6 + 0.4 * torch.rand(24, 32, generator=generator)).clamp(0, 1) for m in masks]
-    metrics = SODMetrics(list(families))
-    metrics.update(preds, masks)
+    preds = [(m * 0.3 + 0.7 * torch.rand(24, 32, generator=generator)).clamp(0, 1) for m in masks]
+    metrics = SODMetrics(list(families), per_image=True)
+    metrics.update(preds, masks, keys=[f"img{i}" for i in range(images)])
     return metrics
 
 
 def write_input(folder, methods: dict, families=DEFAULT_FAMILIES, card_changes=None, per_image=True):
-    """A results.json + curves.json (+ per_image/) under `folder`; methods: {(dataset, method): seed}."""
+    """What `evaluate --out folder` writes: results.json (with intervals and p-values), curves.json
+    and per_image/; methods: {(dataset, method): seed of its maps}."""
     document = {
         "format": merge.FORMAT,
         "made": {"command": f"python -m salnet.evaluate --out {folder}", "salnet": "0.1.0", "date": "2026-12-08"},
@@ -45,15 +47,22 @@ def write_input(folder, methods: dict, families=DEFAULT_FAMILIES, card_changes=N
         "bootstrap": BOOTSTRAP,
         "results": {},
     }
-    curves = {}
+    curves, rows = {}, {}
     for (dataset, method), seed in methods.items():
         metrics = scored(seed, families=families)
         document["results"].setdefault(dataset, {})[method] = {**metrics.compute(), "images": metrics.num_images}
         curves.setdefault(dataset, {})[method] = metrics.curves()
-        if per_image:
-            path = folder / "per_image" / dataset / f"{method}.npz"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, keys=np.array([f"img{i}" for i in range(metrics.num_images)]), MAE=np.arange(3.0))
+        rows.setdefault(dataset, {})[method] = metrics.per_image()
+    for dataset, by_method in rows.items():
+        found = uncertainty.bootstrap(by_method, BOOTSTRAP["resamples"], BOOTSTRAP["seed"])
+        for method, per_image_rows in by_method.items():
+            scores = document["results"][dataset][method]
+            scores["ci95"] = {name: list(bounds) for name, bounds in found.intervals[method].items()}
+            scores["p"] = found.p_values[method]
+            if per_image:
+                path = folder / "per_image" / dataset / f"{method}.npz"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                per_image_rows.save(path)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(document))
     (folder / "curves.json").write_text(json.dumps(curves))
@@ -123,7 +132,7 @@ def test_card_states_every_definition_of_the_chosen_families():
 def test_card_renderings_state_every_key_and_leave_the_tables_readable():
     every = card.metrics_card(FAMILIES, maps_read=card.MAPS_READ_FOLDERS, bootstrap=BOOTSTRAP)
     items = card.html_items(every)
-    assert list(items) == list(every) and items["bootstrap"].startswith("resamples 1000, seed 0")
+    assert list(items) == list(every) and items["bootstrap"].startswith("resamples 200, seed 0")
     md = card.markdown(every)
     assert all(f"| {tables.md_escape(key)} |" in md for key in every)
     tex = card.latex_comment(every)
@@ -158,28 +167,48 @@ def test_merge_refuses_different_cards_naming_each_definition(tmp_path):
     assert not (tmp_path / "C").exists()
     # Bootstrap settings are definitions too; a family one input did not choose is not a difference.
     c = write_input(tmp_path / "C3", {("DS", "three"): 3}, families=["F", "MAE"], card_changes={"bootstrap": None})
-    with pytest.raises(EvaluationError, match=r"differ in 1 definition\(s\)[^$]*bootstrap: .*: resamples 1000"):
+    with pytest.raises(EvaluationError, match=r"differ in 1 definition\(s\)[^$]*bootstrap: .*: resamples 200"):
         merge.merge_documents([a, c])
 
 
 def test_merge_of_agreeing_cards_holds_every_method(tmp_path):
     a = write_input(tmp_path / "A", {("DS", "one"): 1, ("Other", "one"): 5})
-    b = write_input(tmp_path / "B", {("DS", "two"): 2}, families=[*DEFAULT_FAMILIES, "IoU"])
+    b = write_input(tmp_path / "B", {("DS", "two"): 2, ("DS", "three"): 3})
+    c = write_input(tmp_path / "Cin", {("Third", "four"): 4}, families=[*DEFAULT_FAMILIES, "IoU"])
     out = tmp_path / "C"
-    document = merge.merge_main([a, b], out, write_like_evaluate)
+    document = merge.merge_main([a, b, c], out, write_like_evaluate)
     written = json.loads((out / "results.json").read_text())
     assert written == document and written["format"] == merge.FORMAT
-    assert {d: list(by) for d, by in written["results"].items()} == {"DS": ["one", "two"], "Other": ["one"]}
-    assert written["results"]["DS"]["two"]["maxIoU"] == json.loads(b.read_text())["results"]["DS"]["two"]["maxIoU"]
+    assert {d: list(by) for d, by in written["results"].items()} == {
+        "DS": ["one", "two", "three"],
+        "Other": ["one"],
+        "Third": ["four"],
+    }
+    inputs = [json.loads(path.read_text())["results"] for path in (a, b, c)]
+    assert written["results"]["Third"]["four"]["maxIoU"] == inputs[2]["Third"]["four"]["maxIoU"]
     assert written["card"]["families"] == [*DEFAULT_FAMILIES, "IoU"]
-    assert [m["path"] for m in written["merged"]["from"]] == [str(a), str(b)]
-    assert written["made"]["command"] == f"python -m salnet.evaluate --merge {a} {b}"
+    assert [m["path"] for m in written["made"]["merged"]] == [str(a), str(b), str(c)]
+    assert written["made"]["command"] == f"python -m salnet.evaluate --merge {a} {b} {c}"
+    # Intervals as each input had them; p-values for every pair, those across inputs recomputed.
+    merged = written["results"]["DS"]
+    for method, scores in merged.items():
+        source = inputs[0]["DS"] if method == "one" else inputs[1]["DS"]
+        assert scores["ci95"] == source[method]["ci95"]
+        assert set(scores["p"]["maxF"]) == set(merged) - {method}
+    assert merged["two"]["p"]["maxF"]["three"] == pytest.approx(inputs[1]["DS"]["two"]["p"]["maxF"]["three"])
+    assert merged["one"]["p"]["MAE"]["two"] == merged["two"]["p"]["MAE"]["one"]
+    assert "p_values" not in written["made"]
     curves = json.loads((out / "curves.json").read_text())
     assert curves["DS"]["two"] == json.loads((tmp_path / "B" / "curves.json").read_text())["DS"]["two"]
     md = (out / "results.md").read_text()
-    assert "| one |" in md and "| two |" in md and "| thresholds |" in md
-    for dataset, method in (("DS", "one"), ("DS", "two"), ("Other", "one")):
+    assert all(f"| {method} |" in md for method in ("one", "two", "three", "four")) and "| thresholds |" in md
+    for dataset, method in (("DS", "one"), ("DS", "two"), ("Other", "one"), ("Third", "four")):
         assert (out / "per_image" / dataset / f"{method}.npz").is_file()
+    # Without per-image files the pairs across inputs have no p-value, and made says so.
+    lone = write_input(tmp_path / "lone", {("DS", "five"): 6}, per_image=False)
+    document, _ = merge.merge_documents([a, lone])
+    assert document["results"]["DS"]["one"]["p"] == document["results"]["DS"]["five"]["p"] == {}
+    assert document["made"]["p_values"].startswith("DS: p-values only between methods of the same input")
 
 
 def test_merge_keeps_a_method_given_twice_only_when_identical(tmp_path):
@@ -193,7 +222,7 @@ def test_merge_keeps_a_method_given_twice_only_when_identical(tmp_path):
     # A dataset scored on other images does not compare: per-image keys, else image counts.
     more = write_input(tmp_path / "more", {("DS", "three"): 3})
     np.savez(more.parent / "per_image" / "DS" / "three.npz", keys=np.array(["img0", "img1", "x"]), MAE=np.ones(3))
-    with pytest.raises(EvaluationError, match=r"DS: the inputs scored different images .*in one only: img2, x"):
+    with pytest.raises(EvaluationError, match=r"DS: the inputs scored different images .*in one only: img2, img3, x"):
         merge.merge_documents([a, more])
 
 

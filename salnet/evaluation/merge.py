@@ -9,10 +9,12 @@ refused with every differing definition, both values and the file each comes fro
   same images: the same per-image keys where both inputs kept per_image/, else the same image count.
 - curves.json beside each results.json (required: evaluate writes it), per method as the results.
 - per_image/DATASET/METHOD.npz beside each input, copied where present.
-- p-values: each method keeps those against the methods of its own input. A pair of methods from
-  different inputs has no p-value in the merged document (`merged.p_values` says so): the paired
-  test needs both methods' per-image statistics under one resampling, which salnet.evaluate
-  computes when it scores them together (score the methods in one evaluate to get those p-values).
+- intervals and p-values: where every method of a dataset has its per-image file and the inputs
+  bootstrapped (their cards agree on the settings), they are recomputed over all the merged methods
+  with salnet.metrics.bootstrap: the draws depend only on (seed, number of images), so each
+  method's interval is the one its input had, and pairs of methods from different inputs get their
+  p-values too. Otherwise each method keeps its input's intervals and its p-values against the
+  methods of its own input, and `made.p_values` says which datasets lack the pairs across inputs.
 
 The inputs must be results.json of format salnet-results/2 (with a card); an older results.json
 (no format, no card) is refused with the reason, as is anything else, named.
@@ -34,7 +36,8 @@ import numpy as np
 from salnet import __version__
 from salnet.evaluation.card import differences, text
 from salnet.evaluation.common import EvaluationError, names_listed, output_dirs
-from salnet.metrics import FAMILIES
+from salnet.metrics import FAMILIES, PerImage
+from salnet.metrics import bootstrap as uncertainty
 
 FORMAT = "salnet-results/2"
 PER_IMAGE = "per_image"
@@ -200,23 +203,51 @@ def merge_documents(paths: list[Path | str]) -> tuple[Document, Curves]:
         raise EvaluationError("--merge: the inputs cannot be merged:\n  " + "\n  ".join(problems))
 
     first = documents[0]
+    made = {
+        "command": shlex.join(["python", "-m", "salnet.evaluate", "--merge", *map(str, paths)]),
+        "salnet": __version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "merged": [{"path": str(p), "made": d.get("made")} for p, d in zip(paths, documents, strict=True)],
+    }
+    bootstrap = first.get("bootstrap")
+    if bootstrap:
+        partial = [d for d in results if not _rebootstrap(results[d], origin, d, bootstrap) and len(results[d]) > 1]
+        if partial:
+            made["p_values"] = (
+                f"{', '.join(partial)}: p-values only between methods of the same input (per-image files "
+                "missing); evaluate the methods together, or keep per_image/ beside each results.json"
+            )
     document = {
         "format": FORMAT,
-        "made": {
-            "command": shlex.join(["python", "-m", "salnet.evaluate", "--merge", *map(str, paths)]),
-            "salnet": __version__,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        },
+        "made": made,
         "card": {**first["card"], "families": _union_families(documents)},
-        "bootstrap": first.get("bootstrap"),
+        "bootstrap": bootstrap,
         "results": results,
-        "merged": {
-            "from": [{"path": str(p), "made": d.get("made")} for p, d in zip(paths, documents, strict=True)],
-            "p_values": "each method's p-values are against the methods of its own input; pairs of methods "
-            "from different inputs have none (score them in one evaluate for those)",
-        },
     }
     return document, curves
+
+
+def _rebootstrap(by_method: dict[str, dict], origin: dict, dataset: str, settings: dict) -> bool:
+    """Recompute one dataset's intervals and p-values over all its merged methods from their
+    per-image files; False (nothing changed) when a method has none or their families differ."""
+    paths = {method: per_image_files(origin[dataset, method], dataset, method) for method in by_method}
+    if not all(path.is_file() for path in paths.values()):
+        return False
+    rows = {}
+    for method, path in paths.items():
+        try:
+            rows[method] = PerImage.load(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise EvaluationError(f"--merge: '{path}' is not a per-image file of evaluate's: {e}") from None
+    if len({r.families for r in rows.values()}) > 1:
+        return False
+    found = uncertainty.bootstrap(
+        rows, int(settings["resamples"]), int(settings["seed"]), float(settings.get("level", uncertainty.LEVEL))
+    )
+    for method, scores in by_method.items():
+        scores["ci95"] = {name: list(bounds) for name, bounds in found.intervals[method].items()}
+        scores["p"] = found.p_values[method]
+    return True
 
 
 def _union_families(documents: list[Document]) -> list[str]:
