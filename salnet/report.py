@@ -2,11 +2,14 @@
 
     python -m salnet.report runs/demo              # draw runs/demo/plots/ again, print the summary
     python -m salnet.report runs/demo --no-plots   # the summary only
+    python -m salnet.report runs/demo --html       # and runs/demo/report/index.html, a page to open
 
 It reads only the run directory: metrics.jsonl, config.yaml, plots/latest.npz (the newest
 validation's curves and prediction panels, written by the run) and the names of the checkpoints.
 The summary: steps done, training time over all attempts, throughput, the best validation of each
-val set, the latest validation, where best.pt and the plots are.
+val set, the latest validation, where best.pt and the plots are. --html also writes the run's page,
+runs/NAME/report/index.html (salnet.pages.run: the summary, validation history, training loss, the
+latest validation's curves and pictures; it opens from disk, no network) and prints its path.
 
 A run directory is read as it is found, damaged or not: whatever cannot be read (a bad line of
 metrics.jsonl, a row that is not a record, an unreadable config.yaml or latest.npz, a file where
@@ -193,6 +196,31 @@ def summary(run_dir: Path, problems: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def read_latest(run: RunDir, problems: list[str]):
+    """(step, details) of plots/latest.npz, or None where there is none or it cannot be read (then named in `problems`)."""
+    from salnet.run import plots
+
+    path = run.plots / plots.LATEST
+    if not path.exists():
+        return None
+    try:
+        return plots.load_latest(path)
+    except Exception as e:  # a damaged archive fails in zipfile, numpy or json, each its own way
+        problems.append(
+            f"{path}: unreadable ({type(e).__name__}: {e}); curves and pictures of the latest validation not drawn"
+        )
+        return None
+
+
+def write_html(run_dir: Path, summary_text: str, problems: list[str]) -> Path:
+    """runs/NAME/report/index.html from what can be read (salnet.pages.run); returns its path."""
+    from salnet.pages.run import write_run_page
+
+    run = RunDir(run_dir)
+    latest = read_latest(run, problems)
+    return write_run_page(run_dir / "report", f"run {run_dir.name}", summary_text, read_log(run.metrics)[0], latest)
+
+
 def redraw(run_dir: Path, problems: list[str] | None = None) -> list[Path]:
     """Draw runs/NAME/plots/ again from metrics.jsonl and plots/latest.npz, what of them can be read;
     what cannot is appended to `problems`, one line each."""
@@ -203,18 +231,8 @@ def redraw(run_dir: Path, problems: list[str] | None = None) -> list[Path]:
     if run.plots.exists() and not run.plots.is_dir():
         problems.append(f"{run.plots}: a file where the plots directory should be; nothing drawn")
         return []
-    latest_path = run.plots / plots.LATEST
-    latest = None
-    if latest_path.exists():
-        try:
-            latest = plots.load_latest(latest_path)
-        except Exception as e:  # a damaged archive fails in zipfile, numpy or json, each its own way
-            problems.append(
-                f"{latest_path}: unreadable ({type(e).__name__}: {e}); curves and pictures of the latest "
-                f"validation not drawn"
-            )
     try:
-        return plots.render(run.plots, read_log(run.metrics)[0], latest)
+        return plots.render(run.plots, read_log(run.metrics)[0], read_latest(run, problems))
     except OSError as e:
         problems.append(f"{run.plots}: cannot draw there ({e.strerror})")
         return []
@@ -224,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run directory (runs/NAME)")
     parser.add_argument("--no-plots", action="store_true", help="print the summary only; leave plots/ as it is")
+    parser.add_argument(
+        "--html", action="store_true", help="also write RUN_DIR/report/index.html, the run's page, and print its path"
+    )
     args = parser.parse_args(argv)
     run = RunDir(args.run_dir)
     if not run.metrics.is_file() and not run.config.is_file():
@@ -233,9 +254,15 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_plots:
         written = redraw(args.run_dir, problems)
         print(f"plots: drew {len(written)} files in {run.plots}")
-    print(summary(args.run_dir, problems))
+    text = summary(args.run_dir, problems)
+    print(text)
     if not run.metrics.is_file():
         print(f"  nothing logged yet ({run.metrics} not found)")
+    if args.html:
+        try:
+            print(f"page: {write_html(args.run_dir, text, problems)}")
+        except OSError as e:
+            problems.append(f"{args.run_dir / 'report'}: cannot write the page there ({e.strerror})")
     for problem in dict.fromkeys(problems):  # redraw and summary both read metrics.jsonl: each line once
         print(f"{PROG}: {problem}", file=sys.stderr)
     sys.exit(1 if problems else 0)
