@@ -34,7 +34,7 @@ def scored(seed: int, images: int = 4, families=DEFAULT_FAMILIES) -> SODMetrics:
     return metrics
 
 
-def write_input(folder, methods: dict, families=DEFAULT_FAMILIES, card_changes=None, per_image=True):
+def write_input(folder, methods: dict, families=DEFAULT_FAMILIES, card_changes=None, per_image=True, images=4):
     """What `evaluate --out folder` writes: results.json (with intervals and p-values), curves.json
     and per_image/; methods: {(dataset, method): seed of its maps}."""
     document = {
@@ -49,7 +49,7 @@ def write_input(folder, methods: dict, families=DEFAULT_FAMILIES, card_changes=N
     }
     curves, rows = {}, {}
     for (dataset, method), seed in methods.items():
-        metrics = scored(seed, families=families)
+        metrics = scored(seed, images, families)
         document["results"].setdefault(dataset, {})[method] = {**metrics.compute(), "images": metrics.num_images}
         curves.setdefault(dataset, {})[method] = metrics.curves()
         rows.setdefault(dataset, {})[method] = metrics.per_image()
@@ -224,6 +224,9 @@ def test_merge_keeps_a_method_given_twice_only_when_identical(tmp_path):
     np.savez(more.parent / "per_image" / "DS" / "three.npz", keys=np.array(["img0", "img1", "x"]), MAE=np.ones(3))
     with pytest.raises(EvaluationError, match=r"DS: the inputs scored different images .*in one only: img2, img3, x"):
         merge.merge_documents([a, more])
+    fewer = write_input(tmp_path / "fewer", {("DS", "four"): 4}, per_image=False, images=3)
+    with pytest.raises(EvaluationError, match=rf"DS: the inputs scored different images \({a}: 4, {fewer}: 3\)"):
+        merge.merge_documents([a, fewer])
 
 
 def test_merge_refuses_what_is_not_a_results_json_of_the_new_format(tmp_path):
