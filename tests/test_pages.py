@@ -17,15 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from evaluation_data import ecssd_folder
+import torch
+from evaluation_data import ecssd_folder, tiny_checkpoint
 from PIL import Image, ImageFilter
 
 from salnet.evaluation import evaluate, folders
-from salnet.evaluation.gallery import FolderPictures, choose, write_gallery
+from salnet.evaluation.gallery import FolderPictures, ShardPictures, checkpoint_predictor, choose, write_gallery
 from salnet.pages.results import write_results_page
 from salnet.report import main as report_main
 from salnet.run import plots
 from salnet.run.rundir import MetricsFile
+from salnet.shards.pack import pack
 from salnet.validate import PER_IMAGE_METRICS, Sample, SetDetails, per_image_metrics
 
 from shards_data import save, scene
@@ -61,11 +63,23 @@ def _noisy(mask: np.ndarray, seed: int, quality: float) -> np.ndarray:
     return np.clip(quality * blurred + (1 - quality) * noise, 0, 255).astype(np.uint8)
 
 
-def per_image_mae(gt: dict[str, Path], pred_dir: Path) -> dict[str, float]:
-    """Each image's MAE as evaluate scores it (the pair read by folders.read_pair)."""
-    files = folders.image_files(pred_dir, "prediction")
-    pairs = [folders.read_pair(gt[k], files[k], folders.Limits()) for k in sorted(files)]
-    return dict(zip(sorted(files), per_image_metrics([p for p, _ in pairs], [g for _, g in pairs])["MAE"], strict=True))
+def scored_mae(out: Path, dataset: str, method: str) -> dict[str, float]:
+    """Each image's MAE as the evaluation kept it (per_image/DATASET/METHOD.npz: keys, MAE)."""
+    with np.load(out / "per_image" / dataset / f"{method}.npz") as z:
+        return dict(zip(z["keys"].tolist(), z["MAE"].tolist(), strict=True))
+
+
+def gallery_maps_score_as_scored(out: Path, description: dict, mae: dict[str, dict[str, float]]) -> None:
+    """Every map the gallery drew, scored again from its full-size picture, gives the evaluation's MAE:
+    the right image, predicted or read as it was scored."""
+    methods = description["columns"][2:]
+    for section in description["sections"]:
+        for row in section["rows"]:
+            gt = np.asarray(Image.open(out / row["cells"][1]["full"]))
+            for method, cell in zip(methods, row["cells"][2:], strict=True):
+                levels = np.asarray(Image.open(out / cell["full"]))
+                again = per_image_metrics([torch.from_numpy(levels).float() / 255], [torch.from_numpy(gt)])["MAE"][0]
+                assert again == pytest.approx(mae[method][row["key"]], abs=1e-9), (method, row["key"])
 
 
 def results_document(out: Path) -> dict:
@@ -119,13 +133,40 @@ def results_page(tmp_path_factory):
     evaluate.main([*args, "--metrics", "F", "E", "S", "MAE", "--out", str(out)])
     galleries = {}
     for dataset, location in truths.items():
-        gt = folders.ground_truth(location)
         pred_dirs = {m: root / f"pred{j}" / dataset for j, m in enumerate(methods)}
-        mae = {m: per_image_mae(gt, d) for m, d in pred_dirs.items()}
+        mae = {m: scored_mae(out, dataset, m) for m in methods}
         galleries[dataset] = write_gallery(out, dataset, mae, FolderPictures(location, pred_dirs), k=2)
+        gallery_maps_score_as_scored(out, galleries[dataset], mae)
     document = results_document(out)
     curves = json.loads((out / "curves.json").read_text())
     return write_results_page(out, document, curves, galleries), document
+
+
+def test_a_checkpoint_gallery_predicts_the_chosen_images_as_they_were_scored(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "run")
+    ecssd_folder(tmp_path / "ECSSD", 5, first_seed=300)
+    shards = tmp_path / "shards"
+    pack(tmp_path / "ECSSD", shards, shard_samples=2)  # three shards: the chosen keys are spread over them
+    out = tmp_path / "out"
+    evaluate.main(
+        ["--checkpoint", f"tiny={checkpoint}", "--data", f"ECSSD={shards}", "--metrics", "MAE", "--out", str(out)]
+    )
+    mae = {"tiny": scored_mae(out, "ECSSD", "tiny")}
+    source = ShardPictures(str(shards), {"tiny": checkpoint_predictor(checkpoint, None, None)})
+    description = write_gallery(out, "ECSSD", mae, source, k=3)
+    assert [s["title"] for s in description["sections"]] == ["worst images of tiny"]
+    keys = [row["key"] for row in description["sections"][0]["rows"]]
+    assert keys == sorted(mae["tiny"], key=mae["tiny"].get, reverse=True)[:3]
+    gallery_maps_score_as_scored(out, description, mae)
+    for row in description["sections"][0]["rows"]:  # the image and its mask as the dataset holds them
+        image, gt = (np.asarray(Image.open(out / cell["full"])) for cell in row["cells"][:2])
+        source_image = np.asarray(Image.open(tmp_path / "ECSSD" / "images" / f"{row['key']}.jpg"))
+        assert np.array_equal(
+            gt, np.asarray(Image.open(tmp_path / "ECSSD" / "ground_truth_mask" / f"{row['key']}.png"))
+        )
+        assert (
+            image.shape == source_image.shape and np.abs(image.astype(int) - source_image).mean() < 2
+        )  # JPEG decoders
 
 
 # --------------------------------------------------------------------------------------------

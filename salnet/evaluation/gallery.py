@@ -40,6 +40,7 @@ from salnet.data.sources import Limits, open_shard, open_shard_set
 from salnet.data.transforms import SampleError, decode_sample, resize_for_eval
 from salnet.evaluation import folders
 from salnet.evaluation.common import EvaluationError, Predict, load_best_weights, make_predict
+from salnet.metrics.inputs import to_levels
 from salnet.pages.html import number
 from salnet.pages.pictures import save_picture
 from salnet.shards.format import split_member_name
@@ -58,7 +59,7 @@ class PictureSource(Protocol):
         """key -> (RGB image uint8 [H, W, 3] or None where there is none, GT uint8 [H, W])."""
 
     def maps(self, keys: list[str]) -> dict[str, dict[str, np.ndarray]]:
-        """method -> key -> map uint8 [H, W] at the GT's size (level = probability x 255)."""
+        """method -> key -> map uint8 [H, W] at the GT's size: the levels scored, floor(255 p)."""
 
 
 @dataclass
@@ -134,7 +135,8 @@ def write_gallery(
 
 
 def _levels(probabilities: torch.Tensor) -> np.ndarray:
-    return (probabilities * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    """The 8-bit levels that were scored (floor(255 p)), as a saved map holds them."""
+    return to_levels(probabilities).to(torch.uint8).cpu().numpy()
 
 
 class FolderPictures:

@@ -44,7 +44,7 @@ td .ci{display:block;font-size:.75em;color:#777;white-space:nowrap}
 td.best{font-weight:bold;background:#e6f4e6} td.second{background:#f3f8e8}
 td.tie .v::after{content:" \\2248";color:#a60}
 .legend span{margin-right:1.2em;white-space:nowrap} .legend i{display:inline-block;width:1.6em;height:3px;vertical-align:middle;margin-right:.3em}
-.charts{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0} figcaption{font-size:.9em;color:#555}
+.charts{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0;width:min-content} figcaption{font-size:.9em;color:#555}
 svg.chart{background:#fff;border:1px solid #ddd} svg.chart text{font-size:11px;fill:#444}
 #tip{position:fixed;pointer-events:none;background:#222;color:#fff;padding:.3em .5em;border-radius:3px;font-size:12px;display:none;white-space:pre;z-index:9}
 table.pictures td{text-align:center;vertical-align:top;font-size:.8em} table.pictures td:first-child{white-space:pre-line} table.pictures img{display:block;max-width:160px;max-height:160px;border:1px solid #ccc}
@@ -133,7 +133,7 @@ class Axis:
     ticks: list[float] = field(default_factory=list)
 
 
-WIDTH, HEIGHT = 420, 300
+WIDTH, HEIGHT = 380, 280
 MARGIN = {"left": 52, "right": 12, "top": 24, "bottom": 40}
 
 
