@@ -6,6 +6,7 @@ scores and curves of small random maps (what evaluate writes, without running th
 import csv
 import json
 import re
+import socket
 import textwrap
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from salnet.evaluation import card, merge, tables
+from salnet.evaluation import card, merge, tables, wandb_log
 from salnet.evaluation.common import EvaluationError
 from salnet.metrics import DEFAULT_FAMILIES, FAMILIES, SODMetrics, metric_names
 from salnet.metrics import bootstrap as uncertainty
@@ -260,19 +261,12 @@ def test_merge_refuses_what_is_not_a_results_json_of_the_new_format(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_wandb_offline_run_holds_the_table_curves_and_gallery_in_the_scored_runs_group(tmp_path):
-    results = write_input(tmp_path / "A", {("DS", "one"): 1, ("DS", "two"): 2})
-    document = json.loads(results.read_text())
-    for i, scores in enumerate(document["results"]["DS"].values()):
-        scores["ci95"] = {"maxF": [0.1 * i, 0.1 * i + 0.05]}
-    results.write_text(json.dumps(document))
-    pictures = []
-    for i in range(2):
-        pixels = np.full((8, 12, 3), 40 * (i + 1), np.uint8)
-        Image.fromarray(pixels).save(tmp_path / f"g{i}.png")
-        pictures.append((f"DS: image {i}", str(tmp_path / f"g{i}.png")))
-    scored_config = {"name": "tiny", "log": {"project": "proj", "entity": None}}
-    secret = "0123456789abcdef0123456789abcdef01234567"
+SCORED_CONFIG = {"name": "tiny", "log": {"project": "proj", "entity": None}}
+
+
+def log_in_a_process(tmp_path, results, pictures, timeout_s=60.0, **env):
+    """log_evaluation of results.json (and the curves.json beside it) in a fresh Python, as evaluate
+    would call it after writing its files; W&B's folders under tmp_path."""
     script = textwrap.dedent(
         f"""
         import json
@@ -281,16 +275,46 @@ def test_wandb_offline_run_holds_the_table_curves_and_gallery_in_the_scored_runs
         folder = Path({str(results.parent)!r})
         print(log_evaluation(
             json.loads((folder / "results.json").read_text()), json.loads((folder / "curves.json").read_text()),
-            {pictures!r}, scored_configs=[{scored_config!r}], directory=Path({str(tmp_path / "out")!r})))
+            {pictures!r}, scored_configs=[{SCORED_CONFIG!r}], directory=Path({str(tmp_path / "out")!r}),
+            timeout_s={timeout_s!r}))
         """
     )
     env = {
-        "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
-        "WANDB_API_KEY": secret,
         **{f"WANDB_{k}_DIR": str(tmp_path / f"wandb-{k.lower()}") for k in ("DATA", "CACHE", "CONFIG")},
+        **env,
     }
-    proc = run_py(["-c", script], env=env, timeout=120)
+    return run_py(["-c", script], env=env, timeout=120)
+
+
+def test_wandb_offline_run_holds_the_table_curves_and_gallery_in_the_scored_runs_group(tmp_path):
+    results = write_input(tmp_path / "A", {("DS", "one"): 1, ("DS", "two"): 2})
+    document = json.loads(results.read_text())
+    for i, scores in enumerate(document["results"]["DS"].values()):
+        scores["ci95"] = {"maxF": [0.1 * i, 0.1 * i + 0.05]}
+    results.write_text(json.dumps(document))
+    # Pictures where the gallery writes them, and its description of them (one picture in two sections).
+    gallery = tmp_path / "out" / "gallery" / "DS"
+    gallery.mkdir(parents=True)
+    for i, name in enumerate(("000-image", "000-gt")):
+        Image.fromarray(np.full((8, 12, 3), 40 * (i + 1), np.uint8)).save(gallery / f"{name}.png")
+    cells = [{"thumb": "x", "full": "gallery/DS/000-image.png"}, {"thumb": "y", "full": "gallery/DS/000-gt.png"}]
+    descriptions = {
+        "DS": {
+            "columns": ["image", "ground truth", "one"],
+            "sections": [
+                {"title": "worst images of one", "rows": [{"key": "k0", "cells": [*cells, None]}]},
+                {"title": "worst images of two", "rows": [{"key": "k0", "cells": [cells[0], None, None]}]},
+            ],
+        }
+    }
+    pictures = [(caption, str(path)) for caption, path in wandb_log.gallery_pictures(descriptions, tmp_path / "out")]
+    assert pictures == [
+        ("DS | k0 | image (worst images of one)", str(gallery / "000-image.png")),
+        ("DS | k0 | ground truth (worst images of one)", str(gallery / "000-gt.png")),
+    ]
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    proc = log_in_a_process(tmp_path, results, pictures, WANDB_MODE="offline", WANDB_API_KEY=secret)
     assert secret not in proc.stdout + proc.stderr
     [run_dir] = (tmp_path / "out" / "wandb").glob("offline-run-*")
     assert proc.stdout.strip().splitlines()[-1] == str(run_dir)
@@ -322,3 +346,23 @@ def test_wandb_offline_run_holds_the_table_curves_and_gallery_in_the_scored_runs
     assert history["gallery/captions"] == [caption for caption, _ in pictures]
     for filename, (_, path) in zip(history["gallery/filenames"], pictures, strict=True):
         assert np.array_equal(np.asarray(Image.open(run_dir / "files" / filename)), np.asarray(Image.open(path)))
+
+
+def test_an_unreachable_wandb_server_costs_a_warning_not_the_evaluation(tmp_path):
+    results = write_input(tmp_path / "A", {("DS", "one"): 1})
+    secret = "fedcba9876543210fedcba9876543210fedcba98"
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = log_in_a_process(
+        tmp_path,
+        results,
+        [],
+        timeout_s=3.0,
+        WANDB_MODE="online",
+        WANDB_BASE_URL=f"http://127.0.0.1:{port}",
+        WANDB_API_KEY=secret,
+    )
+    assert secret not in proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "None"
+    assert "--wandb: W&B failed" in proc.stderr and "the evaluation's files are written" in proc.stderr

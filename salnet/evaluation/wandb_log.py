@@ -10,7 +10,8 @@
   with a line per method, `DATASET/pr` (precision over recall) and `DATASET/f_threshold` (F over
   the threshold);
 - the gallery: the pictures the results page shows (`gallery`: (caption, file) pairs, so this
-  module does not depend on how the gallery is drawn) under `gallery`;
+  module does not depend on how the gallery is drawn; `gallery_pictures` makes them from the
+  gallery's descriptions) under `gallery`;
 - the run's config: the metrics card, the bootstrap settings, how the results were made.
 
 Which run: the W&B project, entity and group of the (first) checkpoint scored, read from its config
@@ -33,6 +34,7 @@ log = logging.getLogger("salnet.evaluation.wandb_log")
 
 DEFAULT_PROJECT = "salnet"  # LogConfig.project's default
 FOLDERS_GROUP = "evaluate"
+DEFAULT_TIMEOUT_S = 60.0  # LogConfig.wandb_timeout_s's default
 CURVE_COLUMNS = ("threshold", "precision", "recall", "F")
 
 
@@ -84,6 +86,21 @@ def curve_rows(by_method: dict[str, dict]) -> list[list]:
     ]
 
 
+def gallery_pictures(descriptions: dict[str, dict], out: Path) -> list[tuple[str, Path]]:
+    """The gallery's full-size pictures as (caption, file) pairs, each file once, from the descriptions
+    the gallery returns per dataset ({"columns": [...], "sections": [{"title", "rows": [{"key",
+    "cells": [{"full": path relative to OUT} or None, one per column]}]}]})."""
+    pictures: dict[Path, str] = {}
+    for dataset, description in descriptions.items():
+        for section in description.get("sections", []):
+            for row in section.get("rows", []):
+                for column, cell in zip(description.get("columns", []), row.get("cells", []), strict=False):
+                    if cell and cell.get("full"):
+                        path = Path(out) / cell["full"]
+                        pictures.setdefault(path, f"{dataset} | {row.get('key')} | {column} ({section.get('title')})")
+    return [(caption, path) for path, caption in pictures.items()]
+
+
 def log_evaluation(
     document: dict,
     curves: dict,
@@ -91,16 +108,20 @@ def log_evaluation(
     *,
     scored_configs: Sequence[dict],
     directory: Path,
-    timeout_s: float = 60.0,
+    timeout_s: float | None = None,
 ) -> str | None:
     """Log an evaluation (results.json's `document`, curves.json's `curves`, the gallery's (caption,
     file) pairs) as one W&B run, its files under `directory`/wandb; returns the W&B run's local
-    directory, or None when W&B failed (one warning says why)."""
+    directory, or None when W&B failed (one warning says why). `timeout_s`: the longest wait for W&B
+    to start or finish the run (default: the scored run's log.wandb_timeout_s, else 60 s)."""
     try:
         import wandb  # imported only when asked for: it is slow to import
     except ImportError as e:
         log.warning(f"--wandb: wandb cannot be imported ({e}); the evaluation's files are written, W&B is skipped")
         return None
+    if timeout_s is None:
+        section = (scored_configs[0].get("log") or {}) if scored_configs else {}
+        timeout_s = float(section.get("wandb_timeout_s") or DEFAULT_TIMEOUT_S)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     try:
