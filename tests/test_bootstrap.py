@@ -10,6 +10,7 @@ import torch
 from per_image_probe import COUNT, keys
 from PIL import Image
 
+from salnet.bench import bootstrap as bootstrap_bench
 from salnet.evaluation import evaluate, tables
 from salnet.metrics import FAMILIES, PerImage, SODMetrics
 from salnet.metrics.bootstrap import _Draws, bootstrap, paired_p_values
@@ -248,3 +249,12 @@ def test_bootstrap_flag_refuses_a_negative_count(capsys):
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--pred", "p", "--gt", "g", "--bootstrap", "-1"])
     assert "--bootstrap must be 0 (no intervals) or a number of resamples, got -1" in capsys.readouterr().err
+
+
+def test_benchmark_runs_at_toy_size_and_reports_every_stage(capsys):
+    bootstrap_bench.main(
+        ["--images", "40", "--methods", "3", "--resamples", "20", "--repeats", "1", "--loop-resamples", "2"]
+    )
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["pairs"] == 3 and result["threads"] == 1
+    assert set(result["seconds"]) == {"draws", "intervals", "paired", "total"} and result["looped_intervals_s"] > 0
