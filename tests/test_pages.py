@@ -230,8 +230,6 @@ def browser():
 
 def check_loaded_offline(driver) -> None:
     """No console error, no request but file: and data:, every <img> decoded."""
-    errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
-    assert not errors, errors
     urls = []
     for entry in driver.get_log("performance"):
         message = json.loads(entry["message"])["message"]
@@ -240,6 +238,8 @@ def check_loaded_offline(driver) -> None:
     assert urls and all(u.startswith(("file://", "data:")) for u in urls), [
         u for u in urls if not u.startswith(("file://", "data:"))
     ]
+    errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+    assert not errors, errors
     images = driver.find_elements("tag name", "img")
     sizes = [driver.execute_script("return [arguments[0].complete, arguments[0].naturalWidth]", im) for im in images]
     assert all(done and width > 0 for done, width in sizes), sizes
