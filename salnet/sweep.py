@@ -448,11 +448,9 @@ def now() -> str:
 def primary_key(cfg: Config | None, vals: list[dict]) -> str | None:
     """The SET/METRIC that decides best.pt (eval.best_metric; METRIC alone: the mean over sets, or the one set)."""
     if cfg is not None:
-        best_set, metric = cfg.eval.best_set_and_metric
-        if best_set is None:
-            sets = list(cfg.data.val_sets)
-            best_set = MEAN_OVER_SETS if len(sets) > 1 else sets[0]
-        return f"{best_set}/{metric}"
+        from salnet.validate import best_key  # (torch comes with it: only when a table is made)
+
+        return best_key(cfg)
     logged = [k for r in vals for k in r if "/" in k]
     return next((k for k in logged if k.endswith("/maxF")), logged[0] if logged else None)
 
@@ -469,8 +467,9 @@ def best_values(vals: list[dict], metric: str) -> dict[str, float]:
 
 def sweep_table(root: Path, sort: str | None = None) -> tuple[list[str], list[list[Any]], str]:
     """(header, rows, the column sorted by): one row per cell of runs/SWEEP's manifest: its values, state,
-    steps, and the best of each val set in the primary metric (eval.best_metric), best first by `sort`
-    (SET/METRIC or METRIC: the primary set's), cells without it last."""
+    steps, and the best of each val set in the primary metric (eval.best_metric) and in the `sort` metric
+    (SET/METRIC, or METRIC: the primary set's); best first by `sort` (default: the primary), cells
+    without that value last."""
     sweep_dir = SweepDir(root)
     manifest = sweep_dir.read()
     if not manifest:
@@ -478,17 +477,24 @@ def sweep_table(root: Path, sort: str | None = None) -> tuple[list[str], list[li
     entries = manifest["cells"]
     found = states(sweep_dir, entries)
     keys = list(dict.fromkeys(k for e in entries for k in e.get("values", {})))
-    primary = next(
-        (pk for e in entries if (pk := primary_key(found[e["name"]][1]["config"], found[e["name"]][1]["vals"]))), None
+    vals = {e["name"]: found[e["name"]][1]["vals"] for e in entries}
+    primary = next((pk for e in entries if (pk := primary_key(found[e["name"]][1]["config"], vals[e["name"]]))), None)
+    sort_key = sort if sort and "/" in sort else f"{(primary or 'val/').rpartition('/')[0]}/{sort}" if sort else primary
+    metrics = list(dict.fromkeys(k.rpartition("/")[2] for k in (primary, sort_key) if k))
+    bests = {
+        name: {k: v for m in metrics for k, v in best_values(records, m).items()} for name, records in vals.items()
+    }
+    # one column per SET/METRIC, the primary metric's first, the mean over sets after the sets
+    order = {m: i for i, m in enumerate(metrics)}
+    columns = sorted(
+        {k for b in bests.values() for k in b},
+        key=lambda k: (order[k.rpartition("/")[2]], k.startswith(MEAN_OVER_SETS + "/"), k),
     )
-    metric = (sort or primary or "maxF").rpartition("/")[2]
-    sort_key = sort if sort and "/" in sort else (f"{primary.rpartition('/')[0]}/{metric}" if primary else None)
-    bests = {e["name"]: best_values(found[e["name"]][1]["vals"], metric) for e in entries}
-    columns = sorted({k for b in bests.values() for k in b}, key=lambda k: (k.startswith(MEAN_OVER_SETS + "/"), k))
     if sort and sort_key not in columns:
+        logged = sorted({k for v in vals.values() for r in v for k in r if "/" in k and not k.endswith("/images")})
         raise SweepError(
             f"--sort {sort!r}: no cell logged {sort_key}; the cells logged "
-            + (", ".join(columns) if columns else "no validation yet")
+            + (", ".join(logged) if logged else "no validation yet")
         )
     header = ["cell", *keys, "state", "steps", *(f"best {c}" for c in columns)]
     rows = []
@@ -500,12 +506,12 @@ def sweep_table(root: Path, sort: str | None = None) -> tuple[list[str], list[li
         values = [value_text(entry["values"][k]) if k in entry["values"] else "" for k in keys]
         rows.append([entry["name"], *values, state, steps, *(bests[entry["name"]].get(c) for c in columns)])
     if sort_key in columns:
-        at = header.index(f"best {sort_key}")
+        at, metric = header.index(f"best {sort_key}"), sort_key.rpartition("/")[2]
         have = [r for r in rows if r[at] is not None]
         # best first: sorted on the metric's own direction (is_better), ties in manifest order
         ranked = sorted(have, key=lambda r: r[at], reverse=is_better(metric, 1.0, 0.0))
         rows = ranked + [r for r in rows if r[at] is None]
-    return header, rows, sort_key or ""
+    return header, rows, sort_key if sort_key in columns else ""
 
 
 def _cell(value: Any) -> str:

@@ -222,9 +222,10 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 
 
 def task_logs(sweep_dir: Path, task: str) -> str:
+    """The task's logs, whole (every attempt appends to them), stdout before stderr."""
     return "\n".join(
-        f"----- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
-        for p in sorted((sweep_dir / "slurm").glob(f"{task}_*_log.*"))
+        f"----- {p.name}\n{p.read_text(errors='replace')}"
+        for p in sorted((sweep_dir / "slurm").glob(f"{task}_*_log.*"), key=lambda p: p.suffix != ".out")
     )
 
 
@@ -294,7 +295,12 @@ def test_a_2x2_sweep_survives_usr2_to_one_task_and_is_reported_and_skipped_when_
     assert bests == sorted(bests, reverse=True)
     for row in rows:
         assert row[5] == max(r["val/maxF"] for r in records(sweep_dir / row[0], "val"))
-    assert (sweep_dir / "sweep.csv").read_text().splitlines()[0] == ",".join(header)
+    header, rows, sorted_by = sweep_table(sweep_dir, "MAE")  # lower is better: smallest first, maxF kept
+    assert header[-2:] == ["best val/maxF", "best val/MAE"] and sorted_by == "val/MAE"
+    assert [r[6] for r in rows] == sorted(r[6] for r in rows)
+    with pytest.raises(SweepError, match="--sort 'Fmax': no cell logged val/Fmax; the cells logged val/MAE, val/S, "):
+        sweep_table(sweep_dir, "Fmax")
+    assert (sweep_dir / "sweep.csv").read_text().splitlines()[0] == ",".join(header[:-1])
     assert "| lr1e-3-kind_structure | 1e-3 | structure | done |" in (sweep_dir / "sweep.md").read_text()
     # Submitted again: every cell is done, nothing is submitted.
     again = submit(work, *GRID, "--max-parallel", "4", *CPU_TASK)
