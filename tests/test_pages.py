@@ -228,7 +228,7 @@ def browser():
     driver.quit()
 
 
-def check_loaded_offline(driver) -> None:
+def check_loaded_offline(driver) -> list:
     """No console error, no request but file: and data:, every <img> decoded."""
     urls = []
     for entry in driver.get_log("performance"):

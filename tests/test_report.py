@@ -1,7 +1,9 @@
 """runs/NAME/plots/ after a real run, and `python -m salnet.report` on finished run directories."""
 
+import html
 import io
 import json
+import re
 import shutil
 import statistics
 
@@ -264,3 +266,43 @@ def test_report_on_a_file_where_plots_should_be_and_on_a_run_with_only_its_confi
     code, out, err = report(run_dir, capsys, "--no-plots")
     assert (code, err) == (0, "")
     assert "steps       0 of 4" in out and "no validation yet" in out and "nothing logged yet" in out
+
+
+def chart_series(text: str, title: str) -> list[dict]:
+    """The series a chart of the page draws (its data-series, what the lines are drawn from)."""
+    svg = re.search(rf"<svg class='chart'[^>]* data-series='([^']*)'[^>]* aria-label='{re.escape(title)}'", text)
+    assert svg, f"no chart {title!r}"
+    return json.loads(html.unescape(svg.group(1)))
+
+
+@pytest.mark.slow
+def test_report_html_shows_the_history_curves_and_panels_of_a_finished_run(finished_run, tmp_path, capsys):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished_run, run_dir)
+    code, out, err = report(run_dir, capsys, "--no-plots", "--html")
+    page = run_dir / "report" / "index.html"
+    assert (code, err) == (0, "") and out.splitlines()[-1] == f"page: {page}"
+    text = page.read_text()
+    records = read_records(run_dir / "metrics.jsonl")
+    vals = [r for r in records if r["kind"] == "val"]
+    for metric in ("maxF", "meanF", "adpF", "maxE", "meanE", "adpE", "S", "MAE"):
+        drawn = chart_series(text, metric)
+        assert [s["name"] for s in drawn] == ["A", "B", "mean"], metric
+        for s in drawn:
+            assert s["x"] == [2, 4] and s["y"] == [r[f"{s['name']}/{metric}"] for r in vals], (metric, s["name"])
+    assert [r["loss"] for r in records if r["kind"] == "train"] == chart_series(text, "training loss")[0]["y"]
+    assert "best validation of each set (by maxF)" in text  # the summary, best included
+
+    step, details = plots.load_latest(run_dir / "plots" / plots.LATEST)
+    assert f"Latest validation (step {step})" in text
+    for index, (name, d) in enumerate(details.items()):
+        (curve,) = chart_series(text, f"{name}: precision-recall")
+        assert curve["x"] == d.curves["recall"] and curve["y"] == d.curves["precision"]
+        for group in ("panel", "worst"):
+            samples = getattr(d, group)
+            assert samples
+            for i, s in enumerate(samples):  # the pictures the run kept, pixel for pixel
+                for part in ("image", "gt", "pred"):
+                    path = run_dir / "report" / "pictures" / str(index) / group / f"{i:03d}-{part}.png"
+                    assert np.array_equal(np.asarray(Image.open(path)), getattr(s, part)), path
+                    assert f"src='pictures/{index}/{group}/thumbs/{i:03d}-{part}.png'" in text
