@@ -22,7 +22,8 @@ from evaluation_data import ecssd_folder, tiny_checkpoint
 from PIL import Image, ImageFilter
 
 from salnet.evaluation import evaluate, folders
-from salnet.evaluation.gallery import FolderPictures, ShardPictures, checkpoint_predictor, choose, write_gallery
+from salnet.evaluation.gallery import FolderPictures, GallerySources, choose, write_gallery
+from salnet.metrics.per_image import PerImage
 from salnet.pages.results import write_results_page
 from salnet.report import main as report_main
 from salnet.run import plots
@@ -142,23 +143,34 @@ def results_page(tmp_path_factory):
     return write_results_page(out, document, curves, galleries), document
 
 
-def test_a_checkpoint_gallery_predicts_the_chosen_images_as_they_were_scored(tmp_path):
+def test_a_gallery_of_a_checkpoint_and_a_folder_of_maps_shows_the_images_as_they_were_scored(tmp_path):
+    """One dataset scored twice: a best.pt on its shards, and maps in a folder against its ECSSD folder."""
     checkpoint = tiny_checkpoint(tmp_path / "run")
     ecssd_folder(tmp_path / "ECSSD", 5, first_seed=300)
     shards = tmp_path / "shards"
     pack(tmp_path / "ECSSD", shards, shard_samples=2)  # three shards: the chosen keys are spread over them
+    for k, (stem, gt_path) in enumerate(folders.ground_truth(tmp_path / "ECSSD").items()):
+        save(Image.fromarray(_noisy(np.asarray(Image.open(gt_path)), k, 0.5)), tmp_path / "maps" / f"{stem}.png")
     out = tmp_path / "out"
     evaluate.main(
-        ["--checkpoint", f"tiny={checkpoint}", "--data", f"ECSSD={shards}", "--metrics", "MAE", "--out", str(out)]
+        ["--checkpoint", f"tiny={checkpoint}", "--data", f"ECSSD={shards}"]
+        + ["--pred", f"maps={tmp_path / 'maps'}", "--gt", f"ECSSD={tmp_path / 'ECSSD'}"]
+        + ["--metrics", "MAE", "--bootstrap", "0", "--out", str(out)]
     )
-    mae = {"tiny": scored_mae(out, "ECSSD", "tiny")}
-    source = ShardPictures(str(shards), {"tiny": checkpoint_predictor(checkpoint, None, None)})
-    description = write_gallery(out, "ECSSD", mae, source, k=3)
-    assert [s["title"] for s in description["sections"]] == ["worst images of tiny"]
-    keys = [row["key"] for row in description["sections"][0]["rows"]]
-    assert keys == sorted(mae["tiny"], key=mae["tiny"].get, reverse=True)[:3]
+    sources = GallerySources()
+    sources.add_checkpoint("ECSSD", "tiny", str(shards), checkpoint)
+    sources.add_folder("ECSSD", "maps", tmp_path / "ECSSD", tmp_path / "maps")
+    per_image = {"ECSSD": {m: PerImage.load(out / "per_image" / "ECSSD" / f"{m}.npz") for m in ("tiny", "maps")}}
+    description = sources.write(out, per_image, k=3)["ECSSD"]
+    mae = {m: scored_mae(out, "ECSSD", m) for m in ("tiny", "maps")}
+    titles = ["where the methods differ most", "worst images of tiny", "worst images of maps"]
+    assert [s["title"] for s in description["sections"]] == titles and description["columns"][2:] == ["tiny", "maps"]
+    gaps = {key: abs(mae["tiny"][key] - mae["maps"][key]) for key in mae["tiny"]}
+    assert [row["key"] for row in description["sections"][0]["rows"]] == sorted(gaps, key=gaps.get, reverse=True)[:3]
+    worst = [row["key"] for row in description["sections"][1]["rows"]]
+    assert worst == sorted(mae["tiny"], key=mae["tiny"].get, reverse=True)[:3]
     gallery_maps_score_as_scored(out, description, mae)
-    for row in description["sections"][0]["rows"]:  # the image and its mask as the dataset holds them
+    for row in description["sections"][1]["rows"]:  # the image and its mask as the dataset holds them
         image, gt = (np.asarray(Image.open(out / cell["full"])) for cell in row["cells"][:2])
         source_image = np.asarray(Image.open(tmp_path / "ECSSD" / "images" / f"{row['key']}.jpg"))
         assert np.array_equal(
@@ -211,7 +223,6 @@ def browser():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager: never look for (or download) a driver
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in (
@@ -223,7 +234,9 @@ def browser():
     ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SE_OFFLINE", "true")  # Selenium Manager: never look for (or download) a driver or browser
+        driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
 

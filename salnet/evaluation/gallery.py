@@ -250,3 +250,58 @@ def checkpoint_predictor(path: Path | str, size: int | None, precision: str | No
     best = load_best_weights(path)
     eval_size = size or best.setting("data", "eval_size", DataConfig.model_fields["eval_size"].default)
     return make_predict(best, best.precision(precision)), int(eval_size)
+
+
+class CombinedPictures:
+    """Several sources of one dataset (--checkpoint and --pred methods together): the first source's
+    truth, every source's maps."""
+
+    def __init__(self, sources: list[PictureSource]):
+        self.sources = sources
+
+    def truth(self, keys: list[str]) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
+        return self.sources[0].truth(keys)
+
+    def maps(self, keys: list[str]) -> dict[str, dict[str, np.ndarray]]:
+        return {method: by_key for source in self.sources for method, by_key in source.maps(keys).items()}
+
+
+class GallerySources:
+    """What `salnet.evaluate` records while it scores (which best.pt or map folder each method of each
+    dataset came from), so that the galleries can read the chosen images again afterwards."""
+
+    def __init__(self, size: int | None = None, precision: str | None = None, limits: Limits = NO_LIMITS_GIVEN):
+        self.size, self.precision, self.limits = size, precision, limits
+        self.checkpoints: dict[str, tuple[str, dict[str, str]]] = {}  # dataset -> (shard location, {method: best.pt})
+        self.folders: dict[str, tuple[Path, dict[str, Path]]] = {}  # dataset -> (GT location, {method: map folder})
+
+    def add_checkpoint(self, dataset: str, method: str, location: str, checkpoint: Path | str) -> None:
+        self.checkpoints.setdefault(dataset, (location, {}))[1][method] = str(checkpoint)
+
+    def add_folder(self, dataset: str, method: str, gt_location: Path, pred_dir: Path) -> None:
+        self.folders.setdefault(dataset, (Path(gt_location), {}))[1][method] = Path(pred_dir)
+
+    def source(self, dataset: str, predictors: dict[str, tuple[Predict, int]]) -> PictureSource | None:
+        sources: list[PictureSource] = []
+        if dataset in self.checkpoints:
+            location, methods = self.checkpoints[dataset]
+            sources.append(ShardPictures(location, {m: predictors[path] for m, path in methods.items()}, self.limits))
+        if dataset in self.folders:
+            sources.append(FolderPictures(*self.folders[dataset], self.limits))
+        return None if not sources else sources[0] if len(sources) == 1 else CombinedPictures(sources)
+
+    def write(self, out: Path, per_image: dict[str, dict], k: int = DEFAULT_K) -> dict[str, dict]:
+        """Every dataset's gallery under OUT/gallery/ from the per-image MAE (`per_image[dataset][method]`:
+        `.keys` and `["MAE"]`, salnet.metrics.PerImage); {dataset: description} for index.html. A
+        dataset scored without MAE (--metrics without it) has no gallery."""
+        paths = {path for _, methods in self.checkpoints.values() for path in methods.values()}
+        predictors = {path: checkpoint_predictor(path, self.size, self.precision) for path in sorted(paths)}
+        galleries = {}
+        for dataset, by_method in per_image.items():
+            if not by_method or k <= 0 or not all("MAE" in rows.values for rows in by_method.values()):
+                continue
+            mae = {m: dict(zip(rows.keys, rows["MAE"].tolist(), strict=True)) for m, rows in by_method.items()}
+            source = self.source(dataset, predictors)
+            if source is not None:
+                galleries[dataset] = write_gallery(out, dataset, mae, source, k)
+        return galleries
