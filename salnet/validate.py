@@ -27,9 +27,6 @@ from salnet import dist
 from salnet.config import MEAN_OVER_SETS, Config
 from salnet.data import ValBatch, ValStream
 from salnet.metrics import SODMetrics, metric_names
-from salnet.metrics.histogram import combine, count_pixels
-from salnet.metrics.inputs import batches
-from salnet.metrics.measures import curves_and_adaptive, mae, s_measure
 
 # uint8 images [B, 3, H, W] -> float32 logits [B, 1, H, W] (Strategy.predict, or a plain model's)
 Predict = Callable[[torch.Tensor], torch.Tensor]
@@ -96,26 +93,19 @@ def validate(
 
 @torch.no_grad()
 def per_image_metrics(preds: list[torch.Tensor], masks: list[torch.Tensor]) -> dict[str, list[float]]:
-    """MAE, maxF, maxE and S of each image, in the order given: the same per-image values whose means
-    SODMetrics reports (the same histograms and measures), for tables of single images."""
-    by_size: dict[tuple, list[int]] = {}
-    for i, p in enumerate(preds):
-        by_size.setdefault(tuple(p.shape), []).append(i)
-    order = [i for members in by_size.values() for i in members]
-    # One same-size group per batches() call, so the histograms come back in `order`.
-    parts = [
-        count_pixels(b.levels, b.foreground)
-        for members in by_size.values()
-        for b in batches([preds[i] for i in members], [masks[i] for i in members])
-    ]
-    h = combine(parts)
-    curves = curves_and_adaptive(h)
-    values = torch.stack([mae(h), curves["F"].amax(1), curves["E"].amax(1), s_measure(h)], 1).tolist()  # one host copy
-    out: dict[str, list[float]] = {name: [0.0] * len(preds) for name in PER_IMAGE_METRICS}
-    for row, i in zip(values, order):
-        for name, value in zip(PER_IMAGE_METRICS, row):
-            out[name][i] = value
-    return out
+    """MAE, maxF, maxE and S of each image, in the order given: SODMetrics' own per-image values (the
+    ones its means are of; maxF and maxE the max of the image's own curve), for tables of single images."""
+    if not preds:
+        return {name: [] for name in PER_IMAGE_METRICS}
+    metrics = SODMetrics(("F", "E", "S", "MAE"), device=preds[0].device, per_image=True)
+    metrics.update(preds, masks, keys=[f"{i:09d}" for i in range(len(preds))])  # sorted keys: the order given
+    rows = metrics.per_image()
+    return {
+        "MAE": rows["MAE"].tolist(),
+        "maxF": rows["F"].max(1).tolist(),
+        "maxE": rows["E"].max(1).tolist(),
+        "S": rows["S"].tolist(),
+    }
 
 
 @dataclass

@@ -13,7 +13,7 @@ from PIL import Image
 from salnet.bench import bootstrap as bootstrap_bench
 from salnet.evaluation import evaluate, tables
 from salnet.metrics import FAMILIES, PerImage, SODMetrics
-from salnet.metrics.bootstrap import _Draws, bootstrap, paired_p_values
+from salnet.metrics.bootstrap import Draws, bootstrap, paired_p_values
 
 from conftest import REPO, forked_run, ranks
 from metrics_shard_probe import sample_pairs
@@ -147,7 +147,7 @@ def test_the_paired_test_keeps_its_level_under_the_null_and_finds_a_better_metho
     rejected = {"maxF": 0, "MAE": 0}
     for d in range(200):
         index = rng.integers(0, len(pool), 100)
-        p = paired_p_values(drawn(pool, index), drawn(other, index), _Draws(500, seed=d))
+        p = paired_p_values(drawn(pool, index), drawn(other, index), Draws(500, seed=d))
         for name in rejected:
             rejected[name] += p[name] < 0.05
     assert all(0.01 <= count / 200 <= 0.10 for count in rejected.values()), rejected

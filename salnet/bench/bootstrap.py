@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from salnet.bench._harness import emit, interleaved, machine, medians, parser, ratio, timed
-from salnet.metrics.bootstrap import _Draws, _matrix, _metrics, bootstrap, intervals, paired_p_values
+from salnet.metrics.bootstrap import Draws, bootstrap, field_matrix, intervals, metrics_of_means, paired_p_values
 from salnet.metrics.histogram import LEVELS
 from salnet.metrics.names import DEFAULT_FAMILIES
 from salnet.metrics.per_image import PerImage, needed_fields
@@ -45,13 +45,13 @@ def random_rows(images: int, methods: int, seed: int) -> dict[str, PerImage]:
 def looped_intervals(rows: PerImage, resamples: int, seed: int) -> None:
     """The baseline: one resample at a time, its means by indexing the drawn images."""
     fields = needed_fields(rows.families)
-    x, layout = _matrix(rows, fields)
+    x, layout = field_matrix(rows, fields)
     n = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(resamples):
         drawn = torch.randint(n, (n,), generator=gen)
-        values.append(_metrics(x[drawn].mean(0), layout, rows.families))
+        values.append(metrics_of_means(x[drawn].mean(0), layout, rows.families))
     for name in values[0]:
         torch.quantile(torch.stack([v[name] for v in values]), torch.tensor([0.025, 0.975], dtype=torch.float64))
 
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
     pairs = list(itertools.combinations(rows, 2))
 
     def draws(repeat: int):
-        d = _Draws(args.resamples, seed=repeat)
+        d = Draws(args.resamples, seed=repeat)
         d.counts(args.images), d.swaps(args.images)
         return d
 

@@ -56,7 +56,7 @@ class Uncertainty:
     p_values: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
 
-class _Draws:
+class Draws:
     """The resample counts and the permutation swaps for n images, seeded by (seed, n) and cached."""
 
     def __init__(self, resamples: int, seed: int):
@@ -83,7 +83,7 @@ class _Draws:
         return self._swaps[n]
 
 
-def _matrix(rows: PerImage, fields: list[str], index: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+def field_matrix(rows: PerImage, fields: list[str], index: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
     """float64 [n, D]: the fields' per-image values side by side, and each field's (name, columns)."""
     parts, layout, start = [], [], 0
     for name in fields:
@@ -96,7 +96,7 @@ def _matrix(rows: PerImage, fields: list[str], index: torch.Tensor | None = None
     return torch.cat(parts, 1), layout
 
 
-def _metrics(means: torch.Tensor, layout: list, families) -> dict[str, torch.Tensor]:
+def metrics_of_means(means: torch.Tensor, layout: list, families) -> dict[str, torch.Tensor]:
     """The dataset metrics of each row of `means` [R, D] (or of the one row [D])."""
     split = {name: means[..., where] if curve else means[..., where.start] for name, where, curve in layout}
     return summarise(split, families)
@@ -110,17 +110,17 @@ def _check_same(per_method: Mapping[str, PerImage]) -> tuple[str, ...]:
     return only
 
 
-def intervals(rows: PerImage, draws: _Draws, level: float = LEVEL) -> dict[str, tuple[float, float]]:
+def intervals(rows: PerImage, draws: Draws, level: float = LEVEL) -> dict[str, tuple[float, float]]:
     """Each metric's percentile interval for one method's images."""
     fields = needed_fields(rows.families)
-    x, layout = _matrix(rows, fields)
+    x, layout = field_matrix(rows, fields)
     n = x.shape[0]
-    resampled = _metrics(draws.counts(n) @ x / n, layout, rows.families)
+    resampled = metrics_of_means(draws.counts(n) @ x / n, layout, rows.families)
     quantiles = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     return {name: tuple(torch.quantile(values, quantiles).tolist()) for name, values in resampled.items()}
 
 
-def paired_p_values(a: PerImage, b: PerImage, draws: _Draws) -> dict[str, float]:
+def paired_p_values(a: PerImage, b: PerImage, draws: Draws) -> dict[str, float]:
     """Each metric's two-sided permutation p-value for A against B on the images both were scored
     on (all of them, unless --allow-missing left some out of one method)."""
     families = _check_same({"a": a, "b": b})
@@ -132,13 +132,16 @@ def paired_p_values(a: PerImage, b: PerImage, draws: _Draws) -> dict[str, float]
         for rows in (a, b)
     )
     fields = needed_fields(families)
-    xa, layout = _matrix(a, fields, index_a)
-    xb, _ = _matrix(b, fields, index_b)
+    xa, layout = field_matrix(a, fields, index_a)
+    xb, _ = field_matrix(b, fields, index_b)
     n = xa.shape[0]
     mean_a, mean_b = xa.mean(0), xb.mean(0)
     shift = draws.swaps(n) @ (xb - xa) / n
-    swapped_a, swapped_b = _metrics(mean_a + shift, layout, families), _metrics(mean_b - shift, layout, families)
-    observed_a, observed_b = _metrics(mean_a, layout, families), _metrics(mean_b, layout, families)
+    swapped_a, swapped_b = (
+        metrics_of_means(mean_a + shift, layout, families),
+        metrics_of_means(mean_b - shift, layout, families),
+    )
+    observed_a, observed_b = metrics_of_means(mean_a, layout, families), metrics_of_means(mean_b, layout, families)
     out = {}
     for name in swapped_a:
         observed = (observed_a[name] - observed_b[name]).abs()
@@ -157,7 +160,7 @@ def bootstrap(
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
     _check_same(per_method)
-    draws = _Draws(resamples, seed)
+    draws = Draws(resamples, seed)
     result = Uncertainty(resamples, seed, level)
     for method, rows in per_method.items():
         result.intervals[method] = intervals(rows, draws, level)
