@@ -35,14 +35,16 @@ def scored(seed: int, images: int = 4, families=DEFAULT_FAMILIES) -> SODMetrics:
     return metrics
 
 
-def write_input(folder, methods: dict, families=DEFAULT_FAMILIES, card_changes=None, per_image=True, images=4):
+def write_input(
+    folder, methods: dict, families=DEFAULT_FAMILIES, card_changes=None, per_image=True, images=4, kinds=(True, False)
+):
     """What `evaluate --out folder` writes: results.json (with intervals and p-values), curves.json
     and per_image/; methods: {(dataset, method): seed of its maps}."""
     document = {
         "format": merge.FORMAT,
         "made": {"command": f"python -m salnet.evaluate --out {folder}", "salnet": "0.1.0", "date": "2026-12-08"},
         "card": {
-            **card.metrics_card(families, maps_read=card.maps_read_text(True, False), bootstrap=BOOTSTRAP),
+            **card.metrics_card(families, maps_read=card.maps_read_text(*kinds), bootstrap=BOOTSTRAP),
             **(card_changes or {}),
         },
         "bootstrap": BOOTSTRAP,
@@ -112,18 +114,19 @@ DEFAULT_FAMILY_KEYS = {
 
 
 def test_card_states_every_definition_of_the_chosen_families():
-    default = card.metrics_card(DEFAULT_FAMILIES, maps_read=card.MAPS_READ_FOLDERS, bootstrap=BOOTSTRAP)
+    default = card.metrics_card(DEFAULT_FAMILIES, maps_read=card.maps_read_text(True, False), bootstrap=BOOTSTRAP)
     assert set(default) == GENERAL_KEYS | DEFAULT_FAMILY_KEYS
     assert default["F.beta2"] == 0.3 and default["S.alpha"] == 0.5 and default["wF.beta"] == 1
     assert default["matches"] == "PySODMetrics 1.6.2" and default["families"] == list(DEFAULT_FAMILIES)
     assert "256 thresholds" in default["thresholds"] and "i/255" in default["thresholds"]
     assert "not the mean of per-image maxima" in default["F.max"] and "> 128" in default["gt_binarisation"]
-    assert "Fan et al., IJCAI 2018" in default["E"] and "bilinear cv2.resize" in default["maps_read"]
+    assert "Fan et al., IJCAI 2018" in default["E"] and default["maps_read"] == {"folders": card.MAPS_READ_FOLDERS}
     assert default["bootstrap"] == BOOTSTRAP
     # Opt-in families add their own definitions; every family has some.
     every = card.metrics_card(FAMILIES, maps_read=card.maps_read_text(True, True), bootstrap=None)
     assert set(every) - set(default) == {"IoU", "Dice", "BER", "MSIoU", "SI-MAE", "SI-F", "HCE"}
-    assert "align_corners=False" in every["maps_read"] and every["bootstrap"] is None
+    assert list(every["maps_read"]) == ["checkpoints", "folders"] and every["bootstrap"] is None
+    assert "bilinear cv2.resize" in card.MAPS_READ_FOLDERS and "align_corners=False" in card.MAPS_READ_CHECKPOINTS
     only_f = card.metrics_card(["F"], maps_read="x", bootstrap=None)
     assert {k for k in only_f if card.family_of(k)} == {"F", "F.beta2", "F.max", "F.mean", "F.adaptive"}
     with pytest.raises(ValueError, match="'Fx'"):
@@ -131,9 +134,9 @@ def test_card_states_every_definition_of_the_chosen_families():
 
 
 def test_card_renderings_state_every_key_and_leave_the_tables_readable():
-    every = card.metrics_card(FAMILIES, maps_read=card.MAPS_READ_FOLDERS, bootstrap=BOOTSTRAP)
+    every = card.metrics_card(FAMILIES, maps_read=card.maps_read_text(True, True), bootstrap=BOOTSTRAP)
     items = card.html_items(every)
-    assert list(items) == list(every) and items["bootstrap"].startswith("resamples 200, seed 0")
+    assert list(items) == list(every) and items["bootstrap"].startswith("resamples: 200; seed: 0; level: 0.95")
     md = card.markdown(every)
     assert all(f"| {tables.md_escape(key)} |" in md for key in every)
     tex = card.latex_comment(every)
@@ -164,12 +167,30 @@ def test_merge_refuses_different_cards_naming_each_definition(tmp_path):
     assert "differ in 3 definition(s)" in message
     assert f"thresholds: {a}: {card.GENERAL['thresholds']}; {b}: 255 thresholds" in message
     assert f"S.alpha: {a}: 0.5; {b}: 0.7" in message
-    assert f"maps_read: {a}: {card.MAPS_READ_FOLDERS}; {b}: not resized" in message
+    assert f"maps_read: {a}: folders: {card.MAPS_READ_FOLDERS}; {b}: not resized" in message
     assert not (tmp_path / "C").exists()
     # Bootstrap settings are definitions too; a family one input did not choose is not a difference.
     c = write_input(tmp_path / "C3", {("DS", "three"): 3}, families=["F", "MAE"], card_changes={"bootstrap": None})
-    with pytest.raises(EvaluationError, match=r"differ in 1 definition\(s\)[^$]*bootstrap: .*: resamples 200"):
+    with pytest.raises(
+        EvaluationError, match=r"differ in 1 definition\(s\)[^$]*bootstrap: .*: resamples: 200; seed: 0"
+    ):
         merge.merge_documents([a, c])
+
+
+def test_merge_compares_how_maps_were_read_for_the_kinds_both_inputs_scored(tmp_path):
+    """Checkpoints and folders are compared in one evaluate, so an input of each merges; two inputs of
+    one kind must have read maps the same way."""
+    folders_only = write_input(tmp_path / "A", {("DS", "one"): 1})
+    checkpoints_only = write_input(tmp_path / "B", {("DS", "two"): 2}, kinds=(False, True))
+    document, _ = merge.merge_documents([folders_only, checkpoints_only])
+    assert document["card"]["maps_read"] == card.maps_read_text(True, True)
+    both = write_input(tmp_path / "C", {("DS", "three"): 3}, kinds=(True, True))
+    other_rule = write_input(
+        tmp_path / "D", {("DS", "four"): 4}, card_changes={"maps_read": {"folders": "cropped to the mask"}}
+    )
+    assert merge.merge_documents([both, checkpoints_only])[0]["card"]["maps_read"] == card.maps_read_text(True, True)
+    with pytest.raises(EvaluationError, match=rf"maps_read: {both}: folders: a map .*; {other_rule}: folders: cropped"):
+        merge.merge_documents([both, other_rule])
 
 
 def test_merge_of_agreeing_cards_holds_every_method(tmp_path):

@@ -31,10 +31,9 @@ FORMAT = "salnet-metrics-card/1"
 PYSODMETRICS = "PySODMetrics 1.6.2"
 
 # How the maps were read when a map's size differs from its mask's: one text per kind of input.
-MAPS_READ_FOLDERS = "folders (--pred): a map of another size is resized to its mask's size with bilinear cv2.resize"
+MAPS_READ_FOLDERS = "a map of another size is resized to its mask's size with bilinear cv2.resize"
 MAPS_READ_CHECKPOINTS = (
-    "checkpoints (--checkpoint): the network's output is upsampled to the mask's size "
-    "(bilinear, align_corners=False) before the sigmoid"
+    "the network's output is upsampled to the mask's size (bilinear, align_corners=False) before the sigmoid"
 )
 
 # The definitions every card states, whatever the families.
@@ -109,13 +108,16 @@ assert set(FAMILY_DEFINITIONS) == set(FAMILIES), "every metric family states its
 Card = dict  # key -> str | int | float | list[str] | dict | None
 
 
-def maps_read_text(folders: bool, checkpoints: bool) -> str:
-    """The card's `maps_read` for an evaluation that scored folders of maps and/or checkpoints."""
-    texts = [text for text, used in ((MAPS_READ_CHECKPOINTS, checkpoints), (MAPS_READ_FOLDERS, folders)) if used]
-    return "; ".join(texts) or "no maps read"
+def maps_read_text(folders: bool, checkpoints: bool) -> dict[str, str]:
+    """The card's `maps_read` for an evaluation that scored checkpoints and/or folders of maps: per
+    kind of input used ("checkpoints" for --checkpoint, "folders" for --pred), how it read a map of
+    another size than its mask. Per kind, so that a merge compares the kinds both inputs used (one
+    evaluate scores both kinds in one table, so the two rules compare with each other)."""
+    kinds = (("checkpoints", MAPS_READ_CHECKPOINTS, checkpoints), ("folders", MAPS_READ_FOLDERS, folders))
+    return {kind: text for kind, text, used in kinds if used}
 
 
-def metrics_card(families: Iterable[str], *, maps_read: str, bootstrap: dict | None) -> Card:
+def metrics_card(families: Iterable[str], *, maps_read: dict[str, str] | str, bootstrap: dict | None) -> Card:
     """The card of an evaluation with these metric families; `maps_read` says how maps of another size
     were read (`maps_read_text`), `bootstrap` is results.json's bootstrap settings (None: no intervals)."""
     chosen = [f for f in FAMILIES if f in set(families)]
@@ -127,7 +129,7 @@ def metrics_card(families: Iterable[str], *, maps_read: str, bootstrap: dict | N
         "matches": PYSODMETRICS,
         "families": chosen,
         **GENERAL,
-        "maps_read": maps_read,
+        "maps_read": dict(maps_read) if isinstance(maps_read, dict) else maps_read,
         "bootstrap": dict(bootstrap) if bootstrap is not None else None,
     }
     for family in chosen:
@@ -143,8 +145,10 @@ def family_of(key: str) -> str | None:
 
 def differences(a: Card, b: Card) -> list[tuple[str, object, object]]:
     """The definitions cards `a` and `b` disagree on, as (key, a's value, b's value); a missing key's
-    value is None. Families chosen by one card only are no disagreement (a merged table shows '-'
-    where a method lacks a metric); the definitions of the families both chose must agree."""
+    value is None. What one card has and the other lacks is no disagreement where it is a choice, not
+    a definition: a family chosen by one card only (a merged table shows '-' where a method lacks a
+    metric), a kind of input (maps_read's checkpoints, folders) scored by one only. The definitions
+    of the families both chose, and of the kinds both scored, must agree."""
     both = set(a.get("families") or []) & set(b.get("families") or [])
     out = []
     for key in dict.fromkeys([*a, *b]):
@@ -153,8 +157,25 @@ def differences(a: Card, b: Card) -> list[tuple[str, object, object]]:
         family = family_of(key)
         if family is not None and family not in both:
             continue
-        if a.get(key) != b.get(key):
-            out.append((key, a.get(key), b.get(key)))
+        value_a, value_b = a.get(key), b.get(key)
+        if key == "maps_read" and isinstance(value_a, dict) and isinstance(value_b, dict):
+            value_a, value_b = (
+                {kind: text for kind, text in value.items() if kind in value_a and kind in value_b}
+                for value in (value_a, value_b)
+            )
+        if value_a != value_b:
+            out.append((key, value_a, value_b))
+    return out
+
+
+def merged(cards: list[Card]) -> Card:
+    """The card of a merge of agreeing `cards`: the first, with the families and the kinds of input of all."""
+    chosen = {f for c in cards for f in c.get("families") or []}
+    out = {**cards[0], "families": [f for f in FAMILIES if f in chosen]}
+    if all(isinstance(c.get("maps_read"), dict) for c in cards):
+        out["maps_read"] = {kind: text for c in cards for kind, text in c["maps_read"].items()}
+    for c in cards:  # the definitions of a family the first card did not choose
+        out.update({k: v for k, v in c.items() if k not in out})
     return out
 
 
@@ -165,7 +186,7 @@ def text(value) -> str:
     if isinstance(value, (list, tuple)):
         return " ".join(str(v) for v in value)
     if isinstance(value, dict):
-        return ", ".join(f"{k} {text(v)}" for k, v in value.items())
+        return "; ".join(f"{k}: {text(v)}" for k, v in value.items())
     return " ".join(str(value).split())
 
 

@@ -35,8 +35,9 @@ import numpy as np
 
 from salnet import __version__
 from salnet.evaluation.card import differences, text
+from salnet.evaluation.card import merged as merged_card
 from salnet.evaluation.common import EvaluationError, names_listed, output_dirs
-from salnet.metrics import FAMILIES, PerImage
+from salnet.metrics import PerImage
 from salnet.metrics import bootstrap as uncertainty
 
 FORMAT = "salnet-results/2"
@@ -220,7 +221,7 @@ def merge_documents(paths: list[Path | str]) -> tuple[Document, Curves]:
     document = {
         "format": FORMAT,
         "made": made,
-        "card": {**first["card"], "families": _union_families(documents)},
+        "card": merged_card([d["card"] for d in documents]),
         "bootstrap": bootstrap,
         "results": results,
     }
@@ -248,11 +249,6 @@ def _rebootstrap(by_method: dict[str, dict], origin: dict, dataset: str, setting
         scores["ci95"] = {name: list(bounds) for name, bounds in found.intervals[method].items()}
         scores["p"] = found.p_values[method]
     return True
-
-
-def _union_families(documents: list[Document]) -> list[str]:
-    chosen = {f for d in documents for f in d["card"].get("families") or []}
-    return [f for f in FAMILIES if f in chosen]
 
 
 def copy_per_image(paths: list[Path], document: Document, out: Path) -> int:
