@@ -343,7 +343,7 @@ def run_dir(tmp_path_factory):
                 {
                     "kind": "val",
                     "step": step,
-                    **{f"{s}/{m}": 0.5 + step / 20 for s in ("A", "B<i>") for m in ("maxF", "MAE")},
+                    **{f"{s}/{m}": 0.5 + step / (20 + i) for i, s in enumerate(("A", "B<i>")) for m in ("maxF", "MAE")},
                 }
             )
     thresholds = list(range(255, -1, -1))
