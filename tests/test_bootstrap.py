@@ -177,6 +177,12 @@ def test_the_same_seed_gives_the_same_results_and_bad_settings_are_refused(pool)
     )
     assert first.intervals == again.intervals and first.p_values == again.p_values
     assert first.intervals != other.intervals
+    # Partly different images (--allow-missing): intervals on each one's own, tests on the shared ones.
+    part, apart = drawn(pool, np.arange(50)), drawn(pool, np.arange(50, 100))
+    apart.keys = [f"{i:05d}" for i in range(50, 100)]  # shares these with "a", none with "part"
+    found = bootstrap({"a": rows, "part": part, "apart": apart}, 100, seed=0)
+    assert set(found.p_values["a"]["MAE"]) == {"part", "apart"} and set(found.p_values["part"]["MAE"]) == {"a"}
+    assert found.p_values["a"]["MAE"]["part"] == found.p_values["a"]["MAE"]["apart"] == 1.0  # shared images: same rows
     with pytest.raises(ValueError, match="resamples must be at least 1, got 0"):
         bootstrap({"a": rows}, 0)
     only_mae = PerImage(("MAE",), rows.keys, {"MAE": rows.values["MAE"]})

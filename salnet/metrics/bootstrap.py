@@ -154,7 +154,8 @@ def paired_p_values(a: PerImage, b: PerImage, draws: Draws) -> dict[str, float]:
 def bootstrap(
     per_method: Mapping[str, PerImage], resamples: int = 1000, seed: int = 0, level: float = LEVEL
 ) -> Uncertainty:
-    """One dataset's intervals for every method and p-values for every pair of methods."""
+    """One dataset's intervals for every method and p-values for every pair of methods that share
+    images (two methods scored on disjoint images, which only --allow-missing allows, get none)."""
     if resamples < 1:
         raise ValueError(f"resamples must be at least 1, got {resamples}")
     if not 0 < level < 1:
@@ -168,6 +169,8 @@ def bootstrap(
     methods = list(per_method)
     for i, a in enumerate(methods):
         for b in methods[i + 1 :]:
+            if set(per_method[a].keys).isdisjoint(per_method[b].keys):
+                continue
             for name, p in paired_p_values(per_method[a], per_method[b], draws).items():
                 result.p_values[a].setdefault(name, {})[b] = p
                 result.p_values[b].setdefault(name, {})[a] = p
