@@ -128,6 +128,32 @@ def model_states(shape: ModelShape, cfg: Config, world: int) -> dict[str, int]:
     }
 
 
+def layout(cfg: Config) -> dict[str, str]:
+    """How each model-state term is laid out across the ranks under `cfg`'s strategy (P: parameters,
+    n: ranks, 4 B: float32): the formulas model_states counts."""
+    states = {"adamw": "AdamW exp_avg + exp_avg_sq (8 B x P", "sgd": "SGD momentum (4 B x P"}[cfg.optim.name]
+    if cfg.train.strategy == "ddp":
+        return {
+            "weights": "4 B x P, whole on every rank",
+            "gradients": "4 B x P (p.grad), whole on every rank",
+            "optimizer": f"{states}) + a float32 step per tensor, whole on every rank",
+            "buffers": "DDP's reducer buckets: 4 B x P more (with n > 1)",
+        }
+    if cfg.train.zero_stage in (1, 2):
+        return {
+            "weights": "4 B x P, whole on every rank (one flat buffer per group, padded to 2n elements)",
+            "gradients": "4 B x P / n: this rank's partition (DeepSpeed's buffer also spans the parameters cut at its edges)",
+            "optimizer": f"fp32 master 4 B x P / n + {states} / n) + a step per group",
+            "buffers": "none between steps (the reduce bucket lives inside backward)",
+        }
+    return {
+        "weights": "4 B x ceil(numel / n) per parameter + whole persistent parameters (numel <= 1e5)",
+        "gradients": "4 B x ceil(numel / n) per parameter",
+        "optimizer": f"fp32 master + {states} / n), per-parameter pieces, + a step per group",
+        "buffers": "reduce bucket (train.bucket_mb) + gathered weights, up to 4 B x P",
+    }
+
+
 @dataclass(frozen=True)
 class Activations:
     """Bytes autograd saves for backward: `per_image` (x micro-batch) and `constant` (autocast's weight copies)."""

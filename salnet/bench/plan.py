@@ -32,7 +32,8 @@ GIB = 2**30
 INTRA_GBS = 450.0
 INTER_GBS = 4 * 200 / 8
 PEAK_TFLOPS = {"bf16": 989.0, "fp32": 494.5}  # H100 SXM dense: bf16, and TF32 for fp32 matmuls
-DEFAULT_MFU = 0.3
+# No GPU measurement of salnet's Swin-B exists yet: a guess for a few images per GPU, to be replaced by --throughput.
+DEFAULT_MFU = 0.2
 GPU_MEMORY_GIB = 80.0
 TERMS = ("weights", "gradients", "optimizer", "buffers", "activations")
 
@@ -159,14 +160,13 @@ def images_per_s(cfg: Config, args) -> tuple[float, str]:
     )
 
 
-def plan_one(cfg: Config, shape, acts, nodes: int, args) -> dict:
+def plan_one(cfg: Config, shape, acts, speed: tuple[float, str], nodes: int, args) -> dict:
     """Every figure of one (config, node count): memory per GPU by term, collectives and step time."""
     world = nodes * args.gpus_per_node
     mem = memory.model_states(shape, cfg, world)
     mem["activations"] = acts.at(cfg.data.batch_size)
     gbs = args.bandwidth or comm.Network(args.intra_gbs, args.inter_gbs).ring_gbs(nodes)
-    speed, speed_source = images_per_s(cfg, args)
-    step = comm.step_time(cfg, comm.collectives(cfg, shape.total, world, gbs), speed)
+    step = comm.step_time(cfg, comm.collectives(cfg, shape.total, world, gbs), speed[0])
     total = sum(mem.values())
     return {
         "strategy": label(cfg),
@@ -184,7 +184,7 @@ def plan_one(cfg: Config, shape, acts, nodes: int, args) -> dict:
         "step_s": step.step_s,
         "images_per_s": cfg.global_batch(world) / step.step_s,
         "scaling": step.compute_s / step.step_s,
-        "speed_source": speed_source,
+        "layout": memory.layout(cfg),
     }
 
 
@@ -215,22 +215,25 @@ def markdown(plans: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def details(plan: dict) -> str:
-    """One plan's collectives, each with its time and whether backward hides it."""
-    lines = [f"{plan['strategy']} on {plan['gpus']} GPUs, ring at {plan['ring_gbs']:g} GB/s per rank:"]
+def details(plan: dict, with_layout: bool) -> str:
+    """One plan's memory terms (with how each is laid out across ranks), and its collectives with their times."""
+    lines = [f"{plan['strategy']} on {plan['gpus']} GPUs: per GPU"]
+    for term, how in plan["layout"].items():
+        lines.append(f"  {term}: {gib(plan['memory_bytes'][term])} GiB" + (f" ({how})" if with_layout else ""))
+    lines.append(f"  ring at {plan['ring_gbs']:g} GB/s per rank:")
     for name, seconds in plan["collectives_s"].items():
         hidden = "overlaps backward" if name in plan["hidden_by_backward"] else "exposed"
-        lines.append(f"  {name}: {ms(seconds)} ms ({hidden})")
+        lines.append(f"    {name}: {ms(seconds)} ms ({hidden})")
     if not plan["collectives_s"]:
-        lines.append("  no collectives (one GPU)")
+        lines.append("    no collectives (one GPU)")
     return "\n".join(lines)
 
 
 def assumptions(cfg: Config, shape, acts, args, activation_s: float) -> list[str]:
     return [
         f"network: {cfg.model.backbone.name} at {cfg.data.size} px, {shape.total / 1e6:.1f} M trainable parameters "
-        f"in {len(shape.groups)} optimizer groups; optim.name={cfg.optim.name}; train.amp={cfg.train.amp} "
-        "(autocast: float32 weights, gradients, optimizer states and messages)",
+        f"in {len(shape.groups)} optimizer groups; optim.name={cfg.optim.name}; train.amp={cfg.train.amp}"
+        + (" (autocast: float32 weights, gradients, optimizer states and messages)" if cfg.train.amp == "bf16" else ""),
         f"activations: saved tensors of one training forward (network + loss), measured on {acts.device} in "
         f"{activation_s:.1f} s: {acts.per_image / 2**20:.0f} MiB per image"
         + (f" + {acts.constant / 2**20:.0f} MiB of autocast's bf16 weight copies" if acts.constant > 2**20 else "")
@@ -253,15 +256,18 @@ def main(argv):
     started = time.perf_counter()
     acts = memory.activations(first)  # the same network, size and precision for every plan
     activation_s = time.perf_counter() - started
-    plans = [plan_one(cfg, shape, acts, nodes, args) for nodes in args.nodes for cfg in args.configs]
-    notes = assumptions(first, shape, acts, args, activation_s) + [f"compute: {plans[0]['speed_source']}"]
+    speed = images_per_s(first, args)  # per GPU: the same network, size and precision for every plan
+    plans = [plan_one(cfg, shape, acts, speed, nodes, args) for nodes in args.nodes for cfg in args.configs]
+    notes = assumptions(first, shape, acts, args, activation_s) + [f"compute: {speed[1]}"]
     if args.json:
         print(json.dumps({"benchmark": "plan", "plans": plans, "assumptions": notes}), flush=True)
         return
     print(markdown(plans))
     print()
-    for plan in plans:
-        print(details(plan))
+    described = set()
+    for plan in plans:  # each strategy's layout once
+        print(details(plan, with_layout=plan["strategy"] not in described))
+        described.add(plan["strategy"])
     print("\nassumptions:\n" + "\n".join(f"- {note}" for note in notes), flush=True)
 
 
