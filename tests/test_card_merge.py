@@ -261,11 +261,14 @@ def test_merge_refuses_what_is_not_a_results_json_of_the_new_format(tmp_path):
         tmp_path / "nothing.json": "does not exist",
         tmp_path / "text.json": "is not a results.json \\(not JSON",
         tmp_path / "list.json": "is not a results.json: it holds a list",
+        tmp_path / "A" / "curves.json": "is a curves.json .*give the results.json beside it",
+        tmp_path / "binary.json": "is not a results.json \\(not text: a binary file\\)",
         tmp_path / "later.json": "has format 'salnet-results/9'; this salnet merges salnet-results/2",
         tmp_path / "nocard.json": "has no 'card' dict",
     }
     (tmp_path / "text.json").write_text("maxF,0.8")
     (tmp_path / "list.json").write_text("[]")
+    (tmp_path / "binary.json").write_bytes(b"\x89PNG\r\n\x1a\n")
     (tmp_path / "later.json").write_text(json.dumps({"format": "salnet-results/9"}))
     (tmp_path / "nocard.json").write_text(json.dumps({"format": merge.FORMAT, "results": {}}))
     for path, reason in cases.items():

@@ -57,12 +57,18 @@ def read_document(path: Path) -> Document:
         document = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise EvaluationError(f"--merge: '{path}' does not exist (give the results.json that evaluate wrote)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except UnicodeDecodeError:
+        raise EvaluationError(f"--merge: '{path}' is not a results.json (not text: a binary file)") from None
+    except (OSError, json.JSONDecodeError) as e:
         raise EvaluationError(f"--merge: '{path}' is not a results.json (not JSON: {e})") from None
     if not isinstance(document, dict):
         raise EvaluationError(f"--merge: '{path}' is not a results.json: it holds a {type(document).__name__}")
     found = document.get("format")
     if found is None:
+        if _is_curves(document):
+            raise EvaluationError(
+                f"--merge: '{path}' is a curves.json (the curves of an evaluation); give the results.json beside it"
+            )
         if _is_first_format(document):
             raise EvaluationError(
                 f"--merge: '{path}' is a results.json of salnet's first format ({{dataset: {{method: scores}}}}, "
@@ -82,6 +88,14 @@ def read_document(path: Path) -> Document:
         if not isinstance(by_method, dict) or not all(isinstance(s, dict) for s in by_method.values()):
             raise EvaluationError(f"--merge: '{path}': results[{dataset!r}] is not {{method: scores}}")
     return document
+
+
+def _is_curves(document: dict) -> bool:
+    """{dataset: {method: {threshold, precision, recall, F, ...}}}: an evaluation's curves.json."""
+    return bool(document) and all(
+        isinstance(by, dict) and all(isinstance(c, dict) and "precision" in c for c in by.values())
+        for by in document.values()
+    )
 
 
 def _is_first_format(document: dict) -> bool:
