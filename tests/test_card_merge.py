@@ -382,7 +382,7 @@ def test_an_unreachable_wandb_server_costs_a_warning_not_the_evaluation(tmp_path
         tmp_path,
         results,
         [],
-        timeout_s=3.0,
+        timeout_s=1.0,
         WANDB_MODE="online",
         WANDB_BASE_URL=f"http://127.0.0.1:{port}",
         WANDB_API_KEY=secret,
