@@ -289,15 +289,18 @@ def test_report_html_shows_the_history_curves_and_panels_of_a_finished_run(finis
         drawn = chart_series(text, metric)
         assert [s["name"] for s in drawn] == ["A", "B", "mean"], metric
         for s in drawn:
-            assert s["x"] == [2, 4] and s["y"] == [r[f"{s['name']}/{metric}"] for r in vals], (metric, s["name"])
-    assert [r["loss"] for r in records if r["kind"] == "train"] == chart_series(text, "training loss")[0]["y"]
+            expected = [r[f"{s['name']}/{metric}"] for r in vals]
+            assert s["x"] == [2, 4] and s["y"] == pytest.approx(expected, rel=1e-5), (metric, s["name"])
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert chart_series(text, "training loss")[0]["y"] == pytest.approx(losses, rel=1e-5)  # 6 digits drawn
     assert "best validation of each set (by maxF)" in text  # the summary, best included
 
     step, details = plots.load_latest(run_dir / "plots" / plots.LATEST)
     assert f"Latest validation (step {step})" in text
     for index, (name, d) in enumerate(details.items()):
         (curve,) = chart_series(text, f"{name}: precision-recall")
-        assert curve["x"] == d.curves["recall"] and curve["y"] == d.curves["precision"]
+        assert curve["x"] == pytest.approx(d.curves["recall"], rel=1e-5, abs=1e-9)
+        assert curve["y"] == pytest.approx(d.curves["precision"], rel=1e-5, abs=1e-9)
         for group in ("panel", "worst"):
             samples = getattr(d, group)
             assert samples

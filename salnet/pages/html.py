@@ -158,7 +158,8 @@ def _limits(axis: Axis, values: list[float]) -> tuple[float, float, list[float]]
 
 
 def _clean(values: Sequence[float]) -> list[float | None]:
-    return [float(v) if v is not None and math.isfinite(v) else None for v in values]
+    """Finite values to 6 significant digits (the page shows 4; a dozen curves of 256 points stay small), others None."""
+    return [float(f"{v:.6g}") if v is not None and math.isfinite(v) else None for v in values]
 
 
 def line_chart(title: str, series: list[Series], x: Axis, y: Axis, markers: bool = False) -> str:
