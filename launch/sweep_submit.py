@@ -127,10 +127,11 @@ def submit_sweep(args, submit: ModuleType) -> int:
         submit.fail(str(e))
 
     print(f"sweep {name}: {len(cells)} cell(s) in {sweep_dir.root}; {len(todo)} to submit")
+    width, values_width = max(len(c.name) for c in cells), max(len(c.describe()) for c in cells)
     for cell in cells:
         state, progress = found[cell.name]
         plan = configs[cell.name][1] if cell in todo else f"skipped: {state}"
-        print(f"  {cell.name:<30} {cell.describe():<40} {state:<11} step {progress['step']}: {plan}")
+        print(f"  {cell.name:<{width}}  {cell.describe():<{values_width}}  {state:<11} step {progress['step']}: {plan}")
     removed = [e["name"] for e in manifest["cells"] if not e["in_grid"]]
     if removed:
         print(f"  not in the grid any more (kept, not submitted): {', '.join(removed)}")

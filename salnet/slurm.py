@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -80,10 +81,19 @@ def exit_status(code: object) -> int:
     return 1
 
 
+def _ignore_sigterm() -> None:
+    # Run in scontrol's process before exec (an ignored signal stays ignored across exec): requeueing this
+    # very job makes Slurm send SIGTERM to every process of the step, scontrol included, which then often
+    # died (-15) after Slurm had done the requeue but before it could say so (seen on array tasks).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def requeue(jid: str, timeout_s: float = 60) -> tuple[bool, str]:
     """`scontrol requeue JOB`; (done, what happened). Never a shell: the id is one argv item."""
     try:
-        proc = subprocess.run(["scontrol", "requeue", jid], capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(
+            ["scontrol", "requeue", jid], capture_output=True, text=True, timeout=timeout_s, preexec_fn=_ignore_sigterm
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return False, f"`scontrol requeue {jid}` could not run: {e}"
     if proc.returncode != 0:

@@ -22,7 +22,7 @@ import yaml
 
 from salnet.sweep import SweepError, build_cells, parse_sweep_arg, read_sweep_file, split_values, sweep_table
 
-from conftest import REPO
+from conftest import REPO, corrupt_last_val_image
 
 SUBMIT = REPO / "launch" / "submit.py"
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -244,12 +244,17 @@ def test_a_2x2_sweep_survives_usr2_to_one_task_and_is_reported_and_skipped_when_
     proc = submit(work, *GRID, "--max-parallel", "4", *CPU_TASK)
     tasks = submitted_tasks(proc)
     cluster.extend(tasks.values())
-    # The uninterrupted twin of the cell that gets USR2: a one-cell sweep of its values, elsewhere.
-    twin_proc = submit(
-        work, "--sweep", "optim.lr=1e-3", "--sweep", "loss.kind=structure", "--sweep-name", "twin", *CPU_TASK
+    # Another sweep beside it (a sweep file of explicit cells): the uninterrupted twin of the cell that
+    # gets USR2, and a cell whose last val image is corrupt (it fails at its first validation).
+    bad_key = corrupt_last_val_image(work / "shards" / "val", work / "bad" / "val")
+    (work / "twin.yaml").write_text(
+        "name: twin\ncells:\n  - {optim.lr: 1e-3, loss.kind: structure}\n"
+        "  - {optim.lr: 1e-3, loss.kind: structure, data.val: [bad/val]}\n"
     )
-    twin_task = submitted_tasks(twin_proc)["lr1e-3-kind_structure"]
-    cluster.append(twin_task)
+    twin_tasks = submitted_tasks(submit(work, "--sweep-file", "twin.yaml", *CPU_TASK))
+    assert list(twin_tasks) == ["lr1e-3-kind_structure", "lr1e-3-kind_structure-val_bad_val"]
+    crash_task = twin_tasks["lr1e-3-kind_structure-val_bad_val"]
+    cluster.extend(twin_tasks.values())
     assert list(tasks) == CELLS and len({t.split("_")[0] for t in tasks.values()}) == 1  # one array
     sweep_dir, signalled = work / "runs" / "grid", "lr1e-3-kind_structure"
     task = tasks[signalled]
@@ -259,7 +264,7 @@ def test_a_2x2_sweep_survives_usr2_to_one_task_and_is_reported_and_skipped_when_
             pytest.fail(f"task {task} did not train:\n{task_logs(sweep_dir, task)}")
         time.sleep(0.1)
     sc.scancel("--signal=USR2", task)
-    wait_all_gone([*tasks.values(), twin_task])
+    wait_all_gone([*tasks.values(), *twin_tasks.values()])
     log = task_logs(sweep_dir, task)
     # That task alone stopped, saved, and was requeued as ARRAYJOB_TASK; it resumed and finished.
     step = int(re.search(r"stopped at step (\d+) on SIGUSR2", log).group(1))
@@ -275,6 +280,15 @@ def test_a_2x2_sweep_survives_usr2_to_one_task_and_is_reported_and_skipped_when_
     a = torch.load(twin / final, weights_only=True, map_location="cpu")["model"]
     b = torch.load(sweep_dir / signalled / final, weights_only=True, map_location="cpu")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The crashed cell ended only itself: its task failed, the others finished (above); the table says
+    # failed, and a second submit of that sweep would submit it again (its twin is done: skipped).
+    twin_dir = work / "runs" / "twin"
+    assert bad_key in task_logs(twin_dir, crash_task) and sc.show_job(crash_task).get("JobState") == "FAILED"
+    header, rows, _ = sweep_table(twin_dir)
+    assert [r[header.index("state")] for r in rows] == ["done", "failed"]
+    again = submit(work, "--sweep-file", "twin.yaml", "--dry-run", *CPU_TASK)
+    assert "2 cell(s) in" in again.stdout and "; 1 to submit" in again.stdout, again.stdout + again.stderr
+    assert re.search(r"^  lr1e-3-kind_structure-val_bad_val .* failed +step 6: starts from step 0", again.stdout, re.M)
     # The table: every cell done, its values and best, best first (maxF: higher first).
     report = subprocess.run(
         [
