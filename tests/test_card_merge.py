@@ -208,7 +208,10 @@ def test_merge_of_agreeing_cards_holds_every_method(tmp_path):
     }
     inputs = [json.loads(path.read_text())["results"] for path in (a, b, c)]
     assert written["results"]["Third"]["four"]["maxIoU"] == inputs[2]["Third"]["four"]["maxIoU"]
-    assert written["card"]["families"] == [*DEFAULT_FAMILIES, "IoU"]
+    assert (
+        written["card"]["families"] == [*DEFAULT_FAMILIES, "IoU"]
+        and written["card"]["IoU"] == card.FAMILY_DEFINITIONS["IoU"]["IoU"]
+    )
     assert [m["path"] for m in written["made"]["merged"]] == [str(a), str(b), str(c)]
     assert written["made"]["command"] == f"python -m salnet.evaluate --merge {a} {b} {c}"
     # Intervals as each input had them; p-values for every pair, those across inputs recomputed.
