@@ -121,6 +121,12 @@ def submit_sweep(args, submit: ModuleType) -> int:
         config_file = str(Path(args.config).resolve()) if args.config else None
         manifest = merge_manifest(sweep_dir.read(), name, config_file, args.overrides, cells, sweep_dir)
         found = states(sweep_dir, manifest["cells"])
+        unknown = [c.name for c in cells if found[c.name][0] == "unknown"]
+        if unknown:  # submitting them again could run a cell twice at once
+            raise SweepError(
+                f"squeue cannot say whether {', '.join(unknown)} of {sweep_dir.manifest} are still queued; "
+                f"submit again once it answers"
+            )
         todo = [c for c in cells if found[c.name][0] not in SKIPPED]
         params = array_parameters(args, submit, configs[cells[0].name][0], name, max(len(todo), 1))
     except (ConfigError, SweepError, submit.SubmitError) as e:

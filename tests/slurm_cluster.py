@@ -154,18 +154,3 @@ def wait_state(job: str, states: tuple[str, ...], timeout: float) -> str:
 
 def scancel(*args: str) -> None:
     subprocess.run(["scancel", *args], check=True, timeout=30)
-
-
-def cluster_usable(min_cpus: int) -> bool:
-    """The cluster answers and its batch partition has at least `min_cpus` CPUs on nodes that take jobs
-    (whatever its node count: slurm/local/up.sh --nodes N), so a test need not restart it."""
-    try:
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
-        nodes = subprocess.run(
-            ["sinfo", "-h", "-N", "-p", "batch", "-o", "%N %t %c"], capture_output=True, text=True, timeout=20
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    usable = [line.split() for line in nodes.stdout.splitlines() if len(line.split()) == 3]
-    cpus = sum(int(c) for _, state, c in usable if state in ("idle", "mix", "alloc") and c.isdigit())
-    return "UP" in ping.stdout and cpus >= min_cpus
