@@ -210,6 +210,21 @@ def test_results_page_escapes_names_and_links_only_files_beside_it(results_page)
     assert "Metrics card" in text and html.escape(document["made"]["command"]) in text
 
 
+def test_a_results_page_without_intervals_or_curves(tmp_path):
+    """--bootstrap 0 (no intervals, no p-values) and --metrics MAE (curves without PR or F): the table alone."""
+    document = {
+        "results": {"D": {"a": {"MAE": 0.25, "images": 3}, "b": {"MAE": 0.125, "images": 3}}},
+        "bootstrap": None,
+    }
+    curves = {"D": {"a": {"threshold": list(range(255, -1, -1))}, "b": {"threshold": list(range(255, -1, -1))}}}
+    text = write_results_page(tmp_path, document, curves, {}).read_text()
+    assert "No intervals" in text and "class='ci'" not in text and "<svg" not in text
+    assert not re.search(r"class='[^']*\btie\b", text)  # no p-values: nothing marked as not significant
+    assert re.search(r"<td data-v='0.125' class='best'>", text) and re.search(
+        r"<td data-v='0.25' class='second'>", text
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # In Chromium
 # --------------------------------------------------------------------------------------------

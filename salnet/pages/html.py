@@ -222,24 +222,23 @@ def line_chart(title: str, series: list[Series], x: Axis, y: Axis, markers: bool
 
 
 def curve_charts(title: str, by_name: dict[str, dict[str, list]]) -> str:
-    """The PR curve and the F-measure against the threshold of {name: SODMetrics.curves()}, side by side."""
+    """The PR curve and the F-measure against the threshold of {name: SODMetrics.curves()}, side by side;
+    a curve that was not computed (the F family not chosen) is left out."""
     pr, fm = [], []
     for name, curve in by_name.items():
-        labels = [f"threshold {t}" for t in curve["threshold"]]
-        pr.append(Series(name, curve["recall"], curve["precision"], labels))
-        fm.append(Series(name, curve["threshold"], curve["F"]))
-    unit = Axis("", (0.0, 1.0))
-    return (
-        "<div class='charts'>"
-        + line_chart(f"{title}: precision-recall", pr, Axis("recall", unit.limits), Axis("precision", unit.limits))
-        + line_chart(
-            f"{title}: F-measure",
-            fm,
-            Axis("threshold", (0.0, 255.0), [0, 51, 102, 153, 204, 255]),
-            Axis("F", unit.limits),
-        )
-        + "</div>"
-    )
+        if {"threshold", "precision", "recall"} <= curve.keys():
+            labels = [f"threshold {t}" for t in curve["threshold"]]
+            pr.append(Series(name, curve["recall"], curve["precision"], labels))
+        if {"threshold", "F"} <= curve.keys():
+            fm.append(Series(name, curve["threshold"], curve["F"]))
+    unit = (0.0, 1.0)
+    charts = []
+    if pr:
+        charts.append(line_chart(f"{title}: precision-recall", pr, Axis("recall", unit), Axis("precision", unit)))
+    if fm:
+        thresholds = Axis("threshold", (0.0, 255.0), [0, 51, 102, 153, 204, 255])
+        charts.append(line_chart(f"{title}: F-measure", fm, thresholds, Axis("F", unit)))
+    return f"<div class='charts'>{''.join(charts)}</div>" if charts else ""
 
 
 def definitions(items: dict) -> str:
