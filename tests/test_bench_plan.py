@@ -3,8 +3,8 @@ formulas, its output and its errors.
 
 Run as a script (by `ranks()`), this file is the probe: each rank builds a small SalNet (resnet18,
 decoder width 32, 64 px) under DDP and DeepSpeed ZeRO-1/2/3 in turn, takes one real training
-step, and writes what it holds: weights, gradients (after backward), optimizer states (after the
-step), DDP's reducer buckets, and the bytes autograd saved in a real forward (DDP).
+step, and rank 0 writes what the largest rank holds: weights, gradients (after backward), optimizer
+states (after the step), DDP's reducer buckets, and the bytes autograd saved in a real forward.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def gradient_bytes(strategy, case: str) -> int:
     zero = strategy.engine.optimizer
     if case == "zero3":
         return zero.grad_partitions_flat_buffer.nbytes
-    # This rank's gradient partition (DeepSpeed's buffer under it also spans the parameters cut by the boundary).
-    return sum(g.numel() * g.element_size() for group in zero.averaged_gradients.values() for g in group)
+    # The gradients of this rank's partition: views into the buffer DeepSpeed reduced them into.
+    return unique_bytes(g for group in zero.averaged_gradients.values() for g in group)
 
 
 def probe_case(case: str, out: Path) -> None:
@@ -115,6 +115,8 @@ def probe_case(case: str, out: Path) -> None:
         "buckets": sum(int(b) for b in buckets.split(",") if b.strip()),
         "activations": saved.total,
     }
+    largest = dist.all_reduce_values(list(record.values()), "max")  # float64: exact for these sizes
+    record = dict(zip(record, map(int, largest)))
     if dist.is_main():
         (out / f"{case}.json").write_text(json.dumps(record))
 

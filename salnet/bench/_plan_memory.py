@@ -9,9 +9,10 @@ parameter shapes alone, in the layout salnet's strategies really use, as measure
   gradient copy: salnet leaves gradient_as_bucket_view off) and the optimizer state of every
   parameter (AdamW: exp_avg, exp_avg_sq and a float32 `step` per tensor; SGD: a momentum buffer).
 - ZeRO-1/2 (DeepSpeed 0.19): the weights stay whole on every rank, in one flat buffer per
-  parameter group padded to a multiple of 2 x world elements; a rank keeps the gradients, a float32
-  master copy and the optimizer states of its 1/world of each group (DeepSpeed's stage 1 reduces into
-  gradient partitions just as stage 2 does: measured).
+  parameter group padded to a multiple of 2 x world elements; a rank keeps a float32 master copy and
+  the optimizer states of its 1/world of each group, and the gradients of the whole parameters that
+  touch that share (the ones cut at its edges whole; DeepSpeed's stage 1 reduces into gradient
+  partitions just as stage 2 does: measured). Per GPU is the largest rank's.
 - ZeRO-3: each parameter is cut into world pieces of ceil(numel / world) elements; a rank holds its
   piece of the weights, gradients, master copy and optimizer states, whole copies of the parameters
   DeepSpeed keeps persistent (numel <= stage3_param_persistence_threshold, 1e5), a reduce bucket of
@@ -80,6 +81,26 @@ def _zero12_partition(group_numel: int, world: int) -> int:
     return math.ceil(group_numel / align) * align // world
 
 
+def _zero12_gradient_buffer(groups: tuple[tuple[int, ...], ...], world: int) -> int:
+    """Elements of the largest rank's ZeRO-1/2 gradient buffer: DeepSpeed sizes it to the whole
+    parameters that touch the rank's partition of each group, the ones cut at its edges included
+    (stage_1_and_2.py: get_partition_info, grads_in_partition)."""
+    largest = 0
+    for rank in range(world):
+        total = 0
+        for group in groups:
+            part = _zero12_partition(sum(group), world)
+            start, end, offset = part * rank, part * (rank + 1), 0
+            for numel in group:
+                if start <= offset < end or offset < start < offset + numel:
+                    total += numel
+                offset += numel
+            if rank == world - 1:  # the group's alignment padding ends the last rank's share (measured)
+                total += part * world - sum(group)
+        largest = max(largest, total)
+    return largest
+
+
 def check_modelled(cfg: Config) -> None:
     """Refuse what the model does not cover, naming the setting."""
     train = cfg.train
@@ -111,7 +132,7 @@ def model_states(shape: ModelShape, cfg: Config, world: int) -> dict[str, int]:
         part = sum(padded) * FLOAT32
         return {
             "weights": sum(p * world for p in padded) * FLOAT32,
-            "gradients": part,
+            "gradients": _zero12_gradient_buffer(shape.groups, world) * FLOAT32,
             "optimizer": part + states * part + step_bytes * len(shape.groups),  # master copy + states
             "buffers": 0,  # the reduce bucket lives inside backward only (freed before the step)
         }
@@ -142,7 +163,7 @@ def layout(cfg: Config) -> dict[str, str]:
     if cfg.train.zero_stage in (1, 2):
         return {
             "weights": "4 B x P, whole on every rank (one flat buffer per group, padded to 2n elements)",
-            "gradients": "4 B x P / n: this rank's partition (DeepSpeed's buffer also spans the parameters cut at its edges)",
+            "gradients": "4 B x P / n: the parameters touching this rank's partition, those cut at its edges whole",
             "optimizer": f"fp32 master 4 B x P / n + {states} / n) + a step per group",
             "buffers": "none between steps (the reduce bucket lives inside backward)",
         }
