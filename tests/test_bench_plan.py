@@ -38,9 +38,9 @@ CASES = {
     "zero3": ["train.strategy=deepspeed", "train.zero_stage=3"],
 }
 # The plan's activations against the real step's: the plan counts the network on the meta device and
-# the loss on CPU zeros apart, so a tensor both keep is counted twice there (the outputs: a few
-# 64x64 maps); the real step runs salnet's input stage and the strategy's wrapper.
-ACTIVATION_TOLERANCE = 0.05
+# the loss on CPU zeros apart (a tensor both keep would count twice), the real step runs through the
+# strategy's wrapper. Equal to the byte today (fp32, DDP); the margin is for torch versions.
+ACTIVATION_TOLERANCE = 0.01
 
 
 def small_config(case: str, *extra: str):
@@ -239,6 +239,7 @@ def test_the_table_and_its_assumptions_are_printed(capsys):
         (["--zero-stage=4"], "--zero-stage takes 1, 2 or 3"),
         (["--strategy=fsdp"], "unknown strategy 'fsdp'; valid: ddp, deepspeed"),
         (["--nodes=0"], "expected integers >= 1"),
+        (["--gpus-per-node=4,8"], "expected one integer >= 1"),
         (["--set=optim.lrr=1e-3"], "optim.lrr"),
         (["--set=train.amp=fp16"], "fp16"),
         (["--throughput=10", "--tflops=100"], "not allowed with argument"),

@@ -48,6 +48,13 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _count(text: str) -> int:
+    values = _ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one integer >= 1, got {text!r}")
+    return values[0]
+
+
 def _strategies(text: str) -> list[str]:
     values = text.split(",")
     wrong = [v for v in values if v not in ("ddp", "deepspeed")]
@@ -72,11 +79,16 @@ def parse(argv):
     p.add_argument("--config", help="a run config (YAML) to plan; default: salnet's defaults")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override, repeatable")
     p.add_argument("--nodes", type=_ints, default=[1], help="nodes, or a comma-separated list (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node (default 8)")
+    p.add_argument("--gpus-per-node", type=_count, default=8, help="GPUs (ranks) per node (default 8)")
     p.add_argument("--backbone", help="model.backbone.name")
     p.add_argument("--size", type=int, help="data.size: training input px")
     p.add_argument("--micro-batch", type=int, help="data.batch_size: images per GPU per micro-batch")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="train.amp")
+    p.add_argument(
+        "--precision",
+        choices=["bf16", "fp32"],
+        help="train.amp (bf16's activations are measured on real CPU tensors at --size: seconds, and GBs of RAM "
+        "for large networks; fp32's on the meta device)",
+    )
     p.add_argument("--strategy", type=_strategies, help="train.strategy, or a comma-separated list")
     p.add_argument("--zero-stage", type=_ints, help="train.zero_stage (1-3), or a comma-separated list")
     p.add_argument(
