@@ -83,7 +83,7 @@ def split_values(text: str) -> list[str]:
     return [item.strip() for item in items]
 
 
-def parse_value(key: str, text: str) -> Any:
+def parse_value(text: str) -> Any:
     """One value as `key=text` on salnet.train's command line gives it (YAML; not YAML: the text)."""
     try:
         return yaml.safe_load(text) if text.strip() else None
@@ -120,7 +120,7 @@ def parse_sweep_arg(text: str) -> tuple[str, list[Any]]:
     items = split_values(values)
     if not values.strip() or any(item == "" for item in items):
         raise SweepError(f"{where}: an empty value (expected KEY=V1,V2,... with at least one value, none empty)")
-    return key, [parse_value(key, item) for item in items]
+    return key, [parse_value(item) for item in items]
 
 
 def read_sweep_file(path: Path) -> tuple[str | None, dict[str, list[Any]], list[dict[str, Any]]]:
@@ -201,7 +201,7 @@ def cell_name(values: dict[str, Any], short: dict[str, str]) -> str:
 
 def override_text(value: Any) -> str:
     """A value as key=TEXT: plain where YAML reads the plain text back as it is (bce, 1e-3), else JSON."""
-    if isinstance(value, str) and parse_value("", value) == value:
+    if isinstance(value, str) and parse_value(value) == value:
         return value
     return json.dumps(value)
 

@@ -67,14 +67,14 @@ def work(tmp_path_factory):
     return root
 
 
-def submit(root: Path, *args: str) -> subprocess.CompletedProcess:
+def submit(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SUBMIT), *args, "--config", str(root / "grid.yaml")],
         cwd=root,
         capture_output=True,
         text=True,
         timeout=180,
-        env={**os.environ, **ENV},
+        env={**os.environ, **ENV, **(env or {})},
     )
 
 
@@ -182,7 +182,8 @@ def test_bad_sweeps_are_refused_before_submitting(work, case):
         "run-dir": (["--sweep", "name=a,b"], ["'name' cannot be swept"]),
     }
     argv, expect = args[case]
-    proc = submit(work, *argv, *CPU_TASK)
+    # No cluster to reach: should a check fail to refuse, sbatch fails instead of queueing the cells.
+    proc = submit(work, *argv, *CPU_TASK, env={"SLURM_CONF": str(work / "no-cluster" / "slurm.conf")})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     for text in expect:
         assert text in proc.stderr, f"{text!r} not in:\n{proc.stderr}"
