@@ -22,6 +22,7 @@ alone (salnet.slurm requeues SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID); a task tha
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import shlex
 import sys
@@ -89,12 +90,13 @@ def cell_configs(args, submit: ModuleType, cells: list[Cell], sweep_dir: SweepDi
     return out
 
 
-def array_parameters(args, submit: ModuleType, cfg: Config, sweep: str, count: int) -> dict[str, Any]:
+def array_parameters(args, submit: ModuleType, cfg: Config, sweep_dir: SweepDir, count: int) -> dict[str, Any]:
     """submit.py's job parameters for one task, as an array of `count` tasks named after the sweep. No
     --dependency=singleton: resubmitting never queues a cell that is still in the queue, so two arrays of
     one sweep never share a run directory, and new cells need not wait for the old array to end."""
     params = submit.sbatch_parameters(args, cfg)
-    params["job_name"] = f"salnet-sweep-{sweep}-{submit.job_name(cfg).rsplit('-', 1)[1]}"
+    digest = hashlib.sha1(str(sweep_dir.root).encode()).hexdigest()[:6]  # two sweeps of one name, elsewhere
+    params["job_name"] = f"salnet-sweep-{sweep_dir.root.name}-{digest}"
     extra = params["additional_parameters"]
     dependency = extra.pop("dependency").removeprefix("singleton").lstrip(",")
     if dependency:
@@ -120,7 +122,7 @@ def submit_sweep(args, submit: ModuleType) -> int:
         configs = cell_configs(args, submit, cells, sweep_dir)
         config_file = str(Path(args.config).resolve()) if args.config else None
         manifest = merge_manifest(sweep_dir.read(), name, config_file, args.overrides, cells, sweep_dir)
-        found = states(sweep_dir, manifest["cells"])
+        found = states(sweep_dir, manifest["cells"], {c: cfg.train.steps for c, (cfg, _) in configs.items()})
         unknown = [c.name for c in cells if found[c.name][0] == "unknown"]
         if unknown:  # submitting them again could run a cell twice at once
             raise SweepError(
@@ -128,7 +130,7 @@ def submit_sweep(args, submit: ModuleType) -> int:
                 f"submit again once it answers"
             )
         todo = [c for c in cells if found[c.name][0] not in SKIPPED]
-        params = array_parameters(args, submit, configs[cells[0].name][0], name, max(len(todo), 1))
+        params = array_parameters(args, submit, configs[cells[0].name][0], sweep_dir, max(len(todo), 1))
     except (ConfigError, SweepError, submit.SubmitError) as e:
         submit.fail(str(e))
 

@@ -383,8 +383,9 @@ def queued_tasks(tasks: list[str]) -> dict[str, str] | None:
     return dict(line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2)
 
 
-def run_progress(run_dir: Path) -> dict[str, Any]:
-    """What a run directory says: steps done, the last step (total), whether it finished, the val records."""
+def run_progress(run_dir: Path, total: int | None = None) -> dict[str, Any]:
+    """What a run directory says: steps done, the last step (`total`, else the run's own config's), whether
+    it finished, the val records."""
     run = RunDir(run_dir)
     try:
         records = read_records(run.metrics)
@@ -397,7 +398,7 @@ def run_progress(run_dir: Path) -> dict[str, Any]:
         cfg = None
     trains = [r for r in records if r.get("kind") == "train"]
     # The last step: train.steps, or (train.epochs) the step whose line says nothing is left.
-    total = cfg.train.steps if cfg else None
+    total = total or (cfg.train.steps if cfg else None)
     total = total or next((r["step"] for r in reversed(trains) if r.get("eta_s") == 0), None)
     saved = [RunDir.checkpoint_step(p) for p in run.complete_checkpoints()]
     return {
@@ -426,12 +427,15 @@ def cell_state(entry: dict[str, Any], finished: bool, queue: dict[str, str] | No
     return "running" if slurm_state in ("RUNNING", "COMPLETING", "CONFIGURING") else "pending"
 
 
-def states(sweep_dir: SweepDir, entries: list[dict[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
-    """{cell name: (state, run_progress)} for the manifest's entries."""
+def states(
+    sweep_dir: SweepDir, entries: list[dict[str, Any]], totals: dict[str, int | None] | None = None
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """{cell name: (state, run_progress)} for the manifest's entries; `totals`: a cell's step budget now
+    (a raised train.steps makes a finished cell unfinished: submitted again, it resumes to the new end)."""
     queue = queued_tasks([e["tasks"][-1]["task"] for e in entries if e.get("tasks")])
     out = {}
     for entry in entries:
-        progress = run_progress(sweep_dir.run_dir(entry["name"]))
+        progress = run_progress(sweep_dir.run_dir(entry["name"]), (totals or {}).get(entry["name"]))
         out[entry["name"]] = (cell_state(entry, progress["finished"], queue), progress)
     return out
 
