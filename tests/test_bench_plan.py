@@ -175,6 +175,17 @@ def test_bf16_activations_separate_autocasts_weight_copies():
     assert fp32.constant < 0.01 * bf16.constant
 
 
+def test_activations_are_planned_at_the_largest_multiscale_size(capsys, tmp_path):
+    multiscale = memory.activations(small_config("ddp", "data.size=32", "data.multiscale=[32,64,48]"))
+    assert (multiscale.size, multiscale.per_image) == (64, memory.activations(small_config("ddp")).per_image)
+    # --size plans every batch at that size: the config's multiscale list no longer applies.
+    config = tmp_path / "multiscale.yaml"
+    config.write_text("data:\n  multiscale: [32, 64]\n")
+    small = [f"--set={o}" for o in SMALL if not o.startswith("data.size")]
+    report = run_plan(capsys, f"--config={config}", *small, "--size=48")
+    assert "at 48 px" in " ".join(report["assumptions"])
+
+
 def test_ring_collectives_follow_their_message_sizes():
     params, gbs = 250_000_000, 100.0  # 1 GB of float32 gradients
     ddp = comm.collectives(small_config("ddp"), params, world=8, gbs=gbs)

@@ -21,7 +21,7 @@ parameter shapes alone, in the layout salnet's strategies really use, as measure
   stay gathered whole, which is the bound counted here.
 
 Activations are measured, not estimated: the network and salnet's loss run one training-mode
-forward, and torch.autograd.graph.saved_tensors_hooks counts the bytes autograd keeps for backward
+forward at the largest training size (data.multiscale's largest, else data.size: the peak), and torch.autograd.graph.saved_tensors_hooks counts the bytes autograd keeps for backward
 (each storage once; parameters excluded). fp32 runs on the meta device at the planned size: exact
 shapes, no memory, no arithmetic, milliseconds even for Swin-B at 384 px. Autocast does not apply
 to meta tensors, so bf16 runs on real CPU tensors at the planned size (seconds; ~2.5 GB of RAM for
@@ -182,6 +182,7 @@ class Activations:
     per_image: int
     constant: int
     device: str  # where they were measured: meta (fp32) or cpu (bf16)
+    size: int  # at what input px
 
     def at(self, batch: int) -> int:
         return self.per_image * batch + self.constant
@@ -233,8 +234,14 @@ def saved_bytes(model: torch.nn.Module, loss_fn, image: torch.Tensor, target: to
     return saved.total
 
 
+def training_sizes(cfg: Config) -> list[int]:
+    """The input sizes training batches take: data.multiscale's, or data.size alone."""
+    return list(cfg.data.multiscale) or [cfg.data.size]
+
+
 def activations(cfg: Config) -> Activations:
-    """`cfg`'s network and loss in training mode at data.size: see the module's docstring."""
+    """`cfg`'s network and loss in training mode at its largest training size (the peak): see the
+    module's docstring."""
     from salnet.loss import build_loss
     from salnet.model import build_model
     from salnet.model.cost import meta_model
@@ -249,7 +256,7 @@ def activations(cfg: Config) -> Activations:
         model = meta_model(cfg.model)
     model.train()
     loss_fn = build_loss(cfg.loss)
-    size = cfg.data.size
+    size = max(training_sizes(cfg))
     counts = []
     for batch in ACTIVATION_BATCHES:
         image = torch.zeros(batch, 3, size, size, device=device)
@@ -257,4 +264,4 @@ def activations(cfg: Config) -> Activations:
         counts.append(saved_bytes(model, loss_fn, image, target, torch.bfloat16 if bf16 else None))
     (b0, b1), (c0, c1) = ACTIVATION_BATCHES, counts
     per_image = (c1 - c0) // (b1 - b0)
-    return Activations(per_image=per_image, constant=max(0, c0 - per_image * b0), device=device)
+    return Activations(per_image=per_image, constant=max(0, c0 - per_image * b0), device=device, size=size)

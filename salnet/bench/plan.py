@@ -81,7 +81,9 @@ def parse(argv):
     p.add_argument("--nodes", type=_ints, default=[1], help="nodes, or a comma-separated list (default 1)")
     p.add_argument("--gpus-per-node", type=_count, default=8, help="GPUs (ranks) per node (default 8)")
     p.add_argument("--backbone", help="model.backbone.name")
-    p.add_argument("--size", type=int, help="data.size: training input px")
+    p.add_argument(
+        "--size", type=int, help="data.size: training input px (and no data.multiscale: every batch at this size)"
+    )
     p.add_argument("--micro-batch", type=int, help="data.batch_size: images per GPU per micro-batch")
     p.add_argument(
         "--precision",
@@ -136,7 +138,8 @@ def configs(args) -> list[Config]:
         "data.batch_size": args.micro_batch,
         "train.amp": args.precision,
     }
-    base = [f"{key}={value}" for key, value in flags.items() if value is not None] + args.set
+    base = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    base += ["data.multiscale=[]"] * (args.size is not None) + args.set
     base_cfg = load_config(args.config, base)
     strategies = args.strategy or [base_cfg.train.strategy]
     stages = args.zero_stage or [base_cfg.train.zero_stage]
@@ -159,16 +162,20 @@ def images_per_s(cfg: Config, args) -> tuple[float, str]:
         return args.throughput, f"{args.throughput:g} img/s per GPU (stated)"
     from salnet.model.cost import meta_model, train_flops_per_image
 
-    flops = train_flops_per_image(meta_model(cfg.model), cfg.data.size, cfg.data.size)
+    model, sizes = meta_model(cfg.model), memory.training_sizes(cfg)
+    # A multiscale batch draws its size from the list: the mean of their FLOPs.
+    flops = sum(train_flops_per_image(model, size, size) for size in sizes) / len(sizes)
     if args.tflops:
         return (
             args.tflops * 1e12 / flops,
-            f"{args.tflops:g} TFLOP/s per GPU (stated) / {flops / 1e9:.0f} GFLOPs per image",
+            f"{args.tflops:g} TFLOP/s per GPU (stated) / {flops / 1e9:.0f} GFLOPs per training image"
+            + (f" (the mean over data.multiscale={sizes})" if len(sizes) > 1 else ""),
         )
     peak = args.peak_tflops or PEAK_TFLOPS[cfg.train.amp]
     return (
         args.mfu * peak * 1e12 / flops,
-        f"MFU {args.mfu:g} (assumed) x {peak:g} TFLOP/s peak / {flops / 1e9:.0f} GFLOPs per training image",
+        f"MFU {args.mfu:g} (assumed) x {peak:g} TFLOP/s peak / {flops / 1e9:.0f} GFLOPs per training image"
+        + (f" (the mean over data.multiscale={sizes})" if len(sizes) > 1 else ""),
     )
 
 
@@ -243,10 +250,11 @@ def details(plan: dict, with_layout: bool) -> str:
 
 def assumptions(cfg: Config, shape, acts, args, activation_s: float) -> list[str]:
     return [
-        f"network: {cfg.model.backbone.name} at {cfg.data.size} px, {shape.total / 1e6:.1f} M trainable parameters "
+        f"network: {cfg.model.backbone.name} at {'/'.join(map(str, memory.training_sizes(cfg)))} px, {shape.total / 1e6:.1f} M trainable parameters "
         f"in {len(shape.groups)} optimizer groups; optim.name={cfg.optim.name}; train.amp={cfg.train.amp}"
         + (" (autocast: float32 weights, gradients, optimizer states and messages)" if cfg.train.amp == "bf16" else ""),
-        f"activations: saved tensors of one training forward (network + loss), measured on {acts.device} in "
+        f"activations: saved tensors of one training forward (network + loss) at {acts.size} px, measured on "
+        f"{acts.device} in "
         f"{activation_s:.1f} s: {acts.per_image / 2**20:.0f} MiB per image"
         + (f" + {acts.constant / 2**20:.0f} MiB of autocast's bf16 weight copies" if acts.constant > 2**20 else "")
         + "; a GPU adds kernel workspaces and allocator slack on top",
