@@ -4,6 +4,8 @@
     python launch/submit.py --nodes 4 --config configs/duts_r50.yaml
     python launch/submit.py --nodes 2 --gpus-per-node 0 --tasks-per-node 1 --time 30 --config X.yaml train.steps=100
     python launch/submit.py --dry-run --nodes 4 --config configs/duts_r50.yaml    # print, submit nothing
+    python launch/submit.py --sweep optim.lr=1e-3,3e-3 --sweep loss.kind=bce_iou,structure --config X.yaml
+                                                    # a sweep: one job array (launch/sweep_submit.py)
 
 Takes the same `--config FILE key=value ...` as `python -m salnet.train`, plus the Slurm flags below.
 Before submitting it validates the config (a typo fails here, exit status 2, not in the queue),
