@@ -54,7 +54,8 @@ slurm-down:
 	slurm/local/down.sh
 
 # The demo: synthesize the built-in data once (the manifest is written last, so its presence
-# means a complete set), then train on CPU with two ranks and print the final metrics.
+# means a complete set), then train on CPU with two ranks, print the final metrics, and write the
+# run's page (its last line says where: runs/demo/report/index.html).
 DEMO_DATA := shards/demo/val/manifest.json
 
 $(DEMO_DATA): | $(STAMP)
@@ -62,6 +63,7 @@ $(DEMO_DATA): | $(STAMP)
 
 demo: $(STAMP) $(DEMO_DATA)
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m salnet.train --config configs/demo.yaml
+	$(PY) -m salnet.report runs/demo --no-plots --html
 
 clean-venv:
 	rm -rf $(VENV)

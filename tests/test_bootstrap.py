@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from per_image_probe import COUNT, keys
 from PIL import Image
 
 from salnet.bench import bootstrap as bootstrap_bench
@@ -17,6 +16,7 @@ from salnet.metrics.bootstrap import Draws, bootstrap, paired_p_values
 
 from conftest import REPO, forked_run, ranks
 from metrics_shard_probe import sample_pairs
+from per_image_probe import COUNT, keys
 from shards_data import save, scene
 
 PROBE = REPO / "tests" / "per_image_probe.py"
@@ -236,7 +236,7 @@ def test_evaluate_writes_intervals_p_values_and_per_image_rows_and_bootstrap_0_o
     lo, hi = sharp["ci95"]["maxF"]
     assert f"[{lo:.4f}, {hi:.4f}]" in (tmp_path / "a" / "results.md").read_text()
     assert tables.LEGEND in (tmp_path / "a" / "results.md").read_text()
-    row = next(csv.DictReader((tmp_path / "a" / "results.csv").open()))
+    row = next(csv.DictReader(line for line in (tmp_path / "a" / "results.csv").open() if not line.startswith("#")))
     assert (float(row["maxF_lo"]), float(row["maxF_hi"])) == (lo, hi)
 
     run_evaluate(folders, tmp_path / "b", "--bootstrap", "200", "--seed", "5")

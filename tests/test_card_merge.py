@@ -393,3 +393,22 @@ def test_an_unreachable_wandb_server_costs_a_warning_not_the_evaluation(tmp_path
     assert secret not in proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "None"
     assert "--wandb: W&B failed" in proc.stderr and "the evaluation's files are written" in proc.stderr
+
+
+def test_evaluate_merge_command_writes_every_table_with_the_card(tmp_path, capsys):
+    """`python -m salnet.evaluate --merge` (its main, in this process) writes every table with the card."""
+    from salnet.evaluation import evaluate
+
+    a = write_input(tmp_path / "A", {("DS", "one"): 1})
+    b = write_input(tmp_path / "B", {("DS", "two"): 2})
+    out = tmp_path / "C"
+    evaluate.main(["--merge", str(a), str(b), "--out", str(out)])
+    lines = (out / "results.csv").read_text().splitlines()
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    assert [r["method"] for r in rows] == ["one", "two"] and lines[0] == f"# metrics card: {card.FORMAT}"
+    assert "| thresholds |" in (out / "results.md").read_text()
+    assert (out / "results.tex").read_text().startswith(f"% metrics card: {card.FORMAT}\n")
+    assert json.loads((out / "results.json").read_text())["results"]["DS"]["one"]["p"]["maxF"]["two"] > 0
+    with pytest.raises(SystemExit) as exited:
+        evaluate.main(["--merge", str(a), str(tmp_path / "A" / "curves.json"), "--out", str(tmp_path / "D")])
+    assert exited.value.code == 1 and "is a curves.json" in capsys.readouterr().err

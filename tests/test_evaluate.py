@@ -152,7 +152,7 @@ def test_maps_in_folders_score_as_pysodmetrics_for_several_methods_and_datasets(
 def test_tables_hold_every_result(maps, evaluated):
     out, _ = evaluated
     results = json.loads((out / "results.json").read_text())["results"]
-    rows = list(csv.DictReader((out / "results.csv").open()))
+    rows = list(csv.DictReader(line for line in (out / "results.csv").open() if not line.startswith("#")))
     assert [(r["dataset"], r["method"]) for r in rows] == [(d, m) for d, by in results.items() for m in by]
     for row in rows:
         assert {k: float(row[k]) for k in METRICS} == {k: results[row["dataset"]][row["method"]][k] for k in METRICS}

@@ -22,7 +22,7 @@ from evaluation_data import ecssd_folder, tiny_checkpoint
 from PIL import Image, ImageFilter
 
 from salnet.evaluation import evaluate, folders
-from salnet.evaluation.gallery import FolderPictures, GallerySources, choose, write_gallery
+from salnet.evaluation.gallery import GallerySources, choose
 from salnet.metrics.per_image import PerImage
 from salnet.pages.results import write_results_page
 from salnet.report import main as report_main
@@ -83,38 +83,6 @@ def gallery_maps_score_as_scored(out: Path, description: dict, mae: dict[str, di
                 assert again == pytest.approx(mae[method][row["key"]], abs=1e-9), (method, row["key"])
 
 
-def results_document(out: Path) -> dict:
-    """results.json as evaluate wrote it; where it is still the first format (no intervals), the agreed
-    second one around it, with intervals and p-values of the shape the bootstrap writes."""
-    written = json.loads((out / "results.json").read_text())
-    if "format" in written:
-        return written
-    results = {}
-    for dataset, by_method in written.items():
-        results[dataset] = {}
-        for method, scores in by_method.items():
-            metrics = [k for k in scores if k != "images"]
-            others = [m for m in by_method if m != method]
-            results[dataset][method] = {
-                **scores,
-                "ci95": {k: [scores[k] - 0.01, scores[k] + 0.01] for k in metrics},
-                "p": {k: {o: 0.3 if "small" in (method, o) else 0.001 for o in others} for k in metrics},
-            }
-    return {
-        "format": "salnet-results/2",
-        "made": {"command": "python -m salnet.evaluate --pred ...", "salnet": "0.1.0", "date": "2026-12-08T00:00:00Z"},
-        "card": {"thresholds": "256, i/255", "beta^2": 0.3, "maxF": "per dataset"},
-        "bootstrap": {
-            "resamples": 1000,
-            "seed": 0,
-            "level": 0.95,
-            "interval": "percentile",
-            "test": "paired bootstrap",
-        },
-        "results": results,
-    }
-
-
 @pytest.fixture(scope="module")
 def results_page(tmp_path_factory):
     root = tmp_path_factory.mktemp("pages")
@@ -131,16 +99,8 @@ def results_page(tmp_path_factory):
     out = root / "results"
     args = [a for j, m in enumerate(methods) for a in ("--pred", f"{m}=" + str(root / f"pred{j}"))]
     args += [a for d, loc in truths.items() for a in ("--gt", f"{d}={loc}")]
-    evaluate.main([*args, "--metrics", "F", "E", "S", "MAE", "--out", str(out)])
-    galleries = {}
-    for dataset, location in truths.items():
-        pred_dirs = {m: root / f"pred{j}" / dataset for j, m in enumerate(methods)}
-        mae = {m: scored_mae(out, dataset, m) for m in methods}
-        galleries[dataset] = write_gallery(out, dataset, mae, FolderPictures(location, pred_dirs), k=2)
-        gallery_maps_score_as_scored(out, galleries[dataset], mae)
-    document = results_document(out)
-    curves = json.loads((out / "curves.json").read_text())
-    return write_results_page(out, document, curves, galleries), document
+    evaluate.main([*args, "--metrics", "F", "E", "S", "MAE", "--gallery", "2", "--out", str(out)])
+    return out / "index.html", json.loads((out / "results.json").read_text())
 
 
 def test_a_gallery_of_a_checkpoint_and_a_folder_of_maps_shows_the_images_as_they_were_scored(tmp_path):

@@ -42,7 +42,19 @@ significant at 0.05.
 (salnet.metrics.PerImage: "keys", sorted, and one array per per-image quantity, MAE, S, F, ...).
 results.json is {"format": "salnet-results/2", "made": {command, salnet, date}, "card": the
 metrics card, "bootstrap": the settings or null, "results": {dataset: {method: {metric: value,
-"images": n, "ci95": {metric: [lo, hi]}, "p": {metric: {other method: p}}}}}}.
+"images": n, "ci95": {metric: [lo, hi]}, "p": {metric: {other method: p}}}}}}. The metrics card
+(salnet.evaluation.card) states every definition the numbers depend on, in results.json and at the
+head of the CSV ('#' lines: pandas.read_csv(..., comment="#")), LaTeX ('%' lines) and Markdown.
+--out also writes index.html: one static page (no network, no server) with the sortable tables and
+their intervals, the curves, per dataset a gallery (gallery/: the --gallery K images where the
+methods differ most by per-image MAE and each method's K worst, image | mask | every map) and the card.
+
+    python -m salnet.evaluate --merge A/results.json B/results.json --out C
+
+merges comparisons (tables, curves, per-image files, page) only when the two cards agree, and
+otherwise lists each differing definition; with per-image files, the p-values of pairs from different
+inputs are computed too. --wandb also logs the table, the curves and the gallery to W&B (offline
+mode works), in the W&B group of the run whose best.pt was scored.
 """
 
 from __future__ import annotations
@@ -61,7 +73,7 @@ from salnet import dist
 from salnet.config import DataConfig
 from salnet.data import ValStream
 from salnet.data.sources import Limits, open_shard_set
-from salnet.evaluation import card, folders, tables
+from salnet.evaluation import card, folders, gallery, tables, wandb_log
 from salnet.evaluation.common import (
     PRECISIONS,
     EvaluationError,
@@ -73,13 +85,16 @@ from salnet.evaluation.common import (
     output_dirs,
     raise_if_any,
     run_distributed,
+    run_main,
     split_name,
 )
+from salnet.evaluation.merge import merge_main
 from salnet.fsio import atomic_write
 from salnet.imagecheck import DEFAULT_MAX_PIXELS, parse_pixels
 from salnet.metrics import DEFAULT_FAMILIES, FAMILIES, PerImage, SODMetrics, curve_plots, metric_names
 from salnet.metrics import bootstrap as uncertainty
 from salnet.metrics.names import MissingPackageError, check_packages
+from salnet.pages.results import write_results_page
 from salnet.shards.images import BadFileError
 from salnet.shards.tario import DEFAULT_MAX_MEMBER_BYTES
 from salnet.validate import validate
@@ -95,13 +110,16 @@ class Report:
     out), in the order datasets and methods were given. `bootstrap` (the settings, or None) and each
     scores' "ci95" and "p" are filled by `add_uncertainty`."""
 
-    def __init__(self, datasets: list[str]):
+    def __init__(self, datasets: list[str], pictures: gallery.GallerySources | None = None):
         self.results: dict[str, dict[str, dict]] = {d: {} for d in datasets}
         self.curves: dict[str, dict[str, dict]] = {d: {} for d in datasets}
         self.per_image: dict[str, dict[str, PerImage]] = {d: {} for d in datasets}
         self.bootstrap: dict | None = None
         self.card: dict = {}
         self.made: dict = {}
+        self.scored_configs: list[dict] = []  # the best.pt configs scored (--wandb groups with their run)
+        # where each method's maps came from, so the gallery can read the chosen images again
+        self.pictures = pictures if pictures is not None else gallery.GallerySources()
 
     def add(self, dataset: str, method: str, metrics: SODMetrics, **counts: int) -> None:
         if method in self.results[dataset]:
@@ -158,6 +176,7 @@ def score_checkpoints(args: argparse.Namespace, report: Report, families: list[s
     for text in args.checkpoint:
         name, path = split_name(text)
         checkpoint = load_best_weights(path)
+        report.scored_configs.append(checkpoint.config)
         method = check_name(name or checkpoint.run_name, "method")  # a method given twice: Report.add says so
         predict = make_predict(checkpoint, checkpoint.precision(args.precision))
         for dataset, location in args.data_sets:
@@ -178,6 +197,7 @@ def score_checkpoints(args: argparse.Namespace, report: Report, families: list[s
             metrics = SODMetrics(families, device=dist.device(), per_image=True)
             validate(predict, ValStream(data_cfg, dist.rank(), dist.world_size()), metrics)
             report.add(dataset, method, metrics)
+            report.pictures.add_checkpoint(dataset, method, location, path)
 
 
 def score_folders(args: argparse.Namespace, report: Report, families: list[str]) -> None:
@@ -221,9 +241,11 @@ def score_folders(args: argparse.Namespace, report: Report, families: list[str])
                 )
             counts = {"missing": len(matched.missing), "extra": len(matched.extra)}
             report.add(dataset, method, metrics, **counts, **({"skipped": len(skipped)} if args.skip_bad else {}))
+            report.pictures.add_folder(dataset, method, Path(dict(args.gt_sets)[dataset]), pred_dir)
 
 
-def write_outputs(report: Report, metrics: list[str], out: Path, plot_format: str) -> None:
+def write_outputs(report: Report, metrics: list[str], out: Path, plot_format: str, gallery_images: int) -> dict:
+    """Every output file and index.html; returns the galleries' descriptions ({dataset: ...})."""
     results = {d: by for d, by in report.results.items() if by}
     curves = {d: by for d, by in report.curves.items() if by}
     out.mkdir(parents=True, exist_ok=True)
@@ -233,14 +255,26 @@ def write_outputs(report: Report, metrics: list[str], out: Path, plot_format: st
                 rows.save(f)
     for name, text in (
         ("results.json", json.dumps(report.document(), indent=2) + "\n"),
-        ("results.csv", tables.csv_text(results, metrics)),
-        ("results.md", tables.markdown(results, metrics)),
-        ("results.tex", tables.latex(results, metrics)),
+        ("results.csv", card.csv_comment(report.card) + tables.csv_text(results, metrics)),
+        ("results.md", tables.markdown(results, metrics) + "\n" + card.markdown(report.card)),
+        ("results.tex", card.latex_comment(report.card) + tables.latex(results, metrics)),
         ("curves.json", json.dumps(curves) + "\n"),
     ):
         with atomic_write(out / name) as f:
             f.write(text)
     curve_plots.save(curves, out / "plots", plot_format)
+    galleries = report.pictures.write(out, report.per_image, gallery_images)
+    write_results_page(out, report.document(), curves, galleries)
+    return galleries
+
+
+def write_merged(document: dict, curves: dict, out: Path, plot_format: str) -> None:
+    """--merge's writer: a merged results.json (salnet.evaluation.merge) written as evaluate writes its
+    own; merge_main copies the per-image files itself. Its page has no gallery: the maps are not at hand."""
+    report = Report(list(document["results"]))
+    report.results, report.curves = document["results"], curves
+    report.made, report.card, report.bootstrap = document["made"], document["card"], document["bootstrap"]
+    write_outputs(report, metric_names(document["card"]["families"]), out, plot_format, gallery_images=0)
 
 
 def _pixels(text: str) -> int:
@@ -322,6 +356,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the resamples (default 0)")
     parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="RESULTS_JSON",
+        help="merge earlier evaluations' results.json (their metrics cards must agree) into --out; scores nothing",
+    )
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log the results table, curves and gallery to W&B, in the scored checkpoint's run group "
+        "(WANDB_MODE=offline works)",
+    )
+    parser.add_argument(
+        "--gallery",
+        type=int,
+        default=gallery.DEFAULT_K,
+        metavar="K",
+        help=f"index.html's gallery, per dataset: the K images where the methods differ most (per-image MAE) and "
+        f"each method's K worst (default {gallery.DEFAULT_K}; 0: none)",
+    )
+    parser.add_argument(
         "--plot-format", choices=curve_plots.FORMATS, default="png", help="format of the plots (default: png)"
     )
     parser.add_argument("--size", type=int, help="--checkpoint: network input size (default: its data.eval_size)")
@@ -337,12 +393,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workers", type=int, help="--checkpoint: loader processes per rank (default: its data.workers)"
     )
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.checkpoint or args.pred or args.data or args.gt:
+            parser.error(
+                "--merge combines earlier results.json and scores nothing: no --checkpoint, --data, --pred or --gt"
+            )
+        if args.out is None:
+            parser.error("--merge needs --out (where the merged results go)")
+        if len(args.merge) < 2:
+            parser.error(f"--merge needs two or more results.json, got {len(args.merge)}")
+        return args
     if bool(args.checkpoint) != bool(args.data):
         parser.error("--checkpoint and --data go together (a checkpoint is scored on shard sets)")
     if bool(args.pred) != bool(args.gt):
         parser.error("--pred and --gt go together (maps are scored against ground-truth folders)")
     if not args.checkpoint and not args.pred:
         parser.error("nothing to score: give --checkpoint with --data, and/or --pred with --gt")
+    if args.gallery < 0:
+        parser.error(f"--gallery must be 0 (no gallery) or more, got {args.gallery}")
     for flag, value in (("--size", args.size), ("--batch-size", args.batch_size)):
         if value is not None and value <= 0:
             parser.error(f"{flag} must be positive, got {value}")
@@ -360,7 +428,10 @@ def evaluate_main(args: argparse.Namespace) -> Report:
     args.data_sets = _named(args.data, "dataset", lambda location: open_shard_set(location).name)
     args.gt_sets = _named(args.gt, "dataset", lambda location: Path(location).resolve().name)
     families = [f for f in FAMILIES if f in args.metrics]
-    report = Report(list(dict.fromkeys([n for n, _ in args.data_sets] + [n for n, _ in args.gt_sets])))
+    report = Report(
+        list(dict.fromkeys([n for n, _ in args.data_sets] + [n for n, _ in args.gt_sets])),
+        gallery.GallerySources(args.size, args.precision, Limits(args.max_member_bytes, args.max_pixels)),
+    )
     if args.out is not None:
         output_dirs(args.out)
     if args.checkpoint:
@@ -382,17 +453,31 @@ def evaluate_main(args: argparse.Namespace) -> Report:
         )
         metrics = metric_names(families)
         print(tables.console({d: by for d, by in report.results.items() if by}, metrics), flush=True)
+        galleries = {}
         if args.out is not None:
-            write_outputs(report, metrics, args.out, args.plot_format)
+            galleries = write_outputs(report, metrics, args.out, args.plot_format, args.gallery)
             print(
-                "evaluate: wrote results.json, results.csv, results.md, results.tex, curves.json, plots/ and "
-                f"per_image/ to {args.out}",
+                "evaluate: wrote results.json, results.csv, results.md, results.tex, curves.json, plots/, "
+                f"per_image/, gallery/ and index.html to {args.out} (open {args.out / 'index.html'})",
                 file=sys.stderr,
                 flush=True,
+            )
+        if args.wandb:  # after every file is written: a W&B failure costs a warning, not the results
+            wandb_log.log_evaluation(
+                report.document(),
+                {d: by for d, by in report.curves.items() if by},
+                wandb_log.gallery_pictures(galleries, args.out) if galleries else [],
+                scored_configs=report.scored_configs,
+                directory=args.out if args.out is not None else Path.cwd(),
             )
     return report
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        run_main(
+            PROG, lambda: merge_main(args.merge, args.out, lambda d, c, o: write_merged(d, c, o, args.plot_format))
+        )
+        return
     run_distributed(PROG, lambda: evaluate_main(args))
