@@ -36,6 +36,7 @@ CASES = {
     "zero1": ["train.strategy=deepspeed", "train.zero_stage=1"],
     "zero2": ["train.strategy=deepspeed", "train.zero_stage=2"],
     "zero3": ["train.strategy=deepspeed", "train.zero_stage=3"],
+    "ddp_sgd": ["optim.name=sgd"],
 }
 # The plan's activations against the real step's: the plan counts the network on the meta device and
 # the loss on CPU zeros apart (a tensor both keep would count twice), the real step runs through the
@@ -62,7 +63,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def held_by_strategy(strategy, case: str) -> dict:
     """Weights and the optimizer's states, where salnet's DDP and DeepSpeed 0.19 keep them."""
     params = list(strategy.module.parameters())
-    if case == "ddp":
+    if case.startswith("ddp"):
         return {"weights": unique_bytes(params), "optimizer": state_bytes(strategy.optimizer)}
     zero = strategy.engine.optimizer
     basic = state_bytes(strategy.engine.basic_optimizer)
@@ -75,7 +76,7 @@ def held_by_strategy(strategy, case: str) -> dict:
 
 
 def gradient_bytes(strategy, case: str) -> int:
-    if case == "ddp":
+    if case.startswith("ddp"):
         return sum(p.grad.nbytes for p in strategy.module.parameters() if p.grad is not None)
     zero = strategy.engine.optimizer
     if case == "zero3":
@@ -107,7 +108,7 @@ def probe_case(case: str, out: Path) -> None:
         with memory.SavedTensors(exclude=strategy.module.parameters()) as saved:
             strategy.forward_backward(image, target, loss_fn, sync=True)
         gradients = gradient_bytes(strategy, case)
-        buckets = strategy._ddp._get_ddp_logging_data()["bucket_sizes"] if case == "ddp" else ""
+        buckets = strategy._ddp._get_ddp_logging_data()["bucket_sizes"] if case.startswith("ddp") else ""
         strategy.optimizer_step()
     record = {
         **held_by_strategy(strategy, case),
@@ -132,7 +133,9 @@ def probe(out: Path, cases: list[str]) -> None:
 
 # --- the tests ------------------------------------------------------------------------------------------
 
-PROBED = ("ddp", "zero2", "zero3")  # ZeRO-1 takes ZeRO-2's code path in DeepSpeed 0.19 (same layout)
+# ZeRO-1 takes ZeRO-2's code path in DeepSpeed 0.19 (the same layout, measured); SGD under DDP only (no
+# DeepSpeed start-up to pay for it: its state is one momentum buffer either way).
+PROBED = ("ddp", "zero2", "zero3", "ddp_sgd")
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +154,7 @@ def test_model_state_terms_are_what_a_real_two_rank_step_holds(measured, case):
     assert {term: planned[term] for term in ("weights", "gradients", "optimizer")} == {
         term: real[term] for term in ("weights", "gradients", "optimizer")
     }
-    if case == "ddp":
+    if case.startswith("ddp"):
         assert planned["buffers"] == real["buckets"]  # DDP's reducer: one more copy of every gradient
 
 

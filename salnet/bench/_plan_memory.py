@@ -21,13 +21,14 @@ parameter shapes alone, in the layout salnet's strategies really use, as measure
   stay gathered whole, which is the bound counted here.
 
 Activations are measured, not estimated: the network and salnet's loss run one training-mode
-forward at the largest training size (data.multiscale's largest, else data.size: the peak), and torch.autograd.graph.saved_tensors_hooks counts the bytes autograd keeps for backward
-(each storage once; parameters excluded). fp32 runs on the meta device at the planned size: exact
-shapes, no memory, no arithmetic, milliseconds even for Swin-B at 384 px. Autocast does not apply
-to meta tensors, so bf16 runs on real CPU tensors at the planned size (seconds; ~2.5 GB of RAM for
-Swin-B at 384 px), under CPU autocast, whose casting lists are close to CUDA's but not identical.
-Two batch sizes separate the per-image bytes (the slope: activations scale with the micro-batch)
-from the constant part (autocast's bf16 weight copies).
+forward at the largest training size (data.multiscale's largest, else data.size: the peak), and
+torch.autograd.graph.saved_tensors_hooks counts the bytes autograd keeps for backward (each storage
+once; parameters excluded). fp32 runs on the meta device: exact shapes, no memory, no arithmetic,
+a second or two even for Swin-B at 448 px. Autocast does not apply to meta tensors, so bf16 runs on
+real CPU tensors (10-30 s and 2.5-3.5 GB of RAM for Swin-B at 384-448 px), under CPU autocast,
+whose casting lists are close to CUDA's but not identical. Two batch sizes separate the per-image
+bytes (the slope: activations scale with the micro-batch) from the constant part (autocast's bf16
+weight copies).
 """
 
 from __future__ import annotations
