@@ -23,6 +23,7 @@ import random
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -197,17 +198,50 @@ def _signal_aware(fn: Callable[[], None]) -> None:
         raise failure[0]
 
 
-def _rendezvous(found: DistEnv, timeout: datetime.timedelta) -> dict:
-    """env:// normally; after a torchrun restart, the agent's store under a prefix of this attempt.
+# The key in torchrun's agent store where rank 0 says where this attempt's own store is.
+_ATTEMPT_STORE_KEY = "salnet/attempt-store"
 
-    torchrun keeps its key-value store across restarts, and the restarted ranks would read the
-    gloo addresses the dead attempt published there (connections refused, the restart fails).
+
+def _rendezvous(found: DistEnv, timeout: datetime.timedelta) -> dict:
+    """env:// normally; under torchrun's shared agent store, a store of this attempt's own.
+
+    torchrun (agent store sharing, its default) keeps its key-value store across restarts, and the
+    restarted ranks would read the gloo addresses the dead attempt published there (connections
+    refused, the restart fails). TORCHELASTIC_RESTART_COUNT does not name the attempt across nodes:
+    each agent counts its own restarts, and an agent that restarts its ranks because another node's
+    rank failed counts none. So rank 0 hosts a fresh store for the process group and publishes its
+    address in the agent's store with a nonce; the other ranks connect to what they find there and
+    check the nonce. A dead attempt's entry points at a store that is gone (or holds another nonce):
+    they read again until this attempt's rank 0 has written its own.
     """
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if restart == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {"init_method": "env://"}
-    store = tdist.TCPStore(found.master_addr, found.master_port, found.world_size, is_master=False, timeout=timeout)
-    return {"store": tdist.PrefixStore(f"salnet/attempt-{restart}/", store)}
+    agent = tdist.TCPStore(found.master_addr, found.master_port, found.world_size, is_master=False, timeout=timeout)
+    if found.rank == 0:
+        own = tdist.TCPStore(
+            found.master_addr, 0, found.world_size, is_master=True, timeout=timeout, wait_for_workers=False
+        )
+        nonce = os.urandom(8).hex()
+        own.set(_ATTEMPT_STORE_KEY, nonce)
+        agent.set(_ATTEMPT_STORE_KEY, f"{own.port} {nonce}")
+        return {"store": own}
+    deadline = time.monotonic() + timeout.total_seconds()
+    probe = datetime.timedelta(seconds=2)  # a dead attempt's port refuses at once; a live store answers at once
+    while True:
+        port, nonce = agent.get(_ATTEMPT_STORE_KEY).decode().split()  # waits until some attempt wrote it
+        try:
+            own = tdist.TCPStore(found.master_addr, int(port), found.world_size, is_master=False, timeout=probe)
+            if own.get(_ATTEMPT_STORE_KEY).decode() == nonce:
+                own.set_timeout(timeout)
+                return {"store": own}
+        except (RuntimeError, ValueError):  # refused, timed out (DistError is a RuntimeError)
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"rank {found.rank}: rank 0 of this torchrun attempt did not publish its store at "
+                f"{found.master_addr}:{found.master_port} within {timeout.total_seconds():.0f} s"
+            )
+        time.sleep(0.2)
 
 
 def shutdown() -> None:

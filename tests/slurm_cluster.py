@@ -12,12 +12,16 @@ log that up.sh configures (one line per end of an attempt: a requeue shows as Jo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("SALNET_SLURM_STATE", "/var/tmp/salnet-slurm"))
@@ -55,7 +59,7 @@ def cluster_ready(min_nodes: int = 2) -> bool:
     return (
         len(names) >= min_nodes
         and names == [f"node{k}" for k in range(1, len(names) + 1)]
-        and all(s in ("idle", "mix", "alloc") for s in states.values())
+        and all(s in ("idle", "mix", "alloc", "comp") for s in states.values())  # comp: a job is ending there
     )
 
 
@@ -77,6 +81,33 @@ def ensure_cluster(min_nodes: int = 2) -> bool:
     out = up(max(min_nodes, len(running or {})))
     print(out)
     return "started slurmctld" in out and not running
+
+
+@contextlib.contextmanager
+def module_cluster(min_nodes: int = 2) -> Iterator[list[str]]:
+    """The cluster for one test module (its fixture: `with module_cluster(4) as jobs: yield jobs`).
+
+    Skips, saying why, where Slurm is not installed; brings the cluster up with at least `min_nodes`
+    nodes (ensure_cluster); yields a list the module appends its job ids to. At the end it cancels
+    those still queued, and stops the cluster only if it started it here (another module, or
+    `make test`, may be using it)."""
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(
+            f"Slurm is not installed here (missing {', '.join(missing)}): .ci/run installs slurmctld, slurmd, "
+            f"slurm-client and munge with apt-get, or run slurm/local/up.sh --nodes {max(min_nodes, 2)} as root"
+        )
+    started = ensure_cluster(min_nodes)
+    mark_jobcomp_start()
+    jobs: list[str] = []
+    try:
+        yield jobs
+    finally:
+        left = [j for j in jobs if squeue_state(j)]
+        if left:
+            subprocess.run(["scancel", *left], timeout=30)
+        if started:
+            print(down())
 
 
 def down() -> str:
