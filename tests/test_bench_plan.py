@@ -240,6 +240,17 @@ def test_plan_partitions_each_term_by_stage_and_world(capsys):
     assert any("activations" in note for note in report["assumptions"])
 
 
+def test_compute_comes_from_stated_tflops_and_the_networks_flops(capsys):
+    from salnet.model.cost import meta_model, train_flops_per_image
+
+    report = run_plan(capsys, *(f"--set={o}" for o in SMALL), "--tflops=2", "--gpus-per-node=1")
+    (one_gpu,) = report["plans"]
+    flops = train_flops_per_image(meta_model(small_config("ddp").model), 64, 64)
+    assert one_gpu["compute_s"] == pytest.approx(4 * flops / 2e12)
+    assert (one_gpu["collectives_s"], one_gpu["step_s"], one_gpu["scaling"]) == ({}, one_gpu["compute_s"], 1.0)
+    assert one_gpu["memory_bytes"]["buffers"] == 0  # no reducer on one GPU
+
+
 def test_the_table_and_its_assumptions_are_printed(capsys):
     plan.main([*(f"--set={o}" for o in SMALL), "--nodes=2", "--strategy=deepspeed", "--zero-stage=3"])
     out = capsys.readouterr().out

@@ -165,18 +165,13 @@ def images_per_s(cfg: Config, args) -> tuple[float, str]:
     model, sizes = meta_model(cfg.model), memory.training_sizes(cfg)
     # A multiscale batch draws its size from the list: the mean of their FLOPs.
     flops = sum(train_flops_per_image(model, size, size) for size in sizes) / len(sizes)
-    if args.tflops:
-        return (
-            args.tflops * 1e12 / flops,
-            f"{args.tflops:g} TFLOP/s per GPU (stated) / {flops / 1e9:.0f} GFLOPs per training image"
-            + (f" (the mean over data.multiscale={sizes})" if len(sizes) > 1 else ""),
-        )
-    peak = args.peak_tflops or PEAK_TFLOPS[cfg.train.amp]
-    return (
-        args.mfu * peak * 1e12 / flops,
-        f"MFU {args.mfu:g} (assumed) x {peak:g} TFLOP/s peak / {flops / 1e9:.0f} GFLOPs per training image"
-        + (f" (the mean over data.multiscale={sizes})" if len(sizes) > 1 else ""),
+    per_image = f"{flops / 1e9:.0f} GFLOPs per training image" + (
+        f" (the mean over data.multiscale={sizes})" if len(sizes) > 1 else ""
     )
+    if args.tflops:
+        return args.tflops * 1e12 / flops, f"{args.tflops:g} TFLOP/s per GPU (stated) / {per_image}"
+    peak = args.peak_tflops or PEAK_TFLOPS[cfg.train.amp]
+    return args.mfu * peak * 1e12 / flops, f"MFU {args.mfu:g} (assumed) x {peak:g} TFLOP/s peak / {per_image}"
 
 
 def plan_one(cfg: Config, shape, acts, speed: tuple[float, str], nodes: int, args) -> dict:
