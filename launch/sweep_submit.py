@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from salnet.config import Config, ConfigError, LogConfig, check_runnable, load_config, to_yaml
+from salnet.config import Config, ConfigError, check_runnable, load_config, to_yaml
 from salnet.fsio import atomic_write
 from salnet.run.rundir import RunDir
 from salnet.slurm import TrainJob
@@ -63,9 +63,7 @@ def read_cells(args) -> tuple[str | None, list[Cell]]:
 
 
 def with_group(cfg: Config, group: str) -> Config:
-    """All cells in one W&B group, the sweep's name (log.group, where the config has that key)."""
-    if "group" not in LogConfig.model_fields:  # until salnet.config has log.group, W&B groups by cfg.name
-        return cfg
+    """All cells in one W&B group, the sweep's name (log.group)."""
     tree = cfg.model_dump(mode="json")
     tree["log"]["group"] = group
     return Config.model_validate(tree)

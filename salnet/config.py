@@ -534,6 +534,11 @@ class LogConfig(Section):
     wandb: bool = Field(False, description="log to Weights & Biases (rank 0)")
     project: str = Field("salnet", description="W&B project")
     entity: str | None = Field(None, description="W&B entity (team or user)")
+    group: str | None = Field(
+        None,
+        description="W&B group of the run (default: its name); launch/submit.py --sweep sets the sweep's name, "
+        "so W&B's grouped and parallel-coordinates views compare the cells",
+    )
     wandb_id: str | None = Field(
         None,
         description="W&B run id to create or continue (default: a new one, kept in the checkpoints; "

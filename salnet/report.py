@@ -245,7 +245,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--html", action="store_true", help="also write RUN_DIR/report/index.html, the run's page, and print its path"
     )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="RUN_DIR is a sweep's directory (launch/submit.py --sweep): one table of its cells, "
+        "also written to RUN_DIR/sweep.csv and RUN_DIR/sweep.md",
+    )
+    parser.add_argument(
+        "--sort",
+        metavar="METRIC",
+        help="with --sweep: best first by SET/METRIC, or METRIC of the primary set (default: eval.best_metric)",
+    )
     args = parser.parse_args(argv)
+    if args.sort and not args.sweep:
+        parser.error("--sort applies to --sweep only")
+    if args.sweep:
+        from salnet.sweep import sweep_report_main
+
+        sys.exit(sweep_report_main(args.run_dir, args.sort))
     run = RunDir(args.run_dir)
     if not run.metrics.is_file() and not run.config.is_file():
         print(f"{PROG}: neither {run.metrics} nor {run.config} found: not a salnet run directory", file=sys.stderr)

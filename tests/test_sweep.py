@@ -155,6 +155,7 @@ def test_dry_run_prints_the_cells_the_array_and_each_resolved_config_and_writes_
     last = configs["lr3e-3-kind_structure"]
     assert last["name"] == "lr3e-3-kind_structure" and last["out_dir"] == str(work / "runs" / "grid")
     assert last["optim"]["lr"] == 3e-3 and last["loss"]["kind"] == "structure"
+    assert last["log"]["group"] == "grid"  # every cell in the sweep's W&B group
     assert last["data"]["train"] == [str(work / "shards" / "train")]
     assert not (work / "runs").exists()
 

@@ -125,12 +125,15 @@ def console(results: Results, metrics: list[str]) -> str:
 
 
 def csv_text(results: Results, metrics: list[str]) -> str:
-    """One row per (dataset, method) with full-precision values and the image counts."""
+    """One row per (dataset, method) with full-precision values and the image counts. Names are quoted,
+    so a name holding '#' survives pandas' comment="#" (the metrics card's lines above the table)."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     counts = [c for c in COUNTS if any(c in s for by in results.values() for s in by.values())]
     bounds = ("", "_lo", "_hi") if has_intervals(results) else ("",)
-    writer.writerow(["dataset", "method", *(m + b for m in metrics for b in bounds), *counts])
+    csv.writer(out, lineterminator="\n").writerow(
+        ["dataset", "method", *(m + b for m in metrics for b in bounds), *counts]
+    )
     for dataset, by_method in results.items():
         for method, scores in by_method.items():
             ci95 = scores.get("ci95") or {}
@@ -139,7 +142,7 @@ def csv_text(results: Results, metrics: list[str]) -> str:
                     dataset,
                     method,
                     *(
-                        "" if value is None else repr(value)
+                        "" if value is None else float(value)
                         for m in metrics
                         for value in [scores.get(m), *ci95.get(m, (None, None))][: len(bounds)]
                     ),

@@ -95,7 +95,7 @@ class WandbRun:
                 id=self.run_id,
                 resume="allow",
                 dir=str(self.dir),  # W&B keeps its files in wandb/ below it (RunDir.wandb)
-                group=cfg.name,
+                group=cfg.log.group or cfg.name,
                 tags=[cfg.name],
                 job_type="train",
                 config={
