@@ -38,6 +38,7 @@ CLUSTER_PROCESSES = ("slurmctld", "slurmd", "slurmstepd", "munged")
 # start at once and the short ones fill in at the end, and both workers finish at about the same time.
 LONGEST_FIRST = (
     "test_slurm.py",
+    "test_sweep.py",
     "test_backbone_families.py",
     "test_train_stop.py",
     "test_train.py",
