@@ -46,6 +46,7 @@ import yaml
 from salnet.config import MEAN_OVER_SETS, Config, ConfigError, describe_keys, load_config
 from salnet.fsio import atomic_write
 from salnet.metrics.names import is_better
+from salnet.pages.sweep import write_sweep_page
 from salnet.run.rundir import RunDir, read_records
 
 MANIFEST = "sweep.json"
@@ -543,8 +544,8 @@ def table_csv(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def sweep_report_main(path: Path, sort: str | None = None) -> int:
-    """`python -m salnet.report --sweep runs/SWEEP [--sort METRIC]`: print the table, write sweep.csv and
-    sweep.md next to the manifest. 0, or 2 with the reason on stderr (not a sweep, an unknown --sort)."""
+    """`python -m salnet.report --sweep runs/SWEEP [--sort METRIC]`: print the table, write sweep.csv,
+    sweep.md and the sortable page index.html next to the manifest. 0, or 2 with the reason on stderr (not a sweep, an unknown --sort)."""
     import sys
 
     try:
@@ -559,9 +560,11 @@ def sweep_report_main(path: Path, sort: str | None = None) -> int:
         f.write(
             f"# sweep {root.name}\n\nbest first by {sorted_by or 'manifest order'}\n\n" + table_markdown(header, rows)
         )
+    page = write_sweep_page(root, header, rows, sorted_by)
     counts = {s: sum(1 for r in rows if r[header.index("state")].split(" ")[0] == s) for s in (*STATES, "unknown")}
     print(f"sweep {root}: {len(rows)} cell(s): " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
     print(f"sorted by {sorted_by}, best first" if sorted_by else "in manifest order (no validation yet)")
     print(table_text(header, rows))
     print(f"written: {root / 'sweep.csv'}, {root / 'sweep.md'}")
+    print(f"page: {page}")
     return 0

@@ -25,6 +25,7 @@ from salnet.evaluation import evaluate, folders
 from salnet.evaluation.gallery import GallerySources, choose
 from salnet.metrics.per_image import PerImage
 from salnet.pages.results import write_results_page
+from salnet.pages.sweep import write_sweep_page
 from salnet.report import main as report_main
 from salnet.run import plots
 from salnet.run.rundir import MetricsFile
@@ -382,3 +383,25 @@ def test_run_page_in_chromium(browser, run_dir, tmp_path, capsys):
     assert [p.get_attribute("data-name") for p in charts[0].find_elements("css selector", "polyline")] == ["A", "B<i>"]
     assert re.search(r"step \d+, maxF \d\.\d{4}", hover_tip(browser, charts[0]))
     screenshot(browser, tmp_path / "run.png", "run-page.png")
+
+
+def test_sweep_page_in_chromium(browser, tmp_path):
+    """The sweep's page (report --sweep writes it from salnet.sweep's table): every cell, sortable; a
+    lower-is-better column sorts smallest first, a name is text."""
+    header = ["cell", "optim.lr", "state", "steps", "best val/maxF", "best val/MAE"]
+    rows = [
+        ["lr1e-3", "1e-3", "done", "8/8", 0.91, 0.05],
+        ["lr3e-3<b>", "3e-3", "done", "8/8", 0.93, 0.07],
+        ["lr1e-2", "1e-2", "failed", "3/8", None, None],
+    ]
+    page = write_sweep_page(tmp_path, header, rows, "val/maxF")
+    browser.get(page.as_uri())
+    check_loaded_offline(browser)
+    table = browser.find_element("css selector", "table.sweep")
+    assert column(table, 0) == ["lr1e-3", "lr3e-3<b>", "lr1e-2"]
+    table.find_elements("css selector", "thead th")[5].click()  # best val/MAE: smallest first, no value last
+    assert column(table, 0) == ["lr1e-3", "lr3e-3<b>", "lr1e-2"]
+    table.find_elements("css selector", "thead th")[4].click()  # best val/maxF: largest first
+    assert column(table, 0) == ["lr3e-3<b>", "lr1e-3", "lr1e-2"]
+    table.find_elements("css selector", "thead th")[4].click()  # again: reversed, no value still last
+    assert column(table, 0) == ["lr1e-3", "lr3e-3<b>", "lr1e-2"]

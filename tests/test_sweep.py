@@ -319,6 +319,8 @@ def test_a_2x2_sweep_survives_usr2_to_one_task_and_is_reported_and_skipped_when_
         sweep_table(sweep_dir, "Fmax")
     assert (sweep_dir / "sweep.csv").read_text().splitlines()[0] == ",".join(header[:-1])
     assert "| lr1e-3-kind_structure | 1e-3 | structure | done |" in (sweep_dir / "sweep.md").read_text()
+    page = (sweep_dir / "index.html").read_text()  # the sortable page (tests/test_pages.py opens one in Chromium)
+    assert all(f"<td data-v='{c}'>{c}</td>" in page for c in CELLS) and "best val/maxF" in page
     # Submitted again: every cell is done, nothing is submitted.
     again = submit(work, *GRID, "--max-parallel", "4", *CPU_TASK)
     assert again.returncode == 0 and "4 cell(s)" in again.stdout and "nothing to submit" in again.stdout, again.stdout

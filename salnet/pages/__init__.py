@@ -6,6 +6,7 @@
   full-size files; the gallery of `salnet.evaluation.gallery` and a run's panels are drawn by it.
 - `results`: `write_results_page`, index.html of `python -m salnet.evaluate --out DIR`.
 - `run`: `write_run_page`, the page of `python -m salnet.report runs/NAME --html`.
+- `sweep`: `write_sweep_page`, the table of a sweep's cells (`python -m salnet.report --sweep runs/SWEEP`).
 
 Each page is one file that works with no network and no server: no CDN, no font or script fetched,
 every style and script inline, every picture a relative path beside the page. Everything that
