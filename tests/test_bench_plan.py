@@ -240,6 +240,25 @@ def test_plan_partitions_each_term_by_stage_and_world(capsys):
     assert any("activations" in note for note in report["assumptions"])
 
 
+def test_the_deepspeed_section_moves_what_it_sets():
+    cfg = small_config("zero3")
+    default = memory.model_states(memory.model_shape(cfg), cfg, world=8)
+    passed = load_config(
+        None,
+        [
+            *SMALL,
+            *CASES["zero3"],
+            "deepspeed.zero_optimization.stage3_max_live_parameters=1000",
+            "deepspeed.zero_optimization.stage3_param_persistence_threshold=0",
+            "deepspeed.zero_optimization.overlap_comm=false",
+        ],
+    )
+    planned = memory.model_states(memory.model_shape(passed), passed, world=8)
+    assert planned["buffers"] == cfg.train.bucket_mb * 2**20 + 1000 * 4 < default["buffers"]
+    assert planned["weights"] < default["weights"]  # no parameter kept whole
+    assert not any(c.hidden_by_backward and "gradients" in c.name for c in comm.collectives(passed, 10**6, 8, 100))
+
+
 def test_compute_comes_from_stated_tflops_and_the_networks_flops(capsys):
     from salnet.model.cost import meta_model, train_flops_per_image
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from salnet.bench._plan_memory import zero_setting
 from salnet.config import Config
 
 GB = 1e9
@@ -67,8 +68,7 @@ class Collective(NamedTuple):
 def overlap_comm(cfg: Config) -> bool:
     """DeepSpeed's zero_optimization.overlap_comm as the run gets it: the pass-through's value, or
     DeepSpeed's default (on for ZeRO-3, off for ZeRO-1/2)."""
-    given = (cfg.deepspeed or {}).get("zero_optimization", {}).get("overlap_comm")
-    return bool(given) if given is not None else cfg.train.zero_stage == 3
+    return bool(zero_setting(cfg, "overlap_comm", cfg.train.zero_stage == 3))
 
 
 def collectives(cfg: Config, params: int, world: int, gbs: float) -> list[Collective]:

@@ -15,10 +15,11 @@ parameter shapes alone, in the layout salnet's strategies really use, as measure
   partitions just as stage 2 does: measured). Per GPU is the largest rank's.
 - ZeRO-3: each parameter is cut into world pieces of ceil(numel / world) elements; a rank holds its
   piece of the weights, gradients, master copy and optimizer states, whole copies of the parameters
-  DeepSpeed keeps persistent (numel <= stage3_param_persistence_threshold, 1e5), a reduce bucket of
-  train.bucket_mb, and during the step the parameters it gathers: DeepSpeed's defaults
+  DeepSpeed keeps persistent (numel <= stage3_param_persistence_threshold, default 1e5), a reduce
+  bucket of train.bucket_mb, and during the step the parameters it gathers: DeepSpeed's defaults
   (stage3_max_live_parameters and stage3_max_reuse_distance 1e9) let a network under 1e9 parameters
-  stay gathered whole, which is the bound counted here.
+  stay gathered whole, which is the bound counted here (stage3_max_live_parameters, if the config's
+  `deepspeed:` section sets it, lowers it).
 
 Activations are measured, not estimated: the network and salnet's loss run one training-mode
 forward at the largest training size (data.multiscale's largest, else data.size: the peak), and
@@ -45,8 +46,8 @@ FLOAT32 = 4
 # DeepSpeed pads each ZeRO-1/2 group's flat buffer to a multiple of this times the world size
 # (stage_1_and_2.py: nccl_start_alignment_factor, "4-byte alignment / sizeof(fp16)").
 ZERO12_ALIGNMENT = 2
-ZERO3_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold default
-ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters default
+# DeepSpeed's defaults of the ZeRO-3 settings the model reads (a config's `deepspeed:` section may set them).
+ZERO3_DEFAULTS = {"stage3_param_persistence_threshold": 100_000, "stage3_max_live_parameters": 1_000_000_000}
 STATE_FLOATS = {"adamw": 2, "sgd": 1}  # optimizer state tensors per parameter element
 # Two batch sizes for the activation slope; two at least, because the PPM's 1x1 bin is BatchNorm
 # over one value per channel and image (salnet.model.cost.TRAIN_COUNT_BATCH).
@@ -102,6 +103,12 @@ def _zero12_gradient_buffer(groups: tuple[tuple[int, ...], ...], world: int) -> 
     return largest
 
 
+def zero_setting(cfg: Config, key: str, default):
+    """zero_optimization.KEY as the run gets it: the `deepspeed:` pass-through's value, else `default`."""
+    value = (cfg.deepspeed or {}).get("zero_optimization", {}).get(key)
+    return default if value is None else value
+
+
 def check_modelled(cfg: Config) -> None:
     """Refuse what the model does not cover, naming the setting."""
     train = cfg.train
@@ -140,8 +147,9 @@ def model_states(shape: ModelShape, cfg: Config, world: int) -> dict[str, int]:
     piece = [math.ceil(n / world) for n in shape.numels]
     part = sum(piece) * FLOAT32
     # A persistent parameter's storage has its padded size, world pieces of ceil(numel / world) (measured).
-    persistent = sum(p * world for p, n in zip(piece, shape.numels) if n <= ZERO3_PERSISTENCE_THRESHOLD) * FLOAT32
-    gathered = min(shape.total, ZERO3_MAX_LIVE_PARAMETERS) * FLOAT32
+    threshold, max_live = (int(float(zero_setting(cfg, key, value))) for key, value in ZERO3_DEFAULTS.items())
+    persistent = sum(p * world for p, n in zip(piece, shape.numels) if n <= threshold) * FLOAT32
+    gathered = min(shape.total, max_live) * FLOAT32
     return {
         "weights": part + persistent,
         "gradients": part,
