@@ -26,13 +26,14 @@ lint: $(STAMP)
 # made once), the longest modules first (tests/conftest.py orders them): both workers finish together.
 PYTEST := $(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder
 
-# The Slurm tests (tests/test_slurm.py) run on a real two-node cluster on this machine, from Debian's
+# The Slurm tests (tests/test_slurm.py, test_sweep.py, test_multinode.py) run on a real 4-node cluster
+# (the most any test uses) on this machine, from Debian's
 # Slurm packages (.ci/run installs them; up.sh needs root). `make test` brings it up first and stops
 # it at the end if it started it; where Slurm is not installed those tests skip and say why.
 test: lint
 	@started=0; \
 	if [ "$$(id -u)" = 0 ] && command -v slurmctld >/dev/null 2>&1; then \
-	    out=$$(slurm/local/up.sh) || { echo "$$out"; exit 1; }; echo "$$out"; \
+	    out=$$(slurm/local/up.sh --nodes 4) || { echo "$$out"; exit 1; }; echo "$$out"; \
 	    case "$$out" in *"started slurmctld"*) started=1;; esac; \
 	else \
 	    echo "make test: Slurm is not installed here (or not root): the Slurm tests will skip (.ci/run installs it)"; \
@@ -46,9 +47,9 @@ test: lint
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow"
 
-# The local two-node test cluster (root): `make slurm-up`, then sinfo/sbatch/squeue/scancel work anywhere.
+# The local test cluster (root): `make slurm-up [NODES=N]`, then sinfo/sbatch/squeue/scancel work anywhere.
 slurm-up:
-	slurm/local/up.sh
+	slurm/local/up.sh $(if $(NODES),--nodes $(NODES))
 
 slurm-down:
 	slurm/local/down.sh

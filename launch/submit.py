@@ -460,8 +460,10 @@ def sbatch_parameters(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
         from submitit.slurm.slurm import _convert_mem
 
         params["mem"] = _convert_mem(args.mem_gb)  # 32 -> "32GB", 0.5 -> "512MB"
+    # None when --time is not given: Submitit then writes no --time line and the partition's limit holds
+    # (left out, Submitit would ask for its own default of 5 minutes).
+    params["time"] = args.time
     if args.time:
-        params["time"] = args.time
         if args.signal_delay >= args.time * 60:
             raise SubmitError(
                 f"--signal-delay {args.signal_delay} s is not shorter than --time ({args.time} min): "

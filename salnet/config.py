@@ -443,7 +443,12 @@ class TrainConfig(Section):
         description="gradient communication bucket in MiB: DDP's bucket_cap_mb; under DeepSpeed, "
         "ZeRO's reduce and all-gather buckets (as float32 elements)",
     )
-    static_graph: bool = Field(False, description="DDP static_graph optimisation")
+    static_graph: bool = Field(
+        False,
+        description="DDP static_graph optimisation; it lets DDP regroup its gradient buckets after each attempt's "
+        "first step, so with 3 or more ranks a resumed run equals an uninterrupted one only to float rounding "
+        "(off: the buckets stay fixed and resume is bitwise)",
+    )
     zero_stage: Literal[1, 2, 3] = Field(
         2,
         description="DeepSpeed ZeRO stage (train.strategy=deepspeed): 1 partitions the optimizer states across ranks, "

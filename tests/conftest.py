@@ -39,6 +39,7 @@ CLUSTER_PROCESSES = ("slurmctld", "slurmd", "slurmstepd", "munged")
 LONGEST_FIRST = (
     "test_slurm.py",
     "test_sweep.py",
+    "test_multinode.py",
     "test_backbone_families.py",
     "test_train_stop.py",
     "test_train.py",

@@ -198,18 +198,8 @@ def test_bad_sweeps_are_refused_before_submitting(work, case):
 
 @pytest.fixture(scope="module")
 def cluster():
-    missing = sc.missing_binaries()
-    if missing:
-        pytest.skip(f"Slurm is not installed here (missing {', '.join(missing)}): run slurm/local/up.sh as root")
-    started = sc.ensure_cluster(min_nodes=2)  # 2 nodes x 2 CPUs: the 4 cells at once
-    sc.mark_jobcomp_start()
-    submitted: list[str] = []
-    yield submitted
-    left = [j for j in submitted if sc.squeue_state(j)]
-    if left:
-        subprocess.run(["scancel", *left], timeout=30)
-    if started:
-        print(sc.down())
+    with sc.module_cluster(2) as submitted:  # 2 nodes x 2 CPUs: the 4 cells at once
+        yield submitted
 
 
 def submitted_tasks(proc: subprocess.CompletedProcess) -> dict[str, str]:

@@ -53,6 +53,14 @@ class DDPStrategy(Strategy):
                 device_ids=[device.index] if device.type == "cuda" else None,
                 bucket_cap_mb=train.bucket_mb,
                 static_graph=train.static_graph,
+                # Resume is bitwise only if every attempt sums the gradients in the same buckets. By
+                # default DDP regroups its buckets after an attempt's first backward (by the order the
+                # gradients became ready), so a resumed attempt's first step would reduce in the
+                # initial grouping where the uninterrupted run used the regrouped one; with 3+ ranks
+                # the ring's summation order, and so the rounding, follows the grouping. Looking for
+                # unused parameters turns the regrouping off (one walk over the autograd graph per
+                # step); static_graph brings it back (config.py's train.static_graph says so).
+                find_unused_parameters=not train.static_graph,
                 # BatchNorm buffers are broadcast once per optimizer step (below) instead of before
                 # every forward, so validation (which bypasses the wrapper) sees rank 0's statistics.
                 forward_sync_buffers=False,
