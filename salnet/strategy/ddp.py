@@ -57,10 +57,11 @@ class DDPStrategy(Strategy):
                 # default DDP regroups its buckets after an attempt's first backward (by the order the
                 # gradients became ready), so a resumed attempt's first step would reduce in the
                 # initial grouping where the uninterrupted run used the regrouped one; with 3+ ranks
-                # the ring's summation order, and so the rounding, follows the grouping. Looking for
-                # unused parameters turns the regrouping off (one walk over the autograd graph per
-                # step); static_graph brings it back (config.py's train.static_graph says so).
-                find_unused_parameters=not train.static_graph,
+                # the ring's summation order, and so the rounding, follows the grouping (two ranks'
+                # a + b is the same either way). Looking for unused parameters turns the regrouping
+                # off: one walk over the autograd graph per step, and torch's warning, once per
+                # rank, that none were found. static_graph brings the regrouping back (config.py).
+                find_unused_parameters=dist.world_size() > 2 and not train.static_graph,
                 # BatchNorm buffers are broadcast once per optimizer step (below) instead of before
                 # every forward, so validation (which bypasses the wrapper) sees rank 0's statistics.
                 forward_sync_buffers=False,
