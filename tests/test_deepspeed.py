@@ -62,11 +62,14 @@ def plain_model(best: dict) -> torch.nn.Module:
 
 
 def single_process_scores(run_dir, best: dict, amp_dtype=None) -> dict:
-    """best.pt evaluated by one process, without DeepSpeed, over the whole val set."""
+    """best.pt evaluated by one process, without DeepSpeed, over the whole val set, in the memory
+    layout the run validated in (train.channels_last: on some CPUs a depthwise convolution's floats
+    differ between the layouts, a map level flips and maxF moves in the 5th digit)."""
     cfg = load_config(str(run_dir / "config.yaml"))
-    model = plain_model(best).to(memory_format=torch.channels_last)
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = plain_model(best).to(memory_format=layout)
     return validate(
-        lambda images: predict_logits(model, images, amp_dtype, channels_last=True),
+        lambda images: predict_logits(model, images, amp_dtype, channels_last=cfg.train.channels_last),
         ValStream(cfg.data, rank=0, world_size=1),
         SODMetrics(cfg.eval.metrics),
     )
