@@ -7,7 +7,8 @@ Each host is a network namespace with its own loopback and one end of a veth pai
 to this machine's own network: both ends live in the namespaces), its own hostname (a UTS namespace),
 an /etc/hosts that names both hosts by their addresses (what a cluster's DNS does; `ip netns exec`
 bind-mounts /etc/netns/NS/hosts over /etc/hosts), and, unless told otherwise, its own empty /tmp (a
-tmpfs in the mount namespace `ip netns exec` makes). So a program that assumes localhost, this
+tmpfs in the mount namespace `ip netns exec` makes, with the checkout bound back in where it lies under
+/tmp). So a program that assumes localhost, this
 machine's hostname or a /tmp shared between nodes fails here as it would on two machines; files the
 hosts must share go elsewhere (the tests' shared directory is under /var/tmp).
 
@@ -170,9 +171,29 @@ def _inside(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     socket.sethostname(args.hostname)  # in the UTS namespace `unshare --uts` made: this host only
     if not args.shared_tmp:
-        # The mount namespace is the one `ip netns exec` made (mounts do not propagate out of it).
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777,size=1g", "salnet-tmp", "/tmp"], check=True)
+        # The checkout and its interpreter stay: on a cluster the code is on every node (a CI clone
+        # may well live under /tmp).
+        _private_tmp([Path(__file__).resolve().parents[1], Path(sys.prefix).resolve()])
     os.execvp(args.command[0], args.command)
+
+
+def _private_tmp(keep: list[Path]) -> None:
+    """An empty tmpfs over /tmp, with the directories of `keep` that lie under /tmp bound back into it.
+
+    The mount namespace is the one `ip netns exec` made: these mounts do not propagate out of it. The
+    old /tmp is reached through a bind mount outside it, made before the tmpfs hides it."""
+    under = sorted({p for p in keep if Path("/tmp") in p.parents})
+    window = Path(f"/run/salnet-old-tmp-{os.getpid()}")
+    if under:
+        window.mkdir(parents=True)
+        subprocess.run(["mount", "--bind", "/tmp", str(window)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777,size=1g", "salnet-tmp", "/tmp"], check=True)
+    for path in under:
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "--bind", str(window / path.relative_to("/tmp")), str(path)], check=True)
+    if under:
+        subprocess.run(["umount", str(window)], check=True)  # the bound directories keep what they need
+        window.rmdir()
 
 
 if __name__ == "__main__":
