@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.sort and not args.sweep:
         parser.error("--sort applies to --sweep only")
     if args.sweep:
-        from salnet.sweep import sweep_report_main
+        from salnet.sweep_report import sweep_report_main
 
         sys.exit(sweep_report_main(args.run_dir, args.sort))
     run = RunDir(args.run_dir)

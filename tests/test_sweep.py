@@ -20,7 +20,8 @@ import pytest
 import slurm_cluster as sc
 import yaml
 
-from salnet.sweep import SweepError, build_cells, parse_sweep_arg, read_sweep_file, split_values, sweep_table
+from salnet.sweep import SweepError, build_cells, parse_sweep_arg, read_sweep_file, split_values
+from salnet.sweep_report import sweep_table
 
 from conftest import REPO, corrupt_last_val_image
 
@@ -287,7 +288,7 @@ def test_a_2x2_sweep_survives_usr2_to_one_task_and_is_reported_and_skipped_when_
         [
             sys.executable,
             "-c",
-            "import sys; from salnet.sweep import sweep_report_main as m; sys.exit(m(sys.argv[1]))",
+            "import sys; from salnet.sweep_report import sweep_report_main as m; sys.exit(m(sys.argv[1]))",
             sweep_dir,
         ],
         capture_output=True,

@@ -29,7 +29,7 @@ def _cell(value: Any) -> str:
 
 
 def write_sweep_page(root: Path, header: list[str], rows: list[list[Any]], sorted_by: str) -> Path:
-    """runs/SWEEP/index.html from `salnet.sweep.sweep_table`'s (header, rows, sorted_by)."""
+    """runs/SWEEP/index.html from `salnet.sweep_report.sweep_table`'s (header, rows, sorted_by)."""
     head = "".join(f"<th data-first='{_first_direction(c)}'>{esc(c)}</th>" for c in header)
     body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
     order = f"best first by {esc(sorted_by)}" if sorted_by else "in the manifest's order (no validation yet)"
