@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("SALNET_SLURM_STATE", "/var/tmp/salnet-slurm"))
@@ -185,3 +186,33 @@ def wait_state(job: str, states: tuple[str, ...], timeout: float) -> str:
 
 def scancel(*args: str) -> None:
     subprocess.run(["scancel", *args], check=True, timeout=30)
+
+
+def write_run_config(root: Path, name: str, steps: int, **sections) -> Path:
+    """root/NAME.yaml: a tiny run of `steps` steps (validated and saved at its middle and end), paths
+    relative to `root` (the launcher makes them absolute); `sections` update the config's sections."""
+    cfg = {
+        "name": name,
+        "out_dir": "runs",
+        # one loader worker per rank: Slurm signals it too, and it must ignore the signal
+        "data": {
+            "train": ["shards/train"],
+            "val": ["shards/val"],
+            "size": 64,
+            "eval_size": 64,
+            "batch_size": 4,
+            "eval_batch_size": 8,
+            "workers": 1,
+        },
+        "model": {"backbone": {"name": "resnet18", "weights": "none"}, "ppm_width": 32, "fpn_width": 32},
+        "optim": {"lr": 1e-3, "backbone_lr_mult": 1.0, "warmup_steps": 2},
+        "train": {"steps": steps, "timeout_s": 60},
+        "eval": {"every": steps // 2},
+        "checkpoint": {"every": steps // 2, "keep": 5},
+        "log": {"every": 1, "plots": False},  # drawn in test_report and test_dashboards; here only CPU
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -75,32 +75,7 @@ def work(tmp_path_factory):
 
 
 def write_config(root: Path, name: str, **sections) -> Path:
-    """A tiny run config with paths relative to `root` (the launcher makes them absolute)."""
-    cfg = {
-        "name": name,
-        "out_dir": "runs",
-        # one loader worker per rank: Slurm signals it too, and it must ignore the signal
-        "data": {
-            "train": ["shards/train"],
-            "val": ["shards/val"],
-            "size": 64,
-            "eval_size": 64,
-            "batch_size": 4,
-            "eval_batch_size": 8,
-            "workers": 1,
-        },
-        "model": {"backbone": {"name": "resnet18", "weights": "none"}, "ppm_width": 32, "fpn_width": 32},
-        "optim": {"lr": 1e-3, "backbone_lr_mult": 1.0, "warmup_steps": 2},
-        "train": {"steps": STEPS, "timeout_s": 60},
-        "eval": {"every": 8},
-        "checkpoint": {"every": 8, "keep": 5},
-        "log": {"every": 1, "plots": False},  # drawn in test_report and test_dashboards; here only CPU
-    }
-    for section, values in sections.items():
-        cfg[section].update(values)
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return sc.write_run_config(root, name, STEPS, **sections)
 
 
 def submit(root: Path, config: Path, *args: str, check: bool = True, env: dict | None = None):
